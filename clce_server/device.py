@@ -1,0 +1,280 @@
+"""OpenCL devices: discovery, selection by building, per-device tuning, programs and kernels.
+
+Everything device-specific lives here. A device is chosen by *building clce's programs on it*:
+a platform can list a device that cannot compile (the PoCL bundled in pyopencl's wheel fails on
+some CPUs with "unknown target CPU 'generic'"), so listing alone proves nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.tools
+
+log = logging.getLogger("clce.device")
+
+#: dtype codes shared with kernels/cross_entropy.cl (IN_DTYPE / GRAD_DTYPE)
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
+
+INSTALL_HINT = (
+    "Install an OpenCL driver: on Debian/Ubuntu `apt-get install pocl-opencl-icd ocl-icd-libopencl1` "
+    "for the CPU device (PoCL), or the NVIDIA driver's OpenCL ICD "
+    "(/etc/OpenCL/vendors/nvidia.icd naming libnvidia-opencl.so.1) for a GPU."
+)
+
+# Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build options and launch
+# shapes. First match wins. On PoCL's CPU device one work-item per row with float8 loads measured
+# about 6x faster than a work-group striding a row; on GPUs a work-group per row is the usual shape.
+TUNING: list[tuple[str, str, dict[str, int]]] = [
+    ("*", "cpu", {"CE_WG_PER_ROW": 0, "CE_LOCAL": 1, "RED_WG_SIZE": 16, "CE_NATIVE_EXP": 0}),
+    ("NVIDIA", "gpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 256, "RED_WG_SIZE": 256, "CE_NATIVE_EXP": 0}),
+    ("*", "gpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 128, "RED_WG_SIZE": 128, "CE_NATIVE_EXP": 0}),
+    ("*", "*", {"CE_WG_PER_ROW": 0, "CE_LOCAL": 1, "RED_WG_SIZE": 16, "CE_NATIVE_EXP": 0}),
+]
+
+
+def kernel_source(name: str) -> str:
+    """The text of kernels/<name>: from the installed package, else from the source tree."""
+    try:
+        return importlib.resources.files("clce_server.kernels").joinpath(name).read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return (Path(__file__).resolve().parent.parent / "kernels" / name).read_text()
+
+
+def device_kind(dev: cl.Device) -> str:
+    t = dev.type
+    if t & cl.device_type.GPU:
+        return "gpu"
+    if t & cl.device_type.CPU:
+        return "cpu"
+    return "accelerator"
+
+
+def tuning_for(vendor: str, kind: str, overrides: dict[str, int] | None = None) -> dict[str, int]:
+    for v, k, opts in TUNING:
+        if (v == "*" or v.lower() in vendor.lower()) and (k == "*" or k == kind):
+            return {**opts, **(overrides or {})}
+    raise AssertionError("the tuning table ends with a catch-all row")
+
+
+@dataclass
+class Device:
+    """One OpenCL device with its context, profiling queue, built programs and memory pool."""
+
+    index: int
+    cl_device: cl.Device
+    context: cl.Context
+    queue: cl.CommandQueue
+    tuning: dict[str, int]
+    has_fp64: bool
+    programs: dict[tuple, cl.Program] = field(default_factory=dict)
+    _build_lock: threading.Lock = field(default_factory=threading.Lock)
+    _local: threading.local = field(default_factory=threading.local)
+
+    def __post_init__(self) -> None:
+        # Device buffers come from a pool: a request's scratch is reused by the next one.
+        self.pool = cl.tools.MemoryPool(cl.tools.ImmediateAllocator(self.queue))
+
+    @property
+    def name(self) -> str:
+        return self.cl_device.name.strip()
+
+    @property
+    def platform(self) -> str:
+        return self.cl_device.platform.name.strip()
+
+    @property
+    def vendor(self) -> str:
+        return self.cl_device.vendor.strip()
+
+    @property
+    def kind(self) -> str:
+        return device_kind(self.cl_device)
+
+    @property
+    def host_unified(self) -> bool:
+        """CPU devices compute in host memory: USE_HOST_PTR saves a copy each way."""
+        return self.kind == "cpu" or bool(self.cl_device.host_unified_memory)
+
+    def __str__(self) -> str:
+        return f"{self.index}:{self.name}"
+
+    def describe(self) -> dict:
+        d = self.cl_device
+        return {
+            "index": self.index,
+            "name": self.name,
+            "platform": self.platform,
+            "vendor": self.vendor,
+            "kind": self.kind,
+            "driver": d.driver_version,
+            "opencl": d.version,
+            "compute_units": d.max_compute_units,
+            "global_mem_bytes": d.global_mem_size,
+            "max_alloc_bytes": d.max_mem_alloc_size,
+            "fp64": self.has_fp64,
+            "tuning": dict(self.tuning),
+        }
+
+    # ---- programs ----
+    def _options(self, extra: dict[str, int]) -> list[str]:
+        opts = {**self.tuning, **extra}
+        return [f"-D{k}={v}" for k, v in sorted(opts.items()) if k != "CE_LOCAL"]
+
+    def program(self, kind: str, in_dtype: str, grad_dtype: str | None = None) -> cl.Program:
+        """Build (once) and return a program. kind: "ce" or "reduce"."""
+        grad_dtype = grad_dtype or in_dtype
+        key = (kind, in_dtype, grad_dtype)
+        prg = self.programs.get(key)
+        if prg is not None:
+            return prg
+        with self._build_lock:
+            prg = self.programs.get(key)
+            if prg is None:
+                prg = self._build(kind, in_dtype, grad_dtype)
+                self.programs[key] = prg
+        return prg
+
+    def _build(self, kind: str, in_dtype: str, grad_dtype: str) -> cl.Program:
+        if "float64" in (in_dtype, grad_dtype) and not self.has_fp64:
+            raise RuntimeError(f"the OpenCL device {self.name!r} has no float64 support")
+        if kind == "ce":
+            src = kernel_source("cross_entropy.cl")
+            extra = {"IN_DTYPE": DTYPE_CODES[in_dtype], "GRAD_DTYPE": DTYPE_CODES[grad_dtype]}
+        else:
+            src = kernel_source("reduce_rows.cl")
+            extra = {"IN_DTYPE": DTYPE_CODES[in_dtype], "RED_FP64": int(self.has_fp64)}
+        return cl.Program(self.context, src).build(options=self._options(extra))
+
+    def kernel(self, kind: str, in_dtype: str, grad_dtype: str | None = None) -> cl.Kernel:
+        """A kernel object private to the calling thread (pyopencl kernels are not thread-safe)."""
+        cache = getattr(self._local, "kernels", None)
+        if cache is None:
+            cache = self._local.kernels = {}
+        key = (kind, in_dtype, grad_dtype or in_dtype)
+        k = cache.get(key)
+        if k is None:
+            name = "ce_rows" if kind == "ce" else "reduce_rows"
+            k = cache[key] = cl.Kernel(self.program(*key), name)
+        return k
+
+    def build_startup_programs(self) -> None:
+        """Programs every request may need, built at start-up (the rest on first use, once)."""
+        for dt in DTYPE_CODES:
+            if dt == "float64" and not self.has_fp64:
+                continue
+            self.program("ce", dt)
+            self.program("reduce", dt)
+        for dt in ("float16", "bfloat16"):   # half-precision models often want fp32 gradients
+            self.program("ce", dt, "float32")
+
+
+def _candidates() -> list[cl.Device]:
+    out = []
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error as exc:   # no ICD loader or no platform at all
+        raise RuntimeError(f"no OpenCL platform found ({exc}). {INSTALL_HINT}") from exc
+    for p in platforms:
+        try:
+            out.extend(p.get_devices())
+        except cl.Error:
+            continue
+    return out
+
+
+def _matches(sel: str, idx: int, dev: cl.Device, plat_idx: int, dev_idx: int) -> bool:
+    s = sel.strip().lower()
+    if s.isdigit():
+        return int(s) == idx
+    if ":" in s and all(part.isdigit() for part in s.split(":", 1)):
+        p, d = (int(x) for x in s.split(":", 1))
+        return (p, d) == (plat_idx, dev_idx)
+    if s in ("gpu", "cpu", "accelerator"):
+        return device_kind(dev) == s
+    return s in dev.name.lower() or s in dev.platform.name.lower() or s in dev.vendor.lower()
+
+
+def _try_open(index: int, dev: cl.Device, overrides: dict[str, int] | None) -> Device:
+    ctx = cl.Context([dev])
+    queue = cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
+    fp64 = "cl_khr_fp64" in dev.extensions or dev.double_fp_config != 0
+    d = Device(index, dev, ctx, queue, tuning_for(dev.vendor, device_kind(dev), overrides), fp64)
+    d.program("ce", "float32")   # the proof that this device can serve
+    d.program("reduce", "float32")
+    return d
+
+
+def open_devices(selectors: list[str] | str | None = None, *,
+                 tuning_overrides: dict[str, int] | None = None) -> list[Device]:
+    """Open the devices named by the selectors (all that match and build), or the best one.
+
+    A selector is a global index ("0"), a "platform:device" pair ("1:0"), a kind ("gpu", "cpu"),
+    or a case-insensitive substring of the device, platform or vendor name ("nvidia", "pocl").
+    Without selectors, GPUs are preferred, and the first device that builds is used.
+    """
+    if isinstance(selectors, str):
+        selectors = [s for s in selectors.split(",") if s.strip()]
+    devs = _candidates()
+    plat_of = {}
+    for p_i, p in enumerate(cl.get_platforms()):
+        try:
+            for d_i, d in enumerate(p.get_devices()):
+                plat_of[d.int_ptr] = (p_i, d_i)
+        except cl.Error:
+            continue
+    failures: list[str] = []
+    if selectors:
+        chosen = [(i, d) for i, d in enumerate(devs)
+                  if any(_matches(s, i, d, *plat_of.get(d.int_ptr, (-1, -1))) for s in selectors)]
+        if not chosen:
+            listing = "; ".join(f"{i}: {d.name.strip()} ({d.platform.name.strip()})" for i, d in enumerate(devs))
+            raise RuntimeError(f"no OpenCL device matches {selectors}; devices: {listing or 'none'}. {INSTALL_HINT}")
+    else:
+        rank = {"gpu": 0, "accelerator": 1, "cpu": 2}
+        chosen = sorted(enumerate(devs), key=lambda it: rank[device_kind(it[1])])
+    opened: list[Device] = []
+    for i, dev in chosen:
+        try:
+            opened.append(_try_open(len(opened), dev, tuning_overrides))
+        except Exception as exc:   # any build or context failure: try the next candidate
+            msg = str(exc).strip().splitlines()
+            failures.append(f"{dev.name.strip()} ({dev.platform.name.strip()}): {msg[-1] if msg else exc!r}")
+            log.warning("OpenCL device %s cannot build clce's kernels: %s", dev.name.strip(), exc)
+            continue
+        if not selectors:
+            break
+    if not opened:
+        detail = "; ".join(failures) or "no OpenCL devices"
+        raise RuntimeError(f"no OpenCL device could build clce's kernels ({detail}). {INSTALL_HINT}")
+    return opened
+
+
+def describe_devices() -> str:
+    """One line per OpenCL device and whether it builds clce's kernels (for set-up scripts)."""
+    lines = []
+    for i, dev in enumerate(_candidates()):
+        try:
+            _try_open(i, dev, None)
+            ok = "builds"
+        except Exception as exc:
+            ok = f"fails: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+        lines.append(f"{i}: {dev.name.strip()} [{dev.platform.name.strip()}] {ok}")
+    return "\n".join(lines) or "no OpenCL devices"
+
+
+def env_selectors() -> list[str] | None:
+    v = os.environ.get("CLCE_DEVICE", "").strip()
+    return [s for s in v.split(",") if s.strip()] or None
+
+
+def as_storage(a: np.ndarray) -> np.ndarray:
+    """bfloat16 arrays travel to the kernels as their uint16 bits."""
+    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a

@@ -1,0 +1,291 @@
+"""The loss engine: runs kernels/cross_entropy.cl and kernels/reduce_rows.cl on one OpenCL device.
+
+A call goes prepare -> run_chunk (one or more row ranges) -> finish, so a scheduler can interleave
+the chunks of a big batch with other work (a launch cannot be pre-empted); `cross_entropy` does
+all three. Device time comes from OpenCL profiling events.
+
+Memory: on devices that compute in host memory (PoCL's CPU device) the logits, targets and
+gradient are wrapped with USE_HOST_PTR, so a 256 MB batch is neither copied in nor out; elsewhere
+buffers come from the device's memory pool and are copied.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyopencl as cl
+
+from . import semantics
+from .device import Device, as_storage
+
+MF = cl.mem_flags
+
+
+@dataclass
+class LossResult:
+    loss: np.ndarray                       # 0-d for mean/sum, row shape for 'none'; compute dtype
+    grad: np.ndarray | None = None         # input's shape, grad_dtype
+    lse: np.ndarray | None = None          # float32, row shape
+    argmax: np.ndarray | None = None       # int64, row shape
+    accuracy: float | None = None          # argmax == target over non-ignored rows (hard targets)
+    z_loss: np.ndarray | None = None       # the z-loss part of `loss` (float32), when lse_square_scale > 0
+    kernel_seconds: float = 0.0            # device time, from profiling events
+    rows: int = 0
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+@dataclass
+class RowGroup:
+    """A slab of whole samples (batch items n0..n1) whose buffers fit one device allocation."""
+
+    n0: int
+    n1: int
+    row0: int                              # first row of the slab in the whole problem
+    rows: int
+    buffers: dict = field(default_factory=dict)
+    grad_host: np.ndarray | None = None
+
+
+@dataclass
+class PreparedLoss:
+    """A validated problem with its device buffers; run its chunks, then finish it."""
+
+    problem: semantics.Problem
+    device: Device
+    want_grad: bool
+    want_lse: bool
+    want_argmax: bool
+    groups: list[RowGroup] = field(default_factory=list)
+    grad: np.ndarray | None = None
+    kernel_seconds: float = 0.0
+    done_rows: int = 0
+
+    def chunks(self, target_seconds: float | None = None) -> Iterator[tuple[int, int, int]]:
+        """(group, start, count) row ranges, each expected to take about target_seconds."""
+        per_row = max(self.problem.classes, 1) / self.device.elements_per_second
+        step = max(1, int(target_seconds / per_row)) if target_seconds else None
+        for gi, g in enumerate(self.groups):
+            if step is None:
+                yield gi, 0, g.rows
+                continue
+            for start in range(0, g.rows, step):
+                yield gi, start, min(step, g.rows - start)
+
+    def release(self) -> None:
+        for g in self.groups:
+            for buf in g.buffers.values():
+                if buf is not None:
+                    buf.release()
+            g.buffers.clear()
+
+
+class LossEngine:
+    """Fused cross-entropy forward + backward on one device."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self._rate_lock = threading.Lock()
+        if not hasattr(device, "elements_per_second"):
+            device.elements_per_second = 2e8   # refined by every chunk that runs
+
+    # ---- one call ----
+    def cross_entropy(self, input, target, weight=None, ignore_index=-100, reduction="mean",
+                      label_smoothing=0.0, **kw) -> LossResult:
+        prep = self.prepare(input, target, weight, ignore_index, reduction, label_smoothing, **kw)
+        try:
+            for chunk in prep.chunks():
+                self.run_chunk(prep, chunk)
+            return self.finish(prep)
+        finally:
+            prep.release()
+
+    # ---- the three steps ----
+    def prepare(self, input: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
+                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                return_grad: bool = False, grad_dtype: str | None = None, return_lse: bool = False,
+                return_argmax: bool = False, lse_square_scale: float = 0.0,
+                softcap: float | None = None) -> PreparedLoss:
+        p = semantics.check(input, target, weight, ignore_index, reduction, label_smoothing,
+                            grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
+        dev = self.device
+        if "float64" in (p.compute_dtype, p.grad_dtype) and not dev.has_fp64:
+            raise RuntimeError(f"the OpenCL device {dev.name!r} has no float64 support")
+        prep = PreparedLoss(p, dev, bool(return_grad), bool(return_lse), bool(return_argmax))
+        if p.rows == 0 or p.classes == 0:
+            return prep
+        if return_grad:
+            prep.grad = np.empty(p.input.shape, _np_dtype(p.grad_dtype))
+        # Whole samples per group, as many as fit the device's largest allocation (PoCL: 2 GiB),
+        # so batches of any size run, each group's offsets starting at 0.
+        x = p.input.reshape(p.batch, -1)
+        sample_bytes = max(x.shape[1] * max(x.itemsize, prep.grad.itemsize if return_grad else 0), 1)
+        per_group = dev.cl_device.max_mem_alloc_size // sample_bytes
+        if per_group < 1:
+            raise RuntimeError(f"one sample of {sample_bytes} bytes exceeds the OpenCL device's largest "
+                               f"allocation ({dev.cl_device.max_mem_alloc_size} bytes)")
+        for n0 in range(0, p.batch, per_group):
+            n1 = min(p.batch, n0 + per_group)
+            g = RowGroup(n0, n1, n0 * p.spatial, (n1 - n0) * p.spatial)
+            self._alloc_group(prep, g)
+            prep.groups.append(g)
+        return prep
+
+    def _alloc_group(self, prep: PreparedLoss, g: RowGroup) -> None:
+        p, dev, b = prep.problem, self.device, g.buffers
+        acc = np.dtype(np.float64 if p.compute_dtype == "float64" else np.float32)
+        rows = slice(g.row0, g.row0 + g.rows)
+        b["x"] = self._input_buffer(as_storage(p.input.reshape(p.batch, -1)[g.n0:g.n1]))
+        b["tgt"] = self._input_buffer(p.targets[rows]) if p.targets is not None else None
+        b["y"] = self._input_buffer(as_storage(p.soft_target.reshape(p.batch, -1)[g.n0:g.n1])) if p.soft else None
+        b["w"] = self._input_buffer(p.weight) if p.weight is not None else None
+        b["grad"] = None
+        if prep.want_grad:
+            g.grad_host = prep.grad.reshape(p.batch, -1)[g.n0:g.n1]
+            if dev.host_unified:
+                b["grad"] = cl.Buffer(dev.context, MF.WRITE_ONLY | MF.USE_HOST_PTR, hostbuf=as_storage(g.grad_host))
+            else:
+                b["grad"] = dev.pool.allocate(g.grad_host.nbytes)
+        b["row_loss"] = dev.pool.allocate(g.rows * acc.itemsize)
+        b["row_zloss"] = dev.pool.allocate(g.rows * acc.itemsize)
+        b["row_lse"] = dev.pool.allocate(g.rows * 4) if prep.want_lse else None
+        b["row_amax"] = dev.pool.allocate(g.rows * 4) if prep.want_argmax else None
+
+    def _input_buffer(self, arr: np.ndarray) -> cl.Buffer:
+        dev = self.device
+        if dev.host_unified and arr.flags.writeable and arr.flags.c_contiguous:
+            return cl.Buffer(dev.context, MF.READ_ONLY | MF.USE_HOST_PTR, hostbuf=arr)
+        buf = dev.pool.allocate(max(arr.nbytes, 1))
+        cl.enqueue_copy(dev.queue, buf, np.ascontiguousarray(arr), is_blocking=False)
+        return buf
+
+    def run_chunk(self, prep: PreparedLoss, chunk: tuple[int, int, int]) -> float:
+        """Launch the fused kernel over rows [start, start + count) of one group; device seconds."""
+        p, dev = prep.problem, prep.device
+        gi, start, count = chunk
+        b = prep.groups[gi].buffers
+        acc = np.float64 if p.compute_dtype == "float64" else np.float32
+        k = dev.kernel("ce", p.compute_dtype, p.grad_dtype if prep.want_grad else p.compute_dtype)
+        k.set_args(b["x"], b["tgt"], b["y"], b["w"], b["grad"], b["row_loss"], b["row_zloss"],
+                   b["row_lse"], b["row_amax"], np.uint64(start), np.uint64(count),
+                   np.uint32(p.classes), np.uint64(p.spatial), acc(p.label_smoothing), acc(p.weight_sum),
+                   acc(p.loss_scale), acc(p.z_scale), acc(p.lse_square_scale), acc(p.softcap))
+        if dev.tuning["CE_WG_PER_ROW"]:
+            wg = dev.tuning["CE_WG_SIZE"]
+            ev = cl.enqueue_nd_range_kernel(dev.queue, k, (count * wg,), (wg,))
+        else:
+            loc = dev.tuning.get("CE_LOCAL", 1)
+            ev = cl.enqueue_nd_range_kernel(dev.queue, k, (count,), (loc,) if count % loc == 0 else None)
+        ev.wait()
+        secs = (ev.profile.end - ev.profile.start) * 1e-9
+        prep.kernel_seconds += secs
+        prep.done_rows += count
+        if secs > 1e-4:
+            with self._rate_lock:   # EWMA of elements/s sizes the next chunks
+                rate = count * p.classes / secs
+                dev.elements_per_second = 0.7 * dev.elements_per_second + 0.3 * rate
+        return secs
+
+    def finish(self, prep: PreparedLoss) -> LossResult:
+        """Deterministic reductions on the device (groups summed on the host in order), read-back."""
+        p, dev = prep.problem, prep.device
+        loss_dt = _np_dtype(p.compute_dtype)
+        res = LossResult(loss=np.array(0, loss_dt), kernel_seconds=prep.kernel_seconds, rows=p.rows)
+        if p.rows == 0 or p.classes == 0:
+            return self._degenerate(prep, res, loss_dt)
+        if prep.done_rows != p.rows:
+            raise RuntimeError(f"finish() after {prep.done_rows} of {p.rows} rows")
+        acc = np.float64 if p.compute_dtype == "float64" else np.float32
+        red_dt = np.float64 if (dev.has_fp64 or p.compute_dtype == "float64") else np.float32
+        q = dev.queue
+        sums = np.zeros(4, np.float64)
+        row_loss = np.empty(p.rows, acc) if p.reduction == "none" else None
+        row_z = np.empty(p.rows, acc) if p.reduction == "none" else None
+        lse = np.empty(p.rows, np.float32) if prep.want_lse else None
+        amax = np.empty(p.rows, np.int32) if prep.want_argmax else None
+        wg = dev.tuning["RED_WG_SIZE"]
+        k = dev.kernel("reduce", p.compute_dtype)
+        for g in prep.groups:
+            b = g.buffers
+            seg_buf = cl.Buffer(dev.context, MF.READ_ONLY | MF.COPY_HOST_PTR,
+                                hostbuf=np.array([0, g.rows], np.uint64))
+            out = np.empty(4, red_dt)
+            out_buf = dev.pool.allocate(out.nbytes)
+            k.set_args(b["row_loss"], b["row_zloss"], b["row_amax"], b["tgt"], seg_buf, out_buf)
+            ev = cl.enqueue_nd_range_kernel(q, k, (wg,), (wg,))
+            cl.enqueue_copy(q, out, out_buf, wait_for=[ev])
+            res.kernel_seconds += (ev.profile.end - ev.profile.start) * 1e-9
+            out_buf.release()
+            seg_buf.release()
+            sums += out.astype(np.float64)
+            rows = slice(g.row0, g.row0 + g.rows)
+            if row_loss is not None:
+                cl.enqueue_copy(q, row_loss[rows], b["row_loss"])
+                cl.enqueue_copy(q, row_z[rows], b["row_zloss"])
+            if lse is not None:
+                cl.enqueue_copy(q, lse[rows], b["row_lse"])
+            if amax is not None:
+                cl.enqueue_copy(q, amax[rows], b["row_amax"])
+            if prep.want_grad:
+                self._read_grad(prep, g)
+
+        if p.reduction == "none":
+            total = row_loss + row_z if p.lse_square_scale else row_loss
+            res.loss = total.astype(loss_dt).reshape(p.row_shape)
+            if p.lse_square_scale:
+                res.z_loss = row_z.astype(np.float32).reshape(p.row_shape)
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                if p.reduction == "mean":
+                    main = sums[0] / np.float64(p.denominator)
+                    z = sums[1] / np.float64(p.valid_rows) if p.lse_square_scale else 0.0
+                else:
+                    main, z = sums[0], sums[1]
+            res.loss = np.array(main + z).astype(loss_dt)
+            if p.lse_square_scale:
+                res.z_loss = np.array(z, np.float32)
+        if lse is not None:
+            res.lse = lse.reshape(p.row_shape)
+        if amax is not None:
+            res.argmax = amax.astype(np.int64).reshape(p.row_shape)
+            if not p.soft:
+                res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
+        res.grad = prep.grad
+        return res
+
+    def _read_grad(self, prep: PreparedLoss, g: RowGroup) -> None:
+        dev, buf = prep.device, g.buffers["grad"]
+        if dev.host_unified:
+            # The kernel wrote into host memory; a map/unmap pair is OpenCL's coherence point.
+            mapped, _ = cl.enqueue_map_buffer(dev.queue, buf, cl.map_flags.READ, 0, (g.grad_host.nbytes,), np.uint8)
+            mapped.base.release(dev.queue)
+        else:
+            cl.enqueue_copy(dev.queue, as_storage(g.grad_host), buf)
+
+    def _degenerate(self, prep: PreparedLoss, res: LossResult, loss_dt: np.dtype) -> LossResult:
+        """No rows or no classes: nothing to launch; answer as PyTorch does."""
+        p = prep.problem
+        if p.reduction == "none":
+            res.loss = np.zeros(p.row_shape, loss_dt)
+        elif p.reduction == "sum":
+            res.loss = np.array(0, loss_dt)
+        else:   # no rows: 0/0; rows of C == 0 probability targets: empty sums over the rows
+            res.loss = np.array(np.nan if p.rows == 0 else 0.0, loss_dt)
+        if prep.want_grad:
+            res.grad = np.zeros(p.input.shape, _np_dtype(p.grad_dtype))
+        if prep.want_lse:
+            res.lse = np.full(p.row_shape, -np.inf, np.float32)
+        if prep.want_argmax:
+            res.argmax = np.zeros(p.row_shape, np.int64)
+            res.accuracy = float("nan") if not p.soft else None
+        if p.lse_square_scale:
+            res.z_loss = np.zeros(p.row_shape if p.reduction == "none" else (), np.float32)
+        return res

@@ -1,0 +1,509 @@
+/* ============================================================================================
+ * cross_entropy.cl — fused cross-entropy forward + backward, one launch, no softmax tensor.
+ *
+ * Rows: the input (N, C, d1..dk) is seen as R = N * S rows of C classes, S = d1*...*dk. Row r =
+ * n*S + s starts at n*C*S + s and its classes are S apart (S == 1: contiguous rows, (N, C) input).
+ * Every offset is 64-bit, so N*C beyond 2^31 works.
+ *
+ * For each row the kernel makes two passes over the logits:
+ *   pass 1  online softmax: running max m and running sum s of exp(z - m), one exp per element
+ *           (exp(-|z - m|) serves both the "new max" and the "old max" case); soft targets also
+ *           accumulate A = sum_j w_j y'_j here.
+ *   pass 2  p_j = exp(z_j - lse), writes the gradient and accumulates the loss terms that need
+ *           lse (the smoothing term, the soft-target term) without cancellation.
+ * The second pass reads the row again, which on a CPU comes from cache for any realistic C.
+ *
+ * Math (z = logits after the optional soft-cap, lse = log sum_j exp z_j, p = softmax(z),
+ * eps = label smoothing, w = class weights (all ones when absent), W = sum_j w_j):
+ *
+ *   hard target t (aten LossNLL: (1-eps) * nll + eps/C * smooth):
+ *     loss = (1-eps) w_t (lse - z_t) + eps/C * sum_j w_j (lse - z_j)
+ *     dloss/dz_j = p_j [(1-eps) w_t + eps/C W] - (1-eps) w_t [j == t] - eps/C w_j
+ *   soft target y (y' = (1-eps) y + eps/C):
+ *     loss = sum_j w_j y'_j (lse - z_j)
+ *     dloss/dz_j = p_j A - w_j y'_j,        A = sum_j w_j y'_j
+ *   z-loss (PaLM, Liger-Kernel), for rows that are not ignored:
+ *     zloss = c lse^2,   dzloss/dz_j = 2 c lse p_j
+ *   soft-cap (Gemma): z = cap tanh(x / cap),   dz/dx = 1 - (z / cap)^2
+ *
+ * The reduction enters as two scales set by the host: loss_scale (1 / sum of w_t over the
+ * non-ignored rows for 'mean', 1 otherwise) and z_scale (1 / number of non-ignored rows for
+ * 'mean'). So the gradient is exactly d(reduced loss)/dx for grad_output = 1. Per-row losses go
+ * to row_loss / row_zloss and are summed by reduce_rows.cl in a fixed order (deterministic).
+ *
+ * Half types: fp16 is read with vload_half and written with vstore_half_rte, bf16 travels as
+ * ushort bits; all math is in float (double for fp64 input). The true-class term of the gradient,
+ * p_t K - (1-eps) w_t - ..., is formed in full precision and rounded once.
+ *
+ * Tunables (build options, chosen per device in clce_server/device.py):
+ *   CE_WG_PER_ROW   0: one work-item per row, float8 loads (CPU devices; PoCL measured ~6x faster
+ *                   than a work-group striding a row); 1: one work-group per row (GPUs).
+ *   CE_WG_SIZE      work-group size when CE_WG_PER_ROW (power of two).
+ *   CE_NATIVE_EXP   use native_exp/native_log (faster on some GPUs, less exact).
+ *   CE_EXP2         exp(x) as exp2(x log2 e) (cheaper in PoCL's vector math library).
+ *   CE_SOFTCAP      0 compiles the soft-cap out.
+ *   CE_MAX_BLOCKS / CE_MIN_BLOCK  blocks of the blocked online softmax (work-item-per-row shape):
+ *                   at most CE_MAX_BLOCKS per row (a private array), each at least CE_MIN_BLOCK.
+ * Types: IN_DTYPE / GRAD_DTYPE  0 float32, 1 float16, 2 bfloat16, 3 float64.
+ * ============================================================================================ */
+
+#ifndef IN_DTYPE
+#define IN_DTYPE 0
+#endif
+#ifndef GRAD_DTYPE
+#define GRAD_DTYPE IN_DTYPE
+#endif
+#ifndef CE_WG_PER_ROW
+#define CE_WG_PER_ROW 0
+#endif
+#ifndef CE_WG_SIZE
+#define CE_WG_SIZE 256
+#endif
+#ifndef CE_NATIVE_EXP
+#define CE_NATIVE_EXP 0
+#endif
+#ifndef CE_MAX_BLOCKS
+#define CE_MAX_BLOCKS 256
+#endif
+#ifndef CE_MIN_BLOCK
+#define CE_MIN_BLOCK 256
+#endif
+
+#if IN_DTYPE == 3 || GRAD_DTYPE == 3
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#endif
+
+/* ---- accumulation type ---- */
+#if IN_DTYPE == 3
+typedef double acc_t;
+typedef double8 acc8_t;
+#define ACC_INF ((double)INFINITY)
+#else
+typedef float acc_t;
+typedef float8 acc8_t;
+#define ACC_INF INFINITY
+#endif
+
+#ifndef CE_EXP2
+#define CE_EXP2 0
+#endif
+#if CE_NATIVE_EXP && IN_DTYPE != 3
+#define EXP(x) native_exp(x)
+#define LOG(x) native_log(x)
+#elif CE_EXP2 && IN_DTYPE != 3
+/* exp(x) = exp2(x log2 e): about 30% cheaper in PoCL's vector math; relative error ~|x| 6e-8 */
+#define EXP(x) exp2((x) * (acc_t)M_LOG2E_F)
+#define LOG(x) log(x)
+#else
+#define EXP(x) exp(x)
+#define LOG(x) log(x)
+#endif
+
+/* ---- loads (input and soft targets share the input's storage type) ---- */
+#if IN_DTYPE == 0
+typedef float in_t;
+#define LOAD1(p, i) ((acc_t)(p)[(i)])
+#define LOAD8(p, i) vload8(0, (p) + (i))
+#elif IN_DTYPE == 1
+/* PoCL 3.1's vload_half8 faults on addresses that are not 16-byte aligned (rows of an odd number
+ * of classes), so eight halves are read as ushort8 and widened by hand: shifting the exponent and
+ * mantissa into place and scaling by 2^112 rebiases normals and subnormals alike; Inf/NaN keep an
+ * all-ones exponent. */
+typedef half in_t;
+inline float8 half8_to_float8(ushort8 h) {
+    uint8 u = convert_uint8(h);
+    uint8 em = u & (uint8)0x7fffu;
+    float8 f = as_float8(em << 13) * (float8)0x1p112f;
+    f = select(f, as_float8((em << 13) | (uint8)0x7f800000u), em >= (uint8)0x7c00u);
+    return as_float8(as_uint8(f) | ((u & (uint8)0x8000u) << 16));
+}
+#define LOAD1(p, i) vload_half(0, (p) + (i))
+#define LOAD8(p, i) half8_to_float8(vload8(0, (__global const ushort *)((p) + (i))))
+#elif IN_DTYPE == 2
+typedef ushort in_t;
+#define LOAD1(p, i) as_float(((uint)(p)[(i)]) << 16)
+#define LOAD8(p, i) as_float8(convert_uint8(vload8(0, (p) + (i))) << 16)
+#elif IN_DTYPE == 3
+typedef double in_t;
+#define LOAD1(p, i) ((p)[(i)])
+#define LOAD8(p, i) vload8(0, (p) + (i))
+#endif
+
+/* ---- gradient stores ---- */
+inline ushort f32_to_bf16(float f) {
+    uint b = as_uint(f);
+    /* round to nearest even; NaN stays a quiet NaN instead of rounding into Inf */
+    return isnan(f) ? (ushort)0x7FC0 : (ushort)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+inline ushort8 f32_to_bf16_8(float8 f) {
+    uint8 b = as_uint8(f);
+    uint8 r = (b + (uint8)0x7FFFu + ((b >> 16) & (uint8)1u)) >> 16;
+    return convert_ushort8(select(r, (uint8)0x7FC0u, as_uint8(isnan(f))));
+}
+
+#if GRAD_DTYPE == 0
+typedef float grad_t;
+#define STORE1(p, i, v) ((p)[(i)] = (float)(v))
+#define STORE8(p, i, v) vstore8(convert_float8(v), 0, (p) + (i))
+#elif GRAD_DTYPE == 1
+typedef half grad_t;
+#define STORE1(p, i, v) vstore_half_rte((float)(v), 0, (p) + (i))
+/* element-wise: vstore_half8 shares vload_half8's alignment fault on PoCL */
+inline void store_half8(__global half *p, float8 v) {
+    vstore_half_rte(v.s0, 0, p); vstore_half_rte(v.s1, 1, p); vstore_half_rte(v.s2, 2, p);
+    vstore_half_rte(v.s3, 3, p); vstore_half_rte(v.s4, 4, p); vstore_half_rte(v.s5, 5, p);
+    vstore_half_rte(v.s6, 6, p); vstore_half_rte(v.s7, 7, p);
+}
+#define STORE8(p, i, v) store_half8((p) + (i), convert_float8(v))
+#elif GRAD_DTYPE == 2
+typedef ushort grad_t;
+#define STORE1(p, i, v) ((p)[(i)] = f32_to_bf16((float)(v)))
+#define STORE8(p, i, v) vstore8(f32_to_bf16_8(convert_float8(v)), 0, (p) + (i))
+#elif GRAD_DTYPE == 3
+typedef double grad_t;
+#define STORE1(p, i, v) ((p)[(i)] = (double)(v))
+#define STORE8(p, i, v) vstore8(convert_double8(v), 0, (p) + (i))
+#endif
+
+/* Online-softmax update of (m, s) with one element. -inf contributes nothing (and would give
+ * NaN against m == -inf); NaN and +inf poison the row, as in PyTorch (x - max = inf - inf). */
+#define ONLINE1(m, s, v)                                                      \
+    do {                                                                      \
+        acc_t d_ = (v) - (m);                                                 \
+        acc_t e_ = ((v) == -ACC_INF) ? (acc_t)0 : EXP(-fabs(d_));             \
+        if (d_ > (acc_t)0) { (s) = fma((s), e_, (acc_t)1); (m) = (v); }       \
+        else { (s) += e_; }                                                   \
+        if ((v) == ACC_INF) (s) = (acc_t)NAN;                                 \
+    } while (0)
+
+#ifndef CE_SOFTCAP
+#define CE_SOFTCAP 1
+#endif
+#if CE_SOFTCAP
+inline acc_t cap1(acc_t v, acc_t cap) { return cap > (acc_t)0 ? cap * tanh(v / cap) : v; }
+inline acc8_t cap8(acc8_t v, acc_t cap) { return cap > (acc_t)0 ? (acc8_t)cap * tanh(v / (acc8_t)cap) : v; }
+/* d softcap / dx expressed through the capped value z */
+inline acc_t dcap1(acc_t z, acc_t cap) { return cap > (acc_t)0 ? (acc_t)1 - (z / cap) * (z / cap) : (acc_t)1; }
+inline acc8_t dcap8(acc8_t z, acc_t cap) {
+    return cap > (acc_t)0 ? (acc8_t)1 - (z / (acc8_t)cap) * (z / (acc8_t)cap) : (acc8_t)1;
+}
+#else
+#define cap1(v, c) (v)
+#define cap8(v, c) (v)
+#define dcap1(z, c) ((acc_t)1)
+#define dcap8(z, c) ((acc8_t)1)
+#endif
+
+/* merge two online-softmax states */
+inline void merge_state(acc_t *m, acc_t *s, acc_t m2, acc_t s2) {
+    if (s2 == (acc_t)0 && !isnan(s2)) return;          /* an empty or all -inf part */
+    if (*s == (acc_t)0) { *m = m2; *s = s2; return; }
+    acc_t M = fmax(*m, m2);
+    acc_t a = (*m == M) ? (acc_t)1 : EXP(*m - M);      /* == avoids inf - inf */
+    acc_t b = (m2 == M) ? (acc_t)1 : EXP(m2 - M);
+    *s = *s * a + s2 * b;
+    *m = M;
+}
+
+/* Per-row outputs shared by both kernel shapes. */
+inline void write_row(__global acc_t *row_loss, __global acc_t *row_zloss, __global float *row_lse,
+                      ulong r, acc_t loss, acc_t lse, int valid, acc_t zcoef) {
+    row_loss[r] = valid ? loss : (acc_t)0;
+    row_zloss[r] = (valid && zcoef != (acc_t)0) ? zcoef * lse * lse : (acc_t)0;
+    if (row_lse) row_lse[r] = (float)lse;
+}
+
+/* First index of the raw maximum; NaN counts as the maximum, as torch.argmax does. */
+inline int row_argmax(__global const in_t *xr, ulong stride, uint C) {
+    acc_t best = -ACC_INF;
+    int idx = 0;
+    for (uint j = 0; j < C; ++j) {
+        acc_t v = LOAD1(xr, j * stride);
+        if (isnan(v)) return (int)j;
+        if (v > best) { best = v; idx = (int)j; }
+    }
+    return idx;
+}
+
+#if !CE_WG_PER_ROW
+/* ============================== one work-item per row (CPU) ==============================
+ * Contiguous rows use a blocked online softmax: per block of BS classes (L1-resident) the block
+ * max bm is found first, then e_j = exp(z_j - bm) is summed and, when the gradient has the
+ * accumulation type, stashed in the gradient row itself; the running sum is rescaled once per
+ * block. Pass 2 then needs no exp per element: p_j = e_j * exp(bm - lse). That halves the exps
+ * (the cost that dominates on a CPU) and the stash is re-read from cache. Other gradient types
+ * (fp16/bf16) recompute p_j = exp(z_j - lse) from the logits instead. */
+#define CAN_STASH ((GRAD_DTYPE == 0 && IN_DTYPE != 3) || (GRAD_DTYPE == 3 && IN_DTYPE == 3))
+
+inline acc_t hmax8(acc8_t v) {
+#if IN_DTYPE == 3
+    double4 a = fmax(v.lo, v.hi); double2 b = fmax(a.lo, a.hi); return fmax(b.lo, b.hi);
+#else
+    float4 a = fmax(v.lo, v.hi); float2 b = fmax(a.lo, a.hi); return fmax(b.lo, b.hi);
+#endif
+}
+inline acc_t hsum8(acc8_t v) {
+#if IN_DTYPE == 3
+    double4 a = v.lo + v.hi; double2 b = a.lo + a.hi; return b.lo + b.hi;
+#else
+    float4 a = v.lo + v.hi; float2 b = a.lo + a.hi; return b.lo + b.hi;
+#endif
+}
+
+__kernel void ce_rows(__global const in_t *x,        /* logits */
+                      __global const int *tgt,        /* class per row, -1 = ignored; NULL: soft */
+                      __global const in_t *ysoft,     /* soft targets (same layout as x) or NULL */
+                      __global const acc_t *weight,   /* class weights or NULL */
+                      __global grad_t *grad,          /* gradient or NULL */
+                      __global acc_t *row_loss, __global acc_t *row_zloss,
+                      __global float *row_lse,        /* or NULL */
+                      __global int *row_amax,         /* or NULL */
+                      const ulong row0, const ulong nrows, const uint C, const ulong S,
+                      const acc_t eps, const acc_t wsum, const acc_t loss_scale,
+                      const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
+    const ulong r = row0 + get_global_id(0);
+    if (r >= row0 + nrows) return;
+    const ulong n = r / S, s_ = r - n * S;
+    const ulong base = n * (ulong)C * S + s_;
+    __global const in_t *xr = x + base;
+    __global const in_t *yr = ysoft ? ysoft + base : 0;
+    __global grad_t *gr = grad ? grad + base : 0;
+    const int t = tgt ? tgt[r] : 0;
+    const int valid = !tgt || t >= 0;
+    const bool contig = (S == 1);
+
+    if (row_amax) row_amax[r] = row_argmax(xr, S, C);
+    if (!valid) {                               /* ignored row: zero loss and gradient */
+        if (gr) for (uint j = 0; j < C; ++j) STORE1(gr, j * S, 0);
+        acc_t lse = 0;
+        if (row_lse) {                          /* lse still asked for: one pass */
+            acc_t m = -ACC_INF, s = 0;
+            for (uint j = 0; j < C; ++j) { acc_t v = cap1(LOAD1(xr, j * S), cap); ONLINE1(m, s, v); }
+            lse = m + LOG(s);
+        }
+        write_row(row_loss, row_zloss, row_lse, r, 0, lse, 0, zcoef);
+        return;
+    }
+    const acc_t inv_c = (acc_t)1 / (acc_t)C;
+    const acc_t soft_lo = eps * inv_c, soft_hi = (acc_t)1 - eps;
+
+    /* ---- pass 1: online softmax (+ A for soft targets) ---- */
+    acc_t m = -ACC_INF, s = 0, A = 0;
+    const uint C8 = contig ? (C & ~7u) : 0u;          /* classes done 8-wide, in blocks */
+    uint bs = ((C8 + CE_MAX_BLOCKS - 1) / CE_MAX_BLOCKS + 7u) & ~7u;
+    bs = max(bs, (uint)CE_MIN_BLOCK);
+    acc_t bmax[CE_MAX_BLOCKS];
+#if CAN_STASH
+    __global acc_t *stash = (__global acc_t *)gr;     /* e_j parked in the gradient row */
+#else
+    __global acc_t *stash = 0;
+#endif
+    uint nb = 0;
+    for (uint b0 = 0; b0 < C8; b0 += bs, ++nb) {
+        const uint b1 = min(b0 + bs, C8);
+        acc8_t mx = (acc8_t)(-ACC_INF);
+        for (uint j = b0; j < b1; j += 8) mx = fmax(mx, cap8(LOAD8(xr, j), cap));
+        const acc_t bm = hmax8(mx);
+        bmax[nb] = bm;
+        acc8_t es = (acc8_t)0, a8 = (acc8_t)0;
+        for (uint j = b0; j < b1; j += 8) {
+            acc8_t v = cap8(LOAD8(xr, j), cap);
+            /* bm == -inf: the whole block is -inf and contributes nothing (exp would give NaN);
+             * bm == +inf or a NaN: e is NaN and poisons the row, as in PyTorch */
+            acc8_t e = bm == -ACC_INF ? (acc8_t)0 : EXP(v - (acc8_t)bm);
+            es += e;
+            if (stash) vstore8(e, 0, stash + j);
+            if (yr) {
+                acc8_t w = weight ? vload8(0, weight + j) : (acc8_t)1;
+                a8 += w * (LOAD8(yr, j) * soft_hi + soft_lo);
+            }
+        }
+        A += hsum8(a8);
+        if (bm != -ACC_INF) {
+            const acc_t M = fmax(m, bm);
+            s = (m == -ACC_INF ? (acc_t)0 : s * EXP(m - M)) + hsum8(es) * EXP(bm - M);
+            m = M;
+        }
+    }
+    for (uint j = C8; j < C; ++j) {
+        acc_t v = cap1(LOAD1(xr, j * S), cap);
+        ONLINE1(m, s, v);
+        if (yr) A += (weight ? weight[j] : (acc_t)1) * (LOAD1(yr, j * S) * soft_hi + soft_lo);
+    }
+    /* lse = m + lsum; differences use (x - m) and lsum separately, as PyTorch's log_softmax
+     * does, so logits of 1e4 lose nothing to the rounding of lse */
+    const acc_t lsum = LOG(s), lse = m + lsum;
+
+    /* ---- per-row constants of the gradient: g_j = p_j K - b_j ---- */
+    const acc_t wt = yr ? (acc_t)0 : (weight ? weight[t] : (acc_t)1);
+    const acc_t zterm = zcoef != (acc_t)0 ? z_scale * (acc_t)2 * zcoef * lse : (acc_t)0;
+    const acc_t K = yr ? loss_scale * A + zterm
+                       : loss_scale * (soft_hi * wt + soft_lo * wsum) + zterm;
+    const acc_t b_smooth = loss_scale * soft_lo;   /* hard targets: b_j = b_smooth w_j (+ true class) */
+    const bool smooth = eps > (acc_t)0;
+    const bool need_x = yr || smooth || cap > (acc_t)0 || !stash;
+
+    /* ---- pass 2: gradient + terms that need lse ---- */
+    acc_t sum2 = 0;                               /* hard: sum_j w_j (lse - z_j); soft: the loss */
+    if (gr || yr || smooth) {
+        acc8_t sum8 = (acc8_t)0;
+        uint b = 0;
+        for (uint b0 = 0; b0 < C8; b0 += bs, ++b) {
+            const uint b1 = min(b0 + bs, C8);
+            const acc_t fK = stash ? EXP((bmax[b] - m) - lsum) * K : (acc_t)0;
+            for (uint j = b0; j < b1; j += 8) {
+                acc8_t v = need_x ? cap8(LOAD8(xr, j), cap) : (acc8_t)0;
+                acc8_t w = weight ? vload8(0, weight + j) : (acc8_t)1;
+                acc8_t bj;
+                if (yr) {
+                    acc8_t wy = w * (LOAD8(yr, j) * soft_hi + soft_lo);
+                    sum8 += wy * (((acc8_t)m - v) + (acc8_t)lsum);
+                    bj = (acc8_t)loss_scale * wy;
+                } else {
+                    if (smooth) sum8 += w * (((acc8_t)m - v) + (acc8_t)lsum);
+                    bj = (acc8_t)b_smooth * w;
+                }
+                if (gr) {
+                    acc8_t pK = stash ? vload8(0, stash + j) * (acc8_t)fK : EXP((v - (acc8_t)m) - (acc8_t)lsum) * (acc8_t)K;
+                    acc8_t g = pK - bj;
+                    if (cap > (acc_t)0) g *= dcap8(v, cap);
+                    STORE8(gr, j, g);
+                }
+            }
+        }
+        sum2 = hsum8(sum8);
+        for (uint j = C8; j < C; ++j) {
+            acc_t v = cap1(LOAD1(xr, j * S), cap);
+            acc_t w = weight ? weight[j] : (acc_t)1;
+            acc_t bj;
+            if (yr) {
+                acc_t wy = w * (LOAD1(yr, j * S) * soft_hi + soft_lo);
+                sum2 += wy * ((m - v) + lsum);
+                bj = loss_scale * wy;
+            } else {
+                if (smooth) sum2 += w * ((m - v) + lsum);
+                bj = b_smooth * w;
+            }
+            if (gr) STORE1(gr, j * S, (EXP((v - m) - lsum) * K - bj) * dcap1(v, cap));
+        }
+    }
+
+    acc_t loss;
+    if (yr) {
+        loss = sum2;
+    } else {
+        const acc_t zt = cap1(LOAD1(xr, (ulong)t * S), cap);
+        loss = soft_hi * wt * ((m - zt) + lsum);
+        if (smooth) loss += soft_lo * sum2;
+        if (gr) {   /* true class, formed in full precision and rounded once */
+            acc_t g = EXP((zt - m) - lsum) * K - b_smooth * wt - loss_scale * soft_hi * wt;
+            STORE1(gr, (ulong)t * S, g * dcap1(zt, cap));
+        }
+    }
+    write_row(row_loss, row_zloss, row_lse, r, loss, lse, 1, zcoef);
+}
+
+#else
+/* ============================== one work-group per row (GPU) ============================== */
+/* Work-item l handles classes l, l + WG, ...: coalesced loads. States are combined in local
+ * memory by a tree; the true class is written by the work-item that owns it, in pass 2. */
+__kernel __attribute__((reqd_work_group_size(CE_WG_SIZE, 1, 1)))
+void ce_rows(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
+             __global const acc_t *weight, __global grad_t *grad,
+             __global acc_t *row_loss, __global acc_t *row_zloss,
+             __global float *row_lse, __global int *row_amax,
+             const ulong row0, const ulong nrows, const uint C, const ulong S,
+             const acc_t eps, const acc_t wsum, const acc_t loss_scale,
+             const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
+    __local acc_t lm[CE_WG_SIZE], ls[CE_WG_SIZE], la[CE_WG_SIZE], lb[CE_WG_SIZE];
+    __local int li[CE_WG_SIZE], ln[CE_WG_SIZE];
+    const uint lid = get_local_id(0);
+    const ulong r = row0 + get_group_id(0);
+    if (r >= row0 + nrows) return;                 /* uniform across the group */
+    const ulong n = r / S, s_ = r - n * S;
+    const ulong base = n * (ulong)C * S + s_;
+    __global const in_t *xr = x + base;
+    __global const in_t *yr = ysoft ? ysoft + base : 0;
+    __global grad_t *gr = grad ? grad + base : 0;
+    const int t = tgt ? tgt[r] : 0;
+    const int valid = !tgt || t >= 0;
+    const acc_t inv_c = (acc_t)1 / (acc_t)C;
+    const acc_t soft_lo = eps * inv_c, soft_hi = (acc_t)1 - eps;
+
+    /* pass 1, with the argmax: first NaN, else first maximum (as torch.argmax) */
+    acc_t pm = -ACC_INF, ps = 0, A = 0, best = -ACC_INF;
+    int bidx = -1, nidx = INT_MAX;
+    for (uint j = lid; j < C; j += CE_WG_SIZE) {
+        acc_t raw = LOAD1(xr, j * S);
+        acc_t v = cap1(raw, cap);
+        ONLINE1(pm, ps, v);
+        if (yr) A += (weight ? weight[j] : (acc_t)1) * (LOAD1(yr, j * S) * soft_hi + soft_lo);
+        if (row_amax) {
+            if (isnan(raw)) nidx = min(nidx, (int)j);
+            else if (raw > best) { best = raw; bidx = (int)j; }
+        }
+    }
+    lm[lid] = pm; ls[lid] = ps; la[lid] = A; lb[lid] = best; li[lid] = bidx; ln[lid] = nidx;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (uint h = CE_WG_SIZE / 2; h > 0; h >>= 1) {
+        if (lid < h) {
+            acc_t m1 = lm[lid], s1 = ls[lid];
+            merge_state(&m1, &s1, lm[lid + h], ls[lid + h]);
+            lm[lid] = m1; ls[lid] = s1; la[lid] += la[lid + h];
+            ln[lid] = min(ln[lid], ln[lid + h]);
+            int i2 = li[lid + h];
+            if (i2 >= 0 && (li[lid] < 0 || lb[lid + h] > lb[lid] || (lb[lid + h] == lb[lid] && i2 < li[lid]))) {
+                lb[lid] = lb[lid + h]; li[lid] = i2;
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const acc_t m = lm[0], lsum = LOG(ls[0]), lse = m + lsum;
+    A = la[0];
+    if (row_amax && lid == 0) row_amax[r] = ln[0] != INT_MAX ? ln[0] : max(li[0], 0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    if (!valid) {
+        if (gr) for (uint j = lid; j < C; j += CE_WG_SIZE) STORE1(gr, j * S, 0);
+        if (lid == 0) write_row(row_loss, row_zloss, row_lse, r, 0, lse, 0, zcoef);
+        return;
+    }
+    const acc_t wt = yr ? (acc_t)0 : (weight ? weight[t] : (acc_t)1);
+    const acc_t zterm = zcoef != (acc_t)0 ? z_scale * (acc_t)2 * zcoef * lse : (acc_t)0;
+    const acc_t K = yr ? loss_scale * A + zterm : loss_scale * (soft_hi * wt + soft_lo * wsum) + zterm;
+    const acc_t b_smooth = loss_scale * soft_lo;
+    const bool smooth = eps > (acc_t)0;
+
+    acc_t sum2 = 0;
+    for (uint j = lid; j < C; j += CE_WG_SIZE) {
+        acc_t v = cap1(LOAD1(xr, j * S), cap);
+        acc_t w = weight ? weight[j] : (acc_t)1;
+        acc_t bj;
+        if (yr) {
+            acc_t wy = w * (LOAD1(yr, j * S) * soft_hi + soft_lo);
+            sum2 += wy * ((m - v) + lsum);
+            bj = loss_scale * wy;
+        } else {
+            if (smooth) sum2 += w * ((m - v) + lsum);
+            bj = b_smooth * w + ((int)j == t ? loss_scale * soft_hi * wt : (acc_t)0);
+        }
+        if (gr) STORE1(gr, j * S, (EXP((v - m) - lsum) * K - bj) * dcap1(v, cap));
+    }
+    la[lid] = sum2;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (uint h = CE_WG_SIZE / 2; h > 0; h >>= 1) {
+        if (lid < h) la[lid] += la[lid + h];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid == 0) {
+        acc_t loss;
+        if (yr) loss = la[0];
+        else {
+            const acc_t zt = cap1(LOAD1(xr, (ulong)t * S), cap);
+            loss = soft_hi * wt * ((m - zt) + lsum);
+            if (smooth) loss += soft_lo * la[0];
+        }
+        write_row(row_loss, row_zloss, row_lse, r, loss, lse, 1, zcoef);
+    }
+}
+#endif
