@@ -1,0 +1,84 @@
+"""clce client: torch.nn.functional.cross_entropy computed by a remote clce server.
+
+    import clce_client
+    loss = clce_client.cross_entropy(logits, target)          # default client from CLCE_URL
+    with clce_client.Client("http://gpu-box:8000") as c:
+        result = c.cross_entropy(logits, target, return_grad=True)
+
+torch is optional; `CrossEntropyLoss` (and torch itself) is imported on first use only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .client import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    AsyncClient,
+    Client,
+    CrossEntropyResult,
+    __version__,
+    cross_entropy,
+    default_client,
+)
+from .errors import (
+    AuthenticationError,
+    BadRequest,
+    ClceError,
+    ClceIndexError,
+    ClceRuntimeError,
+    ClceTypeError,
+    ClceValueError,
+    ConnectError,
+    DeadlineExceeded,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ReadTimeout,
+    ServerError,
+    ServiceUnavailable,
+    Timeout,
+    TransportError,
+)
+from .protocol import PROTOCOL_VERSION, ProtocolError
+
+__all__ = [
+    "__version__",
+    "PROTOCOL_VERSION",
+    "DEFAULT_URL",
+    "DEFAULT_TIMEOUT",
+    "Client",
+    "AsyncClient",
+    "CrossEntropyResult",
+    "CrossEntropyLoss",
+    "cross_entropy",
+    "default_client",
+    "ProtocolError",
+    "ClceError",
+    "TransportError",
+    "ConnectError",
+    "Timeout",
+    "ReadTimeout",
+    "ServerError",
+    "BadRequest",
+    "AuthenticationError",
+    "NotFound",
+    "PayloadTooLarge",
+    "Overloaded",
+    "ServiceUnavailable",
+    "DeadlineExceeded",
+    "ClceValueError",
+    "ClceIndexError",
+    "ClceRuntimeError",
+    "ClceTypeError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Importing torch takes seconds; pay for it only when CrossEntropyLoss is asked for.
+    if name == "CrossEntropyLoss":
+        from .torch_support import CrossEntropyLoss
+
+        return CrossEntropyLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,689 @@
+"""`Client` and `AsyncClient`: torch.nn.functional.cross_entropy computed by a clce server.
+
+Return values of ``cross_entropy``:
+
+* numpy (or array-like) input: the loss as a numpy array (0-d for ``reduction="mean"``/``"sum"``,
+  the input's dtype, like torch). If ``return_grad``, ``return_lse`` or ``return_argmax`` is set, a
+  `CrossEntropyResult` instead, holding the loss and the extras (numpy arrays).
+* torch input: the same with torch tensors, on the input's device. When ``input.requires_grad``
+  and grad mode is on, the gradient comes back with the loss (one round trip) and the loss has a
+  ``grad_fn``: ``loss.backward()`` fills ``input.grad``. ``return_grad=False`` opts out (the loss
+  is then detached); use ``torch.no_grad()`` for evaluation to skip the gradient transfer.
+
+Several replicas (a list, or a comma-separated ``CLCE_URL``) are used round-robin; a replica that
+refuses connections or answers 503 costs a retry on the next one, and is avoided for a few seconds.
+429 (``Overloaded``) is raised at once with ``retry_after``: retrying automatically would defeat
+the server's admission control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import httpx
+import numpy as np
+
+from . import errors
+from .protocol import (
+    JSON,
+    MSGPACK,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    Segment,
+    decode_message,
+    decode_tensor,
+    dtype_name,
+    encode_message,
+    encode_tensor,
+    message_nbytes,
+    parse_server_timing,
+)
+
+__all__ = [
+    "Client",
+    "AsyncClient",
+    "CrossEntropyResult",
+    "cross_entropy",
+    "default_client",
+    "DEFAULT_URL",
+    "DEFAULT_TIMEOUT",
+]
+
+__version__ = "0.1.0"
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(120, connect=5)
+CROSS_ENTROPY_PATH = "/v1/cross_entropy"
+
+# Small message parts are merged into one write; large tensors are sent as slices of themselves.
+_COALESCE_BYTES = 64 * 1024
+_DOWN_SECONDS = 5.0  # how long a replica that failed is tried only after the others
+_BACKOFF_SECONDS = 0.05
+_MAX_BACKOFF_SECONDS = 2.0
+
+# Failures where the request certainly or possibly never reached a working server. The computation
+# is a pure function, so re-sending is always safe.
+_RETRYABLE = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
+
+
+@dataclass
+class CrossEntropyResult:
+    """The loss and the extras asked for; a field is None when not requested.
+
+    Arrays are numpy arrays for numpy input, torch tensors (on the input's device) for torch input.
+    ``server_timing`` holds the server's phases in milliseconds (decode, queue, kernel, total).
+    """
+
+    loss: Any
+    grad: Any = None
+    lse: Any = None
+    argmax: Any = None
+    accuracy: float | None = None
+    z_loss: Any = None
+    server_timing: dict[str, float] = field(default_factory=dict)
+
+
+def _torch_support():
+    from . import torch_support
+
+    return torch_support
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported already
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _wire_dtype(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    if type(dtype).__module__ == "torch":
+        return _torch_support().wire_dtype(dtype)
+    return dtype_name(dtype)
+
+
+class _Call:
+    """One cross_entropy call: its request message and how to turn the response into results."""
+
+    def __init__(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        return_grad: bool | None,
+        grad_dtype: Any,
+        return_lse: bool,
+        return_argmax: bool,
+        lse_square_scale: float,
+        softcap: float | None,
+        deadline_ms: float | None,
+    ):
+        self.torch = _is_torch_tensor(input)
+        self.input = input
+        self.reduction = reduction
+        self.want_result = bool(return_grad) or bool(return_lse) or bool(return_argmax)
+        self.autograd = False
+        if self.torch:
+            ts = _torch_support()
+            import torch
+
+            self.autograd = (
+                return_grad is not False and input.requires_grad and torch.is_grad_enabled()
+            )
+            to_wire = ts.to_wire
+        else:
+            input = np.asarray(input)
+            to_wire = encode_tensor
+        self.message = {
+            "v": PROTOCOL_VERSION,
+            "input": to_wire(input),
+            "target": to_wire(target),
+            "weight": None if weight is None else to_wire(weight),
+            "ignore_index": ignore_index,
+            "reduction": reduction,
+            "label_smoothing": label_smoothing,
+            "return_grad": bool(return_grad) or self.autograd,
+            "grad_dtype": _wire_dtype(grad_dtype),
+            "return_lse": bool(return_lse),
+            "return_argmax": bool(return_argmax),
+            "lse_square_scale": lse_square_scale,
+            "softcap": softcap,
+            "deadline_ms": deadline_ms,
+        }
+        self.return_grad = bool(return_grad)
+
+    def finish(self, msg: dict[str, Any], server_timing: dict[str, float]) -> Any:
+        if "loss" not in msg:
+            raise ProtocolError("the response has no loss")
+        if self.torch:
+            ts = _torch_support()
+            device = self.input.device
+
+            def get(key: str) -> Any:
+                return ts.from_wire(msg[key], name=key, device=device) if key in msg else None
+
+        else:
+
+            def get(key: str) -> Any:
+                return decode_tensor(msg[key], name=key) if key in msg else None
+
+        loss, grad = get("loss"), get("grad")
+        if self.autograd:
+            if grad is None:
+                raise ProtocolError("the response has no grad, which autograd needs")
+            loss = _torch_support().attach_grad(self.input, loss, grad, self.reduction)
+        if not self.want_result:
+            return loss
+        accuracy = msg.get("accuracy")
+        return CrossEntropyResult(
+            loss=loss,
+            grad=grad if self.return_grad else None,
+            lse=get("lse"),
+            argmax=get("argmax"),
+            accuracy=None if accuracy is None else float(accuracy),
+            z_loss=get("z_loss"),
+            server_timing=server_timing,
+        )
+
+
+def _parse_urls(url: Union[str, Sequence[str], None]) -> list[str]:
+    if url is None:
+        url = os.environ.get("CLCE_URL") or DEFAULT_URL
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    urls = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise TypeError(f"url must be a str or a list of str, got {type(part).__name__}")
+        part = part.strip().rstrip("/")
+        if not part:
+            continue
+        if "://" not in part:
+            part = "http://" + part
+        if not part.startswith(("http://", "https://")):
+            raise ValueError(f"clce URLs must be http:// or https://, got {part!r}")
+        urls.append(part)
+    if not urls:
+        raise ValueError("no clce server URL given")
+    return urls
+
+
+class _Replicas:
+    """Round-robin over replicas; ones that failed recently go to the back of the line."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self._next = itertools.count()
+        self._down_until = [0.0] * len(urls)
+
+    def order(self) -> list[int]:
+        n = len(self.urls)
+        start = next(self._next) % n  # itertools.count is atomic under the GIL
+        rotated = [(start + i) % n for i in range(n)]
+        now = time.monotonic()
+        return sorted(rotated, key=lambda i: self._down_until[i] > now)
+
+    def mark_down(self, i: int) -> None:
+        self._down_until[i] = time.monotonic() + _DOWN_SECONDS
+
+    def mark_up(self, i: int) -> None:
+        self._down_until[i] = 0.0
+
+
+def _chunks(segments: list[Segment], chunk_bytes: int) -> Iterator[Union[bytearray, memoryview]]:
+    """The body as chunks of at most chunk_bytes; tensor bytes are sliced, not copied."""
+    pending = bytearray()
+    small = min(_COALESCE_BYTES, chunk_bytes)
+    for seg in segments:
+        mv = memoryview(seg)
+        if mv.nbytes < small:
+            pending += mv
+            if len(pending) >= chunk_bytes:
+                out, pending = pending, bytearray()
+                yield out
+            continue
+        if pending:
+            out, pending = pending, bytearray()
+            yield out
+        for off in range(0, mv.nbytes, chunk_bytes):
+            yield mv[off : off + chunk_bytes]
+    if pending:
+        yield pending
+
+
+class _Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: httpx.Headers, body: bytearray):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class _BodyReader:
+    """Collects a response body into one preallocated bytearray (decoded later without copies)."""
+
+    def __init__(self, resp: httpx.Response):
+        length = resp.headers.get("content-length")
+        encoded = resp.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+        self.raw = not encoded  # with a content-encoding, Content-Length is the encoded size
+        self.size = int(length) if length and length.isdigit() and self.raw else None
+        self.buf = bytearray(self.size or 0)
+        self.view = memoryview(self.buf) if self.size is not None else None
+        self.pos = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self.size is None:
+            self.buf += chunk
+            return
+        end = self.pos + len(chunk)
+        if end > self.size:
+            raise errors.TransportError(f"response longer than its Content-Length {self.size}")
+        self.view[self.pos : end] = chunk
+        self.pos = end
+
+    def done(self) -> bytearray:
+        if self.view is not None:
+            self.view.release()  # a bytearray with an exported view cannot be resized later
+        if self.size is not None and self.pos != self.size:
+            raise errors.TransportError(f"the response ended after {self.pos} of {self.size} bytes")
+        return self.buf
+
+
+class _Base:
+    def __init__(
+        self,
+        url: Union[str, Sequence[str], None] = None,
+        api_key: str | None = None,
+        timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
+        retries: int = 3,
+        chunk_bytes: int = 1 << 20,
+    ):
+        self._replicas = _Replicas(_parse_urls(url))
+        self._api_key = api_key if api_key is not None else (os.environ.get("CLCE_API_KEY") or None)
+        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        if int(retries) < 0:
+            raise ValueError("retries must be >= 0")
+        if int(chunk_bytes) < 1:
+            raise ValueError("chunk_bytes must be >= 1")
+        self.retries = int(retries)
+        self.chunk_bytes = int(chunk_bytes)
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self._replicas.urls)
+
+    def __repr__(self) -> str:  # never shows the key
+        key = "'***'" if self._api_key else "None"
+        return f"{type(self).__name__}(url={self.urls!r}, api_key={key})"
+
+    def _headers(self, nbytes: int | None = None) -> dict[str, str]:
+        headers = {
+            "Accept": f"{MSGPACK}, {JSON};q=0.5",
+            "Accept-Encoding": "identity",  # keeps Content-Length the size to preallocate
+            "User-Agent": f"clce-client/{__version__}",
+        }
+        if nbytes is not None:
+            headers["Content-Type"] = MSGPACK
+            # explicit, so that httpx does not fall back to chunked encoding for an iterator body
+            headers["Content-Length"] = str(nbytes)
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _backoff(self, cycle: int) -> float:
+        return min(_BACKOFF_SECONDS * 2 ** (cycle - 1), _MAX_BACKOFF_SECONDS)
+
+    @staticmethod
+    def _raise_for_timeout(exc: httpx.TimeoutException, url: str) -> None:
+        if isinstance(exc, httpx.ReadTimeout):
+            raise errors.ReadTimeout(f"{url}: no response within the read timeout") from exc
+        raise errors.Timeout(f"{url}: {type(exc).__name__}") from exc
+
+    def _exhausted(self, attempts: int, last: BaseException | None) -> BaseException:
+        if isinstance(last, errors.ServerError):
+            return last
+        return errors.ConnectError(
+            f"no clce server reachable at {', '.join(self.urls)} after {attempts} attempts"
+            + (f": {type(last).__name__}: {last}" if last is not None else "")
+        )
+
+    @staticmethod
+    def _json_or_msgpack(resp: _Response) -> Any:
+        media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if media == MSGPACK:
+                return decode_message(resp.body)
+            import json
+
+            return json.loads(bytes(resp.body))
+        except ValueError as exc:
+            raise ProtocolError(f"undecodable response body: {exc}") from None
+
+    @staticmethod
+    def _finish(call: _Call, resp: _Response) -> Any:
+        media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != MSGPACK:
+            raise ProtocolError(f"expected a {MSGPACK} response, got {media or 'none'!r}")
+        timing = parse_server_timing(resp.headers.get("server-timing"))
+        return call.finish(decode_message(resp.body), timing)
+
+    def _call(self, *args: Any, **kwargs: Any) -> tuple[_Call, list[Segment], int]:
+        call = _Call(*args, **kwargs)
+        segments = encode_message(call.message)
+        return call, segments, message_nbytes(segments)
+
+
+_CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
+
+        Arguments mirror torch.nn.functional.cross_entropy; the keyword-only ones ask for extras:
+        return_grad (the input gradient for grad_output = 1; None = automatic for torch tensors
+        that require grad), grad_dtype (default: the input dtype), return_lse (float32
+        logsumexp per row), return_argmax (int64 argmax per row, plus accuracy), lse_square_scale
+        (adds scale * lse**2 to each row's loss; z_loss reports the term), softcap (tanh logit
+        soft-capping), deadline_ms (the server gives up with DeadlineExceeded after this long).
+        Returns the loss, or a CrossEntropyResult when return_grad/return_lse/return_argmax is set.
+        """
+
+
+class Client(_Base):
+    """Synchronous client; thread-safe, with pooled keep-alive connections.
+
+    ``url``: a URL, a list of replica URLs, or a comma-separated string (default: env
+    ``CLCE_URL``, else http://127.0.0.1:8000). ``api_key`` (default: env ``CLCE_API_KEY``) is sent
+    as ``Authorization: Bearer``. ``retries`` re-sends on connection failures and 503s;
+    ``chunk_bytes`` is the upload chunk size.
+    """
+
+    def __init__(
+        self,
+        url: Union[str, Sequence[str], None] = None,
+        api_key: str | None = None,
+        timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
+        retries: int = 3,
+        chunk_bytes: int = 1 << 20,
+    ):
+        super().__init__(url, api_key, timeout, retries, chunk_bytes)
+        self._http = httpx.Client(timeout=self.timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _content(self, segments: list[Segment] | None, nbytes: int) -> Any:
+        if segments is None:
+            return None
+        if nbytes <= self.chunk_bytes:
+            return b"".join(segments)
+        # An iterator: httpx re-copies the unsent rest of a bytes body after every partial send.
+        return _chunks(segments, self.chunk_bytes)
+
+    def _once(
+        self, method: str, url: str, segments: list[Segment] | None, nbytes: int
+    ) -> _Response:
+        headers = self._headers(nbytes if segments is not None else None)
+        content = self._content(segments, nbytes)
+        with self._http.stream(method, url, content=content, headers=headers) as resp:
+            reader = _BodyReader(resp)
+            for chunk in resp.iter_raw() if reader.raw else resp.iter_bytes():
+                reader.add(chunk)
+            return _Response(resp.status_code, resp.headers, reader.done())
+
+    def _request(
+        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0
+    ) -> _Response:
+        order = self._replicas.order()
+        last: BaseException | None = None
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            if attempt and attempt % len(order) == 0:
+                time.sleep(self._backoff(attempt // len(order)))
+            i = order[attempt % len(order)]
+            url = self._replicas.urls[i] + path
+            try:
+                resp = self._once(method, url, segments, nbytes)
+            except _RETRYABLE as exc:
+                self._replicas.mark_down(i)
+                last = exc
+                continue
+            except httpx.TimeoutException as exc:
+                self._raise_for_timeout(exc, url)
+            except httpx.HTTPError as exc:
+                raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
+            if resp.status >= 400:
+                err = errors.error_from_response(
+                    resp.status, resp.body, resp.headers.get("content-type"), resp.headers
+                )
+                if resp.status == 503:
+                    self._replicas.mark_down(i)
+                    last = err
+                    continue
+                raise err
+            self._replicas.mark_up(i)
+            return resp
+        raise self._exhausted(attempts, last)
+
+    def cross_entropy(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        return_grad: bool | None = None,
+        grad_dtype: Any = None,
+        return_lse: bool = False,
+        return_argmax: bool = False,
+        lse_square_scale: float = 0.0,
+        softcap: float | None = None,
+        deadline_ms: float | None = None,
+    ) -> Any:
+        call, segments, nbytes = self._call(
+            input, target, weight, ignore_index, reduction, label_smoothing, return_grad,
+            grad_dtype, return_lse, return_argmax, lse_square_scale, softcap, deadline_ms,
+        )  # fmt: skip
+        return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes))
+
+    cross_entropy.__doc__ = _CE_DOC
+
+    def info(self) -> dict[str, Any]:
+        """The server's /v1/info document (version, devices, limits)."""
+        return self._json_or_msgpack(self._request("GET", "/v1/info"))
+
+    def _probe(self, path: str) -> bool:
+        for i in self._replicas.order():
+            try:
+                if self._once("GET", self._replicas.urls[i] + path, None, 0).status < 300:
+                    return True
+            except httpx.HTTPError:
+                continue
+        return False
+
+    def healthz(self) -> bool:
+        """True when some replica is alive (GET /healthz answers 2xx)."""
+        return self._probe("/healthz")
+
+    def readyz(self) -> bool:
+        """True when some replica is ready to compute (GET /readyz answers 2xx)."""
+        return self._probe("/readyz")
+
+
+async def _achunks(segments: list[Segment], chunk_bytes: int) -> AsyncIterator[Any]:
+    for chunk in _chunks(segments, chunk_bytes):
+        yield chunk
+
+
+class AsyncClient(_Base):
+    """`Client` for asyncio: the same constructor, and the same methods as coroutines."""
+
+    def __init__(
+        self,
+        url: Union[str, Sequence[str], None] = None,
+        api_key: str | None = None,
+        timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
+        retries: int = 3,
+        chunk_bytes: int = 1 << 20,
+    ):
+        super().__init__(url, api_key, timeout, retries, chunk_bytes)
+        self._http = httpx.AsyncClient(timeout=self.timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    def _content(self, segments: list[Segment] | None, nbytes: int) -> Any:
+        if segments is None:
+            return None
+        if nbytes <= self.chunk_bytes:
+            return b"".join(segments)
+        return _achunks(segments, self.chunk_bytes)
+
+    async def _once(
+        self, method: str, url: str, segments: list[Segment] | None, nbytes: int
+    ) -> _Response:
+        headers = self._headers(nbytes if segments is not None else None)
+        content = self._content(segments, nbytes)
+        async with self._http.stream(method, url, content=content, headers=headers) as resp:
+            reader = _BodyReader(resp)
+            async for chunk in resp.aiter_raw() if reader.raw else resp.aiter_bytes():
+                reader.add(chunk)
+            return _Response(resp.status_code, resp.headers, reader.done())
+
+    async def _request(
+        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0
+    ) -> _Response:
+        order = self._replicas.order()
+        last: BaseException | None = None
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            if attempt and attempt % len(order) == 0:
+                await asyncio.sleep(self._backoff(attempt // len(order)))
+            i = order[attempt % len(order)]
+            url = self._replicas.urls[i] + path
+            try:
+                resp = await self._once(method, url, segments, nbytes)
+            except _RETRYABLE as exc:
+                self._replicas.mark_down(i)
+                last = exc
+                continue
+            except httpx.TimeoutException as exc:
+                self._raise_for_timeout(exc, url)
+            except httpx.HTTPError as exc:
+                raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
+            if resp.status >= 400:
+                err = errors.error_from_response(
+                    resp.status, resp.body, resp.headers.get("content-type"), resp.headers
+                )
+                if resp.status == 503:
+                    self._replicas.mark_down(i)
+                    last = err
+                    continue
+                raise err
+            self._replicas.mark_up(i)
+            return resp
+        raise self._exhausted(attempts, last)
+
+    async def cross_entropy(
+        self,
+        input: Any,
+        target: Any,
+        weight: Any = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        return_grad: bool | None = None,
+        grad_dtype: Any = None,
+        return_lse: bool = False,
+        return_argmax: bool = False,
+        lse_square_scale: float = 0.0,
+        softcap: float | None = None,
+        deadline_ms: float | None = None,
+    ) -> Any:
+        call, segments, nbytes = self._call(
+            input, target, weight, ignore_index, reduction, label_smoothing, return_grad,
+            grad_dtype, return_lse, return_argmax, lse_square_scale, softcap, deadline_ms,
+        )  # fmt: skip
+        resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes)
+        return self._finish(call, resp)
+
+    cross_entropy.__doc__ = _CE_DOC
+
+    async def info(self) -> dict[str, Any]:
+        """The server's /v1/info document (version, devices, limits)."""
+        return self._json_or_msgpack(await self._request("GET", "/v1/info"))
+
+    async def _probe(self, path: str) -> bool:
+        for i in self._replicas.order():
+            try:
+                resp = await self._once("GET", self._replicas.urls[i] + path, None, 0)
+            except httpx.HTTPError:
+                continue
+            if resp.status < 300:
+                return True
+        return False
+
+    async def healthz(self) -> bool:
+        """True when some replica is alive (GET /healthz answers 2xx)."""
+        return await self._probe("/healthz")
+
+    async def readyz(self) -> bool:
+        """True when some replica is ready to compute (GET /readyz answers 2xx)."""
+        return await self._probe("/readyz")
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The module-level Client, created on first use from CLCE_URL / CLCE_API_KEY."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default
+
+
+def cross_entropy(
+    input: Any,
+    target: Any,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    **extras: Any,
+) -> Any:
+    """`Client.cross_entropy` on the default client (CLCE_URL, CLCE_API_KEY)."""
+    return default_client().cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing, **extras
+    )

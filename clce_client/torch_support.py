@@ -1,0 +1,195 @@
+"""torch glue: tensor <-> wire conversion, the autograd hook-up, and `CrossEntropyLoss`.
+
+Importable without torch: `CrossEntropyLoss` is then a plain callable class. bfloat16 tensors travel
+as their raw bits (viewed as int16), so torch users do not need ml_dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .protocol import WireTensor, decode_tensor, encode_tensor
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+__all__ = ["CrossEntropyLoss", "to_wire", "from_wire", "wire_dtype", "attach_grad"]
+
+if torch is not None:
+    _WIRE_BY_TORCH = {
+        torch.float32: "float32",
+        torch.float64: "float64",
+        torch.float16: "float16",
+        torch.bfloat16: "bfloat16",
+        torch.int64: "int64",
+        torch.int32: "int32",
+        torch.int16: "int16",
+        torch.uint8: "uint8",
+        torch.bool: "bool",
+    }
+
+
+def wire_dtype(dtype: Any) -> str:
+    """The wire name of a torch dtype."""
+    name = _WIRE_BY_TORCH.get(dtype) if torch is not None else None
+    if name is None:
+        raise TypeError(f"clce does not support dtype {dtype}")
+    return name
+
+
+def to_wire(x: Any) -> WireTensor:
+    """A WireTensor for a torch tensor (copied to the CPU if needed) or anything numpy takes."""
+    if torch is None or not isinstance(x, torch.Tensor):
+        return encode_tensor(np.asarray(x))
+    name = wire_dtype(x.dtype)
+    t = x.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    # the numpy view keeps the tensor's storage alive for as long as the memoryview lives
+    arr = (t.view(torch.int16) if name == "bfloat16" else t).numpy()
+    return WireTensor(name, tuple(t.shape), memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def from_wire(wt: Any, *, name: str, device: Any = None) -> Any:
+    """A torch tensor over a received WireTensor (no copy on the CPU when the bytes allow)."""
+    if not isinstance(wt, WireTensor):
+        return torch.as_tensor(decode_tensor(wt, name=name))  # raises the ProtocolError
+    bf16 = wt.dtype == "bfloat16"
+    arr = decode_tensor(WireTensor("int16", wt.shape, wt.data) if bf16 else wt, name=name)
+    # Copy when torch could not safely use the bytes in place: read-only memory warns, and
+    # misaligned pointers (msgpack does not align bin payloads) are undefined behaviour for
+    # vectorized kernels.
+    if not arr.flags.writeable or not arr.flags.aligned:
+        arr = arr.copy()
+    t = torch.from_numpy(arr)
+    if bf16:
+        t = t.view(torch.bfloat16)
+    if device is not None and torch.device(device).type != "cpu":
+        t = t.to(device)
+    return t
+
+
+if torch is not None:
+
+    class _RemoteCrossEntropy(torch.autograd.Function):
+        """Gives a server-computed loss a grad_fn whose backward uses the server's gradient."""
+
+        @staticmethod
+        def forward(ctx, input, loss, grad, class_dim):
+            ctx.grad = grad
+            ctx.class_dim = class_dim
+            ctx.input_dtype = input.dtype
+            # a fresh tensor, not a view of an input: views returned by a Function cannot be
+            # modified in place (loss /= accumulation_steps). The loss is tiny next to the grad.
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            # The server's gradient is for grad_output = 1. For reduction='none' grad_output has
+            # the loss shape, which is the input shape without the class dimension.
+            if ctx.class_dim is not None:
+                grad_output = grad_output.unsqueeze(ctx.class_dim)
+            grad = ctx.grad * grad_output
+            return grad.to(ctx.input_dtype), None, None, None
+
+
+def attach_grad(input: Any, loss: Any, grad: Any, reduction: str) -> Any:
+    """`loss` with a grad_fn: backward() puts grad * grad_output into input.grad."""
+    class_dim = None
+    if reduction == "none":
+        class_dim = 0 if input.dim() == 1 else 1
+    with torch.enable_grad():
+        return _RemoteCrossEntropy.apply(input, loss, grad, class_dim)
+
+
+def _default_client() -> Any:
+    from .client import default_client
+
+    return default_client()
+
+
+if torch is not None:
+
+    class CrossEntropyLoss(torch.nn.Module):
+        """torch.nn.CrossEntropyLoss computed by a clce server.
+
+        ``client`` defaults to the module-level client (CLCE_URL, CLCE_API_KEY). With an
+        AsyncClient, calling the module returns an awaitable.
+        """
+
+        def __init__(
+            self,
+            weight: Any = None,
+            ignore_index: int = -100,
+            reduction: str = "mean",
+            label_smoothing: float = 0.0,
+            client: Any = None,
+        ):
+            super().__init__()
+            if weight is not None and not isinstance(weight, torch.Tensor):
+                weight = torch.as_tensor(weight)
+            self.register_buffer("weight", weight)  # follows .to(device) like torch's
+            self.ignore_index = ignore_index
+            self.reduction = reduction
+            self.label_smoothing = label_smoothing
+            self.client = client
+
+        def forward(self, input: Any, target: Any) -> Any:
+            client = self.client if self.client is not None else _default_client()
+            return client.cross_entropy(
+                input,
+                target,
+                weight=self.weight,
+                ignore_index=self.ignore_index,
+                reduction=self.reduction,
+                label_smoothing=self.label_smoothing,
+            )
+
+        def extra_repr(self) -> str:
+            return (
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}"
+            )
+
+else:
+
+    class CrossEntropyLoss:  # type: ignore[no-redef]
+        """CrossEntropyLoss for numpy arrays (torch is not installed)."""
+
+        def __init__(
+            self,
+            weight: Any = None,
+            ignore_index: int = -100,
+            reduction: str = "mean",
+            label_smoothing: float = 0.0,
+            client: Any = None,
+        ):
+            self.weight = weight
+            self.ignore_index = ignore_index
+            self.reduction = reduction
+            self.label_smoothing = label_smoothing
+            self.client = client
+
+        def forward(self, input: Any, target: Any) -> Any:
+            client = self.client if self.client is not None else _default_client()
+            return client.cross_entropy(
+                input,
+                target,
+                weight=self.weight,
+                ignore_index=self.ignore_index,
+                reduction=self.reduction,
+                label_smoothing=self.label_smoothing,
+            )
+
+        __call__ = forward
+
+        def __repr__(self) -> str:
+            return (
+                f"CrossEntropyLoss(ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing})"
+            )
