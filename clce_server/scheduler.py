@@ -1,0 +1,666 @@
+"""Admission control and weighted fair scheduling of device work between tenants.
+
+A job is a generator function ``job(device) -> Generator[float, None, R]``. It runs on the worker
+thread of one device, yields after each bounded chunk of device work (the yielded float is the
+device seconds that chunk used) and returns its result. The scheduler knows nothing about OpenCL.
+
+Flow: ``submit`` admits synchronously (size and byte/queue budgets), assigns the job to the
+least-loaded device worker and awaits an asyncio future. Each worker keeps a FIFO queue per
+tenant and runs one step at a time from the backlogged tenant with the lowest virtual time
+(start-time weighted fair queueing): after each step the tenant is charged
+``device_seconds / weight``. Within a tenant only the head job runs, so a big job of tenant A is
+interleaved chunk by chunk with the small jobs of tenant B, while A's own jobs stay in order.
+
+The worker picks work in ``_Worker._next``; dynamic batching would extend it to take the head jobs
+of several tenants (or several small jobs of one) and run them as one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Generator, Iterable, Sequence, TypeVar
+
+from .metrics import Metrics
+from .tenants import Tenant, TenantRegistry
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+JobFn = Callable[[Any], Generator[float, None, R]]
+
+# Retry-After bounds: never tell a client "retry now", never make it wait absurdly long.
+MIN_RETRY_AFTER_S = 0.05
+MAX_RETRY_AFTER_S = 60.0
+# Prior for the per-job service time before any job has completed.
+_INITIAL_JOB_S = 0.25
+_EWMA_ALPHA = 0.2
+
+
+class SchedulerError(Exception):
+    """Base of scheduler errors; `http_status` and `code` map them onto the error response."""
+
+    http_status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AdmissionError(SchedulerError):
+    """The job was refused before it was queued; it never ran."""
+
+
+class PayloadTooLarge(AdmissionError):
+    http_status = 413
+    code = "payload_too_large"
+
+
+class QueueFull(AdmissionError):
+    http_status = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(AdmissionError):
+    http_status = 503
+    code = "not_ready"
+
+
+NotReady = ShuttingDown
+
+
+class DeadlineExceeded(SchedulerError):
+    http_status = 504
+    code = "deadline_exceeded"
+
+
+_QUEUED, _STARTED, _DONE = "queued", "started", "done"
+
+
+class _Job:
+    __slots__ = (
+        "seq", "tenant", "nbytes", "fn", "deadline", "loop", "future", "worker", "state", "gen",
+        "abandoned", "abandon_outcome", "submitted_at", "started_at", "finished_at", "compute_s",
+        "steps",
+    )  # fmt: skip
+
+    def __init__(self, seq, tenant, nbytes, fn, deadline, loop, worker) -> None:
+        self.seq: int = seq
+        self.tenant: Tenant = tenant
+        self.nbytes: int = nbytes
+        self.fn = fn
+        self.deadline: float | None = deadline
+        self.loop: asyncio.AbstractEventLoop = loop
+        self.future: asyncio.Future = loop.create_future()
+        self.worker: _Worker = worker
+        self.state = _QUEUED
+        self.gen: Generator | None = None
+        self.abandoned = False  # the caller is gone (cancelled or past its deadline)
+        self.abandon_outcome = "cancelled"
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.compute_s = 0.0
+        self.steps = 0
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+class _TenantState:
+    __slots__ = ("name", "active", "inflight_bytes", "outcomes")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active: dict[int, _Job] = {}  # admitted, not finished; insertion = submission order
+        self.inflight_bytes = 0
+        self.outcomes = {"ok": 0, "error": 0, "cancelled": 0, "deadline": 0, "shutdown": 0}
+
+
+def _step_seconds(reported: Any, wall: float) -> float:
+    # Trust the job's own device time; fall back to wall time when it yielded nonsense.
+    try:
+        seconds = float(reported)
+    except (TypeError, ValueError):
+        return wall
+    return seconds if math.isfinite(seconds) and seconds >= 0 else wall
+
+
+def _close(job: _Job) -> None:
+    if job.gen is None:
+        return
+    try:
+        job.gen.close()  # runs the job's finally blocks (frees its device buffers)
+    except Exception:
+        log.exception("job of tenant %r raised while being closed", job.tenant.name)
+
+
+class _Worker:
+    """One thread per device; all state is guarded by the scheduler's lock."""
+
+    def __init__(self, sched: "Scheduler", index: int, device: Any, name: str) -> None:
+        self.sched = sched
+        self.index = index
+        self.device = device
+        self.name = name
+        self.cond = threading.Condition(sched._lock)
+        self.queues: dict[str, deque[_Job]] = {}  # backlogged tenants only
+        self.vtime: dict[str, float] = {}
+        self.backlog_order: dict[str, int] = {}  # tie-break: earlier backlogged first
+        self.vclock = 0.0  # virtual time of the last step taken
+        self.reap: deque[_Job] = deque()  # started jobs whose caller is gone
+        self.queued_jobs = 0
+        self.queued_bytes = 0
+        self.busy_s = 0.0
+        self.steps = 0
+        self.stopping = False
+        self.idle = True  # nothing ran since the backlog was last empty (see batch_window_s)
+        self.thread: threading.Thread | None = None
+
+    # -- called with the lock held ---------------------------------------------------------
+
+    def enqueue(self, job: _Job) -> None:
+        name = job.tenant.name
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = deque()
+            # Start at the current minimum so a tenant cannot bank credit while idle.
+            self.vtime[name] = min(self.vtime.values(), default=self.vclock)
+            self.backlog_order[name] = next(self.sched._counter)
+        queue.append(job)
+        self.queued_jobs += 1
+        self.queued_bytes += job.nbytes
+        self.cond.notify()
+
+    def remove(self, job: _Job) -> None:
+        name = job.tenant.name
+        queue = self.queues[name]
+        queue.remove(job)
+        if not queue:
+            del self.queues[name], self.vtime[name], self.backlog_order[name]
+        self.queued_jobs -= 1
+        self.queued_bytes -= job.nbytes
+
+    def _next(self) -> tuple[str, _Job | None]:
+        while True:
+            while self.reap:
+                job = self.reap.popleft()
+                if job.state is not _DONE:
+                    return "close", job
+            if self.stopping:
+                for queue in self.queues.values():
+                    return "shutdown", queue[0]
+                return "exit", None
+            if self.vtime:
+                window = self.sched.batch_window_s
+                if self.idle and window > 0:
+                    # Coming out of idle: give concurrent arrivals a moment to queue up.
+                    end = time.monotonic() + window
+                    while not self.stopping and (left := end - time.monotonic()) > 0:
+                        self.cond.wait(left)
+                    self.idle = False
+                    continue
+                self.idle = False
+                name = min(self.vtime, key=lambda n: (self.vtime[n], self.backlog_order[n]))
+                self.vclock = self.vtime[name]
+                job = self.queues[name][0]
+                if job.abandoned:
+                    return "close", job
+                now = time.monotonic()
+                if job.expired(now):
+                    return "deadline", job
+                if job.state is _QUEUED:
+                    job.state = _STARTED
+                    job.started_at = now
+                return "step", job
+            self.idle = True
+            self.cond.wait()
+
+    # -- worker thread ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                action, job = self._next()
+            if job is None:
+                return
+            try:
+                if action == "step":
+                    self._step(job)
+                else:
+                    self._stop(job, action)
+            except BaseException as exc:  # a scheduler bug must not leave callers hanging
+                log.exception("device worker %s: internal error", self.name)
+                _close(job)
+                error = RuntimeError(f"internal scheduler error: {exc!r}")
+                self.sched._finish(job, "error", exc=error)
+
+    def _step(self, job: _Job) -> None:
+        done = False
+        result: Any = None
+        exc: BaseException | None = None
+        reported: Any = None
+        t0 = time.perf_counter()
+        try:
+            if job.gen is None:
+                obj = job.fn(self.device)
+                if inspect.isgenerator(obj):
+                    job.gen = obj
+                    reported = next(obj)
+                else:  # a plain function: the call was the whole job
+                    result, done = obj, True
+            else:
+                reported = next(job.gen)
+        except StopIteration as stop:
+            result, done = stop.value, True
+        except Exception as e:
+            exc, done = e, True
+        except BaseException as e:
+            # SystemExit/KeyboardInterrupt from a job would tear down the caller's event loop.
+            exc, done = RuntimeError(f"job raised {e!r}"), True
+            exc.__cause__ = e
+        wall = time.perf_counter() - t0
+        # The segment after the last yield (final reductions, read-back) is charged its wall time.
+        seconds = wall if done else _step_seconds(reported, wall)
+
+        stop_action = None
+        metrics = self.sched.metrics
+        with self.cond:
+            job.compute_s += seconds
+            job.steps += 1
+            self.busy_s += seconds
+            self.steps += 1
+            name = job.tenant.name
+            if name in self.vtime:
+                self.vtime[name] += seconds / job.tenant.weight
+            if metrics is not None:
+                metrics.device_busy(self.name, seconds)
+            if not done:
+                if job.abandoned:
+                    stop_action = "close"
+                elif job.expired(time.monotonic()):
+                    stop_action = "deadline"
+        if done:
+            self.sched._finish(job, "ok" if exc is None else "error", result=result, exc=exc)
+        elif stop_action is not None:
+            self._stop(job, stop_action)
+
+    def _stop(self, job: _Job, action: str) -> None:
+        _close(job)
+        if action == "close":
+            self.sched._finish(job, job.abandon_outcome)
+        elif action == "deadline":
+            self.sched._finish(job, "deadline", exc=DeadlineExceeded(_deadline_message(job)))
+        else:
+            self.sched._finish(job, "shutdown", exc=ShuttingDown("server is shutting down"))
+
+
+def _deadline_message(job: _Job) -> str:
+    where = "before it started" if job.started_at is None else f"after {job.steps} step(s)"
+    return f"deadline exceeded {where}"
+
+
+class Scheduler:
+    """Per-device worker threads with per-tenant weighted fair queues and admission control.
+
+    `devices` are opaque objects handed to jobs (named by str()); `max_inflight_bytes` bounds the
+    bytes of all admitted, unfinished jobs; `batch_window_s` is how long an idle worker waits for
+    more arrivals before starting (0: start at once), the gather window for dynamic batching.
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[Any],
+        registry: TenantRegistry,
+        *,
+        max_inflight_bytes: int,
+        metrics: Metrics | None = None,
+        batch_window_s: float = 0.0,
+    ) -> None:
+        if not devices:
+            raise ValueError("at least one device is required")
+        if (
+            isinstance(max_inflight_bytes, bool)
+            or not isinstance(max_inflight_bytes, int)
+            or max_inflight_bytes <= 0
+        ):
+            raise ValueError(
+                f"max_inflight_bytes must be a positive integer, got {max_inflight_bytes!r}"
+            )
+        if not (batch_window_s >= 0):
+            raise ValueError(f"batch_window_s must be >= 0, got {batch_window_s!r}")
+        self.registry = registry
+        self.max_inflight_bytes = max_inflight_bytes
+        self.metrics = metrics
+        self.batch_window_s = float(batch_window_s)
+        self._lock = threading.Lock()
+        self._counter = itertools.count()
+        self._workers: list[_Worker] = []
+        seen: set[str] = set()
+        for i, device in enumerate(devices):
+            name = str(device)
+            if name in seen:
+                name = f"{name}#{i}"
+            seen.add(name)
+            self._workers.append(_Worker(self, i, device, name))
+        self._tenants: dict[str, _TenantState] = {}
+        self._jobs: dict[int, _Job] = {}  # admitted, not finished; insertion = submission order
+        self._inflight_bytes = 0
+        self._ewma_job_s = _INITIAL_JOB_S
+        self._accepting = True
+        self._started = False
+        self._closed = False
+        self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        for tenant in registry.tenants:
+            self._tenant_state(tenant.name)
+        if metrics is not None:
+            for worker in self._workers:
+                metrics.add_device(worker.name)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker threads (idempotent; `submit` also starts them on first use)."""
+        with self._lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+            for worker in self._workers:
+                worker.thread = threading.Thread(
+                    target=worker.run, name=f"clce-worker-{worker.name}", daemon=True
+                )
+                worker.thread.start()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop admitting (new submits raise ShuttingDown) and wait for admitted jobs to finish.
+
+        Returns True when everything finished, False when `timeout` seconds passed first.
+        """
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        with self._lock:
+            self._accepting = False
+            if not self._jobs:
+                return True
+            self._idle_waiters.append((loop, waiter))
+        try:
+            await asyncio.wait_for(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                self._idle_waiters = [w for w in self._idle_waiters if w[1] is not waiter]
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop the workers. Jobs still admitted are stopped and fail with ShuttingDown.
+
+        Returns True when every worker thread has exited within `timeout` seconds.
+        """
+        with self._lock:
+            self._accepting = False
+            self._closed = True
+            for worker in self._workers:
+                worker.stopping = True
+                worker.cond.notify()
+        end = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            if worker.thread is not None:
+                worker.thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(w.thread is not None and w.thread.is_alive() for w in self._workers)
+
+    # -- submission ----------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        tenant: Tenant,
+        nbytes: int,
+        job: JobFn,
+        *,
+        deadline: float | None = None,
+        timings: dict | None = None,
+    ) -> Any:
+        """Run `job` on a device on behalf of `tenant`; return its result or raise its exception.
+
+        `nbytes` is what the request holds in memory until it finishes (body plus buffers).
+        `deadline` is an absolute time.monotonic() value. `timings`, when given, is filled with
+        queue_s (submit to first step), compute_s (device seconds), steps and device.
+        Raises PayloadTooLarge, QueueFull, ShuttingDown (before queueing) or DeadlineExceeded.
+        """
+        loop = asyncio.get_running_loop()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline exceeded before the request was queued")
+        if not self._started:
+            self.start()
+        j = self._admit(tenant, nbytes, job, deadline, loop)
+        timer = None
+        if deadline is not None:
+            timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, j)
+        try:
+            return await j.future
+        except asyncio.CancelledError:
+            self._abandon(j, "cancelled")
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if timings is not None:
+                timings.update(self._timings(j))
+
+    def _admit(self, tenant: Tenant, nbytes: int, fn: JobFn, deadline, loop) -> _Job:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be a non-negative integer, got {nbytes!r}")
+        if not self._accepting:
+            raise ShuttingDown("server is shutting down")
+        if nbytes > tenant.max_request_bytes:
+            raise PayloadTooLarge(
+                f"request of {nbytes} bytes exceeds the limit of {tenant.max_request_bytes} bytes"
+            )
+        # A request that can never fit the byte budgets is 413, not an endless stream of 429s.
+        limit = min(tenant.max_inflight_bytes, self.max_inflight_bytes)
+        if nbytes > limit:
+            raise PayloadTooLarge(
+                f"request of {nbytes} bytes exceeds the in-flight limit of {limit} bytes"
+            )
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("server is shutting down")
+            state = self._tenant_state(tenant.name)
+            if len(state.active) >= tenant.max_queued:
+                raise QueueFull(
+                    f"tenant has {len(state.active)} requests queued or running "
+                    f"(max_queued={tenant.max_queued})",
+                    self._retry_after(state.active.values(), 0),
+                )
+            excess = state.inflight_bytes + nbytes - tenant.max_inflight_bytes
+            if excess > 0:
+                raise QueueFull(
+                    f"tenant has {state.inflight_bytes} bytes in flight; {nbytes} more exceed "
+                    f"max_inflight_bytes={tenant.max_inflight_bytes}",
+                    self._retry_after(state.active.values(), excess),
+                )
+            excess = self._inflight_bytes + nbytes - self.max_inflight_bytes
+            if excess > 0:
+                raise QueueFull(
+                    "server is at its in-flight byte limit",
+                    self._retry_after(self._jobs.values(), excess),
+                )
+            worker = min(self._workers, key=lambda w: (w.queued_bytes, w.queued_jobs, w.index))
+            job = _Job(next(self._counter), tenant, nbytes, fn, deadline, loop, worker)
+            self._jobs[job.seq] = job
+            state.active[job.seq] = job
+            state.inflight_bytes += nbytes
+            self._inflight_bytes += nbytes
+            worker.enqueue(job)
+            self._publish(state)
+            return job
+
+    def _retry_after(self, jobs: Iterable[_Job], bytes_needed: int) -> float:
+        # The oldest jobs finish first; count how many must finish to free enough, then assume
+        # they run `len(workers)` at a time at the recently observed per-job service time.
+        count = freed = 0
+        for job in jobs:
+            count += 1
+            freed += job.nbytes
+            if freed >= bytes_needed:
+                break
+        rounds = math.ceil(max(count, 1) / len(self._workers))
+        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, rounds * self._ewma_job_s))
+
+    # -- completion (any thread) -----------------------------------------------------------------
+
+    def _expire(self, job: _Job) -> None:
+        # Loop thread: the caller gets 504 at its deadline even if a step is still running.
+        if not job.future.done():
+            job.future.set_exception(DeadlineExceeded(_deadline_message(job)))
+        self._abandon(job, "deadline")
+
+    def _abandon(self, job: _Job, outcome: str) -> None:
+        """The caller is gone: drop the job if queued, else have its worker close it."""
+        if not job.future.done():
+            job.future.cancel()
+        with self._lock:
+            if job.state is _DONE or job.abandoned:
+                return
+            job.abandoned = True
+            job.abandon_outcome = outcome
+            if job.state is not _QUEUED:
+                job.worker.reap.append(job)
+                job.worker.cond.notify()
+                return
+            idle_waiters = self._finish_locked(job, outcome)
+        for loop, waiter in idle_waiters:
+            _call_soon(loop, _set_done, waiter)
+
+    def _finish(
+        self, job: _Job, outcome: str, *, result: Any = None, exc: BaseException | None = None
+    ) -> None:
+        with self._lock:
+            if job.state is _DONE:
+                return
+            idle_waiters = self._finish_locked(job, outcome)
+            deliver = not job.abandoned  # else nobody is waiting and the result is dropped
+        if deliver:
+
+            def resolve() -> None:
+                if job.future.done():
+                    return
+                if exc is not None:
+                    job.future.set_exception(exc)
+                else:
+                    job.future.set_result(result)
+
+            _call_soon(job.loop, resolve)
+        # Signalled after the result, so drain() returns after the callers have their results.
+        for loop, waiter in idle_waiters:
+            _call_soon(loop, _set_done, waiter)
+
+    def _finish_locked(self, job: _Job, outcome: str) -> list:
+        """Release the job's accounting; returns drain() waiters to wake if now idle."""
+        now = time.monotonic()
+        ran_to_end = job.started_at is not None and outcome in ("ok", "error")
+        if ran_to_end:
+            service = now - job.started_at
+            self._ewma_job_s += _EWMA_ALPHA * (service - self._ewma_job_s)
+        job.state = _DONE
+        job.finished_at = now
+        # Drop the request's arrays and device buffers now, not when the last reference goes.
+        job.fn = job.gen = None
+        job.worker.remove(job)
+        state = self._tenants[job.tenant.name]
+        del state.active[job.seq]
+        del self._jobs[job.seq]
+        state.inflight_bytes -= job.nbytes
+        self._inflight_bytes -= job.nbytes
+        state.outcomes[outcome] += 1
+        self._publish(state)
+        return [] if self._jobs else list(self._idle_waiters)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _tenant_state(self, name: str) -> _TenantState:
+        state = self._tenants.get(name)
+        if state is None:
+            state = self._tenants[name] = _TenantState(name)
+            if self.metrics is not None:
+                self.metrics.add_tenant(name)
+        return state
+
+    def _publish(self, state: _TenantState) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth(state.name).set(len(state.active))
+            self.metrics.inflight_bytes(state.name).set(state.inflight_bytes)
+
+    def _timings(self, job: _Job) -> dict:
+        with self._lock:
+            if job.started_at is not None:
+                queue_s = job.started_at - job.submitted_at
+            else:
+                queue_s = (job.finished_at or time.monotonic()) - job.submitted_at
+            return {
+                "queue_s": queue_s,
+                "compute_s": job.compute_s,
+                "steps": job.steps,
+                "device": job.worker.name,
+            }
+
+    def stats(self) -> dict:
+        """Snapshot for the status page and /info."""
+        with self._lock:
+            tenants = {}
+            for name, state in self._tenants.items():
+                tenant = self.registry.get(name)
+                tenants[name] = {
+                    "weight": tenant.weight if tenant is not None else None,
+                    "queue_depth": len(state.active),
+                    "inflight_bytes": state.inflight_bytes,
+                    "completed": state.outcomes["ok"],
+                    "failed": state.outcomes["error"],
+                    "cancelled": state.outcomes["cancelled"],
+                    "deadline_exceeded": state.outcomes["deadline"],
+                }
+            return {
+                "accepting": self._accepting,
+                "inflight_bytes": self._inflight_bytes,
+                "max_inflight_bytes": self.max_inflight_bytes,
+                "queued_jobs": len(self._jobs),
+                "devices": [
+                    {
+                        "name": w.name,
+                        "busy_s": w.busy_s,
+                        "steps": w.steps,
+                        "queued_jobs": w.queued_jobs,
+                        "queued_bytes": w.queued_bytes,
+                        "backlogged_tenants": sorted(w.queues),
+                    }
+                    for w in self._workers
+                ],
+                "tenants": tenants,
+            }
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # that loop is closed: nobody left to tell
+        pass
+
+
+def _set_done(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,211 @@
+"""Tenants (training jobs sharing one server) and API-key authentication.
+
+A tenants file is TOML with one table per tenant::
+
+    [tenants.train-a]
+    api_key = "..."
+    weight = 2                      # share of device time under contention
+    max_request_bytes = 268435456   # largest single request body
+    max_inflight_bytes = 1073741824 # bytes admitted and not yet finished
+    max_queued = 64                 # jobs admitted and not yet finished
+
+Without a tenants file the server is open: one anonymous tenant ``default`` and no auth.
+API keys never appear in reprs, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import tomllib
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any, Iterable, Iterator, Mapping
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+DEFAULT_TENANT_NAME = "default"
+
+# Fields a tenant table (or a `defaults` mapping) may set, besides api_key.
+LIMIT_FIELDS = ("weight", "max_request_bytes", "max_inflight_bytes", "max_queued")
+_TABLE_FIELDS = frozenset(("api_key", *LIMIT_FIELDS))
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One client job with its fair-share weight and admission limits."""
+
+    name: str
+    # repr=False keeps the key out of repr()/str(), logs and tracebacks.
+    api_key: str | None = field(default=None, repr=False, compare=False)
+    weight: float = 1.0
+    max_request_bytes: int = 256 * MiB
+    max_inflight_bytes: int = 1 * GiB
+    max_queued: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"tenant name must be a non-empty string, got {self.name!r}")
+        if self.api_key is not None:
+            _check_api_key(self.name, self.api_key)
+        weight = self.weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(_field_error(self.name, "weight", "a positive number", weight))
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(_field_error(self.name, "weight", "a positive number", weight))
+        object.__setattr__(self, "weight", float(weight))
+        for name in ("max_request_bytes", "max_inflight_bytes", "max_queued"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(_field_error(self.name, name, "a positive integer", value))
+
+
+def _field_error(tenant: str, name: str, expected: str, value: Any) -> str:
+    return f"tenant {tenant!r}: field {name!r} must be {expected}, got {value!r}"
+
+
+def _check_api_key(tenant: str, key: Any) -> None:
+    # Messages describe the problem but never include the key itself.
+    if not isinstance(key, str):
+        raise ValueError(f"tenant {tenant!r}: field 'api_key' must be a string")
+    if not key:
+        raise ValueError(f"tenant {tenant!r}: field 'api_key' must not be empty")
+    if any(c.isspace() for c in key):
+        # "Authorization: Bearer <key>" is split on whitespace, so such a key could never match.
+        raise ValueError(f"tenant {tenant!r}: field 'api_key' must not contain whitespace")
+
+
+def _key_digest(key: str) -> bytes:
+    # Comparing fixed-length digests keeps compare_digest from leaking the key length.
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _parse_bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    parts = header.split()
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return None
+    return parts[1]
+
+
+def _check_defaults(defaults: Mapping[str, Any] | None) -> dict[str, Any]:
+    if defaults is None:
+        return {}
+    unknown = sorted(set(defaults) - set(LIMIT_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown tenant default(s) {unknown}; allowed: {list(LIMIT_FIELDS)}")
+    return dict(defaults)
+
+
+class TenantRegistry:
+    """The set of tenants and how a request is mapped to one."""
+
+    def __init__(self, tenants: Iterable[Tenant], *, auth_required: bool = True) -> None:
+        self._tenants: list[Tenant] = list(tenants)
+        self._auth_required = bool(auth_required)
+        if not self._tenants:
+            raise ValueError("at least one tenant is required")
+        by_name: dict[str, Tenant] = {}
+        for tenant in self._tenants:
+            if tenant.name in by_name:
+                raise ValueError(f"duplicate tenant name {tenant.name!r}")
+            by_name[tenant.name] = tenant
+        self._by_name = by_name
+        self._digests: list[tuple[Tenant, bytes]] = []
+        if self._auth_required:
+            owner_of: dict[bytes, str] = {}
+            for tenant in self._tenants:
+                if tenant.api_key is None:
+                    raise ValueError(f"tenant {tenant.name!r}: field 'api_key' is required")
+                digest = _key_digest(tenant.api_key)
+                if digest in owner_of:
+                    raise ValueError(
+                        f"tenants {owner_of[digest]!r} and {tenant.name!r}: field 'api_key' "
+                        "must be unique (two tenants share a key)"
+                    )
+                owner_of[digest] = tenant.name
+                self._digests.append((tenant, digest))
+        elif len(self._tenants) != 1:
+            raise ValueError("an open registry (auth disabled) has exactly one tenant")
+
+    @classmethod
+    def open(cls, defaults: Mapping[str, Any] | None = None) -> "TenantRegistry":
+        """No tenants file: one anonymous tenant ``default``, every request accepted."""
+        return cls([Tenant(DEFAULT_TENANT_NAME, **_check_defaults(defaults))], auth_required=False)
+
+    @classmethod
+    def from_toml(
+        cls, path: str | PathLike[str], defaults: Mapping[str, Any] | None = None
+    ) -> "TenantRegistry":
+        """Parse a tenants file; `defaults` fills limits a tenant table leaves out."""
+        base = _check_defaults(defaults)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"tenants file {str(path)!r}: invalid TOML: {exc}") from None
+        unknown_top = sorted(set(data) - {"tenants"})
+        if unknown_top:
+            raise ValueError(
+                f"tenants file {str(path)!r}: unknown top-level key(s) {unknown_top}; "
+                "expected only [tenants.<name>] tables"
+            )
+        tables = data.get("tenants")
+        if not isinstance(tables, dict) or not tables:
+            raise ValueError(f"tenants file {str(path)!r}: no [tenants.<name>] tables")
+        tenants = []
+        for name, table in tables.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"tenant {name!r}: expected a table [tenants.{name}]")
+            unknown = sorted(set(table) - _TABLE_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"tenant {name!r}: unknown field(s) {unknown}; allowed: {sorted(_TABLE_FIELDS)}"
+                )
+            if "api_key" not in table:
+                raise ValueError(f"tenant {name!r}: field 'api_key' is required")
+            _check_api_key(name, table["api_key"])
+            tenants.append(Tenant(name=name, **{**base, **table}))
+        return cls(tenants, auth_required=True)
+
+    @property
+    def auth_required(self) -> bool:
+        return self._auth_required
+
+    @property
+    def tenants(self) -> list[Tenant]:
+        return list(self._tenants)
+
+    def get(self, name: str) -> Tenant | None:
+        return self._by_name.get(name)
+
+    def __iter__(self) -> Iterator[Tenant]:
+        return iter(self._tenants)
+
+    def __len__(self) -> int:
+        return len(self._tenants)
+
+    def __repr__(self) -> str:
+        names = [t.name for t in self._tenants]
+        return f"TenantRegistry(tenants={names}, auth_required={self._auth_required})"
+
+    def authenticate(self, authorization_header: str | None) -> Tenant | None:
+        """Tenant for an ``Authorization: Bearer <key>`` header, or None when not valid.
+
+        With auth disabled every request (with or without a header) is the default tenant.
+        """
+        if not self._auth_required:
+            return self._tenants[0]
+        key = _parse_bearer(authorization_header)
+        if key is None:
+            return None
+        digest = _key_digest(key)
+        match = None
+        # Every key is compared, even after a match, so timing does not reveal which one matched.
+        for tenant, expected in self._digests:
+            if hmac.compare_digest(digest, expected):
+                match = tenant
+        return match
