@@ -149,7 +149,7 @@ class ServerState:
                 self.engines[dev.index] = eng
             self.devices = devices
             self.scheduler = Scheduler(devices, self.registry, max_inflight_bytes=self.settings.max_inflight_bytes,
-                                       metrics=self.metrics)
+                                       metrics=self.metrics, policy=self.settings.scheduling)
             self.scheduler.start()
             self.ready.set()
             log.info("ready: %s", ", ".join(f"{d.name} [{d.platform}]" for d in devices))
@@ -426,7 +426,9 @@ async def _serve_loss(state: ServerState, settings: Settings, request: Request) 
             if not args["deadline_ms"] > 0:
                 raise ApiError("bad_request", "deadline_ms must be positive")
             deadline = time.monotonic() + args["deadline_ms"] / 1000.0
-        job = _make_job(state, args, settings.chunk_ms / 1000.0)
+        # FIFO runs whole requests: the baseline that chunked fair queueing is measured against
+        chunk_s = settings.chunk_ms / 1000.0 if settings.scheduling == "fair" else None
+        job = _make_job(state, args, chunk_s)
         sched_t: dict = {}
         submit = asyncio.ensure_future(state.scheduler.submit(
             tenant, _nbytes_in_flight(args, body_len), job, deadline=deadline, timings=sched_t))

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     tenant_max_inflight_bytes: int = Field(1024 * MiB, gt=0, description="Default per-tenant bytes in flight.")
     chunk_ms: float = Field(20.0, gt=0, description="Device time per chunk of a big batch; tenants "
                             "are interleaved between chunks.")
+    scheduling: str = Field("fair", pattern="^(fair|fifo)$", description="fair: per-tenant weighted fair "
+                            "queueing between row chunks; fifo: one queue, whole requests (a baseline).")
     drain_timeout_s: float = Field(120.0, ge=0, description="On SIGTERM, how long to wait for in-flight work.")
     log_level: str = Field("info")
     access_log: bool = Field(True, description="Structured (JSON) access log lines on logger clce.access.")

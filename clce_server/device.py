@@ -33,10 +33,10 @@ INSTALL_HINT = (
 # shapes. First match wins. On PoCL's CPU device one work-item per row with float8 loads measured
 # about 6x faster than a work-group striding a row; on GPUs a work-group per row is the usual shape.
 TUNING: list[tuple[str, str, dict[str, int]]] = [
-    ("*", "cpu", {"CE_WG_PER_ROW": 0, "CE_LOCAL": 1, "RED_WG_SIZE": 16, "CE_NATIVE_EXP": 0}),
+    ("*", "cpu", {"CE_WG_PER_ROW": 0, "CE_LOCAL": 1, "RED_WG_SIZE": 16, "CE_EXP2": 1}),
     ("NVIDIA", "gpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 256, "RED_WG_SIZE": 256, "CE_NATIVE_EXP": 0}),
     ("*", "gpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 128, "RED_WG_SIZE": 128, "CE_NATIVE_EXP": 0}),
-    ("*", "*", {"CE_WG_PER_ROW": 0, "CE_LOCAL": 1, "RED_WG_SIZE": 16, "CE_NATIVE_EXP": 0}),
+    ("*", "*", {"CE_WG_PER_ROW": 0, "CE_LOCAL": 1, "RED_WG_SIZE": 16, "CE_EXP2": 1}),
 ]
 
 
@@ -128,37 +128,39 @@ class Device:
         opts = {**self.tuning, **extra}
         return [f"-D{k}={v}" for k, v in sorted(opts.items()) if k != "CE_LOCAL"]
 
-    def program(self, kind: str, in_dtype: str, grad_dtype: str | None = None) -> cl.Program:
-        """Build (once) and return a program. kind: "ce" or "reduce"."""
+    def program(self, kind: str, in_dtype: str, grad_dtype: str | None = None, softcap: bool = False) -> cl.Program:
+        """Build (once) and return a program. kind: "ce" or "reduce". Soft-capping is a separate
+        build: compiled in, its tanh costs the common case even when switched off at run time."""
         grad_dtype = grad_dtype or in_dtype
-        key = (kind, in_dtype, grad_dtype)
+        key = (kind, in_dtype, grad_dtype, bool(softcap))
         prg = self.programs.get(key)
         if prg is not None:
             return prg
         with self._build_lock:
             prg = self.programs.get(key)
             if prg is None:
-                prg = self._build(kind, in_dtype, grad_dtype)
+                prg = self._build(kind, in_dtype, grad_dtype, bool(softcap))
                 self.programs[key] = prg
         return prg
 
-    def _build(self, kind: str, in_dtype: str, grad_dtype: str) -> cl.Program:
+    def _build(self, kind: str, in_dtype: str, grad_dtype: str, softcap: bool) -> cl.Program:
         if "float64" in (in_dtype, grad_dtype) and not self.has_fp64:
             raise RuntimeError(f"the OpenCL device {self.name!r} has no float64 support")
         if kind == "ce":
             src = kernel_source("cross_entropy.cl")
-            extra = {"IN_DTYPE": DTYPE_CODES[in_dtype], "GRAD_DTYPE": DTYPE_CODES[grad_dtype]}
+            extra = {"IN_DTYPE": DTYPE_CODES[in_dtype], "GRAD_DTYPE": DTYPE_CODES[grad_dtype],
+                     "CE_SOFTCAP": int(softcap)}
         else:
             src = kernel_source("reduce_rows.cl")
             extra = {"IN_DTYPE": DTYPE_CODES[in_dtype], "RED_FP64": int(self.has_fp64)}
         return cl.Program(self.context, src).build(options=self._options(extra))
 
-    def kernel(self, kind: str, in_dtype: str, grad_dtype: str | None = None) -> cl.Kernel:
+    def kernel(self, kind: str, in_dtype: str, grad_dtype: str | None = None, softcap: bool = False) -> cl.Kernel:
         """A kernel object private to the calling thread (pyopencl kernels are not thread-safe)."""
         cache = getattr(self._local, "kernels", None)
         if cache is None:
             cache = self._local.kernels = {}
-        key = (kind, in_dtype, grad_dtype or in_dtype)
+        key = (kind, in_dtype, grad_dtype or in_dtype, bool(softcap))
         k = cache.get(key)
         if k is None:
             name = "ce_rows" if kind == "ce" else "reduce_rows"
@@ -232,8 +234,10 @@ def open_devices(selectors: list[str] | str | None = None, *,
             continue
     failures: list[str] = []
     if selectors:
-        chosen = [(i, d) for i, d in enumerate(devs)
-                  if any(_matches(s, i, d, *plat_of.get(d.int_ptr, (-1, -1))) for s in selectors)]
+        # Each selector opens the devices it matches, in order: naming one device twice gives it
+        # two workers (two contexts and queues), which can overlap host and device work.
+        chosen = [(i, d) for s in selectors for i, d in enumerate(devs)
+                  if _matches(s, i, d, *plat_of.get(d.int_ptr, (-1, -1)))]
         if not chosen:
             listing = "; ".join(f"{i}: {d.name.strip()} ({d.platform.name.strip()})" for i, d in enumerate(devs))
             raise RuntimeError(f"no OpenCL device matches {selectors}; devices: {listing or 'none'}. {INSTALL_HINT}")

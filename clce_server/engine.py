@@ -173,7 +173,7 @@ class LossEngine:
         gi, start, count = chunk
         b = prep.groups[gi].buffers
         acc = np.float64 if p.compute_dtype == "float64" else np.float32
-        k = dev.kernel("ce", p.compute_dtype, p.grad_dtype if prep.want_grad else p.compute_dtype)
+        k = dev.kernel("ce", p.compute_dtype, p.grad_dtype if prep.want_grad else p.compute_dtype, p.softcap > 0)
         k.set_args(b["x"], b["tgt"], b["y"], b["w"], b["grad"], b["row_loss"], b["row_zloss"],
                    b["row_lse"], b["row_amax"], np.uint64(start), np.uint64(count),
                    np.uint32(p.classes), np.uint64(p.spatial), acc(p.label_smoothing), acc(p.weight_sum),

@@ -170,8 +170,12 @@ class _Worker:
 
     # -- called with the lock held ---------------------------------------------------------
 
+    def queue_key(self, job: _Job) -> str:
+        # FIFO (the baseline fairness is measured against) is one queue shared by every tenant.
+        return job.tenant.name if self.sched.policy == "fair" else ""
+
     def enqueue(self, job: _Job) -> None:
-        name = job.tenant.name
+        name = self.queue_key(job)
         queue = self.queues.get(name)
         if queue is None:
             queue = self.queues[name] = deque()
@@ -184,7 +188,7 @@ class _Worker:
         self.cond.notify()
 
     def remove(self, job: _Job) -> None:
-        name = job.tenant.name
+        name = self.queue_key(job)
         queue = self.queues[name]
         queue.remove(job)
         if not queue:
@@ -281,7 +285,7 @@ class _Worker:
             job.steps += 1
             self.busy_s += seconds
             self.steps += 1
-            name = job.tenant.name
+            name = self.queue_key(job)
             if name in self.vtime:
                 self.vtime[name] += seconds / job.tenant.weight
             if metrics is not None:
@@ -327,6 +331,7 @@ class Scheduler:
         max_inflight_bytes: int,
         metrics: Metrics | None = None,
         batch_window_s: float = 0.0,
+        policy: str = "fair",
     ) -> None:
         if not devices:
             raise ValueError("at least one device is required")
@@ -340,6 +345,9 @@ class Scheduler:
             )
         if not (batch_window_s >= 0):
             raise ValueError(f"batch_window_s must be >= 0, got {batch_window_s!r}")
+        if policy not in ("fair", "fifo"):
+            raise ValueError(f"policy must be 'fair' or 'fifo', got {policy!r}")
+        self.policy = policy
         self.registry = registry
         self.max_inflight_bytes = max_inflight_bytes
         self.metrics = metrics
