@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--max-inflight-bytes", type=int)
     p.add_argument("--max-queued", type=int)
     p.add_argument("--chunk-ms", type=float)
+    p.add_argument("--max-batch", type=int, help="coalesce up to this many small requests per launch (1: off)")
     p.add_argument("--scheduling", choices=["fair", "fifo"], help="fair (default) or fifo, a baseline")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float)
     p.add_argument("--log-level")

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
                             "are interleaved between chunks.")
     scheduling: str = Field("fair", pattern="^(fair|fifo)$", description="fair: per-tenant weighted fair "
                             "queueing between row chunks; fifo: one queue, whole requests (a baseline).")
+    max_batch: int = Field(64, ge=1, description="Small requests with the same shape of work share one "
+                           "launch, up to this many (1 turns coalescing off).")
+    batch_max_elements: int = Field(1 << 16, ge=0, description="Requests of at most this many logits may be coalesced.")
     drain_timeout_s: float = Field(120.0, ge=0, description="On SIGTERM, how long to wait for in-flight work.")
     log_level: str = Field("info")
     access_log: bool = Field(True, description="Structured (JSON) access log lines on logger clce.access.")

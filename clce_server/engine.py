@@ -178,12 +178,7 @@ class LossEngine:
                    b["row_lse"], b["row_amax"], np.uint64(start), np.uint64(count),
                    np.uint32(p.classes), np.uint64(p.spatial), acc(p.label_smoothing), acc(p.weight_sum),
                    acc(p.loss_scale), acc(p.z_scale), acc(p.lse_square_scale), acc(p.softcap))
-        if dev.tuning["CE_WG_PER_ROW"]:
-            wg = dev.tuning["CE_WG_SIZE"]
-            ev = cl.enqueue_nd_range_kernel(dev.queue, k, (count * wg,), (wg,))
-        else:
-            loc = dev.tuning.get("CE_LOCAL", 1)
-            ev = cl.enqueue_nd_range_kernel(dev.queue, k, (count,), (loc,) if count % loc == 0 else None)
+        ev = self._launch(k, count)
         ev.wait()
         secs = (ev.profile.end - ev.profile.start) * 1e-9
         prep.kernel_seconds += secs
@@ -260,6 +255,150 @@ class LossEngine:
                 res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
         res.grad = prep.grad
         return res
+
+    # ---- many small requests, one launch ----
+    @staticmethod
+    def batch_key(p: semantics.Problem, want_grad: bool, want_lse: bool, want_argmax: bool):
+        """Requests with equal keys can share one launch; None: this one runs alone. A shared
+        launch has one set of kernel scalars, so everything they depend on is in the key."""
+        if p.spatial != 1 or p.rows == 0 or p.classes == 0 or p.lse_square_scale:
+            return None
+        w = None if p.weight is None else p.weight.tobytes()
+        return (p.classes, p.compute_dtype, p.soft, p.label_smoothing, p.softcap, w,
+                want_grad, want_lse, want_argmax)
+
+    def cross_entropy_many(self, requests: list[dict]) -> list:
+        """Run several requests, coalescing the compatible ones into one launch each. `requests`
+        are keyword dicts for `cross_entropy`; returns a LossResult or the exception, per request.
+
+        A shared launch runs with reduction 'sum' scales and an fp32 (fp64) gradient; each
+        request's slice is then scaled by its own 1/denominator and rounded once to its grad
+        dtype, and its loss is its own segment of the deterministic row reduction."""
+        out: list = [None] * len(requests)
+        groups: dict = {}
+        for i, kw in enumerate(requests):
+            kw = dict(kw)
+            x, t = kw.pop("input"), kw.pop("target")
+            try:
+                p = semantics.check(x, t, kw.get("weight"), kw.get("ignore_index", -100),
+                                    kw.get("reduction", "mean"), kw.get("label_smoothing", 0.0),
+                                    grad_dtype=kw.get("grad_dtype"),
+                                    lse_square_scale=kw.get("lse_square_scale", 0.0), softcap=kw.get("softcap"))
+            except Exception as exc:   # this request's argument error; the others go on
+                out[i] = exc
+                continue
+            flags = (bool(kw.get("return_grad")), bool(kw.get("return_lse")), bool(kw.get("return_argmax")))
+            key = self.batch_key(p, *flags)
+            groups.setdefault(key if key is not None else ("alone", i), []).append((i, p, flags))
+        for key, members in groups.items():
+            if key[0] == "alone" or len(members) == 1:
+                for i, _, _ in members:
+                    try:
+                        out[i] = self.cross_entropy(**requests[i])
+                    except Exception as exc:
+                        out[i] = exc
+                continue
+            try:
+                for i, res in zip((m[0] for m in members), self._run_merged(members)):
+                    out[i] = res
+            except Exception as exc:   # a device failure hits the whole launch
+                for i, _, _ in members:
+                    out[i] = exc
+        return out
+
+    def _run_merged(self, members: list) -> list[LossResult]:
+        dev, q = self.device, self.device.queue
+        p0 = members[0][1]
+        want_grad, want_lse, want_argmax = members[0][2]
+        C, dt = p0.classes, p0.compute_dtype
+        acc = np.float64 if dt == "float64" else np.float32
+        sizes = [m[1].rows for m in members]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.uint64)
+        R = int(starts[-1])
+        x = np.concatenate([as_storage(m[1].input).reshape(-1, C) for m in members])
+        tgt = None if p0.soft else np.concatenate([m[1].targets for m in members])
+        y = np.concatenate([as_storage(m[1].soft_target).reshape(-1, C) for m in members]) if p0.soft else None
+        grad = np.empty((R, C), acc) if want_grad else None
+        bufs = {"x": self._input_buffer(x), "tgt": self._input_buffer(tgt) if tgt is not None else None,
+                "y": self._input_buffer(y) if y is not None else None,
+                "w": self._input_buffer(p0.weight) if p0.weight is not None else None,
+                "row_loss": dev.pool.allocate(R * np.dtype(acc).itemsize),
+                "row_zloss": dev.pool.allocate(R * np.dtype(acc).itemsize),
+                "row_lse": dev.pool.allocate(R * 4) if want_lse else None,
+                "row_amax": dev.pool.allocate(R * 4) if want_argmax else None,
+                "seg": cl.Buffer(dev.context, MF.READ_ONLY | MF.COPY_HOST_PTR, hostbuf=starts)}
+        gdt = "float64" if dt == "float64" else "float32"
+        if want_grad:
+            bufs["grad"] = (cl.Buffer(dev.context, MF.WRITE_ONLY | MF.USE_HOST_PTR, hostbuf=grad)
+                            if dev.host_unified else dev.pool.allocate(grad.nbytes))
+        else:
+            bufs["grad"] = None
+        try:
+            k = dev.kernel("ce", dt, gdt if want_grad else dt, p0.softcap > 0)
+            k.set_args(bufs["x"], bufs["tgt"], bufs["y"], bufs["w"], bufs["grad"], bufs["row_loss"],
+                       bufs["row_zloss"], bufs["row_lse"], bufs["row_amax"], np.uint64(0), np.uint64(R),
+                       np.uint32(C), np.uint64(1), acc(p0.label_smoothing), acc(p0.weight_sum),
+                       acc(1.0), acc(1.0), acc(0.0), acc(p0.softcap))
+            ev = self._launch(k, R)
+            red_dt = np.float64 if (dev.has_fp64 or dt == "float64") else np.float32
+            sums = np.empty(4 * len(members), red_dt)
+            out_buf = dev.pool.allocate(sums.nbytes)
+            kr = dev.kernel("reduce", dt)
+            kr.set_args(bufs["row_loss"], bufs["row_zloss"], bufs["row_amax"], bufs["tgt"], bufs["seg"], out_buf)
+            wg = dev.tuning["RED_WG_SIZE"]
+            evr = cl.enqueue_nd_range_kernel(q, kr, (wg * len(members),), (wg,), wait_for=[ev])
+            cl.enqueue_copy(q, sums, out_buf, wait_for=[evr])
+            out_buf.release()
+            row_loss = np.empty(R, acc) if any(m[1].reduction == "none" for m in members) else None
+            if row_loss is not None:
+                cl.enqueue_copy(q, row_loss, bufs["row_loss"])
+            lse = amax = None
+            if want_lse:
+                lse = np.empty(R, np.float32)
+                cl.enqueue_copy(q, lse, bufs["row_lse"])
+            if want_argmax:
+                amax = np.empty(R, np.int32)
+                cl.enqueue_copy(q, amax, bufs["row_amax"])
+            if want_grad:
+                if dev.host_unified:
+                    mapped, _ = cl.enqueue_map_buffer(q, bufs["grad"], cl.map_flags.READ, 0, (grad.nbytes,), np.uint8)
+                    mapped.base.release(q)
+                else:
+                    cl.enqueue_copy(q, grad, bufs["grad"])
+            secs = ((ev.profile.end - ev.profile.start) + (evr.profile.end - evr.profile.start)) * 1e-9
+        finally:
+            for b in bufs.values():
+                if b is not None:
+                    b.release()
+        results = []
+        for g, (_, p, _) in enumerate(members):
+            a, b = int(starts[g]), int(starts[g + 1])
+            loss_dt = _np_dtype(p.compute_dtype)
+            res = LossResult(loss=np.array(0, loss_dt), kernel_seconds=secs, rows=p.rows)
+            if p.reduction == "none":
+                res.loss = row_loss[a:b].astype(loss_dt).reshape(p.row_shape)
+            else:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    total = np.float64(sums[4 * g])
+                    res.loss = np.array(total / np.float64(p.denominator) if p.reduction == "mean" else total).astype(loss_dt)
+            if want_grad:
+                res.grad = (grad[a:b] * acc(p.loss_scale)).astype(_np_dtype(p.grad_dtype)).reshape(p.input.shape)
+            if lse is not None:
+                res.lse = lse[a:b].reshape(p.row_shape)
+            if amax is not None:
+                res.argmax = amax[a:b].astype(np.int64).reshape(p.row_shape)
+                if not p.soft:
+                    res.accuracy = float(sums[4 * g + 2]) / p.valid_rows if p.valid_rows else float("nan")
+            results.append(res)
+        return results
+
+    def _launch(self, k: cl.Kernel, rows: int) -> cl.Event:
+        dev = self.device
+        if dev.tuning["CE_WG_PER_ROW"]:
+            wg = dev.tuning["CE_WG_SIZE"]
+            return cl.enqueue_nd_range_kernel(dev.queue, k, (rows * wg,), (wg,))
+        loc = dev.tuning.get("CE_LOCAL", 1)
+        return cl.enqueue_nd_range_kernel(dev.queue, k, (rows,), (loc,) if rows % loc == 0 else None)
 
     def _read_grad(self, prep: PreparedLoss, g: RowGroup) -> None:
         dev, buf = prep.device, g.buffers["grad"]

@@ -225,11 +225,36 @@ class _Worker:
                 if job.expired(now):
                     return "deadline", job
                 if job.state is _QUEUED:
-                    job.state = _STARTED
-                    job.started_at = now
+                    batch = self._gather(job, now)
+                    for j in batch:
+                        j.state = _STARTED
+                        j.started_at = now
+                    if len(batch) > 1:
+                        return "batch", batch
                 return "step", job
             self.idle = True
             self.cond.wait()
+
+    def _gather(self, job: _Job, now: float) -> list[_Job]:
+        """Dynamic batching: queued jobs whose fn has the same `batch_key` as `job` ride along in
+        one step (one device launch for many small requests). Each tenant's queue is taken from its
+        head and only while jobs match, so per-tenant order holds."""
+        key = getattr(job.fn, "batch_key", None)
+        limit = self.sched.max_batch
+        if key is None or limit <= 1:
+            return [job]
+        batch = [job]
+        for queue in self.queues.values():
+            for other in queue:
+                if len(batch) >= limit:
+                    return batch
+                if other is job:
+                    continue
+                if (other.state is not _QUEUED or other.abandoned or other.expired(now)
+                        or getattr(other.fn, "batch_key", None) != key):
+                    break
+                batch.append(other)
+        return batch
 
     # -- worker thread ----------------------------------------------------------------------
 
@@ -239,16 +264,53 @@ class _Worker:
                 action, job = self._next()
             if job is None:
                 return
+            jobs = job if isinstance(job, list) else [job]
             try:
                 if action == "step":
                     self._step(job)
+                elif action == "batch":
+                    self._run_batch(jobs)
                 else:
                     self._stop(job, action)
             except BaseException as exc:  # a scheduler bug must not leave callers hanging
                 log.exception("device worker %s: internal error", self.name)
-                _close(job)
                 error = RuntimeError(f"internal scheduler error: {exc!r}")
-                self.sched._finish(job, "error", exc=error)
+                for j in jobs:
+                    _close(j)
+                    self.sched._finish(j, "error", exc=error)
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        """One step for several jobs: `batch_run(device, fns)` returns a result or an exception per
+        job. Each tenant is charged the step's time in proportion to its jobs' `batch_cost`."""
+        fns = [j.fn for j in jobs]
+        t0 = time.perf_counter()
+        try:
+            results = list(fns[0].batch_run(self.device, fns))
+            if len(results) != len(jobs):
+                raise RuntimeError(f"batch_run returned {len(results)} results for {len(jobs)} jobs")
+        except Exception as e:
+            results = [e] * len(jobs)
+        wall = time.perf_counter() - t0
+        costs = [float(getattr(f, "batch_cost", 1.0)) for f in fns]
+        total = sum(costs) or 1.0
+        metrics = self.sched.metrics
+        with self.cond:
+            for j, c in zip(jobs, costs):
+                share = wall * c / total
+                j.compute_s += share
+                j.steps += 1
+                name = self.queue_key(j)
+                if name in self.vtime:
+                    self.vtime[name] += share / j.tenant.weight
+            self.busy_s += wall
+            self.steps += 1
+            if metrics is not None:
+                metrics.device_busy(self.name, wall)
+        for j, r in zip(jobs, results):
+            if isinstance(r, BaseException):
+                self.sched._finish(j, "error", exc=r)
+            else:
+                self.sched._finish(j, "ok", result=r)
 
     def _step(self, job: _Job) -> None:
         done = False
@@ -332,6 +394,7 @@ class Scheduler:
         metrics: Metrics | None = None,
         batch_window_s: float = 0.0,
         policy: str = "fair",
+        max_batch: int = 64,
     ) -> None:
         if not devices:
             raise ValueError("at least one device is required")
@@ -348,6 +411,7 @@ class Scheduler:
         if policy not in ("fair", "fifo"):
             raise ValueError(f"policy must be 'fair' or 'fifo', got {policy!r}")
         self.policy = policy
+        self.max_batch = int(max_batch)
         self.registry = registry
         self.max_inflight_bytes = max_inflight_bytes
         self.metrics = metrics

@@ -383,3 +383,33 @@ def test_float16_subnormals_and_specials(engine):
     assert_close(lse, ref, 1e-6, 1e-6, "lse")
     big = engine.cross_entropy(np.array([[60000.0, 0.0]], np.float16), np.array([1]), reduction="sum")
     assert float(big.loss) == 60000.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_coalesced_requests_match_solo_runs(engine, dtype, soft):
+    """Small requests sharing one launch (dynamic batching) get what they would get alone,
+    whatever their reduction, ignore_index or grad dtype; a bad request fails alone."""
+    rng = np.random.default_rng(11)
+    C = 37
+    reqs = []
+    for i, (n, red) in enumerate([(5, "mean"), (1, "sum"), (9, "none"), (64, "mean"), (3, "mean")]):
+        x, t = make((n, C), dtype, rng, soft=soft)
+        kw = dict(input=x, target=t, reduction=red, label_smoothing=0.1, return_grad=True, return_lse=True)
+        if not soft:
+            kw["ignore_index"] = int(t[0])
+            kw["grad_dtype"] = "float32" if i == 3 else None
+        reqs.append(kw)
+    bad_t = np.full(4, C) if not soft else rng.random((4, C + 1)).astype(np_dtype(dtype))
+    reqs.insert(2, dict(input=make((4, C), dtype, rng)[0], target=bad_t, return_grad=True, return_lse=True,
+                        label_smoothing=0.1))
+    out = engine.cross_entropy_many(reqs)
+    assert isinstance(out[2], (IndexError, RuntimeError))
+    tol = {"float32": 2e-6, "float64": 1e-12, "bfloat16": 8e-3}[dtype]
+    for kw, res in zip(reqs[:2] + reqs[3:], out[:2] + out[3:]):
+        solo = engine.cross_entropy(**kw)
+        assert res.loss.dtype == solo.loss.dtype and res.grad.dtype == solo.grad.dtype
+        assert res.loss.shape == solo.loss.shape and res.grad.shape == solo.grad.shape
+        assert_close(res.loss.astype(np.float64), solo.loss.astype(np.float64), tol, tol, "loss")
+        assert_close(res.grad.astype(np.float64), solo.grad.astype(np.float64), tol, tol, "grad")
+        np.testing.assert_array_equal(res.lse, solo.lse)
