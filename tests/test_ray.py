@@ -1,0 +1,132 @@
+"""clce_server.ray on a local Ray instance: two replicas behind Serve's HTTP proxy.
+
+Needs `pip install "ray[serve]"` (the `ray` extra) and an OpenCL device (PoCL's CPU device in CI).
+The client talks to Serve's proxy exactly as to one server; results are checked against
+torch.nn.functional.cross_entropy, and /v1/info's instance_id shows both replicas answered.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+try:
+    import ray
+    from ray import serve
+except Exception as exc:  # not installed, or broken for this Python
+    pytest.skip(f"ray[serve] is not importable ({exc!r}); pip install 'ray[serve]'", allow_module_level=True)
+
+from clce_client import Client  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_url():
+    os.environ["CLCE_REPLICAS"] = "2"
+    # Replicas inherit the driver's environment through the local raylet: no autoscaling, CPU
+    # actors, and half a CPU each so two replicas fit next to Serve's own actors.
+    os.environ.pop("CLCE_AUTOSCALE", None)
+    os.environ.pop("CLCE_RAY_GPUS", None)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             namespace="clce-test", ignore_reinit_error=True)
+    try:
+        import clce_server.ray as clce_ray
+
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        opts = clce_ray.deployment_options(replicas=2, cpus=0.5)
+        assert opts["num_replicas"] == 2
+        t0 = time.monotonic()
+        # blocks until both replicas are RUNNING, i.e. their devices are open and warm
+        serve.run(clce_ray.ClceDeployment.options(**opts).bind(), name="clce", route_prefix="/")
+        print(f"serve.run: two replicas ready in {time.monotonic() - t0:.1f} s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            os.environ.pop("CLCE_REPLICAS", None)
+
+
+def test_module_app_is_a_bound_application():
+    import clce_server.ray as clce_ray
+    from ray.serve.deployment import Application
+
+    assert isinstance(clce_ray.app, Application)
+    auto = clce_ray.deployment_options(replicas=2, autoscale=True, max_replicas=6, target_ongoing=3)
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"]["max_replicas"] == 6
+    assert auto["autoscaling_config"]["initial_replicas"] == 2
+    assert clce_ray.deployment_options(gpus=True)["ray_actor_options"]["num_gpus"] == 1
+    assert "num_gpus" not in clce_ray.deployment_options(gpus=False)["ray_actor_options"]
+
+
+def test_results_match_torch_through_serve(serve_url):
+    rng = np.random.default_rng(0)
+    with Client(serve_url) as client:
+        assert client.readyz()
+        for n, c in ((8, 17), (64, 1000), (3, 5)):
+            x = rng.standard_normal((n, c)).astype(np.float32) * 3
+            t = rng.integers(0, c, size=n)
+            t[0] = -100
+            res = client.cross_entropy(x, t, return_grad=True, label_smoothing=0.1)
+            xt = torch.from_numpy(x).requires_grad_(True)
+            ref = F.cross_entropy(xt, torch.from_numpy(t), label_smoothing=0.1)
+            ref.backward()
+            np.testing.assert_allclose(np.asarray(res.loss), ref.item(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(res.grad, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+        # the torch path (autograd through the client) works through the proxy too
+        x = torch.randn(16, 33, requires_grad=True)
+        t = torch.randint(0, 33, (16,))
+        loss = client.cross_entropy(x, t, reduction="sum")
+        loss.backward()
+        x2 = x.detach().clone().requires_grad_(True)
+        ref = F.cross_entropy(x2, t, reduction="sum")
+        ref.backward()
+        torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_both_replicas_answer(serve_url):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 100)).astype(np.float32)
+    t = rng.integers(0, 100, size=32)
+    ref = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t)).item()
+    seen: set[str] = set()
+    with Client(serve_url) as client:
+
+        def call(_):
+            loss = client.cross_entropy(x, t)
+            return client.info()["instance_id"], float(loss)
+
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(6):   # a few rounds of concurrent calls, until both replicas showed up
+                for instance, loss in pool.map(call, range(32)):
+                    seen.add(instance)
+                    assert loss == pytest.approx(ref, rel=1e-5)
+                if len(seen) >= 2:
+                    break
+        assert len(seen) == 2, f"expected two replicas to answer, saw {seen}"
+        info = client.info()
+        assert info["ready"] and info["devices"], info
+    status = httpx.get(serve_url + "/v1/status", timeout=10).json()
+    assert status["instance_id"] in seen and status["ready"]
+    assert status["scheduler"]["tenants"]["default"]["completed"] > 0
