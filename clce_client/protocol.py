@@ -41,6 +41,9 @@ __all__ = [
     "WireTensor",
     "dtype_name",
     "numpy_dtype",
+    "ALIGN",
+    "first_data_offset",
+    "aligned_body",
     "encode_tensor",
     "decode_tensor",
     "encode_message",
@@ -518,6 +521,46 @@ class _Decoder:
                 field = f"{where}.{key}" if where else key
                 raise ProtocolError(f"{field}: binary data is allowed only as a tensor's data")
         return out, pos
+
+
+# ---------------------------------------------------------------------------------------------
+# receiving into aligned memory
+
+#: tensor payloads are placed on this boundary by receivers (SIMD loads, OpenCL USE_HOST_PTR)
+ALIGN = 64
+_DATA_KEY = b"\xa4data"   # the fixstr key "data" as encode_message writes it
+_BIN_HEADER = {0xC4: 2, 0xC5: 3, 0xC6: 5}
+
+
+def first_data_offset(head: Union[bytes, bytearray, memoryview]) -> int | None:
+    """Where the first tensor's bytes start in a message that begins with `head`, or None.
+
+    Senders put the big tensor first (requests: input; responses: grad), so a receiver that
+    knows this offset from the first few hundred bytes can place the whole body so the tensor
+    lands aligned, and use it in place. It only reads our own encoding; a wrong guess costs
+    alignment, never correctness.
+    """
+    h = bytes(head[:4096])
+    i = h.find(_DATA_KEY)
+    while i >= 0:
+        j = i + len(_DATA_KEY)
+        hdr = _BIN_HEADER.get(h[j]) if j < len(h) else None
+        if hdr is not None and j + hdr <= len(h):
+            return j + hdr
+        i = h.find(_DATA_KEY, i + 1)
+    return None
+
+
+def aligned_body(size: int, head: Union[bytes, bytearray, memoryview], backing: np.ndarray | None = None) -> np.ndarray:
+    """A writable uint8 array of `size` bytes, placed in `backing` (or a new allocation of
+    size + ALIGN bytes) so the first tensor of a message beginning with `head` is ALIGN-aligned."""
+    off = first_data_offset(head) or 0
+    if backing is None:
+        backing = np.empty(size + ALIGN, np.uint8)
+    if backing.nbytes < size + ALIGN:
+        raise ValueError("backing buffer too small")
+    start = (-(backing.ctypes.data + off)) % ALIGN
+    return backing[start : start + size]
 
 
 def decode_message(

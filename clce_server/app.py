@@ -21,14 +21,17 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clce_client import protocol
 
 from . import __version__
 from .config import Settings
+from .hostmem import POOL
 from .metrics import Metrics
 from .scheduler import Scheduler, SchedulerError
 from .tenants import Tenant, TenantRegistry
@@ -196,6 +199,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "The fast path is application/msgpack (docs/protocol.md); the JSON "
                               "form below is for curl.")
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            body = CrossEntropyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            comps.update(body.pop("$defs", {}))
+            op = schema["paths"]["/v1/cross_entropy"]["post"]
+            op["requestBody"]["content"]["application/json"]["schema"] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     def state_of(request: Request) -> ServerState:
         return request.app.state.clce
 
@@ -269,7 +285,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Cross-entropy loss (and gradient) of a batch",
         response_model=CrossEntropyResponse,
         openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": CrossEntropyRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "application/json": {"schema": {}},   # filled in by openapi() with its $defs in components
             "application/msgpack": {"schema": {"type": "string", "format": "binary",
                                                "description": "the same fields, msgpack-encoded (docs/protocol.md)"}},
         }}},
@@ -285,38 +301,62 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _wants_msgpack(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower() == protocol.MSGPACK
+    """Answer in the request's format; when its Content-Type is neither (an error about to be
+    raised for it), in the format the client Accepts."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in (protocol.MSGPACK, protocol.JSON):
+        return ctype == protocol.MSGPACK
+    accept = request.headers.get("accept", "").lower()
+    return protocol.MSGPACK in accept and protocol.JSON not in accept
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    """The body in one preallocated, writable buffer (decoded in place: tensors are views into it,
-    and the CPU device computes on them directly). The limit is checked from Content-Length before
-    anything is read, and while streaming when there is none."""
+async def _read_body(request: Request, limit: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The body in one writable buffer, placed so its first tensor is aligned (it is decoded in
+    place: tensors are views into it, and the CPU device computes on them directly). The limit
+    is checked from Content-Length before anything is read, and while streaming when there is
+    none. Returns (body, pooled backing to give back after the response, or None)."""
     length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            n = int(length)
-        except ValueError:
-            raise ApiError("bad_request", "invalid Content-Length") from None
-        if n > limit:
-            raise ApiError("payload_too_large", f"request body of {n} bytes exceeds the limit of {limit} bytes")
-        buf = bytearray(n)
-        pos = 0
+    if length is None:
+        buf = bytearray()
         async for chunk in request.stream():
-            end = pos + len(chunk)
-            if end > n:
-                raise ApiError("bad_request", "body longer than its Content-Length")
-            buf[pos:end] = chunk
-            pos = end
-        if pos != n:
-            raise ApiError("bad_request", f"body ended after {pos} of {n} bytes")
-        return buf
-    buf = bytearray()
+            buf += chunk
+            if len(buf) > limit:
+                raise ApiError("payload_too_large", f"request body exceeds the limit of {limit} bytes")
+        return np.frombuffer(buf, np.uint8), None
+    try:
+        n = int(length)
+    except ValueError:
+        raise ApiError("bad_request", "invalid Content-Length") from None
+    if n < 0:
+        raise ApiError("bad_request", "invalid Content-Length")
+    if n > limit:
+        raise ApiError("payload_too_large", f"request body of {n} bytes exceeds the limit of {limit} bytes")
+    head = bytearray()
+    body: np.ndarray | None = None
+    backing = None
+    view = None
+    pos = 0
     async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise ApiError("payload_too_large", f"request body exceeds the limit of {limit} bytes")
-    return buf
+        if body is None:
+            head += chunk
+            if len(head) < min(n, 512):
+                continue
+            backing = POOL.backing(n)
+            body = protocol.aligned_body(n, head, backing)
+            view = memoryview(body)
+            chunk, head = head, None
+        end = pos + len(chunk)
+        if end > n:
+            raise ApiError("bad_request", "body longer than its Content-Length")
+        view[pos:end] = chunk
+        pos = end
+    if body is None:                       # shorter than the head we wait for: all in `head`
+        if len(head) != n:
+            raise ApiError("bad_request", f"body ended after {len(head)} of {n} bytes")
+        return np.frombuffer(head, np.uint8), None
+    if pos != n:
+        raise ApiError("bad_request", f"body ended after {pos} of {n} bytes")
+    return body, backing
 
 
 def _nbytes_in_flight(args: dict, body_len: int) -> int:
@@ -365,10 +405,19 @@ def _run_batch(device, fns) -> list:
     return device.engine.cross_entropy_many([f.request for f in fns])
 
 
+def _recycle(*arrays) -> None:
+    for a in arrays:
+        POOL.release(a)
+
+
 def _result_message(res, args: dict) -> dict:
-    out: dict[str, Any] = {"v": protocol.PROTOCOL_VERSION, "loss": res.loss}
+    # The gradient goes first: a receiver finds its offset in the first bytes and places the
+    # body so the gradient lands aligned, usable in place.
+    out: dict[str, Any] = {}
     if args["return_grad"]:
         out["grad"] = res.grad
+    out["v"] = protocol.PROTOCOL_VERSION
+    out["loss"] = res.loss
     if args["return_lse"]:
         out["lse"] = res.lse
     if args["return_argmax"]:
@@ -420,21 +469,22 @@ async def _serve_loss(state: ServerState, settings: Settings, request: Request) 
                            f"Content-Type must be {protocol.MSGPACK} or {protocol.JSON}, got {ctype or 'none'!r}")
         limit = min(settings.max_request_bytes, tenant.max_request_bytes)
         try:
-            body = await _read_body(request, limit)
+            body, backing = await _read_body(request, limit)
         except ApiError as exc:
             outcome = "too_large" if exc.code == "payload_too_large" else outcome
             raise
-        body_len = len(body)
+        body_len = body.nbytes
         t_decode = time.perf_counter()
         try:
             if as_msgpack:
-                args = protocol.parse_request(protocol.decode_message(body))
+                args = protocol.parse_request(protocol.decode_message(memoryview(body)))
             else:
+                text = body.tobytes()
                 if body_len > (1 << 20):
-                    msg = await asyncio.to_thread(json.loads, body)
+                    msg = await asyncio.to_thread(json.loads, text)
                     args = await asyncio.to_thread(protocol.parse_request, msg, json=True)
                 else:
-                    args = protocol.parse_request(json.loads(body), json=True)
+                    args = protocol.parse_request(json.loads(text), json=True)
         except (protocol.ProtocolError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError("bad_request", f"malformed request: {exc}") from None
         timings["decode"] = time.perf_counter() - t_decode
@@ -448,7 +498,8 @@ async def _serve_loss(state: ServerState, settings: Settings, request: Request) 
         job = _make_job(state, args, chunk_s, settings)
         sched_t: dict = {}
         submit = asyncio.ensure_future(state.scheduler.submit(
-            tenant, _nbytes_in_flight(args, body_len), job, deadline=deadline, timings=sched_t))
+            tenant, _nbytes_in_flight(args, body_len), job, deadline=deadline, timings=sched_t,
+            request_bytes=body_len))
         watcher = asyncio.ensure_future(_watch_disconnect(request))
         try:
             done, _ = await asyncio.wait({submit, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -480,14 +531,16 @@ async def _serve_loss(state: ServerState, settings: Settings, request: Request) 
         timings["total"] = time.perf_counter() - t0
         headers = {"Server-Timing": protocol.format_server_timing({k: v * 1000 for k, v in timings.items()})}
         outcome, status = "ok", 200
+        # Once the response is out, nothing refers to the body or the gradient: back to the pool.
+        recycle = BackgroundTask(_recycle, backing, res.grad)
         if as_msgpack:
             segments = protocol.encode_message(msg)
             out_len = protocol.message_nbytes(segments)
             headers["Content-Length"] = str(out_len)
-            return StreamingResponse(_msgpack_stream(segments), media_type=protocol.MSGPACK, headers=headers)
+            return StreamingResponse(_msgpack_stream(segments), media_type=protocol.MSGPACK, headers=headers,
+                                     background=recycle)
         payload = await asyncio.to_thread(protocol.message_to_json, msg) if res.rows > 4096 else protocol.message_to_json(msg)
-        payload.pop("v", None)
-        resp = JSONResponse(payload, headers=headers)
+        resp = JSONResponse(payload, headers=headers, background=recycle)
         out_len = len(resp.body)
         return resp
     except ApiError as exc:

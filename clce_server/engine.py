@@ -20,6 +20,7 @@ import pyopencl as cl
 
 from . import semantics
 from .device import Device, as_storage
+from .hostmem import POOL
 
 MF = cl.mem_flags
 
@@ -122,8 +123,8 @@ class LossEngine:
         prep = PreparedLoss(p, dev, bool(return_grad), bool(return_lse), bool(return_argmax))
         if p.rows == 0 or p.classes == 0:
             return prep
-        if return_grad:
-            prep.grad = np.empty(p.input.shape, _np_dtype(p.grad_dtype))
+        if return_grad:   # pooled: a fresh 256 MB buffer pays a page fault per 4 KB in the kernel
+            prep.grad = POOL.empty(p.input.shape, _np_dtype(p.grad_dtype))
         # Whole samples per group, as many as fit the device's largest allocation (PoCL: 2 GiB),
         # so batches of any size run, each group's offsets starting at 0.
         x = p.input.reshape(p.batch, -1)
@@ -255,6 +256,12 @@ class LossEngine:
                 res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
         res.grad = prep.grad
         return res
+
+    @staticmethod
+    def recycle(result: LossResult) -> None:
+        """Give the result's gradient buffer back for reuse; the caller must not touch it again."""
+        POOL.release(result.grad)
+        result.grad = None
 
     # ---- many small requests, one launch ----
     @staticmethod

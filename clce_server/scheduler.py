@@ -506,10 +506,13 @@ class Scheduler:
         *,
         deadline: float | None = None,
         timings: dict | None = None,
+        request_bytes: int | None = None,
     ) -> Any:
         """Run `job` on a device on behalf of `tenant`; return its result or raise its exception.
 
-        `nbytes` is what the request holds in memory until it finishes (body plus buffers).
+        `nbytes` is what the request holds in memory until it finishes (body plus buffers);
+        `request_bytes`, when given, is the request's own size, checked against max_request_bytes
+        (default: nbytes).
         `deadline` is an absolute time.monotonic() value. `timings`, when given, is filled with
         queue_s (submit to first step), compute_s (device seconds), steps and device.
         Raises PayloadTooLarge, QueueFull, ShuttingDown (before queueing) or DeadlineExceeded.
@@ -519,7 +522,7 @@ class Scheduler:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
         if not self._started:
             self.start()
-        j = self._admit(tenant, nbytes, job, deadline, loop)
+        j = self._admit(tenant, nbytes, job, deadline, loop, request_bytes)
         timer = None
         if deadline is not None:
             timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, j)
@@ -534,14 +537,18 @@ class Scheduler:
             if timings is not None:
                 timings.update(self._timings(j))
 
-    def _admit(self, tenant: Tenant, nbytes: int, fn: JobFn, deadline, loop) -> _Job:
+    def _admit(self, tenant: Tenant, nbytes: int, fn: JobFn, deadline, loop,
+               request_bytes: int | None = None) -> _Job:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"nbytes must be a non-negative integer, got {nbytes!r}")
         if not self._accepting:
             raise ShuttingDown("server is shutting down")
-        if nbytes > tenant.max_request_bytes:
+        # max_request_bytes bounds the request itself; nbytes may also count what the request
+        # will produce (a gradient), which only the in-flight budgets bound.
+        size = nbytes if request_bytes is None else request_bytes
+        if size > tenant.max_request_bytes:
             raise PayloadTooLarge(
-                f"request of {nbytes} bytes exceeds the limit of {tenant.max_request_bytes} bytes"
+                f"request of {size} bytes exceeds the limit of {tenant.max_request_bytes} bytes"
             )
         # A request that can never fit the byte budgets is 413, not an endless stream of 429s.
         limit = min(tenant.max_inflight_bytes, self.max_inflight_bytes)
