@@ -34,6 +34,7 @@ import numpy as np
 from . import errors
 from .protocol import (
     JSON,
+    aligned_body,
     MSGPACK,
     PROTOCOL_VERSION,
     ProtocolError,
@@ -150,9 +151,10 @@ class _Call:
         else:
             input = np.asarray(input)
             to_wire = encode_tensor
+        # input first: the server places the body so the first tensor lands aligned
         self.message = {
-            "v": PROTOCOL_VERSION,
             "input": to_wire(input),
+            "v": PROTOCOL_VERSION,
             "target": to_wire(target),
             "weight": None if weight is None else to_wire(weight),
             "ignore_index": ignore_index,
@@ -276,31 +278,43 @@ class _Response:
 
 
 class _BodyReader:
-    """Collects a response body into one preallocated bytearray (decoded later without copies)."""
+    """Collects a response body into one preallocated buffer, placed so the first tensor (the
+    gradient, which the server sends first) lands 64-byte aligned: decoded views of it can be
+    handed to numpy and torch as they are, without a copy."""
+
+    _HEAD = 512   # enough to see where the first tensor's bytes start
 
     def __init__(self, resp: httpx.Response):
         length = resp.headers.get("content-length")
         encoded = resp.headers.get("content-encoding", "identity").lower() not in ("", "identity")
         self.raw = not encoded  # with a content-encoding, Content-Length is the encoded size
         self.size = int(length) if length and length.isdigit() and self.raw else None
-        self.buf = bytearray(self.size or 0)
-        self.view = memoryview(self.buf) if self.size is not None else None
+        self.head = bytearray()
+        self.buf: np.ndarray | None = None
+        self.view: memoryview | None = None
         self.pos = 0
 
     def add(self, chunk: bytes) -> None:
-        if self.size is None:
-            self.buf += chunk
-            return
+        if self.buf is None:
+            self.head += chunk
+            if self.size is None or len(self.head) < min(self.size, self._HEAD):
+                return
+            self.buf = aligned_body(self.size, self.head)
+            self.view = memoryview(self.buf)
+            chunk, self.head = self.head, bytearray()
         end = self.pos + len(chunk)
         if end > self.size:
             raise errors.TransportError(f"response longer than its Content-Length {self.size}")
         self.view[self.pos : end] = chunk
         self.pos = end
 
-    def done(self) -> bytearray:
-        if self.view is not None:
-            self.view.release()  # a bytearray with an exported view cannot be resized later
-        if self.size is not None and self.pos != self.size:
+    def done(self) -> Union[bytearray, np.ndarray]:
+        if self.buf is None:   # no Content-Length, or shorter than the head
+            if self.size is not None and len(self.head) != self.size:
+                raise errors.TransportError(f"the response ended after {len(self.head)} of {self.size} bytes")
+            return self.head
+        self.view.release()
+        if self.pos != self.size:
             raise errors.TransportError(f"the response ended after {self.pos} of {self.size} bytes")
         return self.buf
 
@@ -368,10 +382,10 @@ class _Base:
         media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             if media == MSGPACK:
-                return decode_message(resp.body)
+                return decode_message(memoryview(resp.body))
             import json
 
-            return json.loads(bytes(resp.body))
+            return json.loads(bytes(memoryview(resp.body)))
         except ValueError as exc:
             raise ProtocolError(f"undecodable response body: {exc}") from None
 
@@ -381,7 +395,7 @@ class _Base:
         if media != MSGPACK:
             raise ProtocolError(f"expected a {MSGPACK} response, got {media or 'none'!r}")
         timing = parse_server_timing(resp.headers.get("server-timing"))
-        return call.finish(decode_message(resp.body), timing)
+        return call.finish(decode_message(memoryview(resp.body)), timing)
 
     def _call(self, *args: Any, **kwargs: Any) -> tuple[_Call, list[Segment], int]:
         call = _Call(*args, **kwargs)
@@ -472,7 +486,7 @@ class Client(_Base):
                 raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
             if resp.status >= 400:
                 err = errors.error_from_response(
-                    resp.status, resp.body, resp.headers.get("content-type"), resp.headers
+                    resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers
                 )
                 if resp.status == 503:
                     self._replicas.mark_down(i)
@@ -601,7 +615,7 @@ class AsyncClient(_Base):
                 raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
             if resp.status >= 400:
                 err = errors.error_from_response(
-                    resp.status, resp.body, resp.headers.get("content-type"), resp.headers
+                    resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers
                 )
                 if resp.status == 503:
                     self._replicas.mark_down(i)

@@ -1098,3 +1098,18 @@ def test_large_upload_with_grad(client):
     assert_close(res.grad[rows], g / valid, torch.float32, what="grad rows")
     loss = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), label_smoothing=0.1)
     assert_close(res.loss, loss, torch.float32, what="loss")
+
+
+def test_gradient_arrives_aligned_and_is_used_in_place(client):
+    """The server sends the gradient first and the client places the body so it lands 64-byte
+    aligned: numpy and torch get it without a copy."""
+    x = rand((256, 1000), seed=5)
+    t = targets(256, 1000)
+    res = client.cross_entropy(x.numpy(), t.numpy(), return_grad=True)
+    assert res.grad.ctypes.data % 64 == 0 and res.grad.flags.writeable
+    xt = x.clone().requires_grad_()
+    loss = client.cross_entropy(xt, t)
+    loss.backward()
+    ref = x.clone().requires_grad_()
+    F.cross_entropy(ref, t).backward()
+    assert_close(xt.grad, ref.grad, torch.float32, what="grad")
