@@ -41,7 +41,8 @@
  *   CE_WG_SIZE      work-group size when CE_WG_PER_ROW (power of two).
  *   CE_NATIVE_EXP   use native_exp/native_log (faster on some GPUs, less exact).
  *   CE_EXP2         exp(x) as exp2(x log2 e) (cheaper in PoCL's vector math library).
- *   CE_SOFTCAP      0 compiles the soft-cap out.
+ *   CE_SOFTCAP      1 compiles the soft-cap in (a separate build: even switched off at run time,
+ *                   its code slowed the common case ~1.5x on PoCL).
  *   CE_MAX_BLOCKS / CE_MIN_BLOCK  blocks of the blocked online softmax (work-item-per-row shape):
  *                   at most CE_MAX_BLOCKS per row (a private array), each at least CE_MIN_BLOCK.
  * Types: IN_DTYPE / GRAD_DTYPE  0 float32, 1 float16, 2 bfloat16, 3 float64.
@@ -177,7 +178,7 @@ typedef double grad_t;
     } while (0)
 
 #ifndef CE_SOFTCAP
-#define CE_SOFTCAP 1
+#define CE_SOFTCAP 0
 #endif
 #if CE_SOFTCAP
 inline acc_t cap1(acc_t v, acc_t cap) { return cap > (acc_t)0 ? cap * tanh(v / cap) : v; }
@@ -250,6 +251,22 @@ inline acc_t hsum8(acc8_t v) {
 #endif
 }
 
+/* pass 1, exps of one block: e_j = exp(z_j - bm), summed, optionally stashed / soft-target A */
+#define P1_LOOP(STASH, SOFT)                                                                    \
+    for (uint j = b0; j < b1; j += 8) {                                                         \
+        acc8_t e = EXP(cap8(LOAD8(xr, j), cap) - (acc8_t)bm);                                   \
+        es += e;                                                                                \
+        if (STASH) vstore8(e, 0, stash + j);                                                    \
+        if (SOFT) a8 += (weight ? vload8(0, weight + j) : (acc8_t)1) * (LOAD8(yr, j) * soft_hi + soft_lo); \
+    }
+/* pass 2 for class targets from stashed exps: g_j = e_j exp(bm - lse) K - eps/C w_j */
+#define P2_HARD_STASH(SMOOTH, WEIGHTED)                                                         \
+    for (uint j = b0; j < b1; j += 8) {                                                         \
+        acc8_t w = WEIGHTED ? vload8(0, weight + j) : (acc8_t)1;                                \
+        if (SMOOTH) sum8 += w * (((acc8_t)m - LOAD8(xr, j)) + (acc8_t)lsum);                    \
+        STORE8(gr, j, vload8(0, stash + j) * (acc8_t)fK - (acc8_t)b_smooth * w);                \
+    }
+
 __kernel void ce_rows(__global const in_t *x,        /* logits */
                       __global const int *tgt,        /* class per row, -1 = ignored; NULL: soft */
                       __global const in_t *ysoft,     /* soft targets (same layout as x) or NULL */
@@ -306,17 +323,23 @@ __kernel void ce_rows(__global const in_t *x,        /* logits */
         const acc_t bm = hmax8(mx);
         bmax[nb] = bm;
         acc8_t es = (acc8_t)0, a8 = (acc8_t)0;
-        for (uint j = b0; j < b1; j += 8) {
-            acc8_t v = cap8(LOAD8(xr, j), cap);
-            /* bm == -inf: the whole block is -inf and contributes nothing (exp would give NaN);
-             * bm == +inf or a NaN: e is NaN and poisons the row, as in PyTorch */
-            acc8_t e = bm == -ACC_INF ? (acc8_t)0 : EXP(v - (acc8_t)bm);
-            es += e;
-            if (stash) vstore8(e, 0, stash + j);
-            if (yr) {
-                acc8_t w = weight ? vload8(0, weight + j) : (acc8_t)1;
-                a8 += w * (LOAD8(yr, j) * soft_hi + soft_lo);
+        /* Loop versions with constant flags: a run-time test inside the loop let the compiler
+         * if-convert and pay for both sides. bm == -inf: the whole block is -inf and contributes
+         * nothing (exp would give NaN); bm == +inf or a NaN: e is NaN and poisons the row, as in
+         * PyTorch. */
+        if (bm == -ACC_INF) {
+            for (uint j = b0; j < b1; j += 8) {
+                if (stash) vstore8((acc8_t)0, 0, stash + j);
+                if (yr) a8 += (weight ? vload8(0, weight + j) : (acc8_t)1) * (LOAD8(yr, j) * soft_hi + soft_lo);
             }
+        } else if (stash && !yr) {
+            P1_LOOP(1, 0)
+        } else if (stash) {
+            P1_LOOP(1, 1)
+        } else if (yr) {
+            P1_LOOP(0, 1)
+        } else {
+            P1_LOOP(0, 0)
         }
         A += hsum8(a8);
         if (bm != -ACC_INF) {
@@ -348,9 +371,17 @@ __kernel void ce_rows(__global const in_t *x,        /* logits */
     if (gr || yr || smooth) {
         acc8_t sum8 = (acc8_t)0;
         uint b = 0;
+        const bool hot = gr && stash && !yr && !(CE_SOFTCAP && cap > (acc_t)0);
         for (uint b0 = 0; b0 < C8; b0 += bs, ++b) {
             const uint b1 = min(b0 + bs, C8);
             const acc_t fK = stash ? EXP((bmax[b] - m) - lsum) * K : (acc_t)0;
+            if (hot) {                 /* class targets, stashed exps: no exp per element */
+                if (smooth && weight) { P2_HARD_STASH(1, 1) }
+                else if (smooth) { P2_HARD_STASH(1, 0) }
+                else if (weight) { P2_HARD_STASH(0, 1) }
+                else { P2_HARD_STASH(0, 0) }
+                continue;
+            }
             for (uint j = b0; j < b1; j += 8) {
                 acc8_t v = need_x ? cap8(LOAD8(xr, j), cap) : (acc8_t)0;
                 acc8_t w = weight ? vload8(0, weight + j) : (acc8_t)1;
