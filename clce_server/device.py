@@ -201,7 +201,8 @@ def _matches(sel: str, idx: int, dev: cl.Device, plat_idx: int, dev_idx: int) ->
         return (p, d) == (plat_idx, dev_idx)
     if s in ("gpu", "cpu", "accelerator"):
         return device_kind(dev) == s
-    return s in dev.name.lower() or s in dev.platform.name.lower() or s in dev.vendor.lower()
+    names = (dev.name, dev.vendor, dev.platform.name, dev.platform.vendor)   # "pocl" is only the last
+    return any(s in n.lower() for n in names)
 
 
 def _try_open(index: int, dev: cl.Device, overrides: dict[str, int] | None) -> Device:

@@ -1,0 +1,109 @@
+"""Device discovery and selection: chosen by building, selectors, tuning table, per-thread kernels."""
+
+import threading
+
+import numpy as np
+import pyopencl as cl
+import pytest
+
+from clce_server.device import INSTALL_HINT, TUNING, describe_devices, kernel_source, open_devices, tuning_for
+
+
+def test_default_device_builds_and_serves():
+    dev = open_devices()[0]
+    assert ("ce", "float32", "float32", False) in dev.programs   # proven by building
+    info = dev.describe()
+    assert info["kind"] in ("cpu", "gpu", "accelerator") and info["name"]
+    assert info["tuning"] == tuning_for(dev.vendor, dev.kind)
+
+
+@pytest.mark.parametrize("selector", ["0", "cpu", "pocl", "PORTABLE", "0:0"])
+def test_selectors_pick_the_cpu_device(selector):
+    devs = open_devices([selector])
+    assert len(devs) == 1 and devs[0].kind == "cpu"
+
+
+def test_each_selector_opens_its_match_so_a_device_can_have_two_workers():
+    devs = open_devices("cpu,cpu")
+    assert [d.index for d in devs] == [0, 1]
+    assert devs[0].context is not devs[1].context
+    assert str(devs[0]) != str(devs[1])
+
+
+def test_no_match_names_the_package_to_install():
+    with pytest.raises(RuntimeError) as info:
+        open_devices(["no-such-device-anywhere"])
+    msg = str(info.value)
+    assert "no OpenCL device matches" in msg and "pocl-opencl-icd" in msg
+    assert "pocl-opencl-icd" in INSTALL_HINT
+
+
+def test_a_device_that_cannot_build_is_skipped_and_reported(monkeypatch):
+    """The PoCL in pyopencl's wheel lists a device and then fails to compile ('unknown target CPU
+    generic'): listing proves nothing, building decides."""
+    import clce_server.device as device
+
+    def broken(index, dev, overrides):
+        raise cl.RuntimeError("clBuildProgram failed: unknown target CPU 'generic'")
+
+    monkeypatch.setattr(device, "_try_open", broken)
+    with pytest.raises(RuntimeError) as info:
+        open_devices()
+    assert "unknown target CPU 'generic'" in str(info.value)
+    assert "pocl-opencl-icd" in str(info.value)
+
+
+def test_describe_devices_lists_what_builds():
+    text = describe_devices()
+    assert "builds" in text.splitlines()[0]
+
+
+def test_tuning_table_is_keyed_by_vendor_and_kind():
+    assert tuning_for("NVIDIA Corporation", "gpu")["CE_WG_PER_ROW"] == 1
+    assert tuning_for("Advanced Micro Devices", "gpu")["CE_WG_PER_ROW"] == 1
+    assert tuning_for("pocl", "cpu")["CE_WG_PER_ROW"] == 0
+    assert tuning_for("anything", "accelerator") == TUNING[-1][2]
+    assert tuning_for("pocl", "cpu", {"CE_EXP2": 0})["CE_EXP2"] == 0
+
+
+def test_every_tunable_has_a_default_in_the_kernel_source():
+    src = kernel_source("cross_entropy.cl") + kernel_source("reduce_rows.cl")
+    for _, _, opts in TUNING:
+        for name in opts:
+            if name != "CE_LOCAL":   # a launch shape, not a build option
+                assert f"#ifndef {name}" in src, name
+
+
+def test_kernel_objects_are_per_thread(cpu_device):
+    """pyopencl kernels hold their arguments: two threads must never share one."""
+    seen = {}
+
+    def grab(i):
+        seen[i] = cpu_device.kernel("ce", "float32")
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen[0] is not seen[1]
+    assert cpu_device.kernel("ce", "float32") is cpu_device.kernel("ce", "float32")
+
+
+def test_concurrent_engines_on_one_device_agree(engine):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 500)).astype(np.float32)
+    t = rng.integers(0, 500, 300)
+    ref = engine.cross_entropy(x, t, return_grad=True)
+    out = [None] * 4
+
+    def run(i):
+        out[i] = engine.cross_entropy(x, t, return_grad=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for r in out:
+        assert r.loss.tobytes() == ref.loss.tobytes() and r.grad.tobytes() == ref.grad.tobytes()
