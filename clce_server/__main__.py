@@ -48,14 +48,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that the first exit signal drains the app before uvicorn shuts down."""
 
-    def __init__(self, config: uvicorn.Config, settings: Settings):
+    def __init__(self, config: uvicorn.Config, settings: Settings, app):
         super().__init__(config)
         self.settings = settings
+        self.app = app            # the FastAPI app itself: config.loaded_app is wrapped in middleware
         self._draining = False
 
     def handle_exit(self, sig, frame) -> None:
-        app = self.config.loaded_app
-        state = getattr(getattr(app, "state", None), "clce", None) if app is not None else None
+        state = getattr(self.app.state, "clce", None)
         if self._draining or state is None:
             return super().handle_exit(sig, frame)
         self._draining = True
@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:
             "serving on %s without a tenants file: anyone who can reach it can use it", settings.host)
     from .app import create_app
 
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False, timeout_keep_alive=30,
                             timeout_graceful_shutdown=max(settings.drain_timeout_s, 1.0))
-    DrainingServer(config, settings).run()
+    DrainingServer(config, settings, app).run()
 
 
 if __name__ == "__main__":
