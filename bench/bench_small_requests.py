@@ -228,8 +228,11 @@ def main(argv=None) -> int:
                                stdout=open(tmp / "trivial.log", "wb"), stderr=subprocess.STDOUT)
     phases: list[dict] = []
     try:
-        with common.ServerProcess(clce_args, log_path=tmp / "clce.log",
-                                  env={"CLCE_ACCESS_LOG": "false", "CLCE_LOG_LEVEL": "warning"}) as srv:
+        quiet = {"CLCE_ACCESS_LOG": "false", "CLCE_LOG_LEVEL": "warning"}
+        # the same server with coalescing off: dynamic batching is kept only if it pays here
+        with common.ServerProcess(clce_args, log_path=tmp / "clce.log", env=quiet) as srv, \
+                common.ServerProcess(clce_args + ["--max-batch", "1"], log_path=tmp / "clce-nobatch.log",
+                                     env=quiet) as srv1:
             import httpx
 
             deadline = time.monotonic() + 60
@@ -243,7 +246,8 @@ def main(argv=None) -> int:
                     raise RuntimeError("the trivial endpoint did not start; see " + str(tmp / "trivial.log"))
                 time.sleep(0.2)
             for rnd in range(args.rounds):
-                for name, p, pid in (("clce", srv.port, srv.proc.pid), ("trivial", port, trivial.pid)):
+                for name, p, pid in (("clce", srv.port, srv.proc.pid), ("clce-nobatch", srv1.port, srv1.proc.pid),
+                                     ("trivial", port, trivial.pid)):
                     r = run_phase(name, p, pid, args)
                     r["round"] = rnd
                     phases.append(r)
@@ -254,7 +258,8 @@ def main(argv=None) -> int:
         trivial.terminate()
         trivial.wait(10)
 
-    best = {name: max((p for p in phases if p["target"] == name), key=lambda p: p["rps"]) for name in ("clce", "trivial")}
+    best = {name: max((p for p in phases if p["target"] == name), key=lambda p: p["rps"])
+            for name in ("clce", "clce-nobatch", "trivial")}
     ratio = best["clce"]["rps"] / best["trivial"]["rps"]
     rows = [[name, f"{b['rps']:.0f}", f"{b['p50_ms']:.2f}", f"{b['p99_ms']:.2f}", f"{b['server_cpu_cores']:.2f}",
              f"{b['generator_cpu_cores']:.2f}", f"{b['generator_cpu_us_per_request']:.0f}",
@@ -264,11 +269,13 @@ def main(argv=None) -> int:
                        ["target", "req/s", "p50 ms", "p99 ms", "server cores", "generator cores",
                         "gen us/req", "errors"], rows)
     goal = ratio >= 0.5
+    batching = best["clce"]["rps"] / best["clce-nobatch"]["rps"]
     print(f"clce / trivial requests/s: {ratio:.2f}x (target >= 0.5x) -> {common.verdict(goal)}; "
           f"{best['clce']['checked']} clce responses checked against numpy")
+    print(f"coalescing (--max-batch 64 vs 1): {batching:.2f}x requests/s")
     doc = {"machine": common.machine_info(), "shape": SHAPE, "connections": args.connections,
            "generator_procs": args.procs, "duration_s": args.duration, "rounds": args.rounds,
-           "ratio_clce_over_trivial": ratio, "goal_ratio_ge_0_5": goal,
+           "ratio_clce_over_trivial": ratio, "goal_ratio_ge_0_5": goal, "coalescing_speedup": batching,
            "best": {k: {kk: vv for kk, vv in v.items()} for k, v in best.items()},
            "phases": phases}
     print(f"wrote {common.write_json(args.out / 'small_requests.json', doc)}")

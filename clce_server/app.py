@@ -40,6 +40,7 @@ log = logging.getLogger("clce.server")
 access_log = logging.getLogger("clce.access")
 
 STREAM_CHUNK = 1 << 20          # response bodies leave in 1 MiB slices: backpressure, no copies
+WATCH_DISCONNECT_BYTES = 1 << 16  # requests at least this big are cancelled when the client goes
 _CODE_FOR_STATUS = {401: "unauthorized", 404: "not_found", 405: "bad_request", 413: "payload_too_large",
                     415: "unsupported_media_type", 429: "queue_full", 503: "not_ready",
                     504: "deadline_exceeded"}
@@ -405,7 +406,8 @@ def _run_batch(device, fns) -> list:
     return device.engine.cross_entropy_many([f.request for f in fns])
 
 
-def _recycle(*arrays) -> None:
+async def _recycle(*arrays) -> None:
+    # async: a sync background task would cost a threadpool hop per response
     for a in arrays:
         POOL.release(a)
 
@@ -500,19 +502,27 @@ async def _serve_loss(state: ServerState, settings: Settings, request: Request) 
         submit = asyncio.ensure_future(state.scheduler.submit(
             tenant, _nbytes_in_flight(args, body_len), job, deadline=deadline, timings=sched_t,
             request_bytes=body_len))
-        watcher = asyncio.ensure_future(_watch_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({submit, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if submit not in done:   # the client left: the job is dropped, nobody to answer
-            submit.cancel()
-            outcome, status = "cancelled", 499
+        if body_len >= WATCH_DISCONNECT_BYTES:
+            # Worth cancelling: watch the connection, and drop the job if the client goes. A small
+            # job is cheaper to finish than to watch; its result is then dropped harmlessly.
+            watcher = asyncio.ensure_future(_watch_disconnect(request))
+            try:
+                done, _ = await asyncio.wait({submit, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+            if submit not in done:   # the client left: the job is dropped, nobody to answer
+                submit.cancel()
+                outcome, status = "cancelled", 499
+                try:
+                    await submit
+                except BaseException:
+                    pass
+                return Response(status_code=499)
+        else:
             try:
                 await submit
-            except BaseException:
-                pass
-            return Response(status_code=499)
+            except Exception:
+                pass            # raised again by submit.result() below
         try:
             res = submit.result()
         except SchedulerError as exc:
@@ -532,10 +542,13 @@ async def _serve_loss(state: ServerState, settings: Settings, request: Request) 
         headers = {"Server-Timing": protocol.format_server_timing({k: v * 1000 for k, v in timings.items()})}
         outcome, status = "ok", 200
         # Once the response is out, nothing refers to the body or the gradient: back to the pool.
-        recycle = BackgroundTask(_recycle, backing, res.grad)
+        recycle = BackgroundTask(_recycle, backing, res.grad) if backing is not None or res.grad is not None else None
         if as_msgpack:
             segments = protocol.encode_message(msg)
             out_len = protocol.message_nbytes(segments)
+            if out_len <= STREAM_CHUNK:   # small: one write, no per-chunk threadpool hop
+                return Response(b"".join(segments), media_type=protocol.MSGPACK, headers=headers,
+                                background=recycle)
             headers["Content-Length"] = str(out_len)
             return StreamingResponse(_msgpack_stream(segments), media_type=protocol.MSGPACK, headers=headers,
                                      background=recycle)
@@ -556,7 +569,7 @@ async def _serve_loss(state: ServerState, settings: Settings, request: Request) 
         name = tenant.name if tenant is not None else "unknown"
         state.metrics.observe_request(name, outcome, total, timings.get("queue"), timings.get("kernel"),
                                       body_len, out_len, rows)
-        if settings.access_log:
+        if settings.access_log and access_log.isEnabledFor(logging.INFO):
             access_log.info(json.dumps({
                 "tenant": name, "outcome": outcome, "status": status, "bytes_in": body_len, "bytes_out": out_len,
                 "rows": rows, "ms": round(total * 1000, 3),

@@ -67,6 +67,7 @@ class Metrics:
         instance: str | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[str, tuple] = {}
         r = self.registry
         self._restricted = tenants is not None
         self._known: set[str] = {UNKNOWN_TENANT}
@@ -154,19 +155,26 @@ class Metrics:
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
         t = self._tenant(tenant)
-        self._requests.labels(t, outcome).inc()
+        ch = self._children.get(t)
+        if ch is None:   # label lookups cost more than the updates: once per tenant
+            ch = self._children[t] = (
+                {o: self._requests.labels(t, o) for o in OUTCOMES}, self._request_duration.labels(t),
+                self._queue_duration.labels(t), self._compute_duration.labels(t),
+                self._request_bytes.labels(t), self._response_bytes.labels(t), self._rows.labels(t))
+        requests, total, queue, compute, bin_, bout, nrows = ch
+        requests[outcome].inc()
         if total_s is not None:
-            self._request_duration.labels(t).observe(total_s)
+            total.observe(total_s)
         if queue_s is not None:
-            self._queue_duration.labels(t).observe(queue_s)
+            queue.observe(queue_s)
         if compute_s is not None:
-            self._compute_duration.labels(t).observe(compute_s)
+            compute.observe(compute_s)
         if bytes_in:
-            self._request_bytes.labels(t).inc(bytes_in)
+            bin_.inc(bytes_in)
         if bytes_out:
-            self._response_bytes.labels(t).inc(bytes_out)
+            bout.inc(bytes_out)
         if rows:
-            self._rows.labels(t).inc(rows)
+            nrows.inc(rows)
 
     def inflight_bytes(self, tenant: str) -> Gauge:
         """The tenant's clce_inflight_bytes gauge child (use .set/.inc/.dec)."""
