@@ -11,6 +11,8 @@ import importlib.resources
 import logging
 import os
 import threading
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,10 @@ import pyopencl as cl
 import pyopencl.tools
 
 log = logging.getLogger("clce.device")
+
+# PoCL notes that double8 arguments change the ABI without AVX-512: true, harmless inside one
+# kernel, and printed for every fp64 build. Real build errors raise, they are not warnings.
+warnings.filterwarnings("ignore", category=cl.CompilerWarning)
 
 #: dtype codes shared with kernels/cross_entropy.cl (IN_DTYPE / GRAD_DTYPE)
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
@@ -153,7 +159,20 @@ class Device:
         else:
             src = kernel_source("reduce_rows.cl")
             extra = {"IN_DTYPE": DTYPE_CODES[in_dtype], "RED_FP64": int(self.has_fp64)}
-        return cl.Program(self.context, src).build(options=self._options(extra))
+        # PoCL's on-disk kernel cache is shared by every process of the user; a build racing another
+        # process's write of the same entry can fail once (seen with several servers starting
+        # together). The sources are fixed, so a failure that repeats is real and is reported.
+        for attempt in range(3):
+            try:
+                return cl.Program(self.context, src).build(options=self._options(extra))
+            except cl.RuntimeError as exc:
+                if attempt == 2:
+                    raise RuntimeError(f"building {kind} for {in_dtype}->{grad_dtype} on {self.name!r} "
+                                       f"failed: {exc}") from exc
+                log.warning("OpenCL build of %s %s->%s failed, retrying: %s", kind, in_dtype, grad_dtype,
+                            str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def kernel(self, kind: str, in_dtype: str, grad_dtype: str | None = None, softcap: bool = False) -> cl.Kernel:
         """A kernel object private to the calling thread (pyopencl kernels are not thread-safe)."""
