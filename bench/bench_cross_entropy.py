@@ -366,6 +366,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
             res = engine.finish(prep)
         finally:
             prep.release()
+        engine.recycle(res)   # else this call keeps the pooled buffer and `fused` pays fresh pages
         return res.kernel_seconds
 
     xr = x_t.detach().clone().requires_grad_(True)

@@ -22,25 +22,8 @@ from .client import (
     cross_entropy,
     default_client,
 )
-from .errors import (
-    AuthenticationError,
-    BadRequest,
-    ClceError,
-    ClceIndexError,
-    ClceRuntimeError,
-    ClceTypeError,
-    ClceValueError,
-    ConnectError,
-    DeadlineExceeded,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
-    ReadTimeout,
-    ServerError,
-    ServiceUnavailable,
-    Timeout,
-    TransportError,
-)
+from . import errors
+from .errors import *  # noqa: F403  (the exception tree, listed once in errors.__all__)
 from .protocol import PROTOCOL_VERSION, ProtocolError
 
 __all__ = [
@@ -55,23 +38,7 @@ __all__ = [
     "cross_entropy",
     "default_client",
     "ProtocolError",
-    "ClceError",
-    "TransportError",
-    "ConnectError",
-    "Timeout",
-    "ReadTimeout",
-    "ServerError",
-    "BadRequest",
-    "AuthenticationError",
-    "NotFound",
-    "PayloadTooLarge",
-    "Overloaded",
-    "ServiceUnavailable",
-    "DeadlineExceeded",
-    "ClceValueError",
-    "ClceIndexError",
-    "ClceRuntimeError",
-    "ClceTypeError",
+    *(n for n in errors.__all__ if n != "error_from_response"),
 ]
 
 

@@ -113,9 +113,24 @@ def _default_client() -> Any:
     return default_client()
 
 
+class _CrossEntropyCall:
+    """The call both CrossEntropyLoss flavours share."""
+
+    def forward(self, input: Any, target: Any) -> Any:
+        client = self.client if self.client is not None else _default_client()
+        return client.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+
+
 if torch is not None:
 
-    class CrossEntropyLoss(torch.nn.Module):
+    class CrossEntropyLoss(_CrossEntropyCall, torch.nn.Module):
         """torch.nn.CrossEntropyLoss computed by a clce server.
 
         ``client`` defaults to the module-level client (CLCE_URL, CLCE_API_KEY). With an
@@ -139,17 +154,6 @@ if torch is not None:
             self.label_smoothing = label_smoothing
             self.client = client
 
-        def forward(self, input: Any, target: Any) -> Any:
-            client = self.client if self.client is not None else _default_client()
-            return client.cross_entropy(
-                input,
-                target,
-                weight=self.weight,
-                ignore_index=self.ignore_index,
-                reduction=self.reduction,
-                label_smoothing=self.label_smoothing,
-            )
-
         def extra_repr(self) -> str:
             return (
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
@@ -158,7 +162,7 @@ if torch is not None:
 
 else:
 
-    class CrossEntropyLoss:  # type: ignore[no-redef]
+    class CrossEntropyLoss(_CrossEntropyCall):  # type: ignore[no-redef]
         """CrossEntropyLoss for numpy arrays (torch is not installed)."""
 
         def __init__(
@@ -175,18 +179,8 @@ else:
             self.label_smoothing = label_smoothing
             self.client = client
 
-        def forward(self, input: Any, target: Any) -> Any:
-            client = self.client if self.client is not None else _default_client()
-            return client.cross_entropy(
-                input,
-                target,
-                weight=self.weight,
-                ignore_index=self.ignore_index,
-                reduction=self.reduction,
-                label_smoothing=self.label_smoothing,
-            )
-
-        __call__ = forward
+        def __call__(self, input: Any, target: Any) -> Any:
+            return self.forward(input, target)
 
         def __repr__(self) -> str:
             return (

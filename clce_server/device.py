@@ -175,15 +175,17 @@ class Device:
         raise AssertionError("unreachable")
 
     def kernel(self, kind: str, in_dtype: str, grad_dtype: str | None = None, softcap: bool = False) -> cl.Kernel:
-        """A kernel object private to the calling thread (pyopencl kernels are not thread-safe)."""
+        """A kernel object private to the calling thread (pyopencl kernels are not thread-safe).
+        kind: "ce" (rows of contiguous classes), "ce8" (eight spatial rows per work-item, CPU
+        shape only), "reduce"."""
         cache = getattr(self._local, "kernels", None)
         if cache is None:
             cache = self._local.kernels = {}
         key = (kind, in_dtype, grad_dtype or in_dtype, bool(softcap))
         k = cache.get(key)
         if k is None:
-            name = "ce_rows" if kind == "ce" else "reduce_rows"
-            k = cache[key] = cl.Kernel(self.program(*key), name)
+            name, prog = {"ce": ("ce_rows", "ce"), "ce8": ("ce_rows8", "ce"), "reduce": ("reduce_rows", "reduce")}[kind]
+            k = cache[key] = cl.Kernel(self.program(prog, *key[1:]), name)
         return k
 
     def build_startup_programs(self) -> None:

@@ -74,12 +74,20 @@ class PreparedLoss:
         """(group, start, count) row ranges, each expected to take about target_seconds."""
         per_row = max(self.problem.classes, 1) / self.device.elements_per_second
         step = max(1, int(target_seconds / per_row)) if target_seconds else None
+        if step is not None and self.rows_per_item > 1:   # ce_rows8 takes rows eight at a time
+            step = -(-step // self.rows_per_item) * self.rows_per_item
         for gi, g in enumerate(self.groups):
             if step is None:
                 yield gi, 0, g.rows
                 continue
             for start in range(0, g.rows, step):
                 yield gi, start, min(step, g.rows - start)
+
+    @property
+    def rows_per_item(self) -> int:
+        """8 when the spatial-rows kernel runs (rows of one sample are adjacent per class)."""
+        p = self.problem
+        return 8 if (not self.device.tuning["CE_WG_PER_ROW"] and p.spatial > 1 and p.spatial % 8 == 0) else 1
 
     def release(self) -> None:
         for g in self.groups:
@@ -174,12 +182,17 @@ class LossEngine:
         gi, start, count = chunk
         b = prep.groups[gi].buffers
         acc = np.float64 if p.compute_dtype == "float64" else np.float32
-        k = dev.kernel("ce", p.compute_dtype, p.grad_dtype if prep.want_grad else p.compute_dtype, p.softcap > 0)
+        per_item = prep.rows_per_item
+        if start % per_item or count % per_item:
+            raise ValueError(f"this problem runs {per_item} rows per work-item: chunk ({start}, {count}) "
+                             "must be a multiple of that")
+        k = dev.kernel("ce8" if per_item == 8 else "ce", p.compute_dtype,
+                       p.grad_dtype if prep.want_grad else p.compute_dtype, p.softcap > 0)
         k.set_args(b["x"], b["tgt"], b["y"], b["w"], b["grad"], b["row_loss"], b["row_zloss"],
                    b["row_lse"], b["row_amax"], np.uint64(start), np.uint64(count),
                    np.uint32(p.classes), np.uint64(p.spatial), acc(p.label_smoothing), acc(p.weight_sum),
                    acc(p.loss_scale), acc(p.z_scale), acc(p.lse_square_scale), acc(p.softcap))
-        ev = self._launch(k, count)
+        ev = self._launch(k, count // per_item)
         ev.wait()
         secs = (ev.profile.end - ev.profile.start) * 1e-9
         prep.kernel_seconds += secs
@@ -400,6 +413,7 @@ class LossEngine:
         return results
 
     def _launch(self, k: cl.Kernel, rows: int) -> cl.Event:
+        """rows: work-items for the work-item shapes, work-groups for the work-group-per-row one."""
         dev = self.device
         if dev.tuning["CE_WG_PER_ROW"]:
             wg = dev.tuning["CE_WG_SIZE"]

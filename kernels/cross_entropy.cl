@@ -207,11 +207,31 @@ inline void merge_state(acc_t *m, acc_t *s, acc_t m2, acc_t s2) {
 }
 
 /* Per-row outputs shared by both kernel shapes. */
+/* lse as an output follows torch.logsumexp: +inf for a row holding +inf (the loss and gradient of
+ * such a row are NaN, as in F.cross_entropy, which is why s was poisoned) */
+#define LSE_OUT(m, lse) ((m) == ACC_INF ? (m) : (lse))
+
 inline void write_row(__global acc_t *row_loss, __global acc_t *row_zloss, __global float *row_lse,
-                      ulong r, acc_t loss, acc_t lse, int valid, acc_t zcoef) {
+                      ulong r, acc_t loss, acc_t m, acc_t lse, int valid, acc_t zcoef) {
     row_loss[r] = valid ? loss : (acc_t)0;
     row_zloss[r] = (valid && zcoef != (acc_t)0) ? zcoef * lse * lse : (acc_t)0;
-    if (row_lse) row_lse[r] = (float)lse;
+    if (row_lse) row_lse[r] = (float)LSE_OUT(m, lse);
+}
+
+/* Pass 2 for one class j (scalar): adds the terms that need lse to *sum2 (soft: the loss;
+ * hard with smoothing: w_j (lse - z_j)) and returns b_j, the part of the gradient that does not
+ * scale with p_j (the true class's term excepted). */
+inline acc_t pass2_one(acc_t v, __global const acc_t *weight, __global const in_t *yr, uint j, ulong S,
+                       acc_t m, acc_t lsum, acc_t soft_hi, acc_t soft_lo, acc_t loss_scale, acc_t b_smooth,
+                       bool smooth, acc_t *sum2) {
+    const acc_t w = weight ? weight[j] : (acc_t)1;
+    if (yr) {
+        const acc_t wy = w * (LOAD1(yr, j * S) * soft_hi + soft_lo);
+        *sum2 += wy * ((m - v) + lsum);
+        return loss_scale * wy;
+    }
+    if (smooth) *sum2 += w * ((m - v) + lsum);
+    return b_smooth * w;
 }
 
 /* First index of the raw maximum; NaN counts as the maximum, as torch.argmax does. */
@@ -292,13 +312,14 @@ __kernel void ce_rows(__global const in_t *x,        /* logits */
     if (row_amax) row_amax[r] = row_argmax(xr, S, C);
     if (!valid) {                               /* ignored row: zero loss and gradient */
         if (gr) for (uint j = 0; j < C; ++j) STORE1(gr, j * S, 0);
-        acc_t lse = 0;
+        acc_t lse = 0, m = 0;
         if (row_lse) {                          /* lse still asked for: one pass */
-            acc_t m = -ACC_INF, s = 0;
+            acc_t s = 0;
+            m = -ACC_INF;
             for (uint j = 0; j < C; ++j) { acc_t v = cap1(LOAD1(xr, j * S), cap); ONLINE1(m, s, v); }
             lse = m + LOG(s);
         }
-        write_row(row_loss, row_zloss, row_lse, r, 0, lse, 0, zcoef);
+        write_row(row_loss, row_zloss, row_lse, r, 0, m, lse, 0, zcoef);
         return;
     }
     const acc_t inv_c = (acc_t)1 / (acc_t)C;
@@ -371,7 +392,11 @@ __kernel void ce_rows(__global const in_t *x,        /* logits */
     if (gr || yr || smooth) {
         acc8_t sum8 = (acc8_t)0;
         uint b = 0;
-        const bool hot = gr && stash && !yr && !(CE_SOFTCAP && cap > (acc_t)0);
+#if CE_SOFTCAP
+        const bool hot = gr && stash && !yr && !(cap > (acc_t)0);
+#else
+        const bool hot = gr && stash && !yr;
+#endif
         for (uint b0 = 0; b0 < C8; b0 += bs, ++b) {
             const uint b1 = min(b0 + bs, C8);
             const acc_t fK = stash ? EXP((bmax[b] - m) - lsum) * K : (acc_t)0;
@@ -405,16 +430,7 @@ __kernel void ce_rows(__global const in_t *x,        /* logits */
         sum2 = hsum8(sum8);
         for (uint j = C8; j < C; ++j) {
             acc_t v = cap1(LOAD1(xr, j * S), cap);
-            acc_t w = weight ? weight[j] : (acc_t)1;
-            acc_t bj;
-            if (yr) {
-                acc_t wy = w * (LOAD1(yr, j * S) * soft_hi + soft_lo);
-                sum2 += wy * ((m - v) + lsum);
-                bj = loss_scale * wy;
-            } else {
-                if (smooth) sum2 += w * ((m - v) + lsum);
-                bj = b_smooth * w;
-            }
+            acc_t bj = pass2_one(v, weight, yr, j, S, m, lsum, soft_hi, soft_lo, loss_scale, b_smooth, smooth, &sum2);
             if (gr) STORE1(gr, j * S, (EXP((v - m) - lsum) * K - bj) * dcap1(v, cap));
         }
     }
@@ -431,7 +447,107 @@ __kernel void ce_rows(__global const in_t *x,        /* logits */
             STORE1(gr, (ulong)t * S, g * dcap1(zt, cap));
         }
     }
-    write_row(row_loss, row_zloss, row_lse, r, loss, lse, 1, zcoef);
+    write_row(row_loss, row_zloss, row_lse, r, loss, m, lse, 1, zcoef);
+}
+
+/* ======================= spatial rows, eight per work-item (CPU, S % 8 == 0) =======================
+ * For (N, C, d1..dk) input the rows s, s+1, ... of one sample sit next to each other for every
+ * class (class stride S), so eight adjacent rows load as one vector per class: the lanes are rows.
+ * Same math as ce_rows, vectorised across rows instead of across classes (one work-item per row
+ * had to run it scalar, two scalar exps per element). */
+#if IN_DTYPE == 3
+typedef long8 mask8_t;
+#else
+typedef int8 mask8_t;
+#endif
+
+__kernel void ce_rows8(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
+                       __global const acc_t *weight, __global grad_t *grad,
+                       __global acc_t *row_loss, __global acc_t *row_zloss,
+                       __global float *row_lse, __global int *row_amax,
+                       const ulong row0, const ulong nrows, const uint C, const ulong S,
+                       const acc_t eps, const acc_t wsum, const acc_t loss_scale,
+                       const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
+    const ulong r = row0 + 8 * get_global_id(0);
+    if (r >= row0 + nrows) return;
+    const ulong n = r / S, s_ = r - n * S;
+    const ulong base = n * (ulong)C * S + s_;
+    __global const in_t *xr = x + base;
+    __global const in_t *yr = ysoft ? ysoft + base : 0;
+    __global grad_t *gr = grad ? grad + base : 0;
+    int tl[8];
+    for (int l = 0; l < 8; ++l) tl[l] = tgt ? tgt[r + l] : 0;
+    const mask8_t t8 = (mask8_t)(tl[0], tl[1], tl[2], tl[3], tl[4], tl[5], tl[6], tl[7]);
+    const mask8_t valid = tgt ? t8 >= (mask8_t)0 : (mask8_t)(-1);
+    const acc_t soft_lo = eps / (acc_t)C, soft_hi = (acc_t)1 - eps;
+    const bool smooth = eps > (acc_t)0;
+
+    /* pass 1: online softmax per lane, and the argmax of the raw logits */
+    acc8_t m = (acc8_t)(-ACC_INF), s = (acc8_t)0, A = (acc8_t)0, best = (acc8_t)(-ACC_INF);
+    mask8_t amax = (mask8_t)0, nan_seen = (mask8_t)0;
+    for (uint j = 0; j < C; ++j) {
+        const acc8_t raw = LOAD8(xr, (ulong)j * S);
+        const acc8_t v = cap8(raw, cap);
+        const acc8_t d = v - m;
+        const acc8_t e = select(EXP(-fabs(d)), (acc8_t)0, v == (acc8_t)(-ACC_INF));
+        s = select(s + e, fma(s, e, (acc8_t)1), d > (acc8_t)0);
+        m = select(m, v, d > (acc8_t)0);
+        s = select(s, (acc8_t)NAN, v == (acc8_t)ACC_INF);
+        if (yr) A += (weight ? weight[j] : (acc_t)1) * (LOAD8(yr, (ulong)j * S) * soft_hi + soft_lo);
+        if (row_amax) {
+            const mask8_t isn = isnan(raw) & ~nan_seen;
+            amax = select(amax, (mask8_t)j, isn);
+            nan_seen |= isn;
+            const mask8_t gt = (raw > best) & ~nan_seen;
+            amax = select(amax, (mask8_t)j, gt);
+            best = select(best, raw, gt);
+        }
+    }
+    const acc8_t lsum = LOG(s), lse = m + lsum;
+
+    /* per-lane constants: the target's weight and capped logit */
+    acc_t wtl[8], ztl[8];
+    for (int l = 0; l < 8; ++l) {
+        const int t = tl[l];
+        wtl[l] = (yr || t < 0) ? (acc_t)0 : (weight ? weight[t] : (acc_t)1);
+        ztl[l] = (yr || t < 0) ? (acc_t)0 : cap1(LOAD1(xr, (ulong)t * S + l), cap);
+    }
+    const acc8_t wt = vload8(0, wtl), zt = vload8(0, ztl);
+    const acc8_t zterm = zcoef != (acc_t)0 ? (acc8_t)(z_scale * (acc_t)2 * zcoef) * lse : (acc8_t)0;
+    const acc8_t K = yr ? (acc8_t)loss_scale * A + zterm
+                        : (acc8_t)loss_scale * (soft_hi * wt + (acc8_t)(soft_lo * wsum)) + zterm;
+    const acc8_t b_true = (acc8_t)(loss_scale * soft_hi) * wt;
+
+    /* pass 2 */
+    acc8_t sum2 = (acc8_t)0;
+    if (gr || yr || smooth) {
+        for (uint j = 0; j < C; ++j) {
+            const acc8_t v = cap8(LOAD8(xr, (ulong)j * S), cap);
+            const acc_t w = weight ? weight[j] : (acc_t)1;
+            acc8_t bj;
+            if (yr) {
+                const acc8_t wy = w * (LOAD8(yr, (ulong)j * S) * soft_hi + soft_lo);
+                sum2 += wy * ((m - v) + lsum);
+                bj = (acc8_t)loss_scale * wy;
+            } else {
+                if (smooth) sum2 += w * ((m - v) + lsum);
+                bj = (acc8_t)(loss_scale * soft_lo * w);
+                bj += select((acc8_t)0, b_true, t8 == (mask8_t)j);   /* the true class, in full precision */
+            }
+            if (gr) {
+                acc8_t g = (EXP((v - m) - lsum) * K - bj) * dcap8(v, cap);
+                STORE8(gr, (ulong)j * S, select((acc8_t)0, g, valid));
+            }
+        }
+    }
+    const acc8_t loss = yr ? sum2 : soft_hi * wt * ((m - zt) + lsum) + (smooth ? (acc8_t)soft_lo * sum2 : (acc8_t)0);
+    acc_t ll[8], lz[8];
+    int am[8];
+    vstore8(select((acc8_t)0, loss, valid), 0, ll);
+    vstore8(select((acc8_t)0, (acc8_t)zcoef * lse * lse, valid & (mask8_t)(zcoef != (acc_t)0 ? -1 : 0)), 0, lz);
+    for (int l = 0; l < 8; ++l) { row_loss[r + l] = ll[l]; row_zloss[r + l] = lz[l]; }
+    if (row_lse) vstore8(convert_float8(select(lse, m, m == (acc8_t)ACC_INF)), 0, row_lse + r);
+    if (row_amax) vstore8(convert_int8(amax), 0, row_amax + r);
 }
 
 #else
@@ -496,7 +612,7 @@ void ce_rows(__global const in_t *x, __global const int *tgt, __global const in_
 
     if (!valid) {
         if (gr) for (uint j = lid; j < C; j += CE_WG_SIZE) STORE1(gr, j * S, 0);
-        if (lid == 0) write_row(row_loss, row_zloss, row_lse, r, 0, lse, 0, zcoef);
+        if (lid == 0) write_row(row_loss, row_zloss, row_lse, r, 0, m, lse, 0, zcoef);
         return;
     }
     const acc_t wt = yr ? (acc_t)0 : (weight ? weight[t] : (acc_t)1);
@@ -508,16 +624,8 @@ void ce_rows(__global const in_t *x, __global const int *tgt, __global const in_
     acc_t sum2 = 0;
     for (uint j = lid; j < C; j += CE_WG_SIZE) {
         acc_t v = cap1(LOAD1(xr, j * S), cap);
-        acc_t w = weight ? weight[j] : (acc_t)1;
-        acc_t bj;
-        if (yr) {
-            acc_t wy = w * (LOAD1(yr, j * S) * soft_hi + soft_lo);
-            sum2 += wy * ((m - v) + lsum);
-            bj = loss_scale * wy;
-        } else {
-            if (smooth) sum2 += w * ((m - v) + lsum);
-            bj = b_smooth * w + ((int)j == t ? loss_scale * soft_hi * wt : (acc_t)0);
-        }
+        acc_t bj = pass2_one(v, weight, yr, j, S, m, lsum, soft_hi, soft_lo, loss_scale, b_smooth, smooth, &sum2);
+        if (!yr && (int)j == t) bj += loss_scale * soft_hi * wt;   /* the true class, in full precision */
         if (gr) STORE1(gr, j * S, (EXP((v - m) - lsum) * K - bj) * dcap1(v, cap));
     }
     la[lid] = sum2;
@@ -534,7 +642,7 @@ void ce_rows(__global const in_t *x, __global const int *tgt, __global const in_
             loss = soft_hi * wt * ((m - zt) + lsum);
             if (smooth) loss += soft_lo * la[0];
         }
-        write_row(row_loss, row_zloss, row_lse, r, loss, lse, 1, zcoef);
+        write_row(row_loss, row_zloss, row_lse, r, loss, m, lse, 1, zcoef);
     }
 }
 #endif

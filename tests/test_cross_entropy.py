@@ -68,7 +68,9 @@ def assert_close(ours, ref, atol, rtol, what):
     np.testing.assert_allclose(ours, ref, atol=atol, rtol=rtol, equal_nan=True, err_msg=what)
 
 
-SHAPES = [(5,), (4, 5), (3, 37), (17, 1000), (2, 7, 3), (2, 5, 3, 4), (3, 1), (2, 3, 2, 2, 3)]
+# (2, 5, 4, 4), (3, 7, 8) and (2, 3, 2, 4, 3) have S % 8 == 0: the eight-rows-per-work-item kernel
+SHAPES = [(5,), (4, 5), (3, 37), (17, 1000), (2, 7, 3), (2, 5, 3, 4), (3, 1), (2, 3, 2, 2, 3),
+          (2, 5, 4, 4), (3, 7, 8), (2, 3, 2, 4, 3)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -92,7 +94,7 @@ def test_hard_targets_float32(engine, shape, reduction, weighted, ignore_index, 
     assert_close(r.grad, ref_grad, 1e-6, 2e-5, "grad")
 
 
-@pytest.mark.parametrize("shape", [(6,), (4, 6), (3, 37), (9, 1000), (2, 5, 3, 4)], ids=str)
+@pytest.mark.parametrize("shape", [(6,), (4, 6), (3, 37), (9, 1000), (2, 5, 3, 4), (2, 5, 2, 8)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
@@ -116,7 +118,7 @@ DTYPES = [("float32", 2e-6, 2e-5), ("float64", 1e-12, 1e-10), ("float16", 2e-3, 
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=[d[0] for d in DTYPES])
-@pytest.mark.parametrize("shape", [(4, 5), (7, 1003), (2, 11, 3, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 5), (7, 1003), (2, 11, 3, 5), (2, 11, 4, 4)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_dtypes(engine, dtype, atol, rtol, shape, reduction, soft):
@@ -413,3 +415,54 @@ def test_coalesced_requests_match_solo_runs(engine, dtype, soft):
         assert_close(res.loss.astype(np.float64), solo.loss.astype(np.float64), tol, tol, "loss")
         assert_close(res.grad.astype(np.float64), solo.grad.astype(np.float64), tol, tol, "grad")
         np.testing.assert_array_equal(res.lse, solo.lse)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_spatial_rows_kernel_extras_and_non_finite(engine, soft):
+    """(N, C, d...) with S % 8 == 0 runs eight rows per work-item: lse, argmax, accuracy, z-loss,
+    softcap, ignored rows and non-finite logits, per lane."""
+    rng = np.random.default_rng(13)
+    x, t = make((3, 9, 4, 6), "float32", rng, soft=soft)
+    x[0, 2, 1, 1] = np.nan
+    x[1, :, 2, 3] = -np.inf
+    x[2, 4, 0, 5] = np.inf
+    x[2, 1, 3, 2] = x[2, 6, 3, 2] = 50.0                       # an argmax tie
+    if not soft:
+        t[0, 0, :3] = -100
+        t[:, 3, 3] = np.argmax(x[:, :, 3, 3], 1)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    tt = torch.tensor(t, dtype=torch.float64) if soft else torch.tensor(t)
+    c = 1e-3
+    ce = F.cross_entropy(xt, tt, reduction="none", label_smoothing=0.1)
+    valid = torch.ones_like(ce) if soft else (tt != -100).double()
+    z = c * torch.logsumexp(xt, 1) ** 2 * valid
+    (ce + z).sum().backward()
+    r = engine.cross_entropy(x, t, reduction="none", label_smoothing=0.1, lse_square_scale=c,
+                             return_grad=True, return_lse=True, return_argmax=True)
+    np.testing.assert_array_equal(np.isnan(r.loss), np.isnan((ce + z).detach().numpy()))
+    assert_close(r.loss, (ce + z).detach().numpy(), 1e-5, 1e-5, "loss")
+    assert_close(r.grad, xt.grad.numpy(), 1e-6, 2e-5, "grad")
+    assert_close(r.lse, torch.logsumexp(xt.detach(), 1).numpy(), 1e-5, 1e-6, "lse")
+    np.testing.assert_array_equal(r.argmax, torch.argmax(torch.from_numpy(x), 1).numpy())
+    cap = engine.cross_entropy(x, t, reduction="sum", softcap=20.0, return_grad=True)
+    xc = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    ref = F.cross_entropy(20.0 * torch.tanh(xc / 20.0), tt, reduction="sum")
+    ref.backward()
+    assert_close(cap.loss, ref.detach().numpy(), 1e-4, 1e-5, "softcap loss")
+    assert_close(cap.grad, xc.grad.numpy(), 1e-6, 2e-5, "softcap grad")
+
+
+def test_spatial_rows_kernel_chunks(engine):
+    rng = np.random.default_rng(14)
+    x, t = make((5, 7, 8, 4), "float32", rng)               # 160 rows, 8 per work-item
+    whole = engine.cross_entropy(x, t, return_grad=True)
+    prep = engine.prepare(x, t, return_grad=True)
+    chunks = list(prep.chunks(1e-9))                          # as small as the kernel allows
+    assert all(start % 8 == 0 and count % 8 == 0 for _, start, count in chunks) and len(chunks) > 1
+    with pytest.raises(ValueError):
+        engine.run_chunk(prep, (0, 0, 12))
+    for ch in chunks:
+        engine.run_chunk(prep, ch)
+    parts = engine.finish(prep)
+    prep.release()
+    assert whole.loss.tobytes() == parts.loss.tobytes() and whole.grad.tobytes() == parts.grad.tobytes()
