@@ -337,7 +337,6 @@ def make_data(shape, dt: str, seed: int = 0):
 
 
 def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
-    import torch
     import torch.nn.functional as F
 
     from clce_server.device import as_storage

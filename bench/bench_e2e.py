@@ -122,7 +122,6 @@ def main(argv=None) -> int:
     shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES))
     repeat = args.repeat or (2 if args.quick else 5)
 
-    import torch
     from tqdm import tqdm
 
     from clce_client import Client

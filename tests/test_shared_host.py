@@ -17,7 +17,6 @@ known sequence of requests.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
