@@ -38,24 +38,6 @@ MIX = [((64, 10), 0.25), ((64, 1000), 0.2), ((256, 4000), 0.2), ((512, 8000), 0.
 CLIENTS = 8
 
 
-def _batch(n, v, seed):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((n, v), dtype=np.float32) * 2).astype(np.float32)
-    return x, rng.integers(0, v, n, dtype=np.int64)
-
-
-def _reference(x, t):
-    n = x.shape[0]
-    lse = np.empty(n)
-    for s in range(0, n, 256):
-        xd = x[s:s + 256].astype(np.float64)
-        m = xd.max(1)
-        lse[s:s + 256] = np.log(np.exp(xd - m[:, None]).sum(1)) + m
-    loss = float(np.mean(lse - x[np.arange(n), t]))
-    idx = np.unique(np.array([0, n // 2, n - 1]))
-    g = np.exp(x[idx].astype(np.float64) - lse[idx, None])
-    g[np.arange(len(idx)), t[idx]] -= 1
-    return loss, idx, g / n
 
 
 def worker(spec: dict) -> None:
@@ -68,8 +50,8 @@ def worker(spec: dict) -> None:
     for k, (shape, _) in enumerate(MIX):
         data[shape] = []
         for s in range(2):
-            x, t = _batch(*shape, seed=1000 * i + 10 * k + s)
-            data[shape].append((x, t, _reference(x, t)))
+            x, t = common.make_batch(*shape, seed=1000 * i + 10 * k + s)
+            data[shape].append((x, t, common.reference_mean_ce(x, t)))
     shapes = [s for s, _ in MIX]
     probs = np.array([p for _, p in MIX])
     client = Client(spec["url"], api_key=spec["key"], retries=0, timeout=300)

@@ -42,32 +42,14 @@ B_SHAPE = (64, 1000)
 # ---------------------------------------------------------------------------------------------
 # client worker process
 
-def _batch(n: int, v: int, seed: int):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((n, v), dtype=np.float32) * 2).astype(np.float32)
-    return x, rng.integers(0, v, n, dtype=np.int64)
-
-
-def _reference(x, t):
-    n = x.shape[0]
-    lse = np.empty(n)
-    for s in range(0, n, 256):
-        xd = x[s:s + 256].astype(np.float64)
-        m = xd.max(1)
-        lse[s:s + 256] = np.log(np.exp(xd - m[:, None]).sum(1)) + m
-    loss = float(np.mean(lse - x[np.arange(n), t]))
-    idx = np.array([0, n // 2, n - 1])
-    g = np.exp(x[idx].astype(np.float64) - lse[idx, None])
-    g[np.arange(3), t[idx]] -= 1
-    return loss, idx, g / n
 
 
 def worker(spec: dict) -> None:
     """Closed loop(s) until 'stop' on stdin or spec['duration']; prints RESULT {json}."""
     from clce_client import Client, errors
 
-    x, t = _batch(spec["n"], spec["v"], spec["seed"])
-    loss_ref, idx, g_ref = _reference(x, t)
+    x, t = common.make_batch(spec["n"], spec["v"], spec["seed"])
+    loss_ref, idx, g_ref = common.reference_mean_ce(x, t)
     client = Client(spec["url"], api_key=spec["key"], retries=0, timeout=300)
     stop = threading.Event()
     lock = threading.Lock()

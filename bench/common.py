@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -269,3 +271,26 @@ class ServerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def make_batch(n: int, v: int, seed: int):
+    """Random fp32 logits (scale 2) and int64 class targets."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, v), dtype=np.float32) * 2).astype(np.float32)
+    return x, rng.integers(0, v, n, dtype=np.int64)
+
+
+def reference_mean_ce(x, t):
+    """Independent numpy (fp64) reference: the mean loss, and the gradient of rows 0, n/2, n-1
+    (returned as (loss, row indices, their gradient rows))."""
+    n = x.shape[0]
+    lse = np.empty(n)
+    for s in range(0, n, 256):
+        xd = x[s:s + 256].astype(np.float64)
+        m = xd.max(1)
+        lse[s:s + 256] = np.log(np.exp(xd - m[:, None]).sum(1)) + m
+    loss = float(np.mean(lse - x[np.arange(n), t]))
+    idx = np.unique(np.array([0, n // 2, n - 1]))
+    g = np.exp(x[idx].astype(np.float64) - lse[idx, None])
+    g[np.arange(len(idx)), t[idx]] -= 1
+    return loss, idx, g / n

@@ -218,6 +218,14 @@ inline void write_row(__global acc_t *row_loss, __global acc_t *row_zloss, __glo
     if (row_lse) row_lse[r] = (float)LSE_OUT(m, lse);
 }
 
+/* Row r's first logit, soft target and gradient element; its classes lie S apart. */
+#define ROW_POINTERS(r)                                                                         \
+    const ulong n = (r) / S, s_ = (r) - n * S;                                                  \
+    const ulong base = n * (ulong)C * S + s_;                                                   \
+    __global const in_t *xr = x + base;                                                         \
+    __global const in_t *yr = ysoft ? ysoft + base : 0;                                         \
+    __global grad_t *gr = grad ? grad + base : 0;
+
 /* Pass 2 for one class j (scalar): adds the terms that need lse to *sum2 (soft: the loss;
  * hard with smoothing: w_j (lse - z_j)) and returns b_j, the part of the gradient that does not
  * scale with p_j (the true class's term excepted). */
@@ -300,11 +308,7 @@ __kernel void ce_rows(__global const in_t *x,        /* logits */
                       const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
     const ulong r = row0 + get_global_id(0);
     if (r >= row0 + nrows) return;
-    const ulong n = r / S, s_ = r - n * S;
-    const ulong base = n * (ulong)C * S + s_;
-    __global const in_t *xr = x + base;
-    __global const in_t *yr = ysoft ? ysoft + base : 0;
-    __global grad_t *gr = grad ? grad + base : 0;
+    ROW_POINTERS(r)
     const int t = tgt ? tgt[r] : 0;
     const int valid = !tgt || t >= 0;
     const bool contig = (S == 1);
@@ -470,11 +474,7 @@ __kernel void ce_rows8(__global const in_t *x, __global const int *tgt, __global
                        const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
     const ulong r = row0 + 8 * get_global_id(0);
     if (r >= row0 + nrows) return;
-    const ulong n = r / S, s_ = r - n * S;
-    const ulong base = n * (ulong)C * S + s_;
-    __global const in_t *xr = x + base;
-    __global const in_t *yr = ysoft ? ysoft + base : 0;
-    __global grad_t *gr = grad ? grad + base : 0;
+    ROW_POINTERS(r)
     int tl[8];
     for (int l = 0; l < 8; ++l) tl[l] = tgt ? tgt[r + l] : 0;
     const mask8_t t8 = (mask8_t)(tl[0], tl[1], tl[2], tl[3], tl[4], tl[5], tl[6], tl[7]);
@@ -567,11 +567,7 @@ void ce_rows(__global const in_t *x, __global const int *tgt, __global const in_
     const uint lid = get_local_id(0);
     const ulong r = row0 + get_group_id(0);
     if (r >= row0 + nrows) return;                 /* uniform across the group */
-    const ulong n = r / S, s_ = r - n * S;
-    const ulong base = n * (ulong)C * S + s_;
-    __global const in_t *xr = x + base;
-    __global const in_t *yr = ysoft ? ysoft + base : 0;
-    __global grad_t *gr = grad ? grad + base : 0;
+    ROW_POINTERS(r)
     const int t = tgt ? tgt[r] : 0;
     const int valid = !tgt || t >= 0;
     const acc_t inv_c = (acc_t)1 / (acc_t)C;
