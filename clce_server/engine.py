@@ -159,10 +159,7 @@ class LossEngine:
         b["grad"] = None
         if prep.want_grad:
             g.grad_host = prep.grad.reshape(p.batch, -1)[g.n0:g.n1]
-            if dev.host_unified:
-                b["grad"] = cl.Buffer(dev.context, MF.WRITE_ONLY | MF.USE_HOST_PTR, hostbuf=as_storage(g.grad_host))
-            else:
-                b["grad"] = dev.pool.allocate(g.grad_host.nbytes)
+            b["grad"] = self._output_buffer(as_storage(g.grad_host))
         b["row_loss"] = dev.pool.allocate(g.rows * acc.itemsize)
         b["row_zloss"] = dev.pool.allocate(g.rows * acc.itemsize)
         b["row_lse"] = dev.pool.allocate(g.rows * 4) if prep.want_lse else None
@@ -175,6 +172,43 @@ class LossEngine:
         buf = dev.pool.allocate(max(arr.nbytes, 1))
         cl.enqueue_copy(dev.queue, buf, np.ascontiguousarray(arr), is_blocking=False)
         return buf
+
+    def _output_buffer(self, host: np.ndarray) -> cl.Buffer:
+        """Where a kernel writes `host`'s contents: `host` itself on devices that compute in host
+        memory, else pooled device memory (read back by `_read_back`)."""
+        dev = self.device
+        if dev.host_unified:
+            return cl.Buffer(dev.context, MF.WRITE_ONLY | MF.USE_HOST_PTR, hostbuf=host)
+        return dev.pool.allocate(host.nbytes)
+
+    def _read_back(self, buf: cl.Buffer, host: np.ndarray) -> None:
+        q = self.device.queue
+        if self.device.host_unified:
+            # The kernel wrote into host memory; a map/unmap pair is OpenCL's coherence point.
+            mapped, _ = cl.enqueue_map_buffer(q, buf, cl.map_flags.READ, 0, (host.nbytes,), np.uint8)
+            mapped.base.release(q)
+        else:
+            cl.enqueue_copy(q, host, buf)
+
+    def _reduce(self, dtype: str, b: dict, starts: np.ndarray, wait_for=None) -> tuple[np.ndarray, float]:
+        """Deterministic per-segment sums of the per-row results (reduce_rows.cl): an array of
+        (segments, 4) float64 — loss, z-loss, correct argmaxes — and the device seconds."""
+        dev, q = self.device, self.device.queue
+        red_dt = np.float64 if (dev.has_fp64 or dtype == "float64") else np.float32
+        nseg = len(starts) - 1
+        out = np.empty(4 * nseg, red_dt)
+        seg_buf = cl.Buffer(dev.context, MF.READ_ONLY | MF.COPY_HOST_PTR, hostbuf=starts.astype(np.uint64))
+        out_buf = dev.pool.allocate(out.nbytes)
+        try:
+            k = dev.kernel("reduce", dtype)
+            k.set_args(b["row_loss"], b["row_zloss"], b["row_amax"], b["tgt"], seg_buf, out_buf)
+            wg = dev.tuning["RED_WG_SIZE"]
+            ev = cl.enqueue_nd_range_kernel(q, k, (wg * nseg,), (wg,), wait_for=wait_for)
+            cl.enqueue_copy(q, out, out_buf, wait_for=[ev])
+        finally:
+            out_buf.release()
+            seg_buf.release()
+        return out.astype(np.float64).reshape(nseg, 4), (ev.profile.end - ev.profile.start) * 1e-9
 
     def run_chunk(self, prep: PreparedLoss, chunk: tuple[int, int, int]) -> float:
         """Launch the fused kernel over rows [start, start + count) of one group; device seconds."""
@@ -213,28 +247,17 @@ class LossEngine:
         if prep.done_rows != p.rows:
             raise RuntimeError(f"finish() after {prep.done_rows} of {p.rows} rows")
         acc = np.float64 if p.compute_dtype == "float64" else np.float32
-        red_dt = np.float64 if (dev.has_fp64 or p.compute_dtype == "float64") else np.float32
         q = dev.queue
         sums = np.zeros(4, np.float64)
         row_loss = np.empty(p.rows, acc) if p.reduction == "none" else None
         row_z = np.empty(p.rows, acc) if p.reduction == "none" else None
         lse = np.empty(p.rows, np.float32) if prep.want_lse else None
         amax = np.empty(p.rows, np.int32) if prep.want_argmax else None
-        wg = dev.tuning["RED_WG_SIZE"]
-        k = dev.kernel("reduce", p.compute_dtype)
         for g in prep.groups:
             b = g.buffers
-            seg_buf = cl.Buffer(dev.context, MF.READ_ONLY | MF.COPY_HOST_PTR,
-                                hostbuf=np.array([0, g.rows], np.uint64))
-            out = np.empty(4, red_dt)
-            out_buf = dev.pool.allocate(out.nbytes)
-            k.set_args(b["row_loss"], b["row_zloss"], b["row_amax"], b["tgt"], seg_buf, out_buf)
-            ev = cl.enqueue_nd_range_kernel(q, k, (wg,), (wg,))
-            cl.enqueue_copy(q, out, out_buf, wait_for=[ev])
-            res.kernel_seconds += (ev.profile.end - ev.profile.start) * 1e-9
-            out_buf.release()
-            seg_buf.release()
-            sums += out.astype(np.float64)
+            out, secs = self._reduce(p.compute_dtype, b, np.array([0, g.rows]))
+            res.kernel_seconds += secs
+            sums += out[0]
             rows = slice(g.row0, g.row0 + g.rows)
             if row_loss is not None:
                 cl.enqueue_copy(q, row_loss[rows], b["row_loss"])
@@ -244,7 +267,7 @@ class LossEngine:
             if amax is not None:
                 cl.enqueue_copy(q, amax[rows], b["row_amax"])
             if prep.want_grad:
-                self._read_grad(prep, g)
+                self._read_back(b["grad"], as_storage(g.grad_host))
 
         if p.reduction == "none":
             total = row_loss + row_z if p.lse_square_scale else row_loss
@@ -346,13 +369,8 @@ class LossEngine:
                 "row_zloss": dev.pool.allocate(R * np.dtype(acc).itemsize),
                 "row_lse": dev.pool.allocate(R * 4) if want_lse else None,
                 "row_amax": dev.pool.allocate(R * 4) if want_argmax else None,
-                "seg": cl.Buffer(dev.context, MF.READ_ONLY | MF.COPY_HOST_PTR, hostbuf=starts)}
+                "grad": self._output_buffer(grad) if want_grad else None}
         gdt = "float64" if dt == "float64" else "float32"
-        if want_grad:
-            bufs["grad"] = (cl.Buffer(dev.context, MF.WRITE_ONLY | MF.USE_HOST_PTR, hostbuf=grad)
-                            if dev.host_unified else dev.pool.allocate(grad.nbytes))
-        else:
-            bufs["grad"] = None
         try:
             k = dev.kernel("ce", dt, gdt if want_grad else dt, p0.softcap > 0)
             k.set_args(bufs["x"], bufs["tgt"], bufs["y"], bufs["w"], bufs["grad"], bufs["row_loss"],
@@ -360,15 +378,7 @@ class LossEngine:
                        np.uint32(C), np.uint64(1), acc(p0.label_smoothing), acc(p0.weight_sum),
                        acc(1.0), acc(1.0), acc(0.0), acc(p0.softcap))
             ev = self._launch(k, R)
-            red_dt = np.float64 if (dev.has_fp64 or dt == "float64") else np.float32
-            sums = np.empty(4 * len(members), red_dt)
-            out_buf = dev.pool.allocate(sums.nbytes)
-            kr = dev.kernel("reduce", dt)
-            kr.set_args(bufs["row_loss"], bufs["row_zloss"], bufs["row_amax"], bufs["tgt"], bufs["seg"], out_buf)
-            wg = dev.tuning["RED_WG_SIZE"]
-            evr = cl.enqueue_nd_range_kernel(q, kr, (wg * len(members),), (wg,), wait_for=[ev])
-            cl.enqueue_copy(q, sums, out_buf, wait_for=[evr])
-            out_buf.release()
+            sums, red_secs = self._reduce(dt, bufs, starts, wait_for=[ev])
             row_loss = np.empty(R, acc) if any(m[1].reduction == "none" for m in members) else None
             if row_loss is not None:
                 cl.enqueue_copy(q, row_loss, bufs["row_loss"])
@@ -380,12 +390,8 @@ class LossEngine:
                 amax = np.empty(R, np.int32)
                 cl.enqueue_copy(q, amax, bufs["row_amax"])
             if want_grad:
-                if dev.host_unified:
-                    mapped, _ = cl.enqueue_map_buffer(q, bufs["grad"], cl.map_flags.READ, 0, (grad.nbytes,), np.uint8)
-                    mapped.base.release(q)
-                else:
-                    cl.enqueue_copy(q, grad, bufs["grad"])
-            secs = ((ev.profile.end - ev.profile.start) + (evr.profile.end - evr.profile.start)) * 1e-9
+                self._read_back(bufs["grad"], grad)
+            secs = (ev.profile.end - ev.profile.start) * 1e-9 + red_secs
         finally:
             for b in bufs.values():
                 if b is not None:
@@ -399,7 +405,7 @@ class LossEngine:
                 res.loss = row_loss[a:b].astype(loss_dt).reshape(p.row_shape)
             else:
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    total = np.float64(sums[4 * g])
+                    total = sums[g, 0]
                     res.loss = np.array(total / np.float64(p.denominator) if p.reduction == "mean" else total).astype(loss_dt)
             if want_grad:
                 res.grad = (grad[a:b] * acc(p.loss_scale)).astype(_np_dtype(p.grad_dtype)).reshape(p.input.shape)
@@ -408,7 +414,7 @@ class LossEngine:
             if amax is not None:
                 res.argmax = amax[a:b].astype(np.int64).reshape(p.row_shape)
                 if not p.soft:
-                    res.accuracy = float(sums[4 * g + 2]) / p.valid_rows if p.valid_rows else float("nan")
+                    res.accuracy = float(sums[g, 2]) / p.valid_rows if p.valid_rows else float("nan")
             results.append(res)
         return results
 
@@ -420,15 +426,6 @@ class LossEngine:
             return cl.enqueue_nd_range_kernel(dev.queue, k, (rows * wg,), (wg,))
         loc = dev.tuning.get("CE_LOCAL", 1)
         return cl.enqueue_nd_range_kernel(dev.queue, k, (rows,), (loc,) if rows % loc == 0 else None)
-
-    def _read_grad(self, prep: PreparedLoss, g: RowGroup) -> None:
-        dev, buf = prep.device, g.buffers["grad"]
-        if dev.host_unified:
-            # The kernel wrote into host memory; a map/unmap pair is OpenCL's coherence point.
-            mapped, _ = cl.enqueue_map_buffer(dev.queue, buf, cl.map_flags.READ, 0, (g.grad_host.nbytes,), np.uint8)
-            mapped.base.release(dev.queue)
-        else:
-            cl.enqueue_copy(dev.queue, as_storage(g.grad_host), buf)
 
     def _degenerate(self, prep: PreparedLoss, res: LossResult, loss_dt: np.dtype) -> LossResult:
         """No rows or no classes: nothing to launch; answer as PyTorch does."""
