@@ -164,18 +164,21 @@ class ServerState:
 
 
 def _warm_up(engine) -> None:
-    """One small call per start-up program, so PoCL's lazy per-kernel compile is not paid by a user."""
+    """One small call per program built at start-up and per kernel shape in it (rows of classes,
+    and spatial rows where the device has that shape), so PoCL's lazy per-kernel compile is not
+    paid by a user."""
+    from .engine import _np_dtype
+
     rng = np.random.default_rng(0)
-    x32 = rng.standard_normal((4, 67)).astype(np.float32)
-    t = np.array([0, 5, -100, 66])
-    for dt in ("float32", "float16", "bfloat16", "float64"):
-        if dt == "float64" and not engine.device.has_fp64:
+    shapes = [((4, 67), (4,)), ((1, 5, 8), (1, 8))]
+    for kind, in_dt, grad_dt, softcap in list(engine.device.programs):
+        if kind != "ce" or softcap:
             continue
-        from .engine import _np_dtype
-        x = x32.astype(_np_dtype(dt))
-        engine.cross_entropy(x, t, return_grad=True)
-        if dt in ("float16", "bfloat16"):
-            engine.cross_entropy(x, t, return_grad=True, grad_dtype="float32")
+        for xs, ts in shapes:
+            x = rng.standard_normal(xs).astype(np.float32).astype(_np_dtype(in_dt))
+            t = rng.integers(0, xs[1], ts)
+            t.reshape(-1)[0] = -100
+            engine.cross_entropy(x, t, return_grad=True, grad_dtype=grad_dt)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
