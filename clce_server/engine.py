@@ -123,11 +123,9 @@ class LossEngine:
                 return_grad: bool = False, grad_dtype: str | None = None, return_lse: bool = False,
                 return_argmax: bool = False, lse_square_scale: float = 0.0,
                 softcap: float | None = None) -> PreparedLoss:
-        p = semantics.check(input, target, weight, ignore_index, reduction, label_smoothing,
-                            grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
+        p = self._check(input, target, weight, ignore_index, reduction, label_smoothing,
+                        grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
         dev = self.device
-        if "float64" in (p.compute_dtype, p.grad_dtype) and not dev.has_fp64:
-            raise RuntimeError(f"the OpenCL device {dev.name!r} has no float64 support")
         prep = PreparedLoss(p, dev, bool(return_grad), bool(return_lse), bool(return_argmax))
         if p.rows == 0 or p.classes == 0:
             return prep
@@ -147,6 +145,17 @@ class LossEngine:
             self._alloc_group(prep, g)
             prep.groups.append(g)
         return prep
+
+    def _check(self, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+               grad_dtype=None, lse_square_scale=0.0, softcap=None, return_grad=False, return_lse=False,
+               return_argmax=False) -> semantics.Problem:
+        """PyTorch's argument checks, then what this device can run (return_* are accepted so a
+        request's keyword dict can be passed whole)."""
+        p = semantics.check(input, target, weight, ignore_index, reduction, label_smoothing,
+                            grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
+        if "float64" in (p.compute_dtype, p.grad_dtype) and not self.device.has_fp64:
+            raise RuntimeError(f"the OpenCL device {self.device.name!r} has no float64 support")
+        return p
 
     def _alloc_group(self, prep: PreparedLoss, g: RowGroup) -> None:
         p, dev, b = prep.problem, self.device, g.buffers
@@ -320,13 +329,8 @@ class LossEngine:
         out: list = [None] * len(requests)
         groups: dict = {}
         for i, kw in enumerate(requests):
-            kw = dict(kw)
-            x, t = kw.pop("input"), kw.pop("target")
             try:
-                p = semantics.check(x, t, kw.get("weight"), kw.get("ignore_index", -100),
-                                    kw.get("reduction", "mean"), kw.get("label_smoothing", 0.0),
-                                    grad_dtype=kw.get("grad_dtype"),
-                                    lse_square_scale=kw.get("lse_square_scale", 0.0), softcap=kw.get("softcap"))
+                p = self._check(**kw)
             except Exception as exc:   # this request's argument error; the others go on
                 out[i] = exc
                 continue
