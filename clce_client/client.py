@@ -377,6 +377,20 @@ class _Base:
             + (f": {type(last).__name__}: {last}" if last is not None else "")
         )
 
+    def _settle(self, resp: _Response, i: int) -> errors.ServerError | None:
+        """After replica i answered: None when the response is the answer; the error to retry on
+        another replica for 503 (starting or draining); any other error status raises."""
+        if resp.status < 400:
+            self._replicas.mark_up(i)
+            return None
+        err = errors.error_from_response(
+            resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers
+        )
+        if resp.status != 503:
+            raise err
+        self._replicas.mark_down(i)
+        return err
+
     @staticmethod
     def _json_or_msgpack(resp: _Response) -> Any:
         media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -484,17 +498,9 @@ class Client(_Base):
                 self._raise_for_timeout(exc, url)
             except httpx.HTTPError as exc:
                 raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
-            if resp.status >= 400:
-                err = errors.error_from_response(
-                    resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers
-                )
-                if resp.status == 503:
-                    self._replicas.mark_down(i)
-                    last = err
-                    continue
-                raise err
-            self._replicas.mark_up(i)
-            return resp
+            last = self._settle(resp, i)
+            if last is None:
+                return resp
         raise self._exhausted(attempts, last)
 
     def cross_entropy(
@@ -613,17 +619,9 @@ class AsyncClient(_Base):
                 self._raise_for_timeout(exc, url)
             except httpx.HTTPError as exc:
                 raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
-            if resp.status >= 400:
-                err = errors.error_from_response(
-                    resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers
-                )
-                if resp.status == 503:
-                    self._replicas.mark_down(i)
-                    last = err
-                    continue
-                raise err
-            self._replicas.mark_up(i)
-            return resp
+            last = self._settle(resp, i)
+            if last is None:
+                return resp
         raise self._exhausted(attempts, last)
 
     async def cross_entropy(
