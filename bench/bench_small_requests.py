@@ -5,7 +5,7 @@ answered (closed loop) to
 
   clce      ``python -m clce_server`` (open, no tenants file): decode, schedule, compute, answer
   trivial   a FastAPI app served by uvicorn the same way (this file with --serve-trivial) that only
-            decodes the same body with clce_client.protocol.decode_message + parse_request and
+            decodes the same body with clce_wire.protocol.decode_message + parse_request and
             answers a tiny msgpack body
 
 Both servers run from the start; the phases alternate (clce, trivial, clce, trivial, ...) so a
@@ -52,7 +52,7 @@ def serve_trivial(port: int) -> None:
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
 
-    from clce_client import protocol
+    from clce_wire import options, protocol
 
     # this module has `from __future__ import annotations`: FastAPI resolves the endpoint's
     # annotation "Request" in the module globals
@@ -63,7 +63,7 @@ def serve_trivial(port: int) -> None:
     @app.post(PATH)
     async def ce(request: Request):
         body = bytearray(await request.body())
-        protocol.parse_request(protocol.decode_message(body))
+        options.parse_request(protocol.decode_message(body))
         return Response(reply, media_type=protocol.MSGPACK)
 
     @app.get("/healthz")
@@ -78,7 +78,7 @@ def serve_trivial(port: int) -> None:
 # request, reference, load generator
 
 def make_request():
-    from clce_client import protocol
+    from clce_wire import options, protocol
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(SHAPE).astype(np.float32)
@@ -97,7 +97,7 @@ def make_request():
 
 
 def check_clce(body: bytes, loss_ref: float, grad_ref: np.ndarray) -> bool:
-    from clce_client import protocol
+    from clce_wire import options, protocol
 
     msg = protocol.decode_message(bytearray(body))
     loss = float(protocol.decode_tensor(msg["loss"]))

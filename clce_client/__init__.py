@@ -24,7 +24,7 @@ from .client import (
 )
 from . import errors
 from .errors import *  # noqa: F403  (the exception tree, listed once in errors.__all__)
-from .protocol import PROTOCOL_VERSION, ProtocolError
+from clce_wire.protocol import PROTOCOL_VERSION, ProtocolError
 
 __all__ = [
     "__version__",
@@ -45,7 +45,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Importing torch takes seconds; pay for it only when CrossEntropyLoss is asked for.
     if name == "CrossEntropyLoss":
-        from .torch_support import CrossEntropyLoss
+        from .nn import CrossEntropyLoss
 
         return CrossEntropyLoss
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

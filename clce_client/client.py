@@ -32,11 +32,11 @@ import httpx
 import numpy as np
 
 from . import errors
-from .protocol import (
+from clce_wire.options import options_doc, request_message
+from clce_wire.protocol import (
     JSON,
     aligned_body,
     MSGPACK,
-    PROTOCOL_VERSION,
     ProtocolError,
     Segment,
     decode_message,
@@ -117,58 +117,32 @@ def _wire_dtype(dtype: Any) -> str | None:
 
 
 class _Call:
-    """One cross_entropy call: its request message and how to turn the response into results."""
+    """One cross_entropy call: its request message and how to turn the response into results.
+    `options` are the request's options by name (clce_wire.options), as the caller gave them."""
 
-    def __init__(
-        self,
-        input: Any,
-        target: Any,
-        weight: Any,
-        ignore_index: int,
-        reduction: str,
-        label_smoothing: float,
-        return_grad: bool | None,
-        grad_dtype: Any,
-        return_lse: bool,
-        return_argmax: bool,
-        lse_square_scale: float,
-        softcap: float | None,
-        deadline_ms: float | None,
-    ):
+    def __init__(self, input: Any, target: Any, options: dict[str, Any]):
         self.torch = _is_torch_tensor(input)
         self.input = input
-        self.reduction = reduction
-        self.want_result = bool(return_grad) or bool(return_lse) or bool(return_argmax)
+        self.reduction = options.get("reduction", "mean")
+        return_grad = options.get("return_grad")
+        self.return_grad = bool(return_grad)
+        self.want_result = any(bool(options.get(k)) for k in ("return_grad", "return_lse", "return_argmax"))
         self.autograd = False
         if self.torch:
-            ts = _torch_support()
             import torch
 
-            self.autograd = (
-                return_grad is not False and input.requires_grad and torch.is_grad_enabled()
-            )
-            to_wire = ts.to_wire
+            self.autograd = return_grad is not False and input.requires_grad and torch.is_grad_enabled()
+            to_wire = _torch_support().to_wire
         else:
             input = np.asarray(input)
             to_wire = encode_tensor
-        # input first: the server places the body so the first tensor lands aligned
-        self.message = {
-            "input": to_wire(input),
-            "v": PROTOCOL_VERSION,
-            "target": to_wire(target),
-            "weight": None if weight is None else to_wire(weight),
-            "ignore_index": ignore_index,
-            "reduction": reduction,
-            "label_smoothing": label_smoothing,
-            "return_grad": bool(return_grad) or self.autograd,
-            "grad_dtype": _wire_dtype(grad_dtype),
-            "return_lse": bool(return_lse),
-            "return_argmax": bool(return_argmax),
-            "lse_square_scale": lse_square_scale,
-            "softcap": softcap,
-            "deadline_ms": deadline_ms,
-        }
-        self.return_grad = bool(return_grad)
+        values = {**options, "input": to_wire(input), "target": to_wire(target)}
+        if values.get("weight") is not None:
+            values["weight"] = to_wire(values["weight"])
+        values["return_grad"] = self.return_grad or self.autograd
+        if "grad_dtype" in values:
+            values["grad_dtype"] = _wire_dtype(values["grad_dtype"])
+        self.message = request_message(values)
 
     def finish(self, msg: dict[str, Any], server_timing: dict[str, float]) -> Any:
         if "loss" not in msg:
@@ -411,22 +385,21 @@ class _Base:
         timing = parse_server_timing(resp.headers.get("server-timing"))
         return call.finish(decode_message(memoryview(resp.body)), timing)
 
-    def _call(self, *args: Any, **kwargs: Any) -> tuple[_Call, list[Segment], int]:
-        call = _Call(*args, **kwargs)
+    def _call(self, input: Any, target: Any, **options: Any) -> tuple[_Call, list[Segment], int]:
+        call = _Call(input, target, options)
         segments = encode_message(call.message)
         return call, segments, message_nbytes(segments)
 
 
 _CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
 
-        Arguments mirror torch.nn.functional.cross_entropy; the keyword-only ones ask for extras:
-        return_grad (the input gradient for grad_output = 1; None = automatic for torch tensors
-        that require grad), grad_dtype (default: the input dtype), return_lse (float32
-        logsumexp per row), return_argmax (int64 argmax per row, plus accuracy), lse_square_scale
-        (adds scale * lse**2 to each row's loss; z_loss reports the term), softcap (tanh logit
-        soft-capping), deadline_ms (the server gives up with DeadlineExceeded after this long).
+        Positional arguments mirror torch.nn.functional.cross_entropy. Every request option
+        (clce_wire.options) is a keyword argument; return_grad=None (the default) sends the
+        gradient back for torch tensors that require grad, so loss.backward() works.
         Returns the loss, or a CrossEntropyResult when return_grad/return_lse/return_argmax is set.
-        """
+
+        Options:
+        """ + "\n".join("        " + line for line in options_doc(skip=("input", "target")).splitlines()) + "\n"
 
 
 class Client(_Base):
@@ -511,18 +484,11 @@ class Client(_Base):
         ignore_index: int = -100,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
-        *,
-        return_grad: bool | None = None,
-        grad_dtype: Any = None,
-        return_lse: bool = False,
-        return_argmax: bool = False,
-        lse_square_scale: float = 0.0,
-        softcap: float | None = None,
-        deadline_ms: float | None = None,
+        **options: Any,
     ) -> Any:
         call, segments, nbytes = self._call(
-            input, target, weight, ignore_index, reduction, label_smoothing, return_grad,
-            grad_dtype, return_lse, return_argmax, lse_square_scale, softcap, deadline_ms,
+            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, **options,
         )  # fmt: skip
         return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes))
 
@@ -632,18 +598,11 @@ class AsyncClient(_Base):
         ignore_index: int = -100,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
-        *,
-        return_grad: bool | None = None,
-        grad_dtype: Any = None,
-        return_lse: bool = False,
-        return_argmax: bool = False,
-        lse_square_scale: float = 0.0,
-        softcap: float | None = None,
-        deadline_ms: float | None = None,
+        **options: Any,
     ) -> Any:
         call, segments, nbytes = self._call(
-            input, target, weight, ignore_index, reduction, label_smoothing, return_grad,
-            grad_dtype, return_lse, return_argmax, lse_square_scale, softcap, deadline_ms,
+            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, **options,
         )  # fmt: skip
         resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes)
         return self._finish(call, resp)

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-from .protocol import ERROR_CODES, JSON, MSGPACK
+from clce_wire.protocol import ERROR_CODES, JSON, MSGPACK
 
 __all__ = [
     "ClceError",

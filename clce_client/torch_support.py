@@ -1,7 +1,7 @@
-"""torch glue: tensor <-> wire conversion, the autograd hook-up, and `CrossEntropyLoss`.
+"""torch glue: tensor <-> wire conversion and the autograd hook-up. Imports nothing of the
+client (the client imports it, lazily: importing torch takes seconds).
 
-Importable without torch: `CrossEntropyLoss` is then a plain callable class. bfloat16 tensors travel
-as their raw bits (viewed as int16), so torch users do not need ml_dtypes.
+bfloat16 tensors travel as their raw bits (viewed as int16), so torch users do not need ml_dtypes.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import WireTensor, decode_tensor, encode_tensor
+from clce_wire.protocol import WireTensor, decode_tensor, encode_tensor
 
 try:
     import torch
 except ImportError:
     torch = None
 
-__all__ = ["CrossEntropyLoss", "to_wire", "from_wire", "wire_dtype", "attach_grad"]
+__all__ = ["to_wire", "from_wire", "wire_dtype", "attach_grad"]
 
 if torch is not None:
     _WIRE_BY_TORCH = {
@@ -105,85 +105,3 @@ def attach_grad(input: Any, loss: Any, grad: Any, reduction: str) -> Any:
         class_dim = 0 if input.dim() == 1 else 1
     with torch.enable_grad():
         return _RemoteCrossEntropy.apply(input, loss, grad, class_dim)
-
-
-def _default_client() -> Any:
-    from .client import default_client
-
-    return default_client()
-
-
-class _CrossEntropyCall:
-    """The call both CrossEntropyLoss flavours share."""
-
-    def forward(self, input: Any, target: Any) -> Any:
-        client = self.client if self.client is not None else _default_client()
-        return client.cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-        )
-
-
-if torch is not None:
-
-    class CrossEntropyLoss(_CrossEntropyCall, torch.nn.Module):
-        """torch.nn.CrossEntropyLoss computed by a clce server.
-
-        ``client`` defaults to the module-level client (CLCE_URL, CLCE_API_KEY). With an
-        AsyncClient, calling the module returns an awaitable.
-        """
-
-        def __init__(
-            self,
-            weight: Any = None,
-            ignore_index: int = -100,
-            reduction: str = "mean",
-            label_smoothing: float = 0.0,
-            client: Any = None,
-        ):
-            super().__init__()
-            if weight is not None and not isinstance(weight, torch.Tensor):
-                weight = torch.as_tensor(weight)
-            self.register_buffer("weight", weight)  # follows .to(device) like torch's
-            self.ignore_index = ignore_index
-            self.reduction = reduction
-            self.label_smoothing = label_smoothing
-            self.client = client
-
-        def extra_repr(self) -> str:
-            return (
-                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}"
-            )
-
-else:
-
-    class CrossEntropyLoss(_CrossEntropyCall):  # type: ignore[no-redef]
-        """CrossEntropyLoss for numpy arrays (torch is not installed)."""
-
-        def __init__(
-            self,
-            weight: Any = None,
-            ignore_index: int = -100,
-            reduction: str = "mean",
-            label_smoothing: float = 0.0,
-            client: Any = None,
-        ):
-            self.weight = weight
-            self.ignore_index = ignore_index
-            self.reduction = reduction
-            self.label_smoothing = label_smoothing
-            self.client = client
-
-        def __call__(self, input: Any, target: Any) -> Any:
-            return self.forward(input, target)
-
-        def __repr__(self) -> str:
-            return (
-                f"CrossEntropyLoss(ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing})"
-            )

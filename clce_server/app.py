@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clce_client import protocol
+from clce_wire import options, protocol
 
 from . import __version__
 from .config import Settings
@@ -482,14 +482,14 @@ async def _serve_loss(state: ServerState, settings: Settings, request: Request) 
         t_decode = time.perf_counter()
         try:
             if as_msgpack:
-                args = protocol.parse_request(protocol.decode_message(memoryview(body)))
+                args = options.parse_request(protocol.decode_message(memoryview(body)))
             else:
                 text = body.tobytes()
                 if body_len > (1 << 20):
                     msg = await asyncio.to_thread(json.loads, text)
-                    args = await asyncio.to_thread(protocol.parse_request, msg, json=True)
+                    args = await asyncio.to_thread(options.parse_request, msg, json=True)
                 else:
-                    args = protocol.parse_request(json.loads(text), json=True)
+                    args = options.parse_request(json.loads(text), json=True)
         except (protocol.ProtocolError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError("bad_request", f"malformed request: {exc}") from None
         timings["decode"] = time.perf_counter() - t_decode

@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 
-from clce_client.protocol import ALIGN
+from clce_wire.protocol import ALIGN
 
 MiB = 1 << 20
 

@@ -25,7 +25,8 @@ import pytest
 import clce_client
 from clce_client import errors
 from clce_client.client import AsyncClient, Client, CrossEntropyResult, _chunks
-from clce_client.protocol import (
+from clce_wire.options import parse_request
+from clce_wire.protocol import (
     ERROR_CODES,
     MSGPACK,
     code_for_exception,
@@ -33,7 +34,6 @@ from clce_client.protocol import (
     encode_message,
     error_body,
     format_server_timing,
-    parse_request,
 )
 
 torch = pytest.importorskip("torch")

@@ -12,13 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clce_client import errors
-from clce_client.protocol import (
+from clce_wire.options import OPTION_NAMES, OPTIONS, REQUIRED, parse_request
+from clce_wire.protocol import (
     DTYPES,
     ERROR_CODES,
     MAX_DIMS,
     PROTOCOL_VERSION,
-    REQUEST_FIELDS,
-    REQUIRED_FIELDS,
     ProtocolError,
     WireTensor,
     code_for_exception,
@@ -31,7 +30,6 @@ from clce_client.protocol import (
     format_server_timing,
     message_nbytes,
     message_to_json,
-    parse_request,
     parse_server_timing,
     tensor_from_json,
     tensor_to_json,
@@ -174,7 +172,7 @@ def test_decode_tensor_validation_names_the_field(wt, message):
 
 
 def test_bfloat16_needs_ml_dtypes_for_numpy(monkeypatch):
-    from clce_client import protocol
+    from clce_wire import protocol
 
     monkeypatch.delitem(protocol._NUMPY_DTYPES, "bfloat16")
     with pytest.raises(ProtocolError, match="pip install ml_dtypes"):
@@ -405,12 +403,12 @@ def test_mutated_messages_raise_only_protocol_error(msg, tensor, edits):
 
 
 def test_request_fields_and_defaults():
-    assert REQUEST_FIELDS["v"] == PROTOCOL_VERSION == 1
-    assert REQUIRED_FIELDS == {"input", "target"}
+    assert PROTOCOL_VERSION == 1
+    assert REQUIRED == {"input", "target"}
     x = np.zeros((2, 3), np.float32)
     t = np.array([0, 2])
     req = parse_request(roundtrip({"v": 1, "input": x, "target": t}))
-    assert set(req) == set(REQUEST_FIELDS) - {"v"}
+    assert set(req) == OPTION_NAMES and [o.name for o in OPTIONS][:2] == ["input", "target"]
     assert req["ignore_index"] == -100 and req["reduction"] == "mean"
     assert req["label_smoothing"] == 0.0 and req["return_grad"] is False
     assert req["weight"] is None and req["softcap"] is None

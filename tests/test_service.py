@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
-from clce_client import protocol  # noqa: E402
-from clce_client.protocol import encode_message, encode_tensor  # noqa: E402
+from clce_wire import options, protocol  # noqa: E402
+from clce_wire.protocol import encode_message, encode_tensor  # noqa: E402
 
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -989,7 +989,7 @@ def test_openapi_documents_cross_entropy(http):
     content = op["requestBody"]["content"]
     assert {"application/json", "application/msgpack"} <= set(content)
     schema = content["application/json"]["schema"]
-    assert set(protocol.REQUEST_FIELDS) <= set(schema["properties"])
+    assert options.OPTION_NAMES <= set(schema["properties"])
     assert {"input", "target"} <= set(schema.get("required", []))
     assert schema["properties"]["reduction"]["enum"] == ["mean", "sum", "none"]
     assert {"400", "413", "415"} <= set(op["responses"])

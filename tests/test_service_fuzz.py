@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from serverproc import server_fixture  # noqa: E402
 
-from clce_client import protocol  # noqa: E402
+from clce_wire import options, protocol  # noqa: E402
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -198,7 +198,7 @@ JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
                          st.text(max_size=8))
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=8), inner, max_size=5)), max_leaves=30)
-FIELD_NAMES = [*protocol.REQUEST_FIELDS, "dtype", "shape", "data"]
+FIELD_NAMES = ["v", *options.OPTION_NAMES, "dtype", "shape", "data"]
 
 
 @st.composite

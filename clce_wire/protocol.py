@@ -34,9 +34,6 @@ __all__ = [
     "DTYPES",
     "MAX_DIMS",
     "ERROR_CODES",
-    "REQUEST_FIELDS",
-    "REQUIRED_FIELDS",
-    "RESPONSE_FIELDS",
     "ProtocolError",
     "WireTensor",
     "dtype_name",
@@ -49,8 +46,10 @@ __all__ = [
     "encode_message",
     "message_nbytes",
     "decode_message",
-    "parse_request",
     "tensor_from_json",
+    "kind_of",
+    "special_float",
+    "SPECIAL_FLOATS",
     "tensor_to_json",
     "message_to_json",
     "error_body",
@@ -589,108 +588,7 @@ def decode_message(
     return msg
 
 
-# ---------------------------------------------------------------------------------------------
-# requests and responses
-
-# Request fields and their defaults. input and target are required (see REQUIRED_FIELDS).
-REQUEST_FIELDS: Mapping[str, Any] = MappingProxyType(
-    {
-        "v": PROTOCOL_VERSION,
-        "input": None,
-        "target": None,
-        "weight": None,
-        "ignore_index": -100,
-        "reduction": "mean",
-        "label_smoothing": 0.0,
-        "return_grad": False,
-        "grad_dtype": None,
-        "return_lse": False,
-        "return_argmax": False,
-        "lse_square_scale": 0.0,
-        "softcap": None,
-        "deadline_ms": None,
-    }
-)
-REQUIRED_FIELDS = frozenset(("input", "target"))
-RESPONSE_FIELDS = ("v", "loss", "grad", "lse", "argmax", "accuracy", "z_loss")
-
-# field -> (wire kind, nullable)
-_FIELD_KINDS = {
-    "v": ("int", False),
-    "input": ("tensor", False),
-    "target": ("tensor", False),
-    "weight": ("tensor", True),
-    "ignore_index": ("int", False),
-    "reduction": ("str", False),
-    "label_smoothing": ("float", False),
-    "return_grad": ("bool", False),
-    "grad_dtype": ("str", True),
-    "return_lse": ("bool", False),
-    "return_argmax": ("bool", False),
-    "lse_square_scale": ("float", False),
-    "softcap": ("float", True),
-    "deadline_ms": ("float", True),
-}
-# JSON tensors given as bare nested lists: input and weight are float32; target is inferred like
-# torch.tensor does (ints -> int64 class indices, floats -> float32 probabilities).
-_JSON_DEFAULT_DTYPES = {"input": "float32", "target": None, "weight": "float32"}
-
-
-def parse_request(msg: Any, *, json: bool = False) -> dict[str, Any]:
-    """Check a decoded request's fields and types and fill in the defaults.
-
-    Returns every field of REQUEST_FIELDS except ``v``, tensors as numpy arrays. Only the wire
-    types are checked here; values (reduction names, index ranges...) are the server's semantics.
-    `json=True` reads tensors in the JSON form (see `tensor_from_json`).
-    """
-    if not isinstance(msg, Mapping):
-        raise ProtocolError("a request must be a map")
-    unknown = [k for k in msg if k not in REQUEST_FIELDS]
-    if unknown:
-        raise ProtocolError(f"unknown request field {unknown[0]!r}")
-    missing = sorted(REQUIRED_FIELDS - msg.keys())
-    if missing:
-        raise ProtocolError(f"missing request field {missing[0]!r}")
-    out: dict[str, Any] = {}
-    for field, default in REQUEST_FIELDS.items():
-        value = msg.get(field, default)
-        kind, nullable = _FIELD_KINDS[field]
-        if value is None and nullable:
-            out[field] = None
-        elif kind == "tensor":
-            if json:
-                out[field] = tensor_from_json(
-                    value, name=field, default_dtype=_JSON_DEFAULT_DTYPES[field]
-                )
-            elif isinstance(value, WireTensor):
-                out[field] = decode_tensor(value, name=field)
-            else:
-                raise ProtocolError(f"{field}: expected a tensor, got {_kind_of(value)}")
-        elif kind == "float":
-            if type(value) not in (int, float) and not (json and _special_float(value)):
-                raise ProtocolError(f"{field}: expected a number, got {_kind_of(value)}")
-            out[field] = float(_SPECIAL_FLOATS.get(value, value)) if json else float(value)
-        elif kind == "int":
-            if type(value) is not int:
-                raise ProtocolError(f"{field}: expected an integer, got {_kind_of(value)}")
-            out[field] = value
-        elif kind == "bool":
-            if type(value) is not bool:
-                raise ProtocolError(f"{field}: expected true or false, got {_kind_of(value)}")
-            out[field] = value
-        else:
-            if type(value) is not str:
-                raise ProtocolError(f"{field}: expected a string, got {_kind_of(value)}")
-            out[field] = value
-    v = out.pop("v")
-    if v != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"unsupported protocol version {v}; this server speaks version {PROTOCOL_VERSION}"
-        )
-    return out
-
-
-def _kind_of(value: Any) -> str:
+def kind_of(value: Any) -> str:
     if value is None:
         return "nil"
     if isinstance(value, WireTensor):
@@ -701,11 +599,11 @@ def _kind_of(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # JSON form
 
-_SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def _special_float(value: Any) -> bool:
-    return type(value) is str and value in _SPECIAL_FLOATS
+def special_float(value: Any) -> bool:
+    return type(value) is str and value in SPECIAL_FLOATS
 
 
 def _flatten(value: Any, name: str) -> tuple[list[Any], tuple[int, ...]]:
@@ -728,7 +626,7 @@ def _flatten(value: Any, name: str) -> tuple[list[Any], tuple[int, ...]]:
 
 def _json_array(flat: list[Any], dtype: str | None, name: str) -> np.ndarray:
     for x in flat:
-        if type(x) not in (int, float, bool) and not _special_float(x):
+        if type(x) not in (int, float, bool) and not special_float(x):
             raise ProtocolError(f"{name}: {x!r} is not a number")
     if dtype is None:  # infer like torch.tensor
         if not flat or any(type(x) is float or type(x) is str for x in flat):
@@ -741,7 +639,7 @@ def _json_array(flat: list[Any], dtype: str | None, name: str) -> np.ndarray:
         raise ProtocolError(f"{name}: unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     target = numpy_dtype(dtype)
     if dtype in ("float32", "float64", "float16", "bfloat16"):
-        values = np.array([_SPECIAL_FLOATS.get(x, x) for x in flat], dtype=np.float64)
+        values = np.array([SPECIAL_FLOATS.get(x, x) for x in flat], dtype=np.float64)
         return values.astype(target)
     if dtype == "bool":
         if any(type(x) is not bool and x not in (0, 1) for x in flat):

@@ -1,0 +1,181 @@
+"""The request's options, declared once.
+
+Every field of a cross_entropy request is one `Option` below: its name, wire kind, default and
+documentation, and where it goes (the engine call, the coalescing key). Everything else is derived
+from `OPTIONS`: msgpack and JSON parsing (`parse_request`), the client's message
+(`request_message`), the engine's keyword arguments (`engine_kwargs`), the batch key
+(`shared_values`) and, in the server, the OpenAPI model. Adding an option is one declaration
+here plus its math in the server.
+
+Only wire types are checked here; values (reduction names, index ranges...) are the server's
+semantics, checked with PyTorch's messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import (
+    PROTOCOL_VERSION,
+    SPECIAL_FLOATS,
+    ProtocolError,
+    WireTensor,
+    decode_tensor,
+    kind_of,
+    special_float,
+    tensor_from_json,
+)
+
+__all__ = ["Option", "OPTIONS", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
+           "engine_kwargs", "shared_values", "options_doc"]
+
+_KINDS = ("tensor", "int", "float", "bool", "str")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One request field."""
+
+    name: str
+    kind: str                          # tensor | int | float | bool | str
+    default: Any = None
+    doc: str = ""
+    required: bool = False
+    nullable: bool = False             # nil (None) is a valid value
+    choices: tuple[str, ...] | None = None   # for str options (documentation and the OpenAPI enum)
+    ge: float | None = None            # bounds, for the OpenAPI model (the server checks values)
+    gt: float | None = None
+    le: float | None = None
+    engine: bool = True                # passed to the loss engine
+    shared: bool = False               # requests coalesced into one launch must agree on it
+    json_dtype: str | None = "float32"  # a tensor given as a bare JSON list: its dtype (None: infer)
+    example: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"option {self.name}: unknown kind {self.kind!r}")
+
+
+OPTIONS: tuple[Option, ...] = (
+    # input first: senders put it first so a receiver can align it (see first_data_offset)
+    Option("input", "tensor", required=True, example=[[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]],
+           doc="logits (C), (N, C) or (N, C, d1, ..., dk); a bare nested list is float32"),
+    Option("target", "tensor", required=True, json_dtype=None, example=[0, 2],
+           doc="class indices (), (N) or (N, d1, ..., dk), or probabilities shaped like input; "
+               "bare ints are int64"),
+    Option("weight", "tensor", nullable=True, shared=True, doc="class weights (C)"),
+    Option("ignore_index", "int", -100, doc="target value that is ignored"),
+    Option("reduction", "str", "mean", choices=("mean", "sum", "none"), doc="mean, sum or none"),
+    Option("label_smoothing", "float", 0.0, ge=0.0, le=1.0, shared=True,
+           doc="label smoothing in [0, 1]"),
+    Option("return_grad", "bool", False, shared=True,
+           doc="also return d loss / d input for grad_output = 1"),
+    Option("grad_dtype", "str", None, nullable=True, choices=("float32", "float64", "float16", "bfloat16"),
+           doc="dtype of the returned gradient (default: the input's)"),
+    Option("return_lse", "bool", False, shared=True, doc="per-row log-sum-exp"),
+    Option("return_argmax", "bool", False, shared=True,
+           doc="per-row argmax, and accuracy for class targets"),
+    Option("lse_square_scale", "float", 0.0, ge=0.0, shared=True,
+           doc="z-loss coefficient (PaLM): adds c * lse^2 per row"),
+    Option("softcap", "float", None, nullable=True, gt=0.0, shared=True,
+           doc="Gemma soft-capping: logits -> cap * tanh(logits / cap)"),
+    Option("deadline_ms", "float", None, nullable=True, gt=0.0, engine=False,
+           doc="answer 504 if not done within this time"),
+)
+OPTION_NAMES = frozenset(o.name for o in OPTIONS)
+REQUIRED = frozenset(o.name for o in OPTIONS if o.required)
+_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def _parse_value(opt: Option, value: Any, json: bool) -> Any:
+    if value is None and opt.nullable:
+        return None
+    kind, name = opt.kind, opt.name
+    if kind == "tensor":
+        if json:
+            return tensor_from_json(value, name=name, default_dtype=opt.json_dtype)
+        if isinstance(value, WireTensor):
+            return decode_tensor(value, name=name)
+        raise ProtocolError(f"{name}: expected a tensor, got {kind_of(value)}")
+    if kind == "float":
+        if type(value) in (int, float):
+            try:
+                return float(value)
+            except OverflowError:   # an int too big for a double
+                raise ProtocolError(f"{name}: {value} is out of range for a float") from None
+        if json and special_float(value):
+            return SPECIAL_FLOATS[value]
+        raise ProtocolError(f"{name}: expected a number, got {kind_of(value)}")
+    expected = {"int": (int, "an integer"), "bool": (bool, "true or false"), "str": (str, "a string")}[kind]
+    if type(value) is not expected[0]:
+        raise ProtocolError(f"{name}: expected {expected[1]}, got {kind_of(value)}")
+    return value
+
+
+def parse_request(msg: Any, *, json: bool = False) -> dict[str, Any]:
+    """Check a decoded request's fields and wire types and fill in the defaults.
+
+    Returns every option by name, tensors as numpy arrays. `json=True` reads tensors in the JSON
+    form (see `tensor_from_json`).
+    """
+    if not isinstance(msg, Mapping):
+        raise ProtocolError("a request must be a map")
+    for key in msg:
+        if key not in OPTION_NAMES and key != "v":
+            raise ProtocolError(f"unknown request field {key!r}")
+    missing = sorted(REQUIRED - msg.keys())
+    if missing:
+        raise ProtocolError(f"missing request field {missing[0]!r}")
+    v = msg.get("v", PROTOCOL_VERSION)
+    if type(v) is not int:
+        raise ProtocolError(f"v: expected an integer, got {kind_of(v)}")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {v}; this server speaks version {PROTOCOL_VERSION}")
+    return {o.name: _parse_value(o, msg.get(o.name, o.default), json) for o in OPTIONS}
+
+
+def request_message(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The wire message for option values (tensors already in wire form), in declaration order:
+    input first, so a receiver can place the body to align it. Options left out take their
+    defaults on the server."""
+    unknown = [k for k in values if k not in OPTION_NAMES]
+    if unknown:
+        raise TypeError(f"cross_entropy() got an unexpected keyword argument {unknown[0]!r}")
+    msg: dict[str, Any] = {}
+    for o in OPTIONS:
+        if o.name in values:
+            msg[o.name] = values[o.name]
+        if o.name == "input":
+            msg["v"] = PROTOCOL_VERSION
+    return msg
+
+
+def engine_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The loss engine's keyword arguments from parsed options."""
+    return {o.name: args[o.name] for o in OPTIONS if o.engine}
+
+
+def shared_values(args: Mapping[str, Any]) -> tuple:
+    """What requests sharing one launch must agree on, from the options marked `shared`
+    (tensors by dtype and bytes)."""
+    out = []
+    for o in OPTIONS:
+        if not o.shared:
+            continue
+        value = args[o.name]
+        if o.kind == "tensor" and value is not None:
+            value = (value.dtype.str, value.shape, value.tobytes())
+        out.append(value)
+    return tuple(out)
+
+
+def options_doc(skip: tuple[str, ...] = ("input", "target")) -> str:
+    """One line per option, for docstrings."""
+    lines = []
+    for o in OPTIONS:
+        if o.name in skip:
+            continue
+        lines.append(f"{o.name} (default {o.default!r}): {o.doc}")
+    return "\n".join(lines)
