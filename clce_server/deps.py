@@ -1,0 +1,36 @@
+"""FastAPI dependencies: the server state, the caller's tenant (auth), readiness."""
+
+from __future__ import annotations
+
+from fastapi import Depends, Request
+
+from .errors import ApiError
+from .state import ServerState
+from .tenants import Tenant
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.clce
+
+
+def authenticated_tenant(request: Request, state: ServerState = Depends(server_state)) -> Tenant:
+    """The tenant whose API key the request carries (the open tenant when no tenants file is set)."""
+    tenant = state.registry.authenticate(request.headers.get("authorization"))
+    ctx = request.scope.get("state", {}).get("clce_request")
+    if tenant is None:
+        raise ApiError("unauthorized", "missing or invalid API key (send Authorization: Bearer <key>)")
+    if ctx is not None:
+        ctx.tenant = tenant.name
+    return tenant
+
+
+def ready_state(state: ServerState = Depends(server_state)) -> ServerState:
+    """The state of a server that takes work now; 503 (with Retry-After when it is transient) while
+    starting, draining or after a failed start."""
+    if state.draining:
+        raise ApiError("not_ready", "draining: this server takes no new work", retry_after=1)
+    if state.init_error:
+        raise ApiError("not_ready", f"OpenCL initialisation failed: {state.init_error}")
+    if not state.ready.is_set():
+        raise ApiError("not_ready", "building and warming the OpenCL kernels", retry_after=2)
+    return state
