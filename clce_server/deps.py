@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the server state, the caller's tenant (auth), readiness."""
+"""FastAPI dependencies: the server state, the caller's tenant (auth), readiness.
+
+All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per
+dependency per request, which small requests cannot afford."""
 
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ from .state import ServerState
 from .tenants import Tenant
 
 
-def server_state(request: Request) -> ServerState:
+async def server_state(request: Request) -> ServerState:
     return request.app.state.clce
 
 
-def authenticated_tenant(request: Request, state: ServerState = Depends(server_state)) -> Tenant:
+async def authenticated_tenant(request: Request, state: ServerState = Depends(server_state)) -> Tenant:
     """The tenant whose API key the request carries (the open tenant when no tenants file is set)."""
     tenant = state.registry.authenticate(request.headers.get("authorization"))
     ctx = request.scope.get("state", {}).get("clce_request")
@@ -24,7 +27,7 @@ def authenticated_tenant(request: Request, state: ServerState = Depends(server_s
     return tenant
 
 
-def ready_state(state: ServerState = Depends(server_state)) -> ServerState:
+async def ready_state(state: ServerState = Depends(server_state)) -> ServerState:
     """The state of a server that takes work now; 503 (with Retry-After when it is transient) while
     starting, draining or after a failed start."""
     if state.draining:

@@ -65,7 +65,7 @@ class Admission:
     record: RequestRecord
 
 
-def admit(request: Request, tenant: Tenant = Depends(authenticated_tenant),
+async def admit(request: Request, tenant: Tenant = Depends(authenticated_tenant),
           state: ServerState = Depends(ready_state)) -> Admission:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in (protocol.MSGPACK, protocol.JSON):
