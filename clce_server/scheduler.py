@@ -110,6 +110,10 @@ class DeadlineExceeded(SchedulerError):
     code = "deadline_exceeded"
 
 
+class QueueTimeout(DeadlineExceeded):
+    """Still queued after the tenant's max_queue_time_ms (its queue policy rejects it)."""
+
+
 _QUEUED, _STARTED, _DONE = "queued", "started", "done"
 
 
@@ -183,6 +187,7 @@ class _Worker:
         self.queues: dict[str, deque[_Job]] = {}  # backlogged tenants only
         self.vtime: dict[str, float] = {}
         self.backlog_order: dict[str, int] = {}  # tie-break: earlier backlogged first
+        self.level: dict[str, int] = {}  # the queue's priority level (1 first); FIFO has one queue, one level
         self.vclock = 0.0  # virtual time of the last step taken
         self.reap: deque[_Job] = deque()  # started jobs whose caller is gone
         self.queued_jobs = 0
@@ -206,6 +211,7 @@ class _Worker:
             # Start at the current minimum so a tenant cannot bank credit while idle.
             self.vtime[name] = min(self.vtime.values(), default=self.vclock)
             self.backlog_order[name] = next(self.sched._counter)
+            self.level[name] = job.tenant.priority if name else 1
         queue.append(job)
         self.queued_jobs += 1
         self.queued_bytes += job.nbytes
@@ -216,7 +222,7 @@ class _Worker:
         queue = self.queues[name]
         queue.remove(job)
         if not queue:
-            del self.queues[name], self.vtime[name], self.backlog_order[name]
+            del self.queues[name], self.vtime[name], self.backlog_order[name], self.level[name]
         self.queued_jobs -= 1
         self.queued_bytes -= job.nbytes
 
@@ -233,7 +239,7 @@ class _Worker:
                     return "shutdown", queue[0]
                 return "exit", None
             if self.vtime:
-                name = min(self.vtime, key=lambda n: (self.vtime[n], self.backlog_order[n]))
+                name = min(self.vtime, key=lambda n: (self.level[n], self.vtime[n], self.backlog_order[n]))
                 self.vclock = self.vtime[name]
                 job = self.queues[name][0]
                 if job.abandoned:
@@ -535,16 +541,18 @@ class Scheduler:
         if not self._started:
             self.start()
         j = self._admit(tenant, nbytes, as_job(job), deadline, loop, request_bytes)
-        timer = None
+        timers = []
         if deadline is not None:
-            timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, j)
+            timers.append(loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, j))
+        if tenant.max_queue_time_ms is not None:
+            timers.append(loop.call_later(tenant.max_queue_time_ms / 1000.0, self._queue_timeout, j))
         try:
             return await j.future
         except asyncio.CancelledError:
             self._abandon(j, "cancelled")
             raise
         finally:
-            if timer is not None:
+            for timer in timers:
                 timer.cancel()
             if timings is not None:
                 timings.update(self._timings(j))
@@ -620,6 +628,22 @@ class Scheduler:
         if not job.future.done():
             job.future.set_exception(DeadlineExceeded(_deadline_message(job)))
         self._abandon(job, "deadline")
+
+    def _queue_timeout(self, job: _Job) -> None:
+        # Loop thread: the tenant's queue policy rejects work that waited too long to start; work
+        # that started runs to the end.
+        with self._lock:
+            if job.state is not _QUEUED or job.abandoned:
+                return
+            job.abandoned = True
+            job.abandon_outcome = "deadline"
+            idle_waiters = self._finish_locked(job, "deadline")
+        if not job.future.done():
+            job.future.set_exception(QueueTimeout(
+                f"rejected after {job.tenant.max_queue_time_ms:g} ms in the queue (the tenant's "
+                "max_queue_time_ms) before it started"))
+        for loop, waiter in idle_waiters:
+            _call_soon(loop, _set_done, waiter)
 
     def _abandon(self, job: _Job, outcome: str) -> None:
         """The caller is gone: drop the job if queued, else have its worker close it."""
@@ -718,6 +742,7 @@ class Scheduler:
                 tenant = self.registry.get(name)
                 tenants[name] = {
                     "weight": tenant.weight if tenant is not None else None,
+                    "priority": tenant.priority if tenant is not None else None,
                     "queue_depth": len(state.active),
                     "inflight_bytes": state.inflight_bytes,
                     "completed": state.outcomes["ok"],

@@ -15,6 +15,7 @@ import pytest
 from clce_server.metrics import Metrics
 from clce_wire.protocol import ERROR_CODES
 from clce_server.scheduler import (
+    QueueTimeout,
     AdmissionError,
     DeadlineExceeded,
     PayloadTooLarge,
@@ -36,11 +37,11 @@ def run(coro, timeout=30.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def wait_until(predicate, timeout=5.0):
+async def wait_until(predicate, timeout=5.0, what=None):
     end = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
+            raise AssertionError("condition not reached in time" + (f": {what()}" if what else ""))
         await asyncio.sleep(0.001)
 
 
@@ -744,3 +745,97 @@ def test_error_hierarchy():
     ]:
         assert issubclass(cls, SchedulerError) and ERROR_CODES[cls.code][0] == status
     assert not issubclass(DeadlineExceeded, AdmissionError)
+
+
+# -- priority levels and queue policy (Triton's priority_levels and queue timeout) ---------------
+
+
+def holding(gate, started):
+    """A job that holds its device from its first step until `gate` opens."""
+
+    def job(device):
+        started.set()
+        assert gate.wait(GATE_TIMEOUT)
+        yield 0.001
+        return "blocker"
+
+    return job
+
+
+def test_a_higher_priority_level_is_served_first_whatever_the_weights(make):
+    hi = tenant("hi", weight=1.0, priority=1)
+    lo = tenant("lo", weight=100.0, priority=2)
+    sched = make(tenants=[hi, lo])
+    gate, log = threading.Event(), []
+
+    async def main():
+        started = threading.Event()
+        tasks = [asyncio.create_task(sched.submit(lo, 0, holding(gate, started)))]
+        await wait_until(started.is_set)
+        for k in range(3):    # lo queues first, and weighs 100x more
+            tasks.append(asyncio.create_task(sched.submit(lo, 0, steps_job(2, log=log, tag=f"lo{k}"))))
+        for k in range(3):
+            tasks.append(asyncio.create_task(sched.submit(hi, 0, steps_job(2, log=log, tag=f"hi{k}"))))
+        await wait_until(lambda: queued(sched) == 7, what=lambda: (queued(sched), log))
+        gate.set()
+        await asyncio.gather(*tasks)
+
+    run(main())
+    order = [tag for tag, _, _ in log]
+    assert order[:6] == ["hi0", "hi0", "hi1", "hi1", "hi2", "hi2"], order
+    assert sorted(order[6:]) == sorted(["lo0", "lo0", "lo1", "lo1", "lo2", "lo2"])
+
+
+def test_weights_share_the_device_within_a_level(make):
+    a = tenant("a", weight=3.0, priority=2)
+    b = tenant("b", weight=1.0, priority=2)
+    sched = make(tenants=[a, b])
+    gate, log = threading.Event(), []
+
+    async def main():
+        started = threading.Event()
+        blocker = asyncio.create_task(sched.submit(a, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        jobs = [asyncio.create_task(sched.submit(t, 0, steps_job(40, dt=0.01, log=log, tag=t.name))) for t in (a, b)]
+        await wait_until(lambda: queued(sched) == 3)
+        gate.set()
+        await asyncio.gather(blocker, *jobs)
+
+    run(main())
+    first = [tag for tag, _, _ in log][:40]
+    assert 26 <= first.count("a") <= 34, first   # 3:1 while both are backlogged
+
+
+def test_queue_policy_rejects_work_queued_too_long_but_not_work_that_started(make):
+    patient = tenant("patient")
+    hasty = tenant("hasty", max_queue_time_ms=50)
+    sched = make(tenants=[patient, hasty])
+    gate = threading.Event()
+
+    async def main():
+        started = threading.Event()
+        blocker = asyncio.create_task(sched.submit(patient, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        t0 = time.monotonic()
+        with pytest.raises(QueueTimeout) as info:
+            await sched.submit(hasty, 0, steps_job(1, tag="late"))
+        waited = time.monotonic() - t0
+        assert ERROR_CODES[info.value.code][0] == 504 and "max_queue_time_ms" in str(info.value)
+        gate.set()
+        assert await blocker == "blocker"
+        # a job that starts within its queue time runs to the end, however long it takes
+        done = await sched.submit(hasty, 0, steps_job(5, sleep=0.03, tag="slow"))
+        return waited, done, sched.stats()["tenants"]["hasty"]
+
+    waited, done, stats = run(main())
+    assert 0.04 <= waited < 2.0
+    assert done[0] == "slow"
+    assert stats["deadline_exceeded"] == 1 and stats["completed"] == 1 and stats["queue_depth"] == 0
+
+
+def test_tenant_priority_and_queue_time_are_validated():
+    with pytest.raises(ValueError, match="priority"):
+        tenant("x", priority=0)
+    with pytest.raises(ValueError, match="max_queue_time_ms"):
+        tenant("x", max_queue_time_ms=-1)
+    assert tenant("x").priority == 1 and tenant("x").max_queue_time_ms is None
