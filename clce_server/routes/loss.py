@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from clce_wire import options, protocol
+from clce_wire import fastpath, options, protocol
 
 from ..deps import authenticated_tenant, ready_state
 from ..errors import ApiError
@@ -170,7 +170,7 @@ async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if adm.as_msgpack:
-            args = options.parse_request(protocol.decode_message(memoryview(body)))
+            args = options.parse_request(fastpath.decode_small(memoryview(body)))
         elif body.nbytes > JSON_IN_THREAD_BYTES:
             args = await asyncio.to_thread(lambda: options.parse_request(json.loads(body.tobytes()), json=True))
         else:
@@ -255,9 +255,12 @@ async def encode(result, args: dict[str, Any], adm: Admission, backing) -> Respo
     # Once the response is out, nothing refers to the body or the gradient: back to the pool.
     recycle = BackgroundTask(_recycle, backing, result.grad) if backing is not None or result.grad is not None else None
     if adm.as_msgpack:
+        if sum(v.nbytes for v in msg.values() if isinstance(v, np.ndarray)) <= fastpath.SMALL_BYTES:
+            return Response(fastpath.encode_small(msg), media_type=protocol.MSGPACK, headers=headers,
+                            background=recycle)
         segments = protocol.encode_message(msg)
         size = protocol.message_nbytes(segments)
-        if size <= STREAM_CHUNK:   # small: one write, no per-chunk threadpool hop
+        if size <= STREAM_CHUNK:   # one write, no per-chunk threadpool hop
             return Response(b"".join(segments), media_type=protocol.MSGPACK, headers=headers, background=recycle)
         headers["Content-Length"] = str(size)
         return StreamingResponse(_slices(segments), media_type=protocol.MSGPACK, headers=headers,
