@@ -33,7 +33,7 @@ class RequestRecord:
     """What one request did; stages fill it in, `RecordRequests` publishes it."""
 
     request_id: str
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)   # headers parsed: the app sees the request
     tenant: str | None = None
     outcome: str | None = None          # set by a stage when the status alone does not say
     timings: dict[str, float] = field(default_factory=dict)   # stage -> seconds
@@ -58,11 +58,12 @@ class RecordRequests:
         state: ServerState = scope["app"].state.clce
         record = RequestRecord(f"{_ID_PREFIX}{next(_ids):x}")
         scope.setdefault("state", {})["clce_request"] = record
-        status, sent = 500, 0
+        status, sent, send_started = 500, 0, None
 
         async def send_recorded(message):
-            nonlocal status, sent
+            nonlocal status, sent, send_started
             if message["type"] == "http.response.start":
+                send_started = time.perf_counter()
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 if not any(k.lower() == b"x-request-id" for k, _ in headers):
@@ -71,6 +72,8 @@ class RecordRequests:
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body") and send_started:
+                record.stage("send", time.perf_counter() - send_started)
 
         state.inflight_http += 1
         try:
@@ -91,6 +94,7 @@ def _publish(state: ServerState, scope, record: RequestRecord, status: int, sent
         client = scope.get("client")
         access_log.info(json.dumps({
             "request_id": record.request_id, "tenant": tenant, "outcome": outcome, "status": status,
+            "t_arrive": record.started,
             "bytes_in": record.body_bytes, "bytes_out": sent, "rows": record.rows, "ms": round(total * 1000, 3),
             **{f"{k}_ms": round(v * 1000, 3) for k, v in t.items() if k != "total"},
             "client": client[0] if client else None}))

@@ -93,7 +93,9 @@ async def admit(request: Request, tenant: Tenant = Depends(authenticated_tenant)
                504: {"description": "deadline exceeded"}},
 )
 async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Response:
+    t0 = time.perf_counter()
     body, backing = await read_body(request, adm.body_limit)
+    adm.record.stage("body", time.perf_counter() - t0)
     adm.record.body_bytes = body.nbytes
     try:
         args = await decode(body, adm)
@@ -216,7 +218,8 @@ async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_
             return None
     result = await submit
     adm.record.stage("queue", sched_timings.get("queue_s", 0.0))
-    adm.record.stage("kernel", result.kernel_seconds)
+    adm.record.stage("run", sched_timings.get("compute_s", 0.0))   # the job on its worker thread
+    adm.record.stage("kernel", result.kernel_seconds)              # of which device time
     adm.record.rows = result.rows
     return result
 
@@ -249,7 +252,15 @@ def result_message(result, args: dict[str, Any]) -> dict[str, Any]:
 
 async def encode(result, args: dict[str, Any], adm: Admission, backing) -> Response:
     record = adm.record
+    t0 = time.perf_counter()
     msg = result_message(result, args)
+    response = await _encoded(msg, result, adm, backing)
+    record.stage("encode", time.perf_counter() - t0)
+    return response
+
+
+async def _encoded(msg: dict[str, Any], result, adm: Admission, backing) -> Response:
+    record = adm.record
     record.stage("total", time.perf_counter() - record.started)
     headers = {"Server-Timing": protocol.format_server_timing({k: v * 1000 for k, v in record.timings.items()})}
     # Once the response is out, nothing refers to the body or the gradient: back to the pool.
