@@ -212,7 +212,7 @@ class Naive:
         self.N, self.C = x.shape[0], x.shape[1]
         self.S = int(np.prod(x.shape[2:], dtype=np.int64)) if x.ndim > 2 else 1
         self.R = self.N * self.S
-        self.row_wg = dev.tuning.get("CE_WG_SIZE", 256) if dev.tuning["CE_WG_PER_ROW"] else 1
+        self.row_wg = dev.launch.local_size if dev.launch.rows == "group" else 1
         self.red_wg = 16 if dev.kind == "cpu" else 256
         contig = int(self.S == 1 and self.row_wg == 1)
         self.prg = _naive_program(dev, self.row_wg, contig, self.red_wg)
@@ -340,6 +340,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
     import torch.nn.functional as F
 
     from clce_server.device import as_storage
+    from clce_server.hostmem import POOL
 
     x_np, t_np, x_t, t_t = make_data(shape, dt)
     itemsize = x_np.dtype.itemsize
@@ -352,7 +353,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
         # as the server does: the gradient buffer goes back to the pool once used, so steady-state
         # calls reuse mapped pages (fused* below touches them explicitly, as a cross-check)
         res = engine.cross_entropy(x_np, t_np, return_grad=True)
-        engine.recycle(res)
+        POOL.release(res.grad)
         return res.kernel_seconds
 
     def fused_prefaulted():
@@ -365,7 +366,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
             res = engine.finish(prep)
         finally:
             prep.release()
-        engine.recycle(res)   # else this call keeps the pooled buffer and `fused` pays fresh pages
+        POOL.release(res.grad)   # else this call keeps the pooled buffer and `fused` pays fresh pages
         return res.kernel_seconds
 
     xr = x_t.detach().clone().requires_grad_(True)
@@ -497,7 +498,7 @@ def main(argv=None) -> int:
     dev = open_devices(args.device)[0]
     engine = LossEngine(dev)
     print(f"device: {dev.name} [{dev.platform}] kind={dev.kind} CUs={dev.cl_device.max_compute_units} "
-          f"tuning={dev.tuning}; torch {torch.__version__} threads={torch.get_num_threads()}", flush=True)
+          f"tuning={dev.tuning.describe()}; torch {torch.__version__} threads={torch.get_num_threads()}", flush=True)
 
     methods_per_shape = 6
     total = sum((repeat + 1) * (methods_per_shape + (1 if dt == "float32" else 0)) for _, dt in shapes)

@@ -31,139 +31,27 @@
  * 'mean'). So the gradient is exactly d(reduced loss)/dx for grad_output = 1. Per-row losses go
  * to row_loss / row_zloss and are summed by reduce_rows.cl in a fixed order (deterministic).
  *
- * Half types: fp16 is read with vload_half and written with vstore_half_rte, bf16 travels as
- * ushort bits; all math is in float (double for fp64 input). The true-class term of the gradient,
- * p_t K - (1-eps) w_t - ..., is formed in full precision and rounded once.
+ * The true-class term of the gradient, p_t K - (1-eps) w_t - ..., is formed in full precision
+ * and rounded once. Types, loads, stores and exp come from common.cl (prepended at build time).
  *
- * Tunables (build options, chosen per device in clce_server/device.py):
- *   CE_WG_PER_ROW   0: one work-item per row, float8 loads (CPU devices; PoCL measured ~6x faster
- *                   than a work-group striding a row); 1: one work-group per row (GPUs).
- *   CE_WG_SIZE      work-group size when CE_WG_PER_ROW (power of two).
- *   CE_NATIVE_EXP   use native_exp/native_log (faster on some GPUs, less exact).
- *   CE_EXP2         exp(x) as exp2(x log2 e) (cheaper in PoCL's vector math library).
- *   CE_SOFTCAP      1 compiles the soft-cap in (a separate build: even switched off at run time,
- *                   its code slowed the common case ~1.5x on PoCL).
- *   CE_MAX_BLOCKS / CE_MIN_BLOCK  blocks of the blocked online softmax (work-item-per-row shape):
- *                   at most CE_MAX_BLOCKS per row (a private array), each at least CE_MIN_BLOCK.
- * Types: IN_DTYPE / GRAD_DTYPE  0 float32, 1 float16, 2 bfloat16, 3 float64.
+ * Kernel shapes (the engine picks one per launch from the device's LaunchShape):
+ *   ce_rows_item   one work-item per row, float8 loads, blocked online softmax (CPU devices;
+ *                  PoCL measured ~6x faster than a work-group striding a row)
+ *   ce_spatial8    eight spatial rows per work-item, lanes are rows (CPU, (N, C, d..) input)
+ *   ce_rows_group  one work-group of CE_WG_SIZE work-items per row (GPUs)
  * ============================================================================================ */
 
-#ifndef IN_DTYPE
-#define IN_DTYPE 0
-#endif
-#ifndef GRAD_DTYPE
-#define GRAD_DTYPE IN_DTYPE
-#endif
-#ifndef CE_WG_PER_ROW
-#define CE_WG_PER_ROW 0
-#endif
 #ifndef CE_WG_SIZE
-#define CE_WG_SIZE 256
-#endif
-#ifndef CE_NATIVE_EXP
-#define CE_NATIVE_EXP 0
+#define CE_WG_SIZE 256      // ce_rows_group: work-items per row (power of two; the launch's local size)
 #endif
 #ifndef CE_MAX_BLOCKS
-#define CE_MAX_BLOCKS 256
+#define CE_MAX_BLOCKS 256   // ce_rows_item: at most this many softmax blocks per row (a private array)
 #endif
 #ifndef CE_MIN_BLOCK
-#define CE_MIN_BLOCK 256
+#define CE_MIN_BLOCK 256    // ce_rows_item: classes per block, at least (L1-resident blocks)
 #endif
-
-#if IN_DTYPE == 3 || GRAD_DTYPE == 3
-#pragma OPENCL EXTENSION cl_khr_fp64 : enable
-#endif
-
-/* ---- accumulation type ---- */
-#if IN_DTYPE == 3
-typedef double acc_t;
-typedef double8 acc8_t;
-#define ACC_INF ((double)INFINITY)
-#else
-typedef float acc_t;
-typedef float8 acc8_t;
-#define ACC_INF INFINITY
-#endif
-
-#ifndef CE_EXP2
-#define CE_EXP2 0
-#endif
-#if CE_NATIVE_EXP && IN_DTYPE != 3
-#define EXP(x) native_exp(x)
-#define LOG(x) native_log(x)
-#elif CE_EXP2 && IN_DTYPE != 3
-/* exp(x) = exp2(x log2 e): about 30% cheaper in PoCL's vector math; relative error ~|x| 6e-8 */
-#define EXP(x) exp2((x) * (acc_t)M_LOG2E_F)
-#define LOG(x) log(x)
-#else
-#define EXP(x) exp(x)
-#define LOG(x) log(x)
-#endif
-
-/* ---- loads (input and soft targets share the input's storage type) ---- */
-#if IN_DTYPE == 0
-typedef float in_t;
-#define LOAD1(p, i) ((acc_t)(p)[(i)])
-#define LOAD8(p, i) vload8(0, (p) + (i))
-#elif IN_DTYPE == 1
-/* PoCL 3.1's vload_half8 faults on addresses that are not 16-byte aligned (rows of an odd number
- * of classes), so eight halves are read as ushort8 and widened by hand: shifting the exponent and
- * mantissa into place and scaling by 2^112 rebiases normals and subnormals alike; Inf/NaN keep an
- * all-ones exponent. */
-typedef half in_t;
-inline float8 half8_to_float8(ushort8 h) {
-    uint8 u = convert_uint8(h);
-    uint8 em = u & (uint8)0x7fffu;
-    float8 f = as_float8(em << 13) * (float8)0x1p112f;
-    f = select(f, as_float8((em << 13) | (uint8)0x7f800000u), em >= (uint8)0x7c00u);
-    return as_float8(as_uint8(f) | ((u & (uint8)0x8000u) << 16));
-}
-#define LOAD1(p, i) vload_half(0, (p) + (i))
-#define LOAD8(p, i) half8_to_float8(vload8(0, (__global const ushort *)((p) + (i))))
-#elif IN_DTYPE == 2
-typedef ushort in_t;
-#define LOAD1(p, i) as_float(((uint)(p)[(i)]) << 16)
-#define LOAD8(p, i) as_float8(convert_uint8(vload8(0, (p) + (i))) << 16)
-#elif IN_DTYPE == 3
-typedef double in_t;
-#define LOAD1(p, i) ((p)[(i)])
-#define LOAD8(p, i) vload8(0, (p) + (i))
-#endif
-
-/* ---- gradient stores ---- */
-inline ushort f32_to_bf16(float f) {
-    uint b = as_uint(f);
-    /* round to nearest even; NaN stays a quiet NaN instead of rounding into Inf */
-    return isnan(f) ? (ushort)0x7FC0 : (ushort)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-inline ushort8 f32_to_bf16_8(float8 f) {
-    uint8 b = as_uint8(f);
-    uint8 r = (b + (uint8)0x7FFFu + ((b >> 16) & (uint8)1u)) >> 16;
-    return convert_ushort8(select(r, (uint8)0x7FC0u, as_uint8(isnan(f))));
-}
-
-#if GRAD_DTYPE == 0
-typedef float grad_t;
-#define STORE1(p, i, v) ((p)[(i)] = (float)(v))
-#define STORE8(p, i, v) vstore8(convert_float8(v), 0, (p) + (i))
-#elif GRAD_DTYPE == 1
-typedef half grad_t;
-#define STORE1(p, i, v) vstore_half_rte((float)(v), 0, (p) + (i))
-/* element-wise: vstore_half8 shares vload_half8's alignment fault on PoCL */
-inline void store_half8(__global half *p, float8 v) {
-    vstore_half_rte(v.s0, 0, p); vstore_half_rte(v.s1, 1, p); vstore_half_rte(v.s2, 2, p);
-    vstore_half_rte(v.s3, 3, p); vstore_half_rte(v.s4, 4, p); vstore_half_rte(v.s5, 5, p);
-    vstore_half_rte(v.s6, 6, p); vstore_half_rte(v.s7, 7, p);
-}
-#define STORE8(p, i, v) store_half8((p) + (i), convert_float8(v))
-#elif GRAD_DTYPE == 2
-typedef ushort grad_t;
-#define STORE1(p, i, v) ((p)[(i)] = f32_to_bf16((float)(v)))
-#define STORE8(p, i, v) vstore8(f32_to_bf16_8(convert_float8(v)), 0, (p) + (i))
-#elif GRAD_DTYPE == 3
-typedef double grad_t;
-#define STORE1(p, i, v) ((p)[(i)] = (double)(v))
-#define STORE8(p, i, v) vstore8(convert_double8(v), 0, (p) + (i))
+#ifndef CE_SOFTCAP
+#define CE_SOFTCAP 0        // 1 compiles soft-capping in (its code slows the common case ~1.5x on PoCL)
 #endif
 
 /* Online-softmax update of (m, s) with one element. -inf contributes nothing (and would give
@@ -177,9 +65,7 @@ typedef double grad_t;
         if ((v) == ACC_INF) (s) = (acc_t)NAN;                                 \
     } while (0)
 
-#ifndef CE_SOFTCAP
-#define CE_SOFTCAP 0
-#endif
+
 #if CE_SOFTCAP
 inline acc_t cap1(acc_t v, acc_t cap) { return cap > (acc_t)0 ? cap * tanh(v / cap) : v; }
 inline acc8_t cap8(acc8_t v, acc_t cap) { return cap > (acc_t)0 ? (acc8_t)cap * tanh(v / (acc8_t)cap) : v; }
@@ -254,7 +140,6 @@ inline int row_argmax(__global const in_t *xr, ulong stride, uint C) {
     return idx;
 }
 
-#if !CE_WG_PER_ROW
 /* ============================== one work-item per row (CPU) ==============================
  * Contiguous rows use a blocked online softmax: per block of BS classes (L1-resident) the block
  * max bm is found first, then e_j = exp(z_j - bm) is summed and, when the gradient has the
@@ -264,20 +149,6 @@ inline int row_argmax(__global const in_t *xr, ulong stride, uint C) {
  * (fp16/bf16) recompute p_j = exp(z_j - lse) from the logits instead. */
 #define CAN_STASH ((GRAD_DTYPE == 0 && IN_DTYPE != 3) || (GRAD_DTYPE == 3 && IN_DTYPE == 3))
 
-inline acc_t hmax8(acc8_t v) {
-#if IN_DTYPE == 3
-    double4 a = fmax(v.lo, v.hi); double2 b = fmax(a.lo, a.hi); return fmax(b.lo, b.hi);
-#else
-    float4 a = fmax(v.lo, v.hi); float2 b = fmax(a.lo, a.hi); return fmax(b.lo, b.hi);
-#endif
-}
-inline acc_t hsum8(acc8_t v) {
-#if IN_DTYPE == 3
-    double4 a = v.lo + v.hi; double2 b = a.lo + a.hi; return b.lo + b.hi;
-#else
-    float4 a = v.lo + v.hi; float2 b = a.lo + a.hi; return b.lo + b.hi;
-#endif
-}
 
 /* pass 1, exps of one block: e_j = exp(z_j - bm), summed, optionally stashed / soft-target A */
 #define P1_LOOP(STASH, SOFT)                                                                    \
@@ -295,7 +166,7 @@ inline acc_t hsum8(acc8_t v) {
         STORE8(gr, j, vload8(0, stash + j) * (acc8_t)fK - (acc8_t)b_smooth * w);                \
     }
 
-__kernel void ce_rows(__global const in_t *x,        /* logits */
+__kernel void ce_rows_item(__global const in_t *x,   /* logits */
                       __global const int *tgt,        /* class per row, -1 = ignored; NULL: soft */
                       __global const in_t *ysoft,     /* soft targets (same layout as x) or NULL */
                       __global const acc_t *weight,   /* class weights or NULL */
@@ -465,7 +336,7 @@ typedef long8 mask8_t;
 typedef int8 mask8_t;
 #endif
 
-__kernel void ce_rows8(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
+__kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
                        __global const acc_t *weight, __global grad_t *grad,
                        __global acc_t *row_loss, __global acc_t *row_zloss,
                        __global float *row_lse, __global int *row_amax,
@@ -550,12 +421,11 @@ __kernel void ce_rows8(__global const in_t *x, __global const int *tgt, __global
     if (row_amax) vstore8(convert_int8(amax), 0, row_amax + r);
 }
 
-#else
 /* ============================== one work-group per row (GPU) ============================== */
 /* Work-item l handles classes l, l + WG, ...: coalesced loads. States are combined in local
  * memory by a tree; the true class is written by the work-item that owns it, in pass 2. */
 __kernel __attribute__((reqd_work_group_size(CE_WG_SIZE, 1, 1)))
-void ce_rows(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
+void ce_rows_group(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
              __global const acc_t *weight, __global grad_t *grad,
              __global acc_t *row_loss, __global acc_t *row_zloss,
              __global float *row_lse, __global int *row_amax,
@@ -641,4 +511,3 @@ void ce_rows(__global const in_t *x, __global const int *tgt, __global const in_
         write_row(row_loss, row_zloss, row_lse, r, loss, m, lse, 1, zcoef);
     }
 }
-#endif

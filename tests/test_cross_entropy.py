@@ -1,6 +1,8 @@
 """Parity of the fused OpenCL kernel with torch.nn.functional.cross_entropy (loss and input
 gradient), on both kernel shapes, over shapes x options x (dtype, atol, rtol)."""
 
+import zlib
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -8,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from clce_server.errors import ArgumentError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TORCH_DT = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -79,7 +83,7 @@ SHAPES = [(5,), (4, 5), (3, 37), (17, 1000), (2, 7, 3), (2, 5, 3, 4), (3, 1), (2
 @pytest.mark.parametrize("ignore_index", [-100, -1, 2])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 def test_hard_targets_float32(engine, shape, reduction, weighted, ignore_index, label_smoothing):
-    rng = np.random.default_rng(hash((shape, reduction, weighted, ignore_index)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, reduction, weighted, ignore_index)).encode()))
     x, t = make(shape, "float32", rng)
     C = x.shape[0] if x.ndim == 1 else x.shape[1]
     if ignore_index < 0 and t.size:
@@ -406,7 +410,10 @@ def test_coalesced_requests_match_solo_runs(engine, dtype, soft):
     reqs.insert(2, dict(input=make((4, C), dtype, rng)[0], target=bad_t, return_grad=True, return_lse=True,
                         label_smoothing=0.1))
     out = engine.cross_entropy_many(reqs)
-    assert isinstance(out[2], (IndexError, RuntimeError))
+    with pytest.raises(Exception) as torch_error:               # what PyTorch says about the bad one
+        reference(reqs[2]["input"], bad_t, label_smoothing=0.1)
+    assert isinstance(out[2], ArgumentError)
+    assert type(out[2].error) is torch_error.type and str(out[2].error) == str(torch_error.value)
     tol = {"float32": 2e-6, "float64": 1e-12, "bfloat16": 8e-3}[dtype]
     for kw, res in zip(reqs[:2] + reqs[3:], out[:2] + out[3:]):
         solo = engine.cross_entropy(**kw)
@@ -415,6 +422,19 @@ def test_coalesced_requests_match_solo_runs(engine, dtype, soft):
         assert_close(res.loss.astype(np.float64), solo.loss.astype(np.float64), tol, tol, "loss")
         assert_close(res.grad.astype(np.float64), solo.grad.astype(np.float64), tol, tol, "grad")
         np.testing.assert_array_equal(res.lse, solo.lse)
+
+
+def test_coalesced_requests_share_the_launch_time(engine):
+    """Each request of a shared launch is charged its share of the device time, by elements:
+    the shares add up to the launch and none is charged the whole launch."""
+    rng = np.random.default_rng(12)
+    sizes = [3, 40, 9, 100]
+    reqs = [dict(input=x, target=t, return_grad=True) for x, t in (make((n, 50), "float32", rng) for n in sizes)]
+    out = engine.cross_entropy_many(reqs)
+    secs = [r.kernel_seconds for r in out]
+    launch = sum(secs)
+    assert all(0 < s < launch for s in secs)
+    np.testing.assert_allclose(np.array(secs) / launch, np.array(sizes) / sum(sizes), rtol=1e-9)
 
 
 @pytest.mark.parametrize("soft", [False, True])
