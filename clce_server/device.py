@@ -45,6 +45,9 @@ class LaunchShape:
                                   # rows); "group": a work-group per row (ce_rows_group)
     local_size: int = 1           # work-group size: work-items per group ("item"), per row ("group")
     reduce_local_size: int = 16   # reduce_rows's work-group size (power of two)
+    scratch_items_per_cu: int = 8 # "item" rows whose gradient cannot hold the exps (fp16/bf16):
+                                  # work-items per compute unit, each looping over rows with a
+                                  # scratch row of its own
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class Tuning:
 # Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build defines and launch
 # shape. First match wins. On PoCL's CPU device one work-item per row with float8 loads measured
 # about 6x faster than a work-group striding a row; on GPUs a work-group per row is the usual shape.
-_CPU = Tuning(defines={"CE_EXP2": 1}, launch=LaunchShape("item", 1, 16))
+_CPU = Tuning(defines={"CE_FAST_EXP": 1}, launch=LaunchShape("item", 1, 16))
 TUNING: list[tuple[str, str, Tuning]] = [
     ("*", "cpu", _CPU),
     ("NVIDIA", "gpu", Tuning(defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 256, 256))),
@@ -279,11 +282,18 @@ def _matches(sel: str, idx: int, dev: cl.Device, plat_idx: int, dev_idx: int) ->
     return any(s in n.lower() for n in names)
 
 
+def native_defines(dev: cl.Device) -> dict[str, int]:
+    """Defines read off the device itself: ce_rows_item's vector width is the device's preferred
+    float width (16 with AVX-512: one register; 8 otherwise)."""
+    return {"CE_VW": 16 if dev.preferred_vector_width_float >= 16 else 8}
+
+
 def _try_open(index: int, dev: cl.Device, overrides: dict | None) -> Device:
     ctx = cl.Context([dev])
     queue = cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
     fp64 = "cl_khr_fp64" in dev.extensions or dev.double_fp_config != 0
-    d = Device(index, dev, ctx, queue, tuning_for(dev.vendor, device_kind(dev), overrides), fp64)
+    d = Device(index, dev, ctx, queue, tuning_for(dev.vendor, device_kind(dev), {**native_defines(dev), **(overrides or {})}),
+               fp64)
     d.program("ce", "float32")   # the proof that this device can serve
     d.program("reduce", "float32")
     return d

@@ -37,7 +37,7 @@ MF = cl.mem_flags
 
 #: the fused kernels' parameters, in their OpenCL signature's order (all three shapes share it)
 CE_PARAMS = ("x", "target", "soft_target", "weight", "grad", "row_loss", "row_zloss", "row_lse", "row_argmax",
-             "row0", "nrows", "classes", "spatial", "eps", "weight_sum", "loss_scale", "z_scale", "z_coef",
+             "scratch", "row0", "nrows", "classes", "spatial", "eps", "weight_sum", "loss_scale", "z_scale", "z_coef",
              "softcap")
 #: reduce_rows's parameters, in order
 REDUCE_PARAMS = ("row_loss", "row_zloss", "row_argmax", "target", "seg_start", "out")
@@ -462,13 +462,31 @@ class LossEngine:
         per_item = self.rows_per_item(p)
         name = "ce_spatial8" if per_item == 8 else ("ce_rows_group" if launch.rows == "group" else "ce_rows_item")
         k = dev.kernel(name, p.compute_dtype, grad_dtype, p.softcap > 0)
-        set_args(k, CE_PARAMS, **blk.buffer_args(), row0=np.uint64(start), nrows=np.uint64(count),
-                 spatial=np.uint64(p.spatial), **scalars)
-        if launch.rows == "group" and per_item == 1:   # one work-group per row
-            return cl.enqueue_nd_range_kernel(dev.queue, k, (count * launch.local_size,), (launch.local_size,))
         items = count // per_item
-        local = (launch.local_size,) if items % launch.local_size == 0 else None
-        return cl.enqueue_nd_range_kernel(dev.queue, k, (items,), local)
+        scratch = None
+        acc = np.dtype(_acc_dtype(p.compute_dtype))
+        if name == "ce_rows_item" and p.spatial == 1 and blk.grad is not None and grad_dtype != acc.name:
+            # A gradient narrower than the accumulators cannot hold pass 1's exps: give each
+            # work-item a scratch row instead, and run few work-items that loop over the rows
+            # (one exp per element instead of two).
+            row_bytes = p.classes * acc.itemsize
+            n = min(items, launch.scratch_items_per_cu * dev.cl_device.max_compute_units,
+                    dev.cl_device.max_mem_alloc_size // row_bytes)
+            if n >= 1:
+                scratch, items = dev.pool.allocate(n * row_bytes), n
+        try:
+            set_args(k, CE_PARAMS, **blk.buffer_args(), scratch=scratch, row0=np.uint64(start),
+                     nrows=np.uint64(count), spatial=np.uint64(p.spatial), **scalars)
+            if launch.rows == "group" and per_item == 1:   # one work-group per row
+                return cl.enqueue_nd_range_kernel(dev.queue, k, (count * launch.local_size,), (launch.local_size,))
+            local = (launch.local_size,) if items % launch.local_size == 0 else None
+            ev = cl.enqueue_nd_range_kernel(dev.queue, k, (items,), local)
+            if scratch is not None:
+                ev.wait()   # the pool may hand the scratch out again once released
+            return ev
+        finally:
+            if scratch is not None:
+                scratch.release()
 
     def _reduce(self, dtype: str, blk: _RowBlock, starts: np.ndarray, wait_for=None) -> tuple[np.ndarray, float]:
         """Deterministic per-segment sums of a block's per-row results (reduce_rows.cl): an array

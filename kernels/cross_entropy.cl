@@ -50,6 +50,9 @@
 #ifndef CE_MIN_BLOCK
 #define CE_MIN_BLOCK 256    // ce_rows_item: classes per block, at least (L1-resident blocks)
 #endif
+#ifndef CE_VW
+#define CE_VW 8             // ce_rows_item: vector width along a row, 8 or 16 (one AVX-512 register)
+#endif
 #ifndef CE_SOFTCAP
 #define CE_SOFTCAP 0        // 1 compiles soft-capping in (its code slows the common case ~1.5x on PoCL)
 #endif
@@ -68,17 +71,22 @@
 
 #if CE_SOFTCAP
 inline acc_t cap1(acc_t v, acc_t cap) { return cap > (acc_t)0 ? cap * tanh(v / cap) : v; }
-inline acc8_t cap8(acc8_t v, acc_t cap) { return cap > (acc_t)0 ? (acc8_t)cap * tanh(v / (acc8_t)cap) : v; }
 /* d softcap / dx expressed through the capped value z */
 inline acc_t dcap1(acc_t z, acc_t cap) { return cap > (acc_t)0 ? (acc_t)1 - (z / cap) * (z / cap) : (acc_t)1; }
-inline acc8_t dcap8(acc8_t z, acc_t cap) {
-    return cap > (acc_t)0 ? (acc8_t)1 - (z / (acc8_t)cap) * (z / (acc8_t)cap) : (acc8_t)1;
-}
+#define CAP_VEC(V)                                                                              \
+    inline V __attribute__((overloadable)) capv(V v, acc_t cap) {                               \
+        return cap > (acc_t)0 ? (V)cap * tanh(v / (V)cap) : v;                                  \
+    }                                                                                           \
+    inline V __attribute__((overloadable)) dcapv(V z, acc_t cap) {                              \
+        return cap > (acc_t)0 ? (V)1 - (z / (V)cap) * (z / (V)cap) : (V)1;                      \
+    }
+CAP_VEC(acc8_t)
+CAP_VEC(acc16_t)
 #else
 #define cap1(v, c) (v)
-#define cap8(v, c) (v)
+#define capv(v, c) (v)
 #define dcap1(z, c) ((acc_t)1)
-#define dcap8(z, c) ((acc8_t)1)
+#define dcapv(z, c) ((acc_t)1)
 #endif
 
 /* merge two online-softmax states */
@@ -147,38 +155,53 @@ inline int row_argmax(__global const in_t *xr, ulong stride, uint C) {
  * block. Pass 2 then needs no exp per element: p_j = e_j * exp(bm - lse). That halves the exps
  * (the cost that dominates on a CPU) and the stash is re-read from cache. Other gradient types
  * (fp16/bf16) recompute p_j = exp(z_j - lse) from the logits instead. */
+/* the row's vector type and accesses at width CE_VW */
+#if CE_VW == 16
+typedef acc16_t accv_t;
+#define LOADV LOAD16
+#define STOREV STORE16
+#define hmaxv hmax16
+#define hsumv hsum16
+#define VLOADA(p) vload16(0, p)
+#define VSTOREA(v, o, p) vstore16(v, o, p)
+#else
+typedef acc8_t accv_t;
+#define LOADV LOAD8
+#define STOREV STORE8
+#define hmaxv hmax8
+#define hsumv hsum8
+#define VLOADA(p) vload8(0, p)
+#define VSTOREA(v, o, p) vstore8(v, o, p)
+#endif
+
 #define CAN_STASH ((GRAD_DTYPE == 0 && IN_DTYPE != 3) || (GRAD_DTYPE == 3 && IN_DTYPE == 3))
 
 
 /* pass 1, exps of one block: e_j = exp(z_j - bm), summed, optionally stashed / soft-target A */
 #define P1_LOOP(STASH, SOFT)                                                                    \
-    for (uint j = b0; j < b1; j += 8) {                                                         \
-        acc8_t e = EXP(cap8(LOAD8(xr, j), cap) - (acc8_t)bm);                                   \
+    for (uint j = b0; j < b1; j += CE_VW) {                                                         \
+        accv_t e = EXP(capv(LOADV(xr, j), cap) - (accv_t)bm);                                   \
         es += e;                                                                                \
-        if (STASH) vstore8(e, 0, stash + j);                                                    \
-        if (SOFT) a8 += (weight ? vload8(0, weight + j) : (acc8_t)1) * (LOAD8(yr, j) * soft_hi + soft_lo); \
+        if (STASH) VSTOREA(e, 0, stash + j);                                                    \
+        if (SOFT) a8 += (weight ? VLOADA(weight + j) : (accv_t)1) * (LOADV(yr, j) * soft_hi + soft_lo); \
     }
 /* pass 2 for class targets from stashed exps: g_j = e_j exp(bm - lse) K - eps/C w_j */
 #define P2_HARD_STASH(SMOOTH, WEIGHTED)                                                         \
-    for (uint j = b0; j < b1; j += 8) {                                                         \
-        acc8_t w = WEIGHTED ? vload8(0, weight + j) : (acc8_t)1;                                \
-        if (SMOOTH) sum8 += w * (((acc8_t)m - LOAD8(xr, j)) + (acc8_t)lsum);                    \
-        STORE8(gr, j, vload8(0, stash + j) * (acc8_t)fK - (acc8_t)b_smooth * w);                \
+    for (uint j = b0; j < b1; j += CE_VW) {                                                         \
+        accv_t w = WEIGHTED ? VLOADA(weight + j) : (accv_t)1;                                \
+        if (SMOOTH) sum8 += w * (((accv_t)m - LOADV(xr, j)) + (accv_t)lsum);                    \
+        STOREV(gr, j, VLOADA(stash + j) * (accv_t)fK - (accv_t)b_smooth * w);                \
     }
 
-__kernel void ce_rows_item(__global const in_t *x,   /* logits */
-                      __global const int *tgt,        /* class per row, -1 = ignored; NULL: soft */
-                      __global const in_t *ysoft,     /* soft targets (same layout as x) or NULL */
-                      __global const acc_t *weight,   /* class weights or NULL */
-                      __global grad_t *grad,          /* gradient or NULL */
-                      __global acc_t *row_loss, __global acc_t *row_zloss,
-                      __global float *row_lse,        /* or NULL */
-                      __global int *row_amax,         /* or NULL */
-                      const ulong row0, const ulong nrows, const uint C, const ulong S,
-                      const acc_t eps, const acc_t wsum, const acc_t loss_scale,
-                      const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
-    const ulong r = row0 + get_global_id(0);
-    if (r >= row0 + nrows) return;
+/* One row r. `stash`: C accumulators where pass 1 parks e_j (the gradient row itself when the
+ * gradient has the accumulation type, else the work-item's scratch row), or NULL: two exps. */
+inline void ce_row_item(const ulong r, __global acc_t *stash,
+                        __global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
+                        __global const acc_t *weight, __global grad_t *grad,
+                        __global acc_t *row_loss, __global acc_t *row_zloss, __global float *row_lse,
+                        __global int *row_amax, const uint C, const ulong S,
+                        const acc_t eps, const acc_t wsum, const acc_t loss_scale,
+                        const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
     ROW_POINTERS(r)
     const int t = tgt ? tgt[r] : 0;
     const int valid = !tgt || t >= 0;
@@ -202,31 +225,26 @@ __kernel void ce_rows_item(__global const in_t *x,   /* logits */
 
     /* ---- pass 1: online softmax (+ A for soft targets) ---- */
     acc_t m = -ACC_INF, s = 0, A = 0;
-    const uint C8 = contig ? (C & ~7u) : 0u;          /* classes done 8-wide, in blocks */
-    uint bs = ((C8 + CE_MAX_BLOCKS - 1) / CE_MAX_BLOCKS + 7u) & ~7u;
+    const uint CV = contig ? (C & ~(uint)(CE_VW - 1)) : 0u;   /* classes done CE_VW-wide, in blocks */
+    uint bs = ((CV + CE_MAX_BLOCKS - 1) / CE_MAX_BLOCKS + CE_VW - 1) & ~(uint)(CE_VW - 1);
     bs = max(bs, (uint)CE_MIN_BLOCK);
     acc_t bmax[CE_MAX_BLOCKS];
-#if CAN_STASH
-    __global acc_t *stash = (__global acc_t *)gr;     /* e_j parked in the gradient row */
-#else
-    __global acc_t *stash = 0;
-#endif
     uint nb = 0;
-    for (uint b0 = 0; b0 < C8; b0 += bs, ++nb) {
-        const uint b1 = min(b0 + bs, C8);
-        acc8_t mx = (acc8_t)(-ACC_INF);
-        for (uint j = b0; j < b1; j += 8) mx = fmax(mx, cap8(LOAD8(xr, j), cap));
-        const acc_t bm = hmax8(mx);
+    for (uint b0 = 0; b0 < CV; b0 += bs, ++nb) {
+        const uint b1 = min(b0 + bs, CV);
+        accv_t mx = (accv_t)(-ACC_INF);
+        for (uint j = b0; j < b1; j += CE_VW) mx = fmax(mx, capv(LOADV(xr, j), cap));
+        const acc_t bm = hmaxv(mx);
         bmax[nb] = bm;
-        acc8_t es = (acc8_t)0, a8 = (acc8_t)0;
+        accv_t es = (accv_t)0, a8 = (accv_t)0;
         /* Loop versions with constant flags: a run-time test inside the loop let the compiler
          * if-convert and pay for both sides. bm == -inf: the whole block is -inf and contributes
          * nothing (exp would give NaN); bm == +inf or a NaN: e is NaN and poisons the row, as in
          * PyTorch. */
         if (bm == -ACC_INF) {
-            for (uint j = b0; j < b1; j += 8) {
-                if (stash) vstore8((acc8_t)0, 0, stash + j);
-                if (yr) a8 += (weight ? vload8(0, weight + j) : (acc8_t)1) * (LOAD8(yr, j) * soft_hi + soft_lo);
+            for (uint j = b0; j < b1; j += CE_VW) {
+                if (stash) VSTOREA((accv_t)0, 0, stash + j);
+                if (yr) a8 += (weight ? VLOADA(weight + j) : (accv_t)1) * (LOADV(yr, j) * soft_hi + soft_lo);
             }
         } else if (stash && !yr) {
             P1_LOOP(1, 0)
@@ -237,14 +255,14 @@ __kernel void ce_rows_item(__global const in_t *x,   /* logits */
         } else {
             P1_LOOP(0, 0)
         }
-        A += hsum8(a8);
+        A += hsumv(a8);
         if (bm != -ACC_INF) {
             const acc_t M = fmax(m, bm);
-            s = (m == -ACC_INF ? (acc_t)0 : s * EXP(m - M)) + hsum8(es) * EXP(bm - M);
+            s = (m == -ACC_INF ? (acc_t)0 : s * EXP(m - M)) + hsumv(es) * EXP(bm - M);
             m = M;
         }
     }
-    for (uint j = C8; j < C; ++j) {
+    for (uint j = CV; j < C; ++j) {
         acc_t v = cap1(LOAD1(xr, j * S), cap);
         ONLINE1(m, s, v);
         if (yr) A += (weight ? weight[j] : (acc_t)1) * (LOAD1(yr, j * S) * soft_hi + soft_lo);
@@ -265,15 +283,15 @@ __kernel void ce_rows_item(__global const in_t *x,   /* logits */
     /* ---- pass 2: gradient + terms that need lse ---- */
     acc_t sum2 = 0;                               /* hard: sum_j w_j (lse - z_j); soft: the loss */
     if (gr || yr || smooth) {
-        acc8_t sum8 = (acc8_t)0;
+        accv_t sum8 = (accv_t)0;
         uint b = 0;
 #if CE_SOFTCAP
         const bool hot = gr && stash && !yr && !(cap > (acc_t)0);
 #else
         const bool hot = gr && stash && !yr;
 #endif
-        for (uint b0 = 0; b0 < C8; b0 += bs, ++b) {
-            const uint b1 = min(b0 + bs, C8);
+        for (uint b0 = 0; b0 < CV; b0 += bs, ++b) {
+            const uint b1 = min(b0 + bs, CV);
             const acc_t fK = stash ? EXP((bmax[b] - m) - lsum) * K : (acc_t)0;
             if (hot) {                 /* class targets, stashed exps: no exp per element */
                 if (smooth && weight) { P2_HARD_STASH(1, 1) }
@@ -282,28 +300,28 @@ __kernel void ce_rows_item(__global const in_t *x,   /* logits */
                 else { P2_HARD_STASH(0, 0) }
                 continue;
             }
-            for (uint j = b0; j < b1; j += 8) {
-                acc8_t v = need_x ? cap8(LOAD8(xr, j), cap) : (acc8_t)0;
-                acc8_t w = weight ? vload8(0, weight + j) : (acc8_t)1;
-                acc8_t bj;
+            for (uint j = b0; j < b1; j += CE_VW) {
+                accv_t v = need_x ? capv(LOADV(xr, j), cap) : (accv_t)0;
+                accv_t w = weight ? VLOADA(weight + j) : (accv_t)1;
+                accv_t bj;
                 if (yr) {
-                    acc8_t wy = w * (LOAD8(yr, j) * soft_hi + soft_lo);
-                    sum8 += wy * (((acc8_t)m - v) + (acc8_t)lsum);
-                    bj = (acc8_t)loss_scale * wy;
+                    accv_t wy = w * (LOADV(yr, j) * soft_hi + soft_lo);
+                    sum8 += wy * (((accv_t)m - v) + (accv_t)lsum);
+                    bj = (accv_t)loss_scale * wy;
                 } else {
-                    if (smooth) sum8 += w * (((acc8_t)m - v) + (acc8_t)lsum);
-                    bj = (acc8_t)b_smooth * w;
+                    if (smooth) sum8 += w * (((accv_t)m - v) + (accv_t)lsum);
+                    bj = (accv_t)b_smooth * w;
                 }
                 if (gr) {
-                    acc8_t pK = stash ? vload8(0, stash + j) * (acc8_t)fK : EXP((v - (acc8_t)m) - (acc8_t)lsum) * (acc8_t)K;
-                    acc8_t g = pK - bj;
-                    if (cap > (acc_t)0) g *= dcap8(v, cap);
-                    STORE8(gr, j, g);
+                    accv_t pK = stash ? VLOADA(stash + j) * (accv_t)fK : EXP((v - (accv_t)m) - (accv_t)lsum) * (accv_t)K;
+                    accv_t g = pK - bj;
+                    if (cap > (acc_t)0) g *= dcapv(v, cap);
+                    STOREV(gr, j, g);
                 }
             }
         }
-        sum2 = hsum8(sum8);
-        for (uint j = C8; j < C; ++j) {
+        sum2 = hsumv(sum8);
+        for (uint j = CV; j < C; ++j) {
             acc_t v = cap1(LOAD1(xr, j * S), cap);
             acc_t bj = pass2_one(v, weight, yr, j, S, m, lsum, soft_hi, soft_lo, loss_scale, b_smooth, smooth, &sum2);
             if (gr) STORE1(gr, j * S, (EXP((v - m) - lsum) * K - bj) * dcap1(v, cap));
@@ -325,6 +343,34 @@ __kernel void ce_rows_item(__global const in_t *x,   /* logits */
     write_row(row_loss, row_zloss, row_lse, r, loss, m, lse, 1, zcoef);
 }
 
+/* Rows row0 + gid, + the global size, ...: one row per work-item when the gradient row holds
+ * the stash (launched with a work-item per row); a few rows each when the stash is the
+ * work-item's own scratch row of C accumulators (launched with as many work-items as scratch
+ * rows: persistent work-items, the only way a work-item may own memory in OpenCL). */
+__kernel void ce_rows_item(__global const in_t *x,        /* logits */
+                           __global const int *tgt,        /* class per row, -1 = ignored; NULL: soft */
+                           __global const in_t *ysoft,     /* soft targets (same layout as x) or NULL */
+                           __global const acc_t *weight,   /* class weights or NULL */
+                           __global grad_t *grad,          /* gradient or NULL */
+                           __global acc_t *row_loss, __global acc_t *row_zloss,
+                           __global float *row_lse,        /* or NULL */
+                           __global int *row_amax,         /* or NULL */
+                           __global acc_t *scratch,        /* global size x C, or NULL */
+                           const ulong row0, const ulong nrows, const uint C, const ulong S,
+                           const acc_t eps, const acc_t wsum, const acc_t loss_scale,
+                           const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
+    const ulong gid = get_global_id(0), items = get_global_size(0);
+    for (ulong r = row0 + gid; r < row0 + nrows; r += items) {
+#if CAN_STASH
+        __global acc_t *stash = (grad && S == 1) ? (__global acc_t *)grad + r * C : 0;
+#else
+        __global acc_t *stash = (grad && scratch && S == 1) ? scratch + gid * (ulong)C : 0;
+#endif
+        ce_row_item(r, stash, x, tgt, ysoft, weight, grad, row_loss, row_zloss, row_lse, row_amax,
+                    C, S, eps, wsum, loss_scale, z_scale, zcoef, cap);
+    }
+}
+
 /* ======================= spatial rows, eight per work-item (CPU, S % 8 == 0) =======================
  * For (N, C, d1..dk) input the rows s, s+1, ... of one sample sit next to each other for every
  * class (class stride S), so eight adjacent rows load as one vector per class: the lanes are rows.
@@ -340,6 +386,7 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
                        __global const acc_t *weight, __global grad_t *grad,
                        __global acc_t *row_loss, __global acc_t *row_zloss,
                        __global float *row_lse, __global int *row_amax,
+                       __global acc_t *scratch,   /* unused: the signature is the three shapes' */
                        const ulong row0, const ulong nrows, const uint C, const ulong S,
                        const acc_t eps, const acc_t wsum, const acc_t loss_scale,
                        const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
@@ -358,7 +405,7 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
     mask8_t amax = (mask8_t)0, nan_seen = (mask8_t)0;
     for (uint j = 0; j < C; ++j) {
         const acc8_t raw = LOAD8(xr, (ulong)j * S);
-        const acc8_t v = cap8(raw, cap);
+        const acc8_t v = capv(raw, cap);
         const acc8_t d = v - m;
         const acc8_t e = select(EXP(-fabs(d)), (acc8_t)0, v == (acc8_t)(-ACC_INF));
         s = select(s + e, fma(s, e, (acc8_t)1), d > (acc8_t)0);
@@ -393,7 +440,7 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
     acc8_t sum2 = (acc8_t)0;
     if (gr || yr || smooth) {
         for (uint j = 0; j < C; ++j) {
-            const acc8_t v = cap8(LOAD8(xr, (ulong)j * S), cap);
+            const acc8_t v = capv(LOAD8(xr, (ulong)j * S), cap);
             const acc_t w = weight ? weight[j] : (acc_t)1;
             acc8_t bj;
             if (yr) {
@@ -406,7 +453,7 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
                 bj += select((acc8_t)0, b_true, t8 == (mask8_t)j);   /* the true class, in full precision */
             }
             if (gr) {
-                acc8_t g = (EXP((v - m) - lsum) * K - bj) * dcap8(v, cap);
+                acc8_t g = (EXP((v - m) - lsum) * K - bj) * dcapv(v, cap);
                 STORE8(gr, (ulong)j * S, select((acc8_t)0, g, valid));
             }
         }
@@ -429,6 +476,7 @@ void ce_rows_group(__global const in_t *x, __global const int *tgt, __global con
              __global const acc_t *weight, __global grad_t *grad,
              __global acc_t *row_loss, __global acc_t *row_zloss,
              __global float *row_lse, __global int *row_amax,
+             __global acc_t *scratch,             /* unused: the signature is the three shapes' */
              const ulong row0, const ulong nrows, const uint C, const ulong S,
              const acc_t eps, const acc_t wsum, const acc_t loss_scale,
              const acc_t z_scale, const acc_t zcoef, const acc_t cap) {

@@ -14,6 +14,7 @@ from clce_server.device import (
     LaunchShape,
     describe_devices,
     kernel_source,
+    native_defines,
     open_devices,
     tuning_for,
 )
@@ -24,7 +25,9 @@ def test_default_device_builds_and_serves():
     assert ("ce", "float32", "float32", False) in dev.programs   # proven by building
     info = dev.describe()
     assert info["kind"] in ("cpu", "gpu", "accelerator") and info["name"]
-    assert info["tuning"] == tuning_for(dev.vendor, dev.kind).describe()
+    row = tuning_for(dev.vendor, dev.kind)
+    assert info["tuning"]["launch"] == row.describe()["launch"]
+    assert info["tuning"]["defines"] == {**row.defines, **native_defines(dev.cl_device)}
     assert set(info["tuning"]) == {"defines", "launch"}
 
 
@@ -74,9 +77,9 @@ def test_tuning_table_is_keyed_by_vendor_and_kind():
     assert tuning_for("Advanced Micro Devices", "gpu").launch.rows == "group"
     assert tuning_for("pocl", "cpu").launch.rows == "item"
     assert tuning_for("anything", "accelerator") == TUNING[-1][2]
-    cpu = tuning_for("pocl", "cpu", {"CE_EXP2": 0, "local_size": 4})
-    assert cpu.defines["CE_EXP2"] == 0 and cpu.launch.local_size == 4
-    assert TUNING[0][2].defines["CE_EXP2"] == 1                     # overrides leave the table alone
+    cpu = tuning_for("pocl", "cpu", {"CE_FAST_EXP": 0, "local_size": 4})
+    assert cpu.defines["CE_FAST_EXP"] == 0 and cpu.launch.local_size == 4
+    assert TUNING[0][2].defines["CE_FAST_EXP"] == 1                 # overrides leave the table alone
     # the flat names of the old table still override the launch shape
     assert tuning_for("pocl", "cpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 16}).launch == LaunchShape("group", 16, 16)
 
