@@ -400,18 +400,14 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
     const acc_t soft_lo = eps / (acc_t)C, soft_hi = (acc_t)1 - eps;
     const bool smooth = eps > (acc_t)0;
 
-    /* pass 1: online softmax per lane, and the argmax of the raw logits */
-    acc8_t m = (acc8_t)(-ACC_INF), s = (acc8_t)0, A = (acc8_t)0, best = (acc8_t)(-ACC_INF);
+    /* pass 1a: the max per lane, and the argmax of the raw logits. A NaN is not the max (fmax),
+     * but it makes its exp NaN below and so poisons the row, as in PyTorch; +inf makes m = +inf
+     * and (inf - inf) poisons it too. */
+    acc8_t m = (acc8_t)(-ACC_INF), best = (acc8_t)(-ACC_INF);
     mask8_t amax = (mask8_t)0, nan_seen = (mask8_t)0;
     for (uint j = 0; j < C; ++j) {
         const acc8_t raw = LOAD8(xr, (ulong)j * S);
-        const acc8_t v = capv(raw, cap);
-        const acc8_t d = v - m;
-        const acc8_t e = select(EXP(-fabs(d)), (acc8_t)0, v == (acc8_t)(-ACC_INF));
-        s = select(s + e, fma(s, e, (acc8_t)1), d > (acc8_t)0);
-        m = select(m, v, d > (acc8_t)0);
-        s = select(s, (acc8_t)NAN, v == (acc8_t)ACC_INF);
-        if (yr) A += (weight ? weight[j] : (acc_t)1) * (LOAD8(yr, (ulong)j * S) * soft_hi + soft_lo);
+        m = fmax(m, capv(raw, cap));
         if (row_amax) {
             const mask8_t isn = isnan(raw) & ~nan_seen;
             amax = select(amax, (mask8_t)j, isn);
@@ -420,6 +416,23 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
             amax = select(amax, (mask8_t)j, gt);
             best = select(best, raw, gt);
         }
+    }
+    /* pass 1b: s = sum_j exp(z_j - m), one exp per element, each parked in the gradient when it
+     * has the accumulation type (pass 2 then needs none); soft targets' A. The second read of
+     * the logits comes from cache (C lines per work-item). -inf contributes 0 (an all -inf row
+     * then has s = 0 and lse = -inf, as torch.logsumexp). */
+#if CAN_STASH
+    __global acc_t *stash = (__global acc_t *)gr;
+#else
+    __global acc_t *stash = 0;
+#endif
+    acc8_t s = (acc8_t)0, A = (acc8_t)0;
+    for (uint j = 0; j < C; ++j) {
+        const acc8_t v = capv(LOAD8(xr, (ulong)j * S), cap);
+        const acc8_t e = select(EXP(v - m), (acc8_t)0, v == (acc8_t)(-ACC_INF));
+        s += e;
+        if (stash) vstore8(e, 0, stash + (ulong)j * S);
+        if (yr) A += (weight ? weight[j] : (acc_t)1) * (LOAD8(yr, (ulong)j * S) * soft_hi + soft_lo);
     }
     const acc8_t lsum = LOG(s), lse = m + lsum;
 
@@ -436,11 +449,13 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
                         : (acc8_t)loss_scale * (soft_hi * wt + (acc8_t)(soft_lo * wsum)) + zterm;
     const acc8_t b_true = (acc8_t)(loss_scale * soft_hi) * wt;
 
-    /* pass 2 */
+    /* pass 2: g_j = p_j K - b_j, p_j = e_j / s from the stash, else exp(z_j - lse) */
     acc8_t sum2 = (acc8_t)0;
+    const acc8_t Ks = K / s;
+    const bool need_x = yr || smooth || cap > (acc_t)0 || !stash;
     if (gr || yr || smooth) {
         for (uint j = 0; j < C; ++j) {
-            const acc8_t v = capv(LOAD8(xr, (ulong)j * S), cap);
+            const acc8_t v = need_x ? capv(LOAD8(xr, (ulong)j * S), cap) : (acc8_t)0;
             const acc_t w = weight ? weight[j] : (acc_t)1;
             acc8_t bj;
             if (yr) {
@@ -453,14 +468,15 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
                 bj += select((acc8_t)0, b_true, t8 == (mask8_t)j);   /* the true class, in full precision */
             }
             if (gr) {
-                acc8_t g = (EXP((v - m) - lsum) * K - bj) * dcapv(v, cap);
+                const acc8_t pK = stash ? vload8(0, stash + (ulong)j * S) * Ks : EXP((v - m) - lsum) * K;
+                acc8_t g = pK - bj;
+                if (cap > (acc_t)0) g *= dcapv(v, cap);
                 STORE8(gr, (ulong)j * S, select((acc8_t)0, g, valid));
             }
         }
     }
     const acc8_t loss = yr ? sum2 : soft_hi * wt * ((m - zt) + lsum) + (smooth ? (acc8_t)soft_lo * sum2 : (acc8_t)0);
     acc_t ll[8], lz[8];
-    int am[8];
     vstore8(select((acc8_t)0, loss, valid), 0, ll);
     vstore8(select((acc8_t)0, (acc8_t)zcoef * lse * lse, valid & (mask8_t)(zcoef != (acc_t)0 ? -1 : 0)), 0, lz);
     for (int l = 0; l < 8; ++l) { row_loss[r + l] = ll[l]; row_zloss[r + l] = lz[l]; }
