@@ -419,17 +419,18 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
     }
     /* pass 1b: s = sum_j exp(z_j - m), one exp per element, each parked in the gradient when it
      * has the accumulation type (pass 2 then needs none); soft targets' A. The second read of
-     * the logits comes from cache (C lines per work-item). -inf contributes 0 (an all -inf row
-     * then has s = 0 and lse = -inf, as torch.logsumexp). */
+     * the logits comes from cache (C lines per work-item). -inf contributes exp(-inf) = 0 (an
+     * all -inf row then has s = 0 and lse = -inf, as torch.logsumexp). */
 #if CAN_STASH
     __global acc_t *stash = (__global acc_t *)gr;
 #else
     __global acc_t *stash = 0;
 #endif
     acc8_t s = (acc8_t)0, A = (acc8_t)0;
+    const acc8_t m0 = select(m, (acc8_t)0, m == (acc8_t)(-ACC_INF));   /* -inf - m0 = -inf, not NaN */
     for (uint j = 0; j < C; ++j) {
         const acc8_t v = capv(LOAD8(xr, (ulong)j * S), cap);
-        const acc8_t e = select(EXP(v - m), (acc8_t)0, v == (acc8_t)(-ACC_INF));
+        const acc8_t e = EXP(v - m0);
         s += e;
         if (stash) vstore8(e, 0, stash + (ulong)j * S);
         if (yr) A += (weight ? weight[j] : (acc_t)1) * (LOAD8(yr, (ulong)j * S) * soft_hi + soft_lo);
@@ -464,8 +465,9 @@ __kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __glo
                 bj = (acc8_t)loss_scale * wy;
             } else {
                 if (smooth) sum2 += w * ((m - v) + lsum);
-                bj = (acc8_t)(loss_scale * soft_lo * w);
-                bj += select((acc8_t)0, b_true, t8 == (mask8_t)j);   /* the true class, in full precision */
+                /* the true class's term in full precision; the smoothing term when there is one */
+                bj = select((acc8_t)0, b_true, t8 == (mask8_t)j);
+                if (smooth) bj += (acc8_t)(loss_scale * soft_lo * w);
             }
             if (gr) {
                 const acc8_t pK = stash ? vload8(0, stash + (ulong)j * S) * Ks : EXP((v - m) - lsum) * K;
