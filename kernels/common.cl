@@ -177,6 +177,12 @@ inline ushort16 f32_to_bf16_16(float16 f) {
     return convert_ushort16(select(r, (uint16)0x7FC0u, as_uint16(isnan(f))));
 }
 #define STORE16(p, i, v) vstore16(f32_to_bf16_16(convert_float16(v)), 0, (p) + (i))
+/* for values known not to be NaN (then the rounding alone is right, infinities included) */
+inline ushort16 f32_to_bf16_16_nonan(float16 f) {
+    uint16 b = as_uint16(f);
+    return convert_ushort16((b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u)) >> 16);
+}
+#define STORE16_NONAN(p, i, v) vstore16(f32_to_bf16_16_nonan(convert_float16(v)), 0, (p) + (i))
 #else
 #define STORE16(p, i, v) do { acc16_t v16_ = (v); STORE8(p, i, v16_.lo); STORE8(p, (i) + 8, v16_.hi); } while (0)
 #endif

@@ -507,3 +507,33 @@ def test_half_inputs_with_more_rows_than_scratch_rows(engine, dtype, atol, rtol,
     parts = engine.finish(prep)
     prep.release()
     assert r.loss.tobytes() == parts.loss.tobytes() and r.grad.tobytes() == parts.grad.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_late_block_far_above_the_running_max(engine, dtype):
+    """After its first block a row's exps are taken against the running max in one sweep, kept
+    when the block holds no new max and redone otherwise: spikes late in a row, small and large,
+    infinities and NaN, against torch."""
+    rng = np.random.default_rng(16)
+    C = 1500                                              # several blocks of 256 classes
+    x = rng.standard_normal((8, C)).astype(np.float32)
+    x[0, 900] = 60.0                                      # new maxima late in the row: redone
+    x[1, 700] = 300.0
+    x[2, 1400] = -1e4                                     # far below: contributes 0
+    x[3, 300:] += 1e4                                     # every later block jumps
+    x[4, 1000] = np.inf
+    x[5, 1100] = np.nan
+    x[6, :256] = -np.inf                                  # an all -inf first block
+    x = x.astype(np_dtype(dtype))
+    t = np.array([900, 700, 5, 400, 3, 4, 1200, 1499])
+    ref_loss, ref_grad = reference(x, t, reduction="none", label_smoothing=0.05, ref_dtype=torch.float64)
+    r = engine.cross_entropy(x, t, reduction="none", label_smoothing=0.05, return_grad=True, return_lse=True,
+                             grad_dtype="float32")
+    np.testing.assert_array_equal(np.isnan(r.loss), np.isnan(ref_loss))
+    np.testing.assert_array_equal(np.isnan(r.grad), np.isnan(ref_grad))
+    # row 3 has logits of 1e4 (see test_huge_logits); a bf16 loss is rounded once to bf16
+    loss_atol, loss_rtol = (4e-3, 2e-5) if dtype == "float32" else (1.6e-2, 2**-8)
+    assert_close(r.loss, ref_loss, loss_atol, loss_rtol, "loss")
+    assert_close(r.grad, ref_grad, 1e-6, 2e-5, "grad")
+    lse_ref = torch.logsumexp(to_torch(x).double(), 1).numpy()
+    assert_close(r.lse, lse_ref, 1e-2, 1e-6, "lse")
