@@ -30,7 +30,7 @@ import pyopencl as cl
 
 from . import semantics
 from .device import Device, as_storage
-from .errors import TORCH_ERROR_TYPES, ArgumentError, DeviceError, is_opencl_error
+from .errors import ArgumentError, DeviceError, is_opencl_error
 from .hostmem import POOL
 
 MF = cl.mem_flags
@@ -75,20 +75,9 @@ def _acc_dtype(compute_dtype: str) -> type:
     return np.float64 if compute_dtype == "float64" else np.float32
 
 
-_ARGUMENT_ERROR_TYPES: dict[type, type] = {}
-
-
 def argument_error(error: BaseException) -> ArgumentError:
-    """ArgumentError carrying PyTorch's `error`. Transitional: it is also an instance of the error's
-    type, so callers that still catch (ValueError, IndexError, ...) answer it as before; once
-    every caller catches ArgumentError, this is plain ArgumentError(error)."""
-    base = type(error)
-    if not issubclass(base, TORCH_ERROR_TYPES):
-        return ArgumentError(error)
-    cls = _ARGUMENT_ERROR_TYPES.get(base)
-    if cls is None:
-        cls = _ARGUMENT_ERROR_TYPES[base] = type(f"ArgumentError[{base.__name__}]", (ArgumentError, base), {})
-    return cls(error)
+    """ArgumentError carrying PyTorch's `error` (its type and message travel to the client)."""
+    return ArgumentError(error)
 
 
 @contextlib.contextmanager

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 from clce_wire.protocol import ERROR_CODES
 
-#: the exception types PyTorch raises for bad arguments to cross_entropy
-TORCH_ERROR_TYPES = (ValueError, IndexError, TypeError, RuntimeError)
-
-
 class ArgumentError(Exception):
     """Bad arguments. ``error`` is the exception PyTorch raises for them (its type and message
     travel to the client, which re-raises the same type)."""

@@ -9,7 +9,7 @@ from typing import Any, Generator
 from clce_wire import options
 from clce_wire.protocol import DTYPES, dtype_name
 
-from .errors import TORCH_ERROR_TYPES, ArgumentError, DeviceError, classify
+from .errors import classify
 from .scheduler import Job
 
 # weights of more classes than this are not worth comparing byte for byte to coalesce
@@ -36,8 +36,6 @@ class LossJob(Job):
         engine = self.engines[device.index]
         try:
             prep = engine.prepare(**self.request)
-        except TORCH_ERROR_TYPES as exc:   # PyTorch's argument checks run in prepare
-            raise ArgumentError(exc) from exc
         except Exception as exc:
             raise classify(exc) from exc
         try:
@@ -52,13 +50,8 @@ class LossJob(Job):
     @classmethod
     def run_batch(cls, device, jobs: Sequence["LossJob"]) -> list:
         engine = jobs[0].engines[device.index]
-        return [ArgumentError(r) if isinstance(r, TORCH_ERROR_TYPES) and not _is_device_error(r)
-                else classify(r) if isinstance(r, BaseException) else r
+        return [classify(r) if isinstance(r, BaseException) else r
                 for r in engine.cross_entropy_many([j.request for j in jobs])]
-
-
-def _is_device_error(exc: BaseException) -> bool:
-    return isinstance(classify(exc), DeviceError)
 
 
 def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:

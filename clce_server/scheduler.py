@@ -146,6 +146,11 @@ class _Job:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
+    def queued_too_long(self, now: float) -> bool:
+        """Past the tenant's max_queue_time_ms without having started (its queue policy rejects it)."""
+        limit = self.tenant.max_queue_time_ms
+        return self.state is _QUEUED and limit is not None and now - self.submitted_at >= limit / 1000.0
+
 
 class _TenantState:
     __slots__ = ("name", "active", "inflight_bytes", "outcomes")
@@ -228,7 +233,7 @@ class _Worker:
 
     def _next(self) -> tuple[str, _Job | list[_Job] | None]:
         """The next action and its job(s): ("step", job), ("batch", jobs), ("close" | "deadline" |
-        "shutdown", job) to stop one, or ("exit", None). Waits while there is nothing to do."""
+        "queue_timeout" | "shutdown", job) to stop one, or ("exit", None). Waits while there is nothing to do."""
         while True:
             while self.reap:
                 job = self.reap.popleft()
@@ -247,6 +252,8 @@ class _Worker:
                 now = time.monotonic()
                 if job.expired(now):
                     return "deadline", job
+                if job.queued_too_long(now):   # the loop's timer may be late; never start it
+                    return "queue_timeout", job
                 if job.state is _QUEUED:
                     batch = self._gather(job, now)
                     for j in batch:
@@ -272,7 +279,7 @@ class _Worker:
                     return batch
                 if other is job:
                     continue
-                if (other.state is not _QUEUED or other.abandoned or other.expired(now)
+                if (other.state is not _QUEUED or other.abandoned or other.expired(now) or other.queued_too_long(now)
                         or other.work.batch_key != key):
                     break
                 batch.append(other)
@@ -390,8 +397,15 @@ class _Worker:
             self.sched._finish(job, job.abandon_outcome)
         elif action == "deadline":
             self.sched._finish(job, "deadline", exc=DeadlineExceeded(_deadline_message(job)))
+        elif action == "queue_timeout":
+            self.sched._finish(job, "deadline", exc=_queue_timeout_error(job))
         else:
             self.sched._finish(job, "shutdown", exc=ShuttingDown("server is shutting down"))
+
+
+def _queue_timeout_error(job: _Job) -> QueueTimeout:
+    return QueueTimeout(f"rejected after {job.tenant.max_queue_time_ms:g} ms in the queue (the tenant's "
+                        "max_queue_time_ms) before it started")
 
 
 def _deadline_message(job: _Job) -> str:
@@ -639,9 +653,7 @@ class Scheduler:
             job.abandon_outcome = "deadline"
             idle_waiters = self._finish_locked(job, "deadline")
         if not job.future.done():
-            job.future.set_exception(QueueTimeout(
-                f"rejected after {job.tenant.max_queue_time_ms:g} ms in the queue (the tenant's "
-                "max_queue_time_ms) before it started"))
+            job.future.set_exception(_queue_timeout_error(job))
         for loop, waiter in idle_waiters:
             _call_soon(loop, _set_done, waiter)
 

@@ -7,8 +7,6 @@ import threading
 import time
 import uuid
 
-import numpy as np
-
 from . import __version__
 from .config import Settings
 from .metrics import Metrics
@@ -60,7 +58,7 @@ class ServerState:
                 dev.build_startup_programs()
                 engine = LossEngine(dev)
                 if self.settings.warmup:
-                    _warm_up(engine)
+                    engine.warm_up()
                 self.engines[dev.index] = engine
             self.devices = devices
             self.scheduler = Scheduler(devices, self.registry, max_inflight_bytes=self.settings.max_inflight_bytes,
@@ -73,20 +71,3 @@ class ServerState:
             self.init_error = str(exc)
             log.error("OpenCL initialisation failed: %s", exc)
 
-
-def _warm_up(engine) -> None:
-    """One small call per program built at start-up and per kernel shape in it (rows of classes,
-    and spatial rows where the device has that shape), so PoCL's lazy per-kernel compile is not
-    paid by a user."""
-    from .engine import _np_dtype
-
-    rng = np.random.default_rng(0)
-    shapes = [((4, 67), (4,)), ((1, 5, 8), (1, 8))]
-    for kind, in_dt, grad_dt, softcap in list(engine.device.programs):
-        if kind != "ce" or softcap:
-            continue
-        for xs, ts in shapes:
-            x = rng.standard_normal(xs).astype(np.float32).astype(_np_dtype(in_dt))
-            t = rng.integers(0, xs[1], ts)
-            t.reshape(-1)[0] = -100
-            engine.cross_entropy(x, t, return_grad=True, grad_dtype=grad_dt)

@@ -98,7 +98,7 @@ def _expected(x, t):
 
 def test_a_server_bug_is_500_with_a_request_id_never_a_runtime_error(server, caplog):
     x, t = _batch()
-    restore = _inject(server, RuntimeError("the engine's own bug"))
+    restore = _inject(server, RuntimeError("the engine's own bug"), where="prepare")
     try:
         with caplog.at_level(logging.ERROR, logger="clce.server"):
             resp = httpx.post(server.url + "/v1/cross_entropy", json={"input": x.tolist(), "target": t.tolist()})

@@ -839,3 +839,24 @@ def test_tenant_priority_and_queue_time_are_validated():
     with pytest.raises(ValueError, match="max_queue_time_ms"):
         tenant("x", max_queue_time_ms=-1)
     assert tenant("x").priority == 1 and tenant("x").max_queue_time_ms is None
+
+
+def test_queue_policy_holds_even_when_the_event_loop_is_late(make):
+    """The worker never starts work past its queue time, though the loop's timer has not fired."""
+    patient, hasty = tenant("patient"), tenant("hasty", max_queue_time_ms=30)
+    sched = make(tenants=[patient, hasty])
+    gate, started, log = threading.Event(), threading.Event(), []
+
+    async def main():
+        blocker = asyncio.create_task(sched.submit(patient, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        late = asyncio.create_task(sched.submit(hasty, 0, steps_job(1, log=log, tag="late")))
+        await asyncio.sleep(0)                        # admitted and queued
+        threading.Timer(0.06, gate.set).start()       # the device frees up after 60 ms ...
+        time.sleep(0.2)                               # ... while the event loop is busy
+        await blocker
+        with pytest.raises(QueueTimeout):
+            await late
+
+    run(main())
+    assert log == []
