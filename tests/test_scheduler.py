@@ -860,3 +860,27 @@ def test_queue_policy_holds_even_when_the_event_loop_is_late(make):
 
     run(main())
     assert log == []
+
+
+@pytest.mark.parametrize("host_rate, big_first_of_4", [(0.0, 2), (1e9, 0)])
+def test_fairness_charges_the_bytes_a_request_moves(make, host_rate, big_first_of_4):
+    """Equal device time per job; one tenant's jobs move 100 MB each. Priced by bytes (1 GB/s: 0.1 s
+    a job), the light tenant's jobs all run first; by device time alone they alternate."""
+    heavy, light, other = tenant("heavy"), tenant("light"), tenant("other")
+    sched = make(tenants=[heavy, light, other], host_bytes_per_s=host_rate)
+    gate, started, log = threading.Event(), threading.Event(), []
+
+    async def main():
+        blocker = asyncio.create_task(sched.submit(other, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        tasks = []
+        for k in range(4):
+            tasks.append(asyncio.create_task(sched.submit(heavy, 100_000_000, steps_job(1, dt=0.001, log=log, tag="H"))))
+            tasks.append(asyncio.create_task(sched.submit(light, 1000, steps_job(1, dt=0.001, log=log, tag="L"))))
+        await wait_until(lambda: queued(sched) == 9)
+        gate.set()
+        await asyncio.gather(blocker, *tasks)
+
+    run(main())
+    order = [tag for tag, _, _ in log]
+    assert order[:4].count("H") == big_first_of_4, order
