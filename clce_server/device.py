@@ -70,7 +70,7 @@ class Tuning:
 
 
 # Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build defines and launch
-# shape. First match wins. On PoCL's CPU device one work-item per row with float8 loads measured
+# shape. First match wins. On PoCL's CPU device one work-item per row with vector loads measured
 # about 6x faster than a work-group striding a row; on GPUs a work-group per row is the usual shape.
 _CPU = Tuning(defines={"CE_FAST_EXP": 1}, launch=LaunchShape("item", 1, 16))
 TUNING: list[tuple[str, str, Tuning]] = [

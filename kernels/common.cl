@@ -45,9 +45,10 @@ typedef float16 acc16_t;
  * Adding 1.5 * 2^23 + 127 rounds y and leaves n + 127 in the float's low mantissa bits, so a
  * shift builds 2^n; 2^f is a degree-5 polynomial fitted for relative error (1.8e-7, ~1.5 ulp,
  * measured in fp32 Horner). Only mad, compares and integer ops, so it stays in registers and
- * vectorises at any width; PoCL's exp2 costs about 1.4x as much (bench/README). Domain: the
+ * vectorises at any width; PoCL's exp2 cost 1.4x as much, measured alone on PoCL 3.1. Domain: the
  * kernels only exponentiate differences <= 0 (y <= 127 suffices): NaN -> NaN, y < -127 -> 0
- * (-inf included; no subnormals). */
+ * (-inf included; no subnormals). Rounding y costs up to |x| 1.3e-7 relative, as exp2(x log2 e)
+ * did; near 0, where the kernels need it, ~2 ulp (tests/test_kernels_common.py). */
 #define FAST_EXP(F, AS_I, AS_F, x)                                                              \
     const F y = (x) * (F)M_LOG2E_F;                                                             \
     const F t = y + (F)12583039.0f;                 /* 1.5 * 2^23 + 127 */                      \
@@ -143,13 +144,25 @@ typedef float grad_t;
 #elif GRAD_DTYPE == 1
 typedef half grad_t;
 #define STORE1(p, i, v) vstore_half_rte((float)(v), 0, (p) + (i))
-/* element-wise: vstore_half8 shares vload_half8's alignment fault on PoCL */
-inline void store_half8(__global half *p, float8 v) {
-    vstore_half_rte(v.s0, 0, p); vstore_half_rte(v.s1, 1, p); vstore_half_rte(v.s2, 2, p);
-    vstore_half_rte(v.s3, 3, p); vstore_half_rte(v.s4, 4, p); vstore_half_rte(v.s5, 5, p);
-    vstore_half_rte(v.s6, 6, p); vstore_half_rte(v.s7, 7, p);
-}
-#define STORE8(p, i, v) store_half8((p) + (i), convert_float8(v))
+/* vstore_half8 shares vload_half8's alignment fault on PoCL, and element-wise vstore_half_rte
+ * costs a call per element, so vectors are rounded to half bits by hand, to nearest even:
+ * normals rebias the exponent (127 -> 15) and round the 13 dropped bits; subnormals add 0.5,
+ * whose ulp (2^-24) is the half subnormal quantum, so the float adder rounds them; past 65504
+ * is inf; NaN stays a quiet NaN. Bit-exact against numpy (tests/test_kernels_common.py). */
+#define F32_TO_HALF(N)                                                                          \
+    inline ushort##N f32_to_half##N(float##N f) {                                               \
+        const uint##N b = as_uint##N(f), a = b & (uint##N)0x7fffffffu;                          \
+        uint##N h = (a - (uint##N)0x38000000u + (uint##N)0xfffu + ((a >> 13) & (uint##N)1u)) >> 13; \
+        const uint##N sub = as_uint##N(as_float##N(a) + (float##N)0.5f) - (uint##N)0x3f000000u; \
+        h = select(h, sub, a < (uint##N)0x38800000u);                                           \
+        h = select(h, (uint##N)0x7c00u, a >= (uint##N)0x477ff000u);                             \
+        h = select(h, (uint##N)0x7e00u, a > (uint##N)0x7f800000u);                              \
+        return convert_ushort##N(h | ((b >> 16) & (uint##N)0x8000u));                           \
+    }
+F32_TO_HALF(8)
+F32_TO_HALF(16)
+#define STORE8(p, i, v) vstore8(f32_to_half8(convert_float8(v)), 0, (__global ushort *)((p) + (i)))
+#define STORE16_(p, i, v) vstore16(f32_to_half16(convert_float16(v)), 0, (__global ushort *)((p) + (i)))
 #elif GRAD_DTYPE == 2
 typedef ushort grad_t;
 #define STORE1(p, i, v) ((p)[(i)] = f32_to_bf16((float)(v)))
@@ -190,6 +203,8 @@ inline ushort16 f32_to_bf16_16_nonan(float16 f) {
     return HIGH_HALVES16(b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u));
 }
 #define STORE16_NONAN(p, i, v) vstore16(f32_to_bf16_16_nonan(convert_float16(v)), 0, (p) + (i))
+#elif GRAD_DTYPE == 1
+#define STORE16 STORE16_
 #else
 #define STORE16(p, i, v) do { acc16_t v16_ = (v); STORE8(p, i, v16_.lo); STORE8(p, (i) + 8, v16_.hi); } while (0)
 #endif

@@ -6,11 +6,12 @@
  * Every offset is 64-bit, so N*C beyond 2^31 works.
  *
  * For each row the kernel makes two passes over the logits:
- *   pass 1  online softmax: running max m and running sum s of exp(z - m), one exp per element
- *           (exp(-|z - m|) serves both the "new max" and the "old max" case); soft targets also
+ *   pass 1  softmax statistics: max m and s = sum_j exp(z_j - m), one exp per element, each
+ *           exp parked (in the gradient row or a scratch row) for pass 2; soft targets also
  *           accumulate A = sum_j w_j y'_j here.
- *   pass 2  p_j = exp(z_j - lse), writes the gradient and accumulates the loss terms that need
- *           lse (the smoothing term, the soft-target term) without cancellation.
+ *   pass 2  p_j from the parked exp (else exp(z_j - lse)), writes the gradient and accumulates
+ *           the loss terms that need lse (the smoothing term, the soft-target term) without
+ *           cancellation.
  * The second pass reads the row again, which on a CPU comes from cache for any realistic C.
  *
  * Math (z = logits after the optional soft-cap, lse = log sum_j exp z_j, p = softmax(z),
@@ -35,7 +36,7 @@
  * and rounded once. Types, loads, stores and exp come from common.cl (prepended at build time).
  *
  * Kernel shapes (the engine picks one per launch from the device's LaunchShape):
- *   ce_rows_item   one work-item per row, float8 loads, blocked online softmax (CPU devices;
+ *   ce_rows_item   one work-item per row, CE_VW-wide vectors, blocked softmax (CPU devices;
  *                  PoCL measured ~6x faster than a work-group striding a row)
  *   ce_spatial8    eight spatial rows per work-item, lanes are rows (CPU, (N, C, d..) input)
  *   ce_rows_group  one work-group of CE_WG_SIZE work-items per row (GPUs)
@@ -149,12 +150,13 @@ inline int row_argmax(__global const in_t *xr, ulong stride, uint C) {
 }
 
 /* ============================== one work-item per row (CPU) ==============================
- * Contiguous rows use a blocked online softmax: per block of BS classes (L1-resident) the block
- * max bm is found first, then e_j = exp(z_j - bm) is summed and, when the gradient has the
- * accumulation type, stashed in the gradient row itself; the running sum is rescaled once per
- * block. Pass 2 then needs no exp per element: p_j = e_j * exp(bm - lse). That halves the exps
- * (the cost that dominates on a CPU) and the stash is re-read from cache. Other gradient types
- * (fp16/bf16) recompute p_j = exp(z_j - lse) from the logits instead. */
+ * Contiguous rows use a blocked online softmax, CE_VW-wide: per block of BS classes (L1-resident)
+ * e_j = exp(z_j - bm) is summed against the block's reference bm and stashed; the running sum
+ * is rescaled once per block. Pass 2 then needs no exp per element: p_j = e_j * exp(bm - lse).
+ * That halves the exps (the cost that dominates on a CPU); the stash is re-read from cache. The
+ * stash is the gradient row itself when the gradient has the accumulation type, else the
+ * work-item's scratch row (fp16/bf16 gradients); without either (no scratch could be had),
+ * p_j = exp(z_j - lse) is recomputed from the logits. */
 /* the row's vector type and accesses at width CE_VW */
 #if CE_VW == 16
 typedef acc16_t accv_t;
@@ -415,7 +417,7 @@ __kernel void ce_rows_item(__global const in_t *x,        /* logits */
 /* ======================= spatial rows, eight per work-item (CPU, S % 8 == 0) =======================
  * For (N, C, d1..dk) input the rows s, s+1, ... of one sample sit next to each other for every
  * class (class stride S), so eight adjacent rows load as one vector per class: the lanes are rows.
- * Same math as ce_rows, vectorised across rows instead of across classes (one work-item per row
+ * Same math as ce_rows_item, vectorised across rows instead of across classes (one work-item per row
  * had to run it scalar, two scalar exps per element). */
 #if IN_DTYPE == 3
 typedef long8 mask8_t;
