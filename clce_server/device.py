@@ -80,11 +80,6 @@ TUNING: list[tuple[str, str, Tuning]] = [
     ("*", "*", _CPU),
 ]
 
-# Override names kept from the flat table (tests/conftest.py still uses them): launch fields now.
-_LEGACY_LAUNCH_NAMES = {"CE_WG_PER_ROW": ("rows", lambda v: "group" if v else "item"),
-                        "CE_WG_SIZE": ("local_size", int), "RED_WG_SIZE": ("reduce_local_size", int)}
-
-
 #: the files of each program, concatenated in order (the shared preamble first)
 PROGRAM_SOURCES = {"ce": ("common.cl", "cross_entropy.cl"), "reduce": ("reduce_rows.cl",)}
 #: kernel name -> the program that holds it
@@ -118,9 +113,6 @@ def tuning_for(vendor: str, kind: str, overrides: dict | None = None) -> Tuning:
     defines, launch = dict(row.defines), {}
     launch_fields = set(asdict(row.launch))
     for name, value in (overrides or {}).items():
-        if name in _LEGACY_LAUNCH_NAMES:
-            name, conv = _LEGACY_LAUNCH_NAMES[name]
-            value = conv(value)
         if name in launch_fields:
             launch[name] = value
         else:

@@ -15,7 +15,7 @@ def wg_device():
     is checked for correctness on PoCL too. Small work-groups keep it quick on a CPU."""
     from clce_server.device import open_devices
 
-    return open_devices(tuning_overrides={"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 16, "RED_WG_SIZE": 32})[0]
+    return open_devices(tuning_overrides={"rows": "group", "local_size": 16, "reduce_local_size": 32})[0]
 
 
 @pytest.fixture(scope="session")

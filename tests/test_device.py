@@ -80,8 +80,7 @@ def test_tuning_table_is_keyed_by_vendor_and_kind():
     cpu = tuning_for("pocl", "cpu", {"CE_FAST_EXP": 0, "local_size": 4})
     assert cpu.defines["CE_FAST_EXP"] == 0 and cpu.launch.local_size == 4
     assert TUNING[0][2].defines["CE_FAST_EXP"] == 1                 # overrides leave the table alone
-    # the flat names of the old table still override the launch shape
-    assert tuning_for("pocl", "cpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 16}).launch == LaunchShape("group", 16, 16)
+    assert tuning_for("pocl", "cpu", {"rows": "group", "local_size": 16}).launch == LaunchShape("group", 16, 16)
 
 
 def test_launch_shapes_reach_the_kernels_as_work_group_sizes():
