@@ -29,8 +29,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+# the workers run this file as a script: they must import this checkout's packages (HERE.parent),
+# not whichever checkout the virtual environment's editable install points at
+for _path in (HERE.parent, HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 MiB = 1 << 20
 KEYS = {
@@ -117,8 +120,9 @@ def worker_main(spec: dict) -> None:
     extra = {k: spec[k] for k in ("softcap", "label_smoothing") if spec.get(k)}
     ref = reference(x, t, **extra)
     rtol = 1e-2 if spec.get("dtype") == "bfloat16" else 2e-5   # the loss comes back in bfloat16
+    # retry_budget_s=0: these workers observe the server's admission answers (429, 503) as they are
     client = Client(spec["url"], api_key=spec.get("key") or "", retries=spec.get("retries", 0),
-                    timeout=120)
+                    retry_budget_s=spec.get("retry_budget_s", 0), timeout=120)
     stop = threading.Event()
     lock = threading.Lock()
     records: list[tuple[float, float, str]] = []
@@ -661,7 +665,7 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path):
             assert first == 503, f"/readyz during the drain: {first}\n{srv.log()[-3000:]}"
             # new work is refused with 503 while the old work finishes
             xs, ts = make_batch(*SMALL, seed=59)
-            with clce_client.Client(srv.url, api_key=KEYS["beta"], retries=0) as c:
+            with clce_client.Client(srv.url, api_key=KEYS["beta"], retries=0, retry_budget_s=0) as c:
                 with pytest.raises(errors.ServiceUnavailable) as ei:
                     c.cross_entropy(xs, ts)
             assert ei.value.status == 503
