@@ -4,7 +4,9 @@ request right afterwards is still answered correctly.
 
 Bodies: random bytes; valid msgpack requests with flipped, inserted and deleted bytes; changed
 length headers (including huge claimed sizes); changed dtype strings and shapes; random JSON values
-and JSON objects with the request's field names.
+and JSON objects with the request's field names. And the grammar-aware strategies of
+tests/fuzzing.py (msgpack built structurally with every header width, JSON nested around the
+limit, raw HTTP framing), which scripts/fuzz_service.py runs for longer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+import fuzzing  # noqa: E402
 from serverproc import server_fixture  # noqa: E402
 
 from clce_wire import options, protocol  # noqa: E402
@@ -30,7 +33,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
-server = server_fixture()
+# short read timeouts: a raw request whose body falls short of its Content-Length is answered soon
+server = server_fixture(args=["--body-timeout", "0.5", "--header-timeout", "5"])
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -258,3 +262,21 @@ def test_valid_json_requests_match_torch(http, data):
     grad = np.vectorize(lambda v: float(v))(np.array(body["grad"], dtype=object)).astype(np.float64)
     np.testing.assert_allclose(loss, ref.detach().numpy(), rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2e-5, atol=2e-6)
+
+
+# --- grammar-aware (tests/fuzzing.py) ---------------------------------------------------------
+
+@FUZZ
+@given(body=fuzzing.msgpack_requests())
+def test_grammar_aware_msgpack(http, body):
+    post(http, body, protocol.MSGPACK)
+    check_still_correct(http)
+
+
+@settings(FUZZ, max_examples=30)
+@given(raw=fuzzing.http_requests(VALID_BODY))
+def test_http_framing(server, http, raw):
+    """Raw HTTP/1.1 with broken framing: an answer below 500 every time, never a silent close."""
+    status, out = fuzzing.exchange(server.host, server.port, raw)
+    assert status is not None and status < 500, (status, out[:300])
+    check_still_correct(http)
