@@ -157,7 +157,12 @@ def error_body(code: str, message: str, request_id: str | None = None) -> dict[s
     with ``request_id`` when given (server faults carry it, to find the logged trace)."""
     if code not in ERROR_CODES:
         raise ValueError(f"unknown error code {code!r}")
-    err = {"code": code, "message": str(message)}
+    message = str(message)
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape, quoted back to us
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    err = {"code": code, "message": message}
     if request_id is not None:
         err["request_id"] = request_id
     return {"error": err}

@@ -163,3 +163,12 @@ def test_json_depth_matches_a_reference_scanner(value, chunk):
     quotes and runs of backslashes straddle its chunk boundaries."""
     text = json.dumps(value)
     assert protocol.json_depth(text.encode(), chunk_bytes=chunk) == _reference_depth(text)
+
+
+def test_error_body_survives_a_lone_surrogate():
+    """torch quotes a bad reduction back; from JSON it may hold a lone surrogate ("\\ud800"),
+    which no UTF-8 error body can carry: it is escaped, not a 500."""
+    body = protocol.error_body("value_error", "\ud800 is not a valid value for reduction")
+    assert body["error"]["message"] == "\\ud800 is not a valid value for reduction"
+    json.dumps(body, ensure_ascii=False).encode("utf-8")
+    msgpack.packb(body)

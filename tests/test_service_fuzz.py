@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import fuzzing  # noqa: E402
 from serverproc import server_fixture  # noqa: E402
 
+import clce_client  # noqa: E402
 from clce_wire import options, protocol  # noqa: E402
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -280,3 +281,69 @@ def test_http_framing(server, http, raw):
     status, out = fuzzing.exchange(server.host, server.port, raw)
     assert status is not None and status < 500, (status, out[:300])
     check_still_correct(http)
+
+
+@FUZZ
+@given(body=fuzzing.json_requests())
+def test_grammar_aware_json(http, body):
+    post(http, body, protocol.JSON)
+    check_still_correct(http)
+
+
+# --- every finding of the fuzzers, end to end (tests/test_hardening_decode.py has them unit-level) --
+
+def _torch_error(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value).split("\n")[0]
+
+
+def _msgpack(msg):
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def _wire(arr):
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"[" * 1000 + b"]" * 1000, "bad_request"),                       # issue 11: RecursionError, 500
+    (b'{"input": [[1.0]], "target": [0], "weight": ' + b"[" * 5000 + b"]" * 5000 + b"}", "bad_request"),
+    (b'{"input": [[1.0]], "target": [' + b"1" * 5000 + b"]}", "bad_request"),   # Python's int digit limit
+    # a lone surrogate, quoted back in torch's message, broke the error body's UTF-8: a 500
+    (b'{"input": [[1.0]], "target": [0], "reduction": "\\ud800"}', "value_error"),
+])  # fmt: skip
+def test_finding_json_bodies_are_answered_400(http, body, code):
+    resp = post(http, body, protocol.JSON)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == code, resp.text
+    check_still_correct(http)
+
+
+def test_finding_a_shape_whose_size_overflows_is_refused_like_torch(http):
+    """issue 11: numpy's 'array is too big' for [2**63-1, 2**63-1, 0] was a 500."""
+    shape = [2**63 - 1, 2**63 - 1, 0]
+    kind, message = _torch_error(lambda: torch.empty(shape))
+    for msg in ({"input": {"dtype": "float32", "shape": shape, "data": b""}, "target": _wire(T)},
+                {"input": _wire(X), "target": {"dtype": "int64", "shape": shape, "data": b""}}):
+        resp = post(http, _msgpack(msg), protocol.MSGPACK)
+        err = protocol.decode_message(bytearray(resp.content))["error"]
+        assert resp.status_code == 400 and err["code"] == protocol.code_for_exception(kind(message))
+        assert err["message"] == message
+    check_still_correct(http)
+
+
+def test_finding_integers_torch_cannot_hold_are_refused_like_torch(server):
+    x, t = torch.from_numpy(X), torch.from_numpy(T)
+    with clce_client.Client(server.url, retry_budget_s=0) as c:
+        kind, message = _torch_error(lambda: torch.nn.functional.cross_entropy(x, t, ignore_index=2**63))
+        with pytest.raises(kind, match=f"^{message}$"):
+            c.cross_entropy(X, T, ignore_index=2**63)      # msgpack's uint64
+    kind, message = _torch_error(lambda: torch.nn.functional.cross_entropy(x, t, label_smoothing=10**400))
+    resp = httpx.post(server.url + "/v1/cross_entropy", timeout=30, headers={"Content-Type": protocol.JSON},
+                      content=json.dumps({"input": X.tolist(), "target": T.tolist(), "label_smoothing": 10**400}))
+    assert resp.status_code == 400 and resp.json()["error"] == {"code": "overflow_error", "message": message}
+    assert kind is OverflowError
+    resp = httpx.post(server.url + "/v1/cross_entropy", timeout=30, headers={"Content-Type": protocol.JSON},
+                      content=json.dumps({"input": X.tolist(), "target": T.tolist(), "ignore_index": -(2**70)}))
+    assert resp.status_code == 400 and resp.json()["error"] == {
+        "code": "value_error", "message": "Overflow when unpacking long long"}

@@ -14,7 +14,6 @@ Failures raise; the exception handlers (responses.py) render them, and RecordReq
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from starlette.background import BackgroundTask
 from clce_wire import fastpath, options, protocol
 
 from ..deps import authenticated_tenant, ready_state
-from ..errors import ApiError
+from ..errors import ApiError, ArgumentError
 from ..hostmem import POOL
 from ..jobs import LossJob, inflight_bytes
 from ..recording import RequestRecord
@@ -174,10 +173,12 @@ async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
         if adm.as_msgpack:
             args = options.parse_request(fastpath.decode_small(memoryview(body)))
         elif body.nbytes > JSON_IN_THREAD_BYTES:
-            args = await asyncio.to_thread(lambda: options.parse_request(json.loads(body.tobytes()), json=True))
+            args = await asyncio.to_thread(lambda: options.parse_request(protocol.loads_json(body), json=True))
         else:
-            args = options.parse_request(json.loads(body.tobytes()), json=True)
-    except (protocol.ProtocolError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            args = options.parse_request(protocol.loads_json(body), json=True)
+    except protocol.RefusedArgument as exc:   # a value torch refuses too: its type and message
+        raise ArgumentError(exc.error) from None
+    except protocol.ProtocolError as exc:     # loads_json and decode_message raise only this
         raise ApiError("bad_request", f"malformed request: {exc}") from None
     adm.record.stage("decode", time.perf_counter() - t0)
     return args
