@@ -75,6 +75,23 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(state)))
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        address = self.settings.metrics_address
+        state = getattr(self.app.state, "clce", None)
+        if (state is not None and state.registry.auth_required and not state.registry.has_admin
+                and not self.settings.public_metrics and address is None):
+            logging.getLogger("clce.server").warning(
+                "the tenants file declares no [admin] key: /metrics and other tenants' status rows "
+                "are unreachable (add [admin], --metrics-bind or --public-metrics)")
+        if address is not None and state is not None and not self.should_exit:
+            # Prometheus's own little server, in a thread: /metrics without a key, on an address
+            # the operator keeps private, so the main port needs no key for scraping
+            from prometheus_client import start_http_server
+
+            start_http_server(address[1], address[0], registry=state.metrics.registry)
+            logging.getLogger("clce.server").info("metrics on http://%s:%d/metrics", *address)
+
     async def _drain_then_exit(self, state) -> None:
         if state.scheduler is not None:
             await state.scheduler.drain(self.settings.drain_timeout_s)

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
                                   "body; a client that stalls mid-body is cut off with 408 (0: no limit).")
     max_connections: int = Field(1024, ge=1, description="Open connections at most; one more is answered "
                                  "503 with Retry-After and closed.")
+    # --- who sees what (tenant isolation) ---
+    public_metrics: bool = Field(False, description="With a tenants file, /metrics answers only the admin "
+                                 "key ([admin] in the tenants file); this opens it to anyone.")
+    metrics_bind: str | None = Field(None, description="HOST:PORT of a second listener serving only the "
+                                     "Prometheus metrics, without a key (bind it where only Prometheus reaches).")
     # --- TLS, named as uvicorn names them ---
     ssl_certfile: Path | None = Field(None, description="PEM certificate (chain): serve https.")
     ssl_keyfile: Path | None = Field(None, description="PEM private key of --ssl-certfile.")
@@ -54,6 +59,22 @@ class Settings(BaseSettings):
         if v not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"unknown log level {v!r}")
         return v
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _, port = v.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected HOST:PORT, got {v!r}")
+        return v
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        if self.metrics_bind is None:
+            return None
+        host, _, port = self.metrics_bind.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":

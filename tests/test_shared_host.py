@@ -42,6 +42,8 @@ KEYS = {
     "gamma": "sk-gamma-Ue5Js0Ba2Nf7",
 }
 WRONG_KEY = "sk-wrong-Pz4Lq9Wm3Xe1"
+ADMIN_KEY = "sk-admin-Rt6Gy2Mh8Vc4"   # every tenants file here declares it: status and metrics need it
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BIG = (512, 32000)         # a flood request: 65 MB of float32 logits, with its gradient back
 HUGE = (1024, 32000)       # long enough to be cancelled / to miss a deadline
 SMALL = (64, 1000)
@@ -291,7 +293,7 @@ from clce_client import errors  # noqa: E402
 
 
 def write_tenants(path: Path, tenants: dict[str, dict]) -> Path:
-    lines = []
+    lines = ["[admin]", f"api_key = {json.dumps(ADMIN_KEY)}", ""]
     for name, fields in tenants.items():
         lines.append(f"[tenants.{name}]")
         for k, v in fields.items():
@@ -302,14 +304,14 @@ def write_tenants(path: Path, tenants: dict[str, dict]) -> Path:
 
 
 def get_status(url: str) -> dict:
-    return httpx.get(url + "/v1/status", timeout=10).json()
+    return httpx.get(url + "/v1/status", timeout=10, headers=ADMIN).json()
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = httpx.get(url + "/metrics", timeout=10, headers=ADMIN).text
     out = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line)
@@ -556,11 +558,11 @@ def test_api_keys_never_in_the_log_or_metrics(server):
     # runs last on this server: every key (and the wrong one) has been sent by now
     log = server.log()
     assert '"tenant": "beta"' in log and '"tenant": "gamma"' in log   # the access log is there
-    text = httpx.get(server.url + "/metrics").text
-    for secret in (*KEYS.values(), WRONG_KEY):
+    text = httpx.get(server.url + "/metrics", headers=ADMIN).text
+    for secret in (*KEYS.values(), WRONG_KEY, ADMIN_KEY):
         assert secret not in log
         assert secret not in text
-        assert secret not in httpx.get(server.url + "/v1/status").text
+        assert secret not in httpx.get(server.url + "/v1/status", headers=ADMIN).text
         assert secret not in httpx.get(server.url + "/v1/info").text
 
 
