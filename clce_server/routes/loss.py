@@ -92,6 +92,12 @@ async def admit(request: Request, tenant: Tenant = Depends(authenticated_tenant)
                504: {"description": "deadline exceeded"}},
 )
 async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Response:
+    # The body's bytes count against the in-flight budgets from before it is read until the
+    # response has gone out (released by RecordRequests): a burst is answered 429 before its bodies
+    # are in memory, and peak memory stays near max_inflight_bytes + the host pool.
+    reservation = reserve_body(request, adm)
+    if reservation is not None:
+        adm.record.on_done.append(reservation.release)
     t0 = time.perf_counter()
     body, backing = await read_body(request, adm.body_limit)
     adm.record.stage("body", time.perf_counter() - t0)
@@ -103,11 +109,23 @@ async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Re
         raise
     # From here a device thread may read the body until the job is over: it is given back to the
     # pool only with the response (a failed or abandoned job's body is left to the collector).
-    result = await schedule(request, adm, args, body.nbytes)
+    result = await schedule(request, adm, args, body.nbytes, reservation)
     if result is None:                     # the client left; nobody to answer
         adm.record.outcome = "cancelled"
         return Response(status_code=499)
     return await encode(result, args, adm, backing)
+
+
+def reserve_body(request: Request, adm: Admission):
+    """A scheduler reservation for the body announced by Content-Length (None without one, or
+    when it is over the size limit: read_body answers 413 for that)."""
+    try:
+        n = int(request.headers.get("content-length", ""))
+    except ValueError:
+        return None
+    if not 0 < n <= adm.body_limit:
+        return None
+    return adm.state.scheduler.reserve(adm.tenant, n)
 
 
 # ---- read ----------------------------------------------------------------------------------------
@@ -186,7 +204,7 @@ async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
 
 # ---- schedule ------------------------------------------------------------------------------------
 
-async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_len: int):
+async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_len: int, reservation=None):
     """The engine's LossResult, or None when the client disconnected first (the job is dropped)."""
     state, settings = adm.state, adm.state.settings
     deadline = None
@@ -201,7 +219,7 @@ async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_
     sched_timings: dict = {}
     submit = asyncio.ensure_future(state.scheduler.submit(
         adm.tenant, inflight_bytes(args, body_len), job, deadline=deadline, timings=sched_timings,
-        request_bytes=body_len))
+        request_bytes=body_len, reservation=reservation))
     if body_len >= WATCH_DISCONNECT_BYTES:
         # Worth cancelling: watch the connection, and drop the job if the client goes. A small
         # job is cheaper to finish than to watch; its result is then dropped harmlessly.
