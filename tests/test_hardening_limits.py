@@ -90,6 +90,7 @@ def test_a_body_that_stalls_is_cut_off(server):
     assert answer.startswith(b"HTTP/1.1 408 ") and b"stalled" in answer, answer[:200]
     assert BODY_TIMEOUT * 0.8 <= time.monotonic() - t0 < BODY_TIMEOUT + 3
     still_serves(server)
+    assert httpx.get(server.url + "/v1/status", timeout=10).json()["scheduler"]["inflight_bytes"] == 0
 
 
 def test_a_slow_body_that_keeps_coming_is_served(server):
@@ -171,3 +172,6 @@ def test_clients_killed_mid_upload_or_mid_download_leave_no_memory_held(server):
     still_serves(server)
     after = server_rss(server)
     assert after <= baseline * 1.10 + (8 << 20), (baseline >> 20, after >> 20)
+    # and nothing of theirs is still counted against the in-flight budgets (body reservations)
+    st = httpx.get(server.url + "/v1/status", timeout=10).json()["scheduler"]
+    assert st["inflight_bytes"] == 0 and st["tenants"]["default"]["inflight_bytes"] == 0, st
