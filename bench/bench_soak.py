@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,7 @@ def worker(spec: dict) -> None:
             data[shape].append((x, t, common.reference_mean_ce(x, t)))
     shapes = [s for s, _ in MIX]
     probs = np.array([p for _, p in MIX])
-    client = Client(spec["url"], api_key=spec["key"], retries=0, timeout=300)
+    client = Client(spec["url"], api_key=spec["key"], retries=0, retry_budget_s=0, timeout=300)  # raw answers
     counts = {"requests": 0, "ok": 0, "bytes_up": 0, "bytes_down": 0}
     errs: dict = {}
     deliberate: dict = {}
@@ -127,7 +128,9 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="clce-bench-soak-"))
     tf = tmp / "tenants.toml"
-    tf.write_text("".join(f'[tenants.{n}]\napi_key = "{k}"\nweight = {w}\n\n' for n, (k, w) in TENANTS.items()))
+    admin_key = "soak-admin-" + os.urandom(8).hex()   # /metrics needs it when there are tenants
+    tf.write_text(f'[admin]\napi_key = "{admin_key}"\n\n'
+                  + "".join(f'[tenants.{n}]\napi_key = "{k}"\nweight = {w}\n\n' for n, (k, w) in TENANTS.items()))
     srv_args = ["--tenants", str(tf)] + (["--device", args.device] if args.device else [])
     names = list(TENANTS)
     with common.ServerProcess(srv_args, log_path=tmp / "server.log", env={"CLCE_ACCESS_LOG": "false"}) as srv:
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - t0
         time.sleep(2)
         rss_idle_end = rss_bytes(pid)
-        metrics_text = __import__("httpx").get(srv.url + "/metrics").text
+        metrics_text = __import__("httpx").get(srv.url + "/metrics",
+                                               headers={"Authorization": f"Bearer {admin_key}"}).text
     results = []
     for k, out in enumerate(outs):
         procs[k].wait()

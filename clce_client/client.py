@@ -11,9 +11,12 @@ Return values of ``cross_entropy``:
   is then detached); use ``torch.no_grad()`` for evaluation to skip the gradient transfer.
 
 Several replicas (a list, or a comma-separated ``CLCE_URL``) are used round-robin; a replica that
-refuses connections or answers 503 costs a retry on the next one, and is avoided for a few seconds.
-429 (``Overloaded``) is raised at once with ``retry_after``: retrying automatically would defeat
-the server's admission control.
+refuses connections or drops one costs a retry on the next one (at most ``retries``), and is
+avoided for a few seconds. 429 (``Overloaded``) and 503 (``ServiceUnavailable``) are transient by
+their nature: the client tries another replica, or waits for Retry-After (with jitter, so clients
+turned away together do not return together), within ``retry_budget_s`` (env
+``CLCE_RETRY_BUDGET_S``, default 30 s; 0 raises at once), then raises the last error. Resending is
+always safe: a request is a pure function of its body, so a retry can never count twice.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
+import ssl
 import sys
 import threading
 import time
@@ -68,6 +73,9 @@ _COALESCE_BYTES = 64 * 1024
 _DOWN_SECONDS = 5.0  # how long a replica that failed is tried only after the others
 _BACKOFF_SECONDS = 0.05
 _MAX_BACKOFF_SECONDS = 2.0
+DEFAULT_RETRY_BUDGET_S = 30.0
+_JITTER = 0.25          # waits are stretched by up to this fraction, at random
+_TRANSIENT_STATUS = (429, 503)
 
 # Failures where the request certainly or possibly never reached a working server. The computation
 # is a pure function, so re-sending is always safe.
@@ -293,6 +301,108 @@ class _BodyReader:
         return self.buf
 
 
+def _retry_budget(value: float | None) -> float:
+    if value is None:
+        env = os.environ.get("CLCE_RETRY_BUDGET_S")
+        try:
+            value = float(env) if env else DEFAULT_RETRY_BUDGET_S
+        except ValueError:
+            raise ValueError(f"CLCE_RETRY_BUDGET_S must be a number of seconds, got {env!r}") from None
+    value = float(value)
+    if not value >= 0:
+        raise ValueError("retry_budget_s must be >= 0")
+    return value
+
+
+def _ssl_verify(verify: Union[bool, str, os.PathLike, ssl.SSLContext]) -> Union[bool, ssl.SSLContext]:
+    # httpx takes a bool or an SSLContext; a CA bundle path becomes a context (as requests did)
+    if isinstance(verify, (str, os.PathLike)):
+        return ssl.create_default_context(cafile=os.fspath(verify))
+    return verify
+
+
+class _Attempts:
+    """The retry policy of one request, without I/O (the clients do the sending and sleeping).
+
+    ``next()`` says which replica to try and how long to wait first, or raises when the request
+    has used up its connection retries or its time budget. A connection failure moves on to the
+    next replica (a full round of failures backs off briefly). A 429 or 503 moves on to the next
+    replica not yet tried in this round, and once all were, waits for the shortest Retry-After
+    (or a backoff when none was given), stretched by jitter, if that ends within the budget."""
+
+    def __init__(self, client: _Base):
+        self.client = client
+        self.replicas = client._replicas
+        self.order = self.replicas.order()
+        self.started = time.monotonic()
+        self.connection_failures = 0
+        self.rounds = 0
+        self.tried: list[int] = []       # replicas tried in this round
+        self.wait: float | None = None   # Retry-After of the round (the shortest), when given
+        self.last: BaseException | None = None
+        self.pending: tuple[int, float] | None = (self.order[0], 0.0)
+
+    def next(self) -> tuple[int, float]:
+        if self.pending is None:
+            raise self.client._exhausted(self.connection_failures, self.last)
+        step, self.pending = self.pending, None
+        return step
+
+    def _next_replica(self) -> int | None:
+        for i in self.order:
+            if i not in self.tried:
+                return i
+        return None
+
+    def _new_round(self, delay: float) -> None:
+        self.rounds += 1
+        self.tried, self.wait = [], None
+        self.order = self.replicas.order()
+        self.pending = (self.order[0], delay)
+
+    def connection_failed(self, i: int, exc: BaseException) -> None:
+        self.replicas.mark_down(i)
+        self.last = exc
+        self.tried.append(i)
+        self.connection_failures += 1
+        if self.connection_failures > self.client.retries:
+            return
+        nxt = self._next_replica()
+        if nxt is not None:
+            self.pending = (nxt, 0.0)
+        else:
+            self._new_round(self.client._backoff(self.rounds + 1))
+
+    def answered(self, resp: _Response, i: int) -> bool:
+        """True when `resp` is the answer. Raises a non-transient error status (and a transient
+        one once retrying is over); False when `next()` has another try."""
+        if resp.status < 400:
+            self.replicas.mark_up(i)
+            return True
+        err = errors.error_from_response(
+            resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers
+        )
+        if resp.status not in _TRANSIENT_STATUS:
+            raise err
+        if resp.status == 503:
+            self.replicas.mark_down(i)
+        self.last = err
+        self.tried.append(i)
+        if err.retry_after is not None:
+            self.wait = err.retry_after if self.wait is None else min(self.wait, err.retry_after)
+        budget = self.client.retry_budget_s
+        nxt = self._next_replica()
+        if nxt is not None and budget > 0:
+            self.pending = (nxt, 0.0)
+            return False
+        delay = self.wait if self.wait is not None else self.client._backoff(self.rounds + 1)
+        delay *= 1.0 + _JITTER * random.random()
+        if time.monotonic() + delay - self.started > budget:
+            raise err
+        self._new_round(delay)
+        return False
+
+
 class _Base:
     def __init__(
         self,
@@ -301,6 +411,7 @@ class _Base:
         timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
+        retry_budget_s: float | None = None,
     ):
         self._replicas = _Replicas(_parse_urls(url))
         self._api_key = api_key if api_key is not None else (os.environ.get("CLCE_API_KEY") or None)
@@ -311,6 +422,7 @@ class _Base:
             raise ValueError("chunk_bytes must be >= 1")
         self.retries = int(retries)
         self.chunk_bytes = int(chunk_bytes)
+        self.retry_budget_s = _retry_budget(retry_budget_s)
 
     @property
     def urls(self) -> list[str]:
@@ -350,20 +462,6 @@ class _Base:
             f"no clce server reachable at {', '.join(self.urls)} after {attempts} attempts"
             + (f": {type(last).__name__}: {last}" if last is not None else "")
         )
-
-    def _settle(self, resp: _Response, i: int) -> errors.ServerError | None:
-        """After replica i answered: None when the response is the answer; the error to retry on
-        another replica for 503 (starting or draining); any other error status raises."""
-        if resp.status < 400:
-            self._replicas.mark_up(i)
-            return None
-        err = errors.error_from_response(
-            resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers
-        )
-        if resp.status != 503:
-            raise err
-        self._replicas.mark_down(i)
-        return err
 
     @staticmethod
     def _json_or_msgpack(resp: _Response) -> Any:
@@ -407,7 +505,10 @@ class Client(_Base):
 
     ``url``: a URL, a list of replica URLs, or a comma-separated string (default: env
     ``CLCE_URL``, else http://127.0.0.1:8000). ``api_key`` (default: env ``CLCE_API_KEY``) is sent
-    as ``Authorization: Bearer``. ``retries`` re-sends on connection failures and 503s;
+    as ``Authorization: Bearer``. ``retries`` bounds the re-sends after connection failures;
+    ``retry_budget_s`` (env ``CLCE_RETRY_BUDGET_S``, default 30; 0 disables) is how long 429 and
+    503 answers are retried, honouring Retry-After. ``verify`` checks https servers' certificates
+    as httpx does: True (system CAs), False, a CA bundle path or an ``ssl.SSLContext``.
     ``chunk_bytes`` is the upload chunk size.
     """
 
@@ -418,9 +519,11 @@ class Client(_Base):
         timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
+        retry_budget_s: float | None = None,
+        verify: Union[bool, str, os.PathLike, ssl.SSLContext] = True,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes)
-        self._http = httpx.Client(timeout=self.timeout)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s)
+        self._http = httpx.Client(timeout=self.timeout, verify=_ssl_verify(verify))
 
     def close(self) -> None:
         self._http.close()
@@ -453,28 +556,23 @@ class Client(_Base):
     def _request(
         self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0
     ) -> _Response:
-        order = self._replicas.order()
-        last: BaseException | None = None
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            if attempt and attempt % len(order) == 0:
-                time.sleep(self._backoff(attempt // len(order)))
-            i = order[attempt % len(order)]
+        attempts = _Attempts(self)
+        while True:
+            i, delay = attempts.next()
+            if delay:
+                time.sleep(delay)
             url = self._replicas.urls[i] + path
             try:
                 resp = self._once(method, url, segments, nbytes)
             except _RETRYABLE as exc:
-                self._replicas.mark_down(i)
-                last = exc
+                attempts.connection_failed(i, exc)
                 continue
             except httpx.TimeoutException as exc:
                 self._raise_for_timeout(exc, url)
             except httpx.HTTPError as exc:
                 raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
-            last = self._settle(resp, i)
-            if last is None:
+            if attempts.answered(resp, i):
                 return resp
-        raise self._exhausted(attempts, last)
 
     def cross_entropy(
         self,
@@ -531,9 +629,11 @@ class AsyncClient(_Base):
         timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
+        retry_budget_s: float | None = None,
+        verify: Union[bool, str, os.PathLike, ssl.SSLContext] = True,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes)
-        self._http = httpx.AsyncClient(timeout=self.timeout)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s)
+        self._http = httpx.AsyncClient(timeout=self.timeout, verify=_ssl_verify(verify))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -567,28 +667,23 @@ class AsyncClient(_Base):
     async def _request(
         self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0
     ) -> _Response:
-        order = self._replicas.order()
-        last: BaseException | None = None
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            if attempt and attempt % len(order) == 0:
-                await asyncio.sleep(self._backoff(attempt // len(order)))
-            i = order[attempt % len(order)]
+        attempts = _Attempts(self)
+        while True:
+            i, delay = attempts.next()
+            if delay:
+                await asyncio.sleep(delay)
             url = self._replicas.urls[i] + path
             try:
                 resp = await self._once(method, url, segments, nbytes)
             except _RETRYABLE as exc:
-                self._replicas.mark_down(i)
-                last = exc
+                attempts.connection_failed(i, exc)
                 continue
             except httpx.TimeoutException as exc:
                 self._raise_for_timeout(exc, url)
             except httpx.HTTPError as exc:
                 raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
-            last = self._settle(resp, i)
-            if last is None:
+            if attempts.answered(resp, i):
                 return resp
-        raise self._exhausted(attempts, last)
 
     async def cross_entropy(
         self,

@@ -13,7 +13,8 @@
         │   ├── ClceValueError   (also ValueError)      \
         │   ├── ClceIndexError   (also IndexError)       } PyTorch's exception for the same
         │   ├── ClceRuntimeError (also RuntimeError)     } arguments, with PyTorch's message
-        │   └── ClceTypeError    (also TypeError)       /
+        │   ├── ClceTypeError    (also TypeError)       /
+        │   └── ClceOverflowError (also OverflowError) /
         ├── AuthenticationError (401)
         ├── NotFound (404)
         ├── PayloadTooLarge (413)
@@ -52,6 +53,7 @@ __all__ = [
     "ClceIndexError",
     "ClceRuntimeError",
     "ClceTypeError",
+    "ClceOverflowError",
     "error_from_response",
 ]
 
@@ -155,11 +157,16 @@ class ClceTypeError(BadRequest, TypeError):
     """The TypeError PyTorch raises for these arguments."""
 
 
+class ClceOverflowError(BadRequest, OverflowError):
+    """The OverflowError PyTorch raises for these arguments (a number no double can hold)."""
+
+
 _CLASS_BY_CODE: dict[str, type[ServerError]] = {
     "value_error": ClceValueError,
     "index_error": ClceIndexError,
     "runtime_error": ClceRuntimeError,
     "type_error": ClceTypeError,
+    "overflow_error": ClceOverflowError,
     "bad_request": BadRequest,
     "unsupported_media_type": BadRequest,
     "unauthorized": AuthenticationError,

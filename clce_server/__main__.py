@@ -75,6 +75,23 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(state)))
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        address = self.settings.metrics_address
+        state = getattr(self.app.state, "clce", None)
+        if (state is not None and state.registry.auth_required and not state.registry.has_admin
+                and not self.settings.public_metrics and address is None):
+            logging.getLogger("clce.server").warning(
+                "the tenants file declares no [admin] key: /metrics and other tenants' status rows "
+                "are unreachable (add [admin], --metrics-bind or --public-metrics)")
+        if address is not None and state is not None and not self.should_exit:
+            # Prometheus's own little server, in a thread: /metrics without a key, on an address
+            # the operator keeps private, so the main port needs no key for scraping
+            from prometheus_client import start_http_server
+
+            start_http_server(address[1], address[0], registry=state.metrics.registry)
+            logging.getLogger("clce.server").info("metrics on http://%s:%d/metrics", *address)
+
     async def _drain_then_exit(self, state) -> None:
         if state.scheduler is not None:
             await state.scheduler.drain(self.settings.drain_timeout_s)
@@ -84,20 +101,39 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if settings.tenants is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.tenants is None and settings.host not in _LOOPBACK:
         logging.getLogger("clce.server").warning(
             "serving on %s without a tenants file: anyone who can reach it can use it", settings.host)
+    if settings.tenants is not None and settings.ssl_certfile is None and settings.host not in _LOOPBACK:
+        logging.getLogger("clce.server").warning(
+            "serving tenants on %s without --ssl-certfile: API keys cross the network in clear text", settings.host)
     from .app import create_app
+    from .hostmem import POOL
 
+    POOL.max_cached_bytes = settings.host_pool_bytes
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, access_log=False, timeout_keep_alive=30,
-                            timeout_graceful_shutdown=max(settings.drain_timeout_s, 1.0))
-    DrainingServer(config, settings, app).run()
+    DrainingServer(uvicorn_config(app, settings), settings, app).run()
+
+
+def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    """uvicorn serving `app` with the limits on slow and vanishing clients, and TLS when asked."""
+    from .limits import ClientGuard, http_protocol
+
+    ssl = {}
+    if settings.ssl_certfile is not None:
+        ssl = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile),
+               "ssl_keyfile_password": settings.ssl_keyfile_password}
+    return uvicorn.Config(ClientGuard(app, settings.body_timeout_s), host=settings.host, port=settings.port,
+                          http=http_protocol(settings.header_timeout_s, settings.max_connections),
+                          log_level=settings.log_level, access_log=False, timeout_keep_alive=30,
+                          timeout_graceful_shutdown=max(settings.drain_timeout_s, 1.0), **ssl)
 
 
 if __name__ == "__main__":

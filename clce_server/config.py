@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -33,6 +33,24 @@ class Settings(BaseSettings):
     log_level: str = Field("info")
     access_log: bool = Field(True, description="Structured (JSON) access log lines on logger clce.access.")
     warmup: bool = Field(True, description="Run every start-up kernel once before reporting ready.")
+    host_pool_bytes: int = Field(1024 * MiB, ge=0, description="Bytes of large host buffers (bodies, "
+                                 "gradients) kept for reuse; peak memory is about max_inflight_bytes + this.")
+    # --- hostile and vanishing clients (clce_server/limits.py) ---
+    header_timeout_s: float = Field(10.0, ge=0, description="A connection must send a request's line "
+                                    "and headers within this time (408 and closed after; 0: no limit).")
+    body_timeout_s: float = Field(30.0, ge=0, description="Longest wait for the next piece of a request "
+                                  "body; a client that stalls mid-body is cut off with 408 (0: no limit).")
+    max_connections: int = Field(1024, ge=1, description="Open connections at most; one more is answered "
+                                 "503 with Retry-After and closed.")
+    # --- who sees what (tenant isolation) ---
+    public_metrics: bool = Field(False, description="With a tenants file, /metrics answers only the admin "
+                                 "key ([admin] in the tenants file); this opens it to anyone.")
+    metrics_bind: str | None = Field(None, description="HOST:PORT of a second listener serving only the "
+                                     "Prometheus metrics, without a key (bind it where only Prometheus reaches).")
+    # --- TLS, named as uvicorn names them ---
+    ssl_certfile: Path | None = Field(None, description="PEM certificate (chain): serve https.")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of --ssl-certfile.")
+    ssl_keyfile_password: str | None = Field(None, description="Password of an encrypted --ssl-keyfile.")
 
     @field_validator("log_level")
     @classmethod
@@ -41,6 +59,28 @@ class Settings(BaseSettings):
         if v not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"unknown log level {v!r}")
         return v
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _, port = v.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected HOST:PORT, got {v!r}")
+        return v
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        if self.metrics_bind is None:
+            return None
+        host, _, port = self.metrics_bind.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        return self
 
     @property
     def device_selectors(self) -> list[str] | None:

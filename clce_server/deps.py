@@ -28,6 +28,28 @@ async def authenticated_tenant(request: Request) -> Tenant:
     return tenant
 
 
+async def status_viewer(request: Request) -> str | None:
+    """Whose rows /v1/status shows: None for all of them (the admin key; or an open server, which
+    has one tenant and no secrets), else the caller's own tenant. 401 without a valid key."""
+    registry = request.app.state.clce.registry
+    header = request.headers.get("authorization")
+    if registry.is_admin(header):
+        return None
+    tenant = registry.authenticate(header)
+    if tenant is None:
+        raise ApiError("unauthorized", "missing or invalid API key (send Authorization: Bearer <key>)")
+    return tenant.name
+
+
+async def admin_only(request: Request) -> None:
+    """The admin key (declared under [admin] in the tenants file), unless the server is open or
+    --public-metrics says so."""
+    state: ServerState = request.app.state.clce
+    if state.settings.public_metrics or state.registry.is_admin(request.headers.get("authorization")):
+        return
+    raise ApiError("unauthorized", "this endpoint needs the admin key (the [admin] table of the tenants file)")
+
+
 async def ready_state(request: Request) -> ServerState:
     """The state of a server that takes work now; 503 (with Retry-After when it is transient) while
     starting, draining or after a failed start."""

@@ -5,11 +5,18 @@ this 2-core host that was 30-40% of the fused kernel's time at 2048x32000. Buffe
 in a response come back here and are reused with their pages already mapped.
 
 Only the server returns buffers, and only after the response that used them has been sent: a
-buffer nobody releases is simply freed by the garbage collector.
+buffer nobody releases (its client vanished mid-upload or mid-download) is simply freed by the
+garbage collector.
+
+Large buffers are anonymous mmaps of their own, not malloc'd: freeing one unmaps it, so the
+memory goes back to the OS at once. From malloc, a burst of large requests left RSS hundreds of
+MB above its baseline for good (glibc raises its mmap threshold after such frees, and keeps the
+next ones in per-thread arenas).
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 import weakref
 
@@ -42,7 +49,7 @@ class HostPool:
             if free:
                 self._cached -= cls
                 return free.pop()
-        buf = np.empty(cls, np.uint8)
+        buf = np.frombuffer(mmap.mmap(-1, cls), np.uint8)   # zero pages, mapped on first touch
         with self._lock:
             self._owned[id(buf)] = cls
         # a buffer never given back is freed by the GC; its id must not be mistaken for another's
@@ -65,7 +72,7 @@ class HostPool:
         """Give back the pooled buffer under `arr` (no-op for arrays the pool does not own)."""
         b = arr
         while b is not None and id(b) not in self._owned:
-            b = b.base if isinstance(b, np.ndarray) else None
+            b = b.base if isinstance(b, np.ndarray) else None   # stops at the mmap under the pool's array
         if b is None:
             return
         with self._lock:

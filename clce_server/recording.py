@@ -39,6 +39,7 @@ class RequestRecord:
     timings: dict[str, float] = field(default_factory=dict)   # stage -> seconds
     body_bytes: int = 0
     rows: int = 0
+    on_done: list = field(default_factory=list)   # called once the response is out (or failed)
 
     def stage(self, name: str, seconds: float) -> None:
         self.timings[name] = seconds
@@ -80,6 +81,8 @@ class RecordRequests:
             await self.app(scope, receive, send_recorded)
         finally:
             state.inflight_http -= 1
+            for done in record.on_done:
+                done()
             _publish(state, scope, record, status, sent)
 
 

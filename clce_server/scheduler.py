@@ -125,7 +125,7 @@ class _Job:
     __slots__ = (
         "seq", "tenant", "nbytes", "work", "deadline", "loop", "future", "worker", "state", "gen",
         "abandoned", "abandon_outcome", "submitted_at", "started_at", "finished_at", "compute_s",
-        "steps",
+        "steps", "keep",
     )  # fmt: skip
 
     def __init__(self, seq, tenant, nbytes, work, deadline, loop, worker) -> None:
@@ -146,6 +146,7 @@ class _Job:
         self.finished_at: float | None = None
         self.compute_s = 0.0
         self.steps = 0
+        self.keep: Reservation | None = None   # where its bytes go when it ends (see Reservation)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -422,6 +423,24 @@ def _deadline_message(job: _Job) -> str:
     return f"deadline exceeded {where}"
 
 
+class Reservation:
+    """Bytes held against a tenant's and the server's in-flight budgets outside a job's run: the
+    request's body while it is read and decoded (`reserve`), then, once the job it was handed to
+    (`submit(reservation=...)`) is over, the job's bytes until the response has gone out (the
+    body and gradient are still in memory while they stream). `release()` gives back all of it,
+    once; bytes of a job that ends after the release are given back by the job."""
+
+    __slots__ = ("scheduler", "tenant", "nbytes", "closed")
+
+    def __init__(self, scheduler: "Scheduler", tenant: Tenant, nbytes: int):
+        self.scheduler, self.tenant, self.nbytes = scheduler, tenant, nbytes
+        self.closed = False
+
+    def release(self) -> None:
+        if not self.closed:
+            self.scheduler._unreserve(self)
+
+
 class Scheduler:
     """Per-device worker threads with per-tenant weighted fair queues and admission control.
 
@@ -550,6 +569,7 @@ class Scheduler:
         deadline: float | None = None,
         timings: dict | None = None,
         request_bytes: int | None = None,
+        reservation: Reservation | None = None,
     ) -> Any:
         """Run `job` on a device on behalf of `tenant`; return its result or raise its exception.
         A plain function of the device is run as a `FunctionJob`.
@@ -559,6 +579,7 @@ class Scheduler:
         (default: nbytes).
         `deadline` is an absolute time.monotonic() value. `timings`, when given, is filled with
         queue_s (submit to first step), compute_s (device seconds), steps and device.
+        `reservation` (from `reserve`) holds part of `nbytes` already; only the rest is admitted.
         Raises PayloadTooLarge, QueueFull, ShuttingDown (before queueing) or DeadlineExceeded.
         """
         loop = asyncio.get_running_loop()
@@ -566,7 +587,7 @@ class Scheduler:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
         if not self._started:
             self.start()
-        j = self._admit(tenant, nbytes, as_job(job), deadline, loop, request_bytes)
+        j = self._admit(tenant, nbytes, as_job(job), deadline, loop, request_bytes, reservation)
         timers = []
         if deadline is not None:
             timers.append(loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, j))
@@ -583,8 +604,47 @@ class Scheduler:
             if timings is not None:
                 timings.update(self._timings(j))
 
+    def reserve(self, tenant: Tenant, nbytes: int) -> Reservation:
+        """Hold `nbytes` (a request body, from its Content-Length) against the in-flight budgets
+        before the body is read, so that a burst is turned away with 429 before its bodies are in
+        memory, not after. Raises QueueFull or ShuttingDown."""
+        if not self._accepting:
+            raise ShuttingDown("server is shutting down")
+        with self._lock:
+            state = self._tenant_state(tenant.name)
+            self._check_budgets(tenant, state, nbytes)
+            state.inflight_bytes += nbytes
+            self._inflight_bytes += nbytes
+            self._publish(state)
+        return Reservation(self, tenant, nbytes)
+
+    def _unreserve(self, r: Reservation) -> None:
+        with self._lock:
+            if r.closed:
+                return
+            state = self._tenants[r.tenant.name]
+            state.inflight_bytes -= r.nbytes
+            self._inflight_bytes -= r.nbytes
+            r.nbytes, r.closed = 0, True
+            self._publish(state)
+
+    def _check_budgets(self, tenant: Tenant, state: _TenantState, nbytes: int) -> None:
+        excess = state.inflight_bytes + nbytes - tenant.max_inflight_bytes
+        if excess > 0:
+            raise QueueFull(
+                f"tenant has {state.inflight_bytes} bytes in flight; {nbytes} more exceed "
+                f"max_inflight_bytes={tenant.max_inflight_bytes}",
+                self._retry_after(state.active.values(), excess),
+            )
+        excess = self._inflight_bytes + nbytes - self.max_inflight_bytes
+        if excess > 0:
+            raise QueueFull(
+                "server is at its in-flight byte limit",
+                self._retry_after(self._jobs.values(), excess),
+            )
+
     def _admit(self, tenant: Tenant, nbytes: int, fn: Job, deadline, loop,
-               request_bytes: int | None = None) -> _Job:
+               request_bytes: int | None = None, reservation: Reservation | None = None) -> _Job:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"nbytes must be a non-negative integer, got {nbytes!r}")
         if not self._accepting:
@@ -612,25 +672,21 @@ class Scheduler:
                     f"(max_queued={tenant.max_queued})",
                     self._retry_after(state.active.values(), 0),
                 )
-            excess = state.inflight_bytes + nbytes - tenant.max_inflight_bytes
-            if excess > 0:
-                raise QueueFull(
-                    f"tenant has {state.inflight_bytes} bytes in flight; {nbytes} more exceed "
-                    f"max_inflight_bytes={tenant.max_inflight_bytes}",
-                    self._retry_after(state.active.values(), excess),
-                )
-            excess = self._inflight_bytes + nbytes - self.max_inflight_bytes
-            if excess > 0:
-                raise QueueFull(
-                    "server is at its in-flight byte limit",
-                    self._retry_after(self._jobs.values(), excess),
-                )
+            held = 0
+            if reservation is not None and reservation.nbytes:
+                if reservation.tenant.name != tenant.name:
+                    raise ValueError("a reservation is for the tenant that made it")
+                held = min(reservation.nbytes, nbytes)
+            self._check_budgets(tenant, state, nbytes - held)
             worker = min(self._workers, key=lambda w: (w.queued_bytes, w.queued_jobs, w.index))
             job = _Job(next(self._counter), tenant, nbytes, fn, deadline, loop, worker)
             self._jobs[job.seq] = job
             state.active[job.seq] = job
-            state.inflight_bytes += nbytes
-            self._inflight_bytes += nbytes
+            state.inflight_bytes += nbytes - held
+            self._inflight_bytes += nbytes - held
+            if reservation is not None:
+                reservation.nbytes -= held     # now the job's, back to the reservation at its end
+                job.keep = reservation
             worker.enqueue(job)
             self._publish(state)
             return job
@@ -724,8 +780,11 @@ class Scheduler:
         state = self._tenants[job.tenant.name]
         del state.active[job.seq]
         del self._jobs[job.seq]
-        state.inflight_bytes -= job.nbytes
-        self._inflight_bytes -= job.nbytes
+        if job.keep is not None and not job.keep.closed:
+            job.keep.nbytes += job.nbytes      # still in memory until the response is out
+        else:
+            state.inflight_bytes -= job.nbytes
+            self._inflight_bytes -= job.nbytes
         state.outcomes[outcome] += 1
         self._publish(state)
         return [] if self._jobs else list(self._idle_waiters)

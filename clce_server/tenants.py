@@ -9,6 +9,14 @@ A tenants file is TOML with one table per tenant::
     max_inflight_bytes = 1073741824 # bytes admitted and not yet finished
     max_queued = 64                 # jobs admitted and not yet finished
 
+An optional ``[admin]`` table declares the operator's key::
+
+    [admin]
+    api_key = "..."
+
+A tenant's key sees only its own rows of /v1/status and the status page; the admin key sees
+every tenant, and /metrics. The admin key is not a tenant: it cannot submit work.
+
 Without a tenants file the server is open: one anonymous tenant ``default`` and no auth.
 API keys never appear in reprs, logs or error messages.
 """
@@ -113,9 +121,16 @@ def _check_defaults(defaults: Mapping[str, Any] | None) -> dict[str, Any]:
 class TenantRegistry:
     """The set of tenants and how a request is mapped to one."""
 
-    def __init__(self, tenants: Iterable[Tenant], *, auth_required: bool = True) -> None:
+    def __init__(self, tenants: Iterable[Tenant], *, auth_required: bool = True,
+                 admin_key: str | None = None) -> None:
         self._tenants: list[Tenant] = list(tenants)
         self._auth_required = bool(auth_required)
+        self._admin_digest: bytes | None = None
+        if admin_key is not None:
+            if not self._auth_required:
+                raise ValueError("an admin key needs tenants with keys (an open server has no secrets)")
+            _check_api_key("admin", admin_key)
+            self._admin_digest = _key_digest(admin_key)
         if not self._tenants:
             raise ValueError("at least one tenant is required")
         by_name: dict[str, Tenant] = {}
@@ -138,6 +153,9 @@ class TenantRegistry:
                     )
                 owner_of[digest] = tenant.name
                 self._digests.append((tenant, digest))
+            if self._admin_digest is not None and self._admin_digest in owner_of:
+                raise ValueError(f"[admin] and tenant {owner_of[self._admin_digest]!r}: field 'api_key' "
+                                 "must be unique (the admin key is also a tenant's key)")
         elif len(self._tenants) != 1:
             raise ValueError("an open registry (auth disabled) has exactly one tenant")
 
@@ -157,12 +175,16 @@ class TenantRegistry:
                 data = tomllib.load(f)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"tenants file {str(path)!r}: invalid TOML: {exc}") from None
-        unknown_top = sorted(set(data) - {"tenants"})
+        unknown_top = sorted(set(data) - {"tenants", "admin"})
         if unknown_top:
             raise ValueError(
                 f"tenants file {str(path)!r}: unknown top-level key(s) {unknown_top}; "
-                "expected only [tenants.<name>] tables"
+                "expected only [tenants.<name>] tables and an [admin] table"
             )
+        admin = data.get("admin")
+        if admin is not None:
+            if not isinstance(admin, dict) or set(admin) != {"api_key"}:
+                raise ValueError(f"tenants file {str(path)!r}: [admin] holds exactly one field, 'api_key'")
         tables = data.get("tenants")
         if not isinstance(tables, dict) or not tables:
             raise ValueError(f"tenants file {str(path)!r}: no [tenants.<name>] tables")
@@ -179,7 +201,7 @@ class TenantRegistry:
                 raise ValueError(f"tenant {name!r}: field 'api_key' is required")
             _check_api_key(name, table["api_key"])
             tenants.append(Tenant(name=name, **{**base, **table}))
-        return cls(tenants, auth_required=True)
+        return cls(tenants, auth_required=True, admin_key=None if admin is None else admin["api_key"])
 
     @property
     def auth_required(self) -> bool:
@@ -198,9 +220,24 @@ class TenantRegistry:
     def __len__(self) -> int:
         return len(self._tenants)
 
+    @property
+    def has_admin(self) -> bool:
+        return self._admin_digest is not None
+
     def __repr__(self) -> str:
         names = [t.name for t in self._tenants]
-        return f"TenantRegistry(tenants={names}, auth_required={self._auth_required})"
+        return (f"TenantRegistry(tenants={names}, auth_required={self._auth_required}, "
+                f"admin={self.has_admin})")
+
+    def is_admin(self, authorization_header: str | None) -> bool:
+        """Whether the header carries the admin key. An open server (no tenants file) has no
+        secrets: everyone is admin there."""
+        if not self._auth_required:
+            return True
+        key = _parse_bearer(authorization_header)
+        if key is None or self._admin_digest is None:
+            return False
+        return hmac.compare_digest(_key_digest(key), self._admin_digest)
 
     def authenticate(self, authorization_header: str | None) -> Tenant | None:
         """Tenant for an ``Authorization: Bearer <key>`` header, or None when not valid.

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .protocol import (
+    INT64_MAX,
+    INT64_MIN,
     PROTOCOL_VERSION,
     SPECIAL_FLOATS,
     ProtocolError,
+    RefusedArgument,
     WireTensor,
     decode_tensor,
     kind_of,
@@ -103,14 +106,17 @@ def _parse_value(opt: Option, value: Any, json: bool) -> Any:
         if type(value) in (int, float):
             try:
                 return float(value)
-            except OverflowError:   # an int too big for a double
-                raise ProtocolError(f"{name}: {value} is out of range for a float") from None
+            except OverflowError as exc:   # an int too big for a double: torch's refusal, too
+                raise RefusedArgument(exc) from None
         if json and special_float(value):
             return SPECIAL_FLOATS[value]
         raise ProtocolError(f"{name}: expected a number, got {kind_of(value)}")
     expected = {"int": (int, "an integer"), "bool": (bool, "true or false"), "str": (str, "a string")}[kind]
     if type(value) is not expected[0]:
         raise ProtocolError(f"{name}: expected {expected[1]}, got {kind_of(value)}")
+    if kind == "int" and not INT64_MIN <= value <= INT64_MAX:
+        # msgpack carries uint64 and JSON any integer; torch holds int64 and says so
+        raise RefusedArgument(ValueError("Overflow when unpacking long long"))
     return value
 
 

@@ -35,6 +35,9 @@ __all__ = [
     "MAX_DIMS",
     "ERROR_CODES",
     "ProtocolError",
+    "RefusedArgument",
+    "INT64_MIN",
+    "INT64_MAX",
     "WireTensor",
     "dtype_name",
     "numpy_dtype",
@@ -52,6 +55,9 @@ __all__ = [
     "SPECIAL_FLOATS",
     "tensor_to_json",
     "message_to_json",
+    "loads_json",
+    "json_depth",
+    "MAX_JSON_DEPTH",
     "error_body",
     "code_for_exception",
     "format_server_timing",
@@ -110,6 +116,20 @@ class ProtocolError(ValueError):
     code = "bad_request"
 
 
+class RefusedArgument(ProtocolError):
+    """A well-formed value that PyTorch itself refuses (an int64 overflow, a tensor size that
+    overflows). ``error`` is the exception PyTorch raises for it: the server answers with its type
+    and message (``code`` follows the type), as for any other argument PyTorch refuses."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+        self.code = code_for_exception(error)
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 # code -> (HTTP status, builtin exception type the client re-raises as, or None)
 ERROR_CODES: Mapping[str, tuple[int, type[Exception] | None]] = MappingProxyType(
     {
@@ -117,6 +137,7 @@ ERROR_CODES: Mapping[str, tuple[int, type[Exception] | None]] = MappingProxyType
         "index_error": (400, IndexError),
         "runtime_error": (400, RuntimeError),
         "type_error": (400, TypeError),
+        "overflow_error": (400, OverflowError),
         "bad_request": (400, None),
         "unsupported_media_type": (415, None),
         "unauthorized": (401, None),
@@ -136,7 +157,12 @@ def error_body(code: str, message: str, request_id: str | None = None) -> dict[s
     with ``request_id`` when given (server faults carry it, to find the logged trace)."""
     if code not in ERROR_CODES:
         raise ValueError(f"unknown error code {code!r}")
-    err = {"code": code, "message": str(message)}
+    message = str(message)
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape, quoted back to us
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    err = {"code": code, "message": message}
     if request_id is not None:
         err["request_id"] = request_id
     return {"error": err}
@@ -151,6 +177,7 @@ def code_for_exception(exc: BaseException) -> str:
     for builtin, name in (
         (IndexError, "index_error"),
         (TypeError, "type_error"),
+        (OverflowError, "overflow_error"),
         (ValueError, "value_error"),
         (RuntimeError, "runtime_error"),
     ):
@@ -229,15 +256,30 @@ def encode_tensor(array: Any) -> WireTensor:
     return WireTensor(name, shape, data)
 
 
-def _check_shape(shape: Any, name: str) -> tuple[int, ...]:
+def _check_shape(shape: Any, name: str, itemsize: int = 1) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)):
         raise ProtocolError(f"{name}: shape must be a list of integers, got {type(shape).__name__}")
     if len(shape) > MAX_DIMS:
         raise ProtocolError(f"{name}: {len(shape)} dimensions; at most {MAX_DIMS} are supported")
     for d in shape:
-        if type(d) is not int or d < 0:
-            raise ProtocolError(f"{name}: shape {list(shape)!r} must hold non-negative integers")
+        if type(d) is not int or d < 0 or d > INT64_MAX:
+            raise ProtocolError(f"{name}: shape {list(shape)!r} must hold non-negative 64-bit integers")
+    _check_storage_size(shape, itemsize)
     return tuple(shape)
+
+
+def _check_storage_size(shape: Any, itemsize: int) -> None:
+    """Refuse a shape whose size overflows as PyTorch does (c10's computeStorageNbytes): the
+    product of the sizes, taken in order in 64 bits, then times the item size, must not overflow
+    and must fit in int64. A zero dimension does not excuse an overflow before it, as in torch."""
+    prod, overflow = 1, False
+    for d in shape:
+        prod *= d
+        if prod >= 1 << 64:
+            overflow, prod = True, prod & ((1 << 64) - 1)
+    nbytes = prod * itemsize
+    if overflow or nbytes > INT64_MAX:
+        raise RefusedArgument(RuntimeError(f"Storage size calculation overflowed with sizes={list(shape)}"))
 
 
 def decode_tensor(wt: Any, *, name: str = "tensor") -> np.ndarray:
@@ -247,7 +289,7 @@ def decode_tensor(wt: Any, *, name: str = "tensor") -> np.ndarray:
     dtype_str, shape, data = wt
     if not isinstance(dtype_str, str) or dtype_str not in DTYPES:
         raise ProtocolError(f"{name}: unknown dtype {dtype_str!r}; supported: {', '.join(DTYPES)}")
-    shape = _check_shape(shape, name)
+    shape = _check_shape(shape, name, DTYPES[dtype_str])
     dtype = numpy_dtype(dtype_str)
     mv = _byte_view(data, name)
     need = math.prod(shape) * DTYPES[dtype_str]
@@ -256,8 +298,16 @@ def decode_tensor(wt: Any, *, name: str = "tensor") -> np.ndarray:
             f"{name}: {mv.nbytes} bytes of data for shape {list(shape)} {dtype_str} needs {need}"
         )
     if need == 0:
-        return np.empty(shape, dtype=dtype)
+        return _empty(shape, dtype, name)
     return np.frombuffer(mv, dtype=dtype).reshape(shape)
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray:
+    # numpy caps the product of the dimensions (zeros included) lower than torch does
+    try:
+        return np.empty(shape, dtype=dtype)
+    except ValueError:
+        raise ProtocolError(f"{name}: empty tensor of shape {list(shape)} is too big for numpy") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,14 +733,15 @@ def tensor_from_json(
         if dtype is not None and not isinstance(dtype, str):
             raise ProtocolError(f"{name}: dtype must be a string")
         if "shape" in value:
-            shape = _check_shape(value["shape"], name)
+            shape = _check_shape(value["shape"], name, DTYPES.get(dtype, 1) if dtype else 1)
         value = value["data"]
     flat, inferred = _flatten(value, name)
     if shape is None:
         shape = inferred
     elif math.prod(shape) != len(flat):
         raise ProtocolError(f"{name}: {len(flat)} values for shape {list(shape)}")
-    return _json_array(flat, dtype, name).reshape(shape)
+    arr = _json_array(flat, dtype, name)
+    return arr.reshape(shape) if arr.size else _empty(shape, arr.dtype, name)
 
 
 def _json_floats(value: Any) -> Any:
@@ -728,6 +779,96 @@ def message_to_json(msg: Mapping[str, Any]) -> dict[str, Any]:
             value = _json_floats(value)
         out[key] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON bodies
+
+#: Nesting a JSON request needs: the request object, a tensor object, and MAX_DIMS nested lists.
+MAX_JSON_DEPTH = MAX_DIMS + 2
+_JSON_SCAN_CHUNK = 1 << 22
+
+
+def _escaped(c: np.ndarray, quotes: np.ndarray, carry: int) -> tuple[np.ndarray, int]:
+    """Which of the quotes at positions `quotes` of chunk `c` are escaped (an odd run of
+    backslashes before them; `carry` backslashes ended the previous chunk), and the length of
+    the run of backslashes that ends this chunk."""
+    bpos = np.flatnonzero(c == 0x5C)
+    if not bpos.size:
+        return (quotes == 0) & bool(carry & 1), 0
+    first = np.ones(bpos.size, bool)
+    first[1:] = np.diff(bpos) != 1
+    run_start = bpos[np.maximum.accumulate(np.where(first, np.arange(bpos.size), 0))]
+
+    def run_length(end: np.ndarray) -> np.ndarray:   # runs ending at bpos[end]
+        start = run_start[end]
+        return bpos[end] - start + 1 + np.where(start == 0, carry, 0)
+
+    escaped = np.zeros(quotes.size, bool)
+    before = quotes - 1
+    i = np.searchsorted(bpos, before)
+    hit = (i < bpos.size) & (before >= 0)
+    hit[hit] = bpos[i[hit]] == before[hit]
+    escaped[hit] = run_length(i[hit]) & 1 == 1
+    escaped |= (quotes == 0) & bool(carry & 1)
+    tail = int(run_length(np.array([bpos.size - 1]))[0]) if bpos[-1] == c.size - 1 else 0
+    return escaped, tail
+
+
+def json_depth(text: Union[bytes, bytearray, memoryview], stop_above: int | None = None, *,
+               chunk_bytes: int = _JSON_SCAN_CHUNK) -> int:
+    """The deepest nesting of arrays and objects in JSON `text`, without parsing it: brackets
+    inside strings do not count (escaped quotes are followed). Vectorised over chunks, so a body
+    of any size costs a few cheap numpy passes (about a tenth of json.loads) and bounded memory.
+    Exact for valid JSON; for invalid JSON the answer is meaningless, but the parser refuses such
+    a body anyway. Returns early, with a depth above `stop_above`, once that is exceeded."""
+    buf = np.frombuffer(text, np.uint8)
+    depth = deepest = 0
+    in_string = 0
+    carry = 0            # backslashes that ended the previous chunk
+    for start in range(0, buf.size, chunk_bytes):
+        c = buf[start:start + chunk_bytes]
+        folded = c | 0x20                      # [ -> {, ] -> }
+        opens = folded == 0x7B
+        brackets = np.flatnonzero(opens | (folded == 0x7D))
+        quotes = np.flatnonzero(c == 0x22)
+        if quotes.size or carry or c[-1] == 0x5C:
+            escaped, carry = _escaped(c, quotes, carry)
+            quotes = quotes[~escaped]
+        if quotes.size or in_string:
+            # a bracket is inside a string when an odd number of real quotes (plus the state the
+            # chunk began in) precede it
+            outside = (np.searchsorted(quotes, brackets) + in_string) & 1 == 0
+            brackets = brackets[outside]
+            in_string = (quotes.size + in_string) & 1
+        if not brackets.size:
+            continue
+        levels = np.cumsum(np.where(opens[brackets], 1, -1), dtype=np.int64) + depth
+        deepest = max(deepest, int(levels.max()))
+        depth = int(levels[-1])
+        if stop_above is not None and deepest > stop_above:
+            break
+    return deepest
+
+
+def loads_json(text: Union[bytes, bytearray, memoryview, str], max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """`json.loads` for untrusted bodies: raises only `ProtocolError`, whatever `text` holds.
+
+    Nesting deeper than `max_depth` is refused before parsing (the parser recurses, and a body
+    nested a thousand deep would exhaust the stack); invalid UTF-8, invalid JSON and integers of
+    more digits than Python converts are refused too."""
+    import json
+
+    if isinstance(text, str):
+        text = text.encode("utf-8", "surrogatepass")
+    if json_depth(text, max_depth) > max_depth:
+        raise ProtocolError(f"JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(bytes(text) if not isinstance(text, bytes) else text)
+    except RecursionError:   # only with a caller-chosen max_depth near the recursion limit
+        raise ProtocolError("JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise ProtocolError(f"invalid JSON: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

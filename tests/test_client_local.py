@@ -407,14 +407,14 @@ def test_error_mapping_of_canned_responses(server):
         "413": (errors.PayloadTooLarge, "too big"),
         "html": (errors.ServerError, "HTTP 502: <h1>Bad Gateway</h1>"),
     }
-    with Client(server.url, retries=3) as client:
+    with Client(server.url, retries=3, retry_budget_s=0) as client:
         for name, reply in replies.items():
             server.respond = lambda req, reply=reply: reply
             before = len(server.requests)
             with pytest.raises(expected[name][0]) as info:
                 client.cross_entropy(*logits())
             assert str(info.value) == expected[name][1]
-            assert len(server.requests) == before + 1  # none of these is retried
+            assert len(server.requests) == before + 1  # none of these is retried (429: budget 0)
     assert expected["json"][0].__mro__[1:3] == (errors.BadRequest, errors.ServerError)
     assert isinstance(info.value, errors.ServerError) and info.value.status == 502
 
@@ -423,6 +423,7 @@ def test_overloaded_carries_retry_after(server):
     full = msgpack.packb(error_body("queue_full", "tenant queue full"))
     server.respond = lambda req: (429, {"content-type": MSGPACK, "retry-after": "7"}, full)
     with Client(server.url) as client:
+        client.retry_budget_s = 5.0   # Retry-After 7 s would overrun it: raised at once
         with pytest.raises(errors.Overloaded, match="tenant queue full") as info:
             client.cross_entropy(*logits())
     assert info.value.retry_after == 7.0 and info.value.status == 429
@@ -432,11 +433,12 @@ def test_overloaded_carries_retry_after(server):
 def test_not_ready_is_retried_then_raised(server):
     warming = msgpack.packb(error_body("not_ready", "warming up"))
     server.respond = lambda req: (503, {"content-type": MSGPACK}, warming)
-    with Client(server.url, retries=2) as client:
+    with Client(server.url, retry_budget_s=0.3) as client:
         with pytest.raises(errors.ServiceUnavailable, match="warming up"):
             client.cross_entropy(*logits())
+        tries = len(server.requests)
         assert client.readyz() is False
-    assert len(server.requests) == 4  # three attempts and one probe
+    assert tries >= 3 and len(server.requests) == tries + 1  # backoff within the budget, one probe
 
 
 def test_info_and_probes(server, closed_url):

@@ -4,7 +4,9 @@ request right afterwards is still answered correctly.
 
 Bodies: random bytes; valid msgpack requests with flipped, inserted and deleted bytes; changed
 length headers (including huge claimed sizes); changed dtype strings and shapes; random JSON values
-and JSON objects with the request's field names.
+and JSON objects with the request's field names. And the grammar-aware strategies of
+tests/fuzzing.py (msgpack built structurally with every header width, JSON nested around the
+limit, raw HTTP framing), which scripts/fuzz_service.py runs for longer.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+import fuzzing  # noqa: E402
 from serverproc import server_fixture  # noqa: E402
 
+import clce_client  # noqa: E402
 from clce_wire import options, protocol  # noqa: E402
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -30,7 +34,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
-server = server_fixture()
+# short read timeouts: a raw request whose body falls short of its Content-Length is answered soon
+server = server_fixture(args=["--body-timeout", "0.5", "--header-timeout", "5"])
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -258,3 +263,87 @@ def test_valid_json_requests_match_torch(http, data):
     grad = np.vectorize(lambda v: float(v))(np.array(body["grad"], dtype=object)).astype(np.float64)
     np.testing.assert_allclose(loss, ref.detach().numpy(), rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2e-5, atol=2e-6)
+
+
+# --- grammar-aware (tests/fuzzing.py) ---------------------------------------------------------
+
+@FUZZ
+@given(body=fuzzing.msgpack_requests())
+def test_grammar_aware_msgpack(http, body):
+    post(http, body, protocol.MSGPACK)
+    check_still_correct(http)
+
+
+@settings(FUZZ, max_examples=30)
+@given(raw=fuzzing.http_requests(VALID_BODY))
+def test_http_framing(server, http, raw):
+    """Raw HTTP/1.1 with broken framing: an answer below 500 every time, never a silent close."""
+    status, out = fuzzing.exchange(server.host, server.port, raw)
+    assert status is not None and status < 500, (status, out[:300])
+    check_still_correct(http)
+
+
+@FUZZ
+@given(body=fuzzing.json_requests())
+def test_grammar_aware_json(http, body):
+    post(http, body, protocol.JSON)
+    check_still_correct(http)
+
+
+# --- every finding of the fuzzers, end to end (tests/test_hardening_decode.py has them unit-level) --
+
+def _torch_error(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value).split("\n")[0]
+
+
+def _msgpack(msg):
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def _wire(arr):
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"[" * 1000 + b"]" * 1000, "bad_request"),                       # issue 11: RecursionError, 500
+    (b'{"input": [[1.0]], "target": [0], "weight": ' + b"[" * 5000 + b"]" * 5000 + b"}", "bad_request"),
+    (b'{"input": [[1.0]], "target": [' + b"1" * 5000 + b"]}", "bad_request"),   # Python's int digit limit
+    # a lone surrogate, quoted back in torch's message, broke the error body's UTF-8: a 500
+    (b'{"input": [[1.0]], "target": [0], "reduction": "\\ud800"}', "value_error"),
+])  # fmt: skip
+def test_finding_json_bodies_are_answered_400(http, body, code):
+    resp = post(http, body, protocol.JSON)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == code, resp.text
+    check_still_correct(http)
+
+
+def test_finding_a_shape_whose_size_overflows_is_refused_like_torch(http):
+    """issue 11: numpy's 'array is too big' for [2**63-1, 2**63-1, 0] was a 500."""
+    shape = [2**63 - 1, 2**63 - 1, 0]
+    kind, message = _torch_error(lambda: torch.empty(shape))
+    for msg in ({"input": {"dtype": "float32", "shape": shape, "data": b""}, "target": _wire(T)},
+                {"input": _wire(X), "target": {"dtype": "int64", "shape": shape, "data": b""}}):
+        resp = post(http, _msgpack(msg), protocol.MSGPACK)
+        err = protocol.decode_message(bytearray(resp.content))["error"]
+        assert resp.status_code == 400 and err["code"] == protocol.code_for_exception(kind(message))
+        assert err["message"] == message
+    check_still_correct(http)
+
+
+def test_finding_integers_torch_cannot_hold_are_refused_like_torch(server):
+    x, t = torch.from_numpy(X), torch.from_numpy(T)
+    with clce_client.Client(server.url, retry_budget_s=0) as c:
+        kind, message = _torch_error(lambda: torch.nn.functional.cross_entropy(x, t, ignore_index=2**63))
+        with pytest.raises(kind, match=f"^{message}$"):
+            c.cross_entropy(X, T, ignore_index=2**63)      # msgpack's uint64
+    kind, message = _torch_error(lambda: torch.nn.functional.cross_entropy(x, t, label_smoothing=10**400))
+    resp = httpx.post(server.url + "/v1/cross_entropy", timeout=30, headers={"Content-Type": protocol.JSON},
+                      content=json.dumps({"input": X.tolist(), "target": T.tolist(), "label_smoothing": 10**400}))
+    assert resp.status_code == 400 and resp.json()["error"] == {"code": "overflow_error", "message": message}
+    assert kind is OverflowError
+    resp = httpx.post(server.url + "/v1/cross_entropy", timeout=30, headers={"Content-Type": protocol.JSON},
+                      content=json.dumps({"input": X.tolist(), "target": T.tolist(), "ignore_index": -(2**70)}))
+    assert resp.status_code == 400 and resp.json()["error"] == {
+        "code": "value_error", "message": "Overflow when unpacking long long"}

@@ -29,8 +29,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+# the workers run this file as a script: they must import this checkout's packages (HERE.parent),
+# not whichever checkout the virtual environment's editable install points at
+for _path in (HERE.parent, HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 MiB = 1 << 20
 KEYS = {
@@ -39,6 +42,8 @@ KEYS = {
     "gamma": "sk-gamma-Ue5Js0Ba2Nf7",
 }
 WRONG_KEY = "sk-wrong-Pz4Lq9Wm3Xe1"
+ADMIN_KEY = "sk-admin-Rt6Gy2Mh8Vc4"   # every tenants file here declares it: status and metrics need it
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BIG = (512, 32000)         # a flood request: 65 MB of float32 logits, with its gradient back
 HUGE = (1024, 32000)       # long enough to be cancelled / to miss a deadline
 SMALL = (64, 1000)
@@ -119,8 +124,9 @@ def worker_main(spec: dict) -> None:
     extra = {k: spec[k] for k in ("softcap", "label_smoothing") if spec.get(k)}
     ref = reference(x, t, **extra)
     rtol = 1e-2 if spec.get("dtype") == "bfloat16" else 2e-5   # the loss comes back in bfloat16
+    # retry_budget_s=0: these workers observe the server's admission answers (429, 503) as they are
     client = Client(spec["url"], api_key=spec.get("key") or "", retries=spec.get("retries", 0),
-                    timeout=120)
+                    retry_budget_s=spec.get("retry_budget_s", 0), timeout=120)
     stop = threading.Event()
     lock = threading.Lock()
     records: list[tuple[float, float, str]] = []
@@ -289,7 +295,7 @@ from clce_client import errors  # noqa: E402
 
 
 def write_tenants(path: Path, tenants: dict[str, dict]) -> Path:
-    lines = []
+    lines = ["[admin]", f"api_key = {json.dumps(ADMIN_KEY)}", ""]
     for name, fields in tenants.items():
         lines.append(f"[tenants.{name}]")
         for k, v in fields.items():
@@ -300,14 +306,14 @@ def write_tenants(path: Path, tenants: dict[str, dict]) -> Path:
 
 
 def get_status(url: str) -> dict:
-    return httpx.get(url + "/v1/status", timeout=10).json()
+    return httpx.get(url + "/v1/status", timeout=10, headers=ADMIN).json()
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = httpx.get(url + "/metrics", timeout=10, headers=ADMIN).text
     out = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line)
@@ -554,11 +560,11 @@ def test_api_keys_never_in_the_log_or_metrics(server):
     # runs last on this server: every key (and the wrong one) has been sent by now
     log = server.log()
     assert '"tenant": "beta"' in log and '"tenant": "gamma"' in log   # the access log is there
-    text = httpx.get(server.url + "/metrics").text
-    for secret in (*KEYS.values(), WRONG_KEY):
+    text = httpx.get(server.url + "/metrics", headers=ADMIN).text
+    for secret in (*KEYS.values(), WRONG_KEY, ADMIN_KEY):
         assert secret not in log
         assert secret not in text
-        assert secret not in httpx.get(server.url + "/v1/status").text
+        assert secret not in httpx.get(server.url + "/v1/status", headers=ADMIN).text
         assert secret not in httpx.get(server.url + "/v1/info").text
 
 
@@ -667,7 +673,7 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path):
             assert first == 503, f"/readyz during the drain: {first}\n{srv.log()[-3000:]}"
             # new work is refused with 503 while the old work finishes
             xs, ts = make_batch(*SMALL, seed=59)
-            with clce_client.Client(srv.url, api_key=KEYS["beta"], retries=0) as c:
+            with clce_client.Client(srv.url, api_key=KEYS["beta"], retries=0, retry_budget_s=0) as c:
                 with pytest.raises(errors.ServiceUnavailable) as ei:
                     c.cross_entropy(xs, ts)
             assert ei.value.status == 503

@@ -14,7 +14,6 @@ Failures raise; the exception handlers (responses.py) render them, and RecordReq
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from starlette.background import BackgroundTask
 from clce_wire import fastpath, options, protocol
 
 from ..deps import authenticated_tenant, ready_state
-from ..errors import ApiError
+from ..errors import ApiError, ArgumentError
 from ..hostmem import POOL
 from ..jobs import LossJob, inflight_bytes
 from ..recording import RequestRecord
@@ -93,6 +92,12 @@ async def admit(request: Request, tenant: Tenant = Depends(authenticated_tenant)
                504: {"description": "deadline exceeded"}},
 )
 async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Response:
+    # The body's bytes count against the in-flight budgets from before it is read until the
+    # response has gone out (released by RecordRequests): a burst is answered 429 before its bodies
+    # are in memory, and peak memory stays near max_inflight_bytes + the host pool.
+    reservation = reserve_body(request, adm)
+    if reservation is not None:
+        adm.record.on_done.append(reservation.release)
     t0 = time.perf_counter()
     body, backing = await read_body(request, adm.body_limit)
     adm.record.stage("body", time.perf_counter() - t0)
@@ -104,11 +109,23 @@ async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Re
         raise
     # From here a device thread may read the body until the job is over: it is given back to the
     # pool only with the response (a failed or abandoned job's body is left to the collector).
-    result = await schedule(request, adm, args, body.nbytes)
+    result = await schedule(request, adm, args, body.nbytes, reservation)
     if result is None:                     # the client left; nobody to answer
         adm.record.outcome = "cancelled"
         return Response(status_code=499)
     return await encode(result, args, adm, backing)
+
+
+def reserve_body(request: Request, adm: Admission):
+    """A scheduler reservation for the body announced by Content-Length (None without one, or
+    when it is over the size limit: read_body answers 413 for that)."""
+    try:
+        n = int(request.headers.get("content-length", ""))
+    except ValueError:
+        return None
+    if not 0 < n <= adm.body_limit:
+        return None
+    return adm.state.scheduler.reserve(adm.tenant, n)
 
 
 # ---- read ----------------------------------------------------------------------------------------
@@ -174,10 +191,12 @@ async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
         if adm.as_msgpack:
             args = options.parse_request(fastpath.decode_small(memoryview(body)))
         elif body.nbytes > JSON_IN_THREAD_BYTES:
-            args = await asyncio.to_thread(lambda: options.parse_request(json.loads(body.tobytes()), json=True))
+            args = await asyncio.to_thread(lambda: options.parse_request(protocol.loads_json(body), json=True))
         else:
-            args = options.parse_request(json.loads(body.tobytes()), json=True)
-    except (protocol.ProtocolError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            args = options.parse_request(protocol.loads_json(body), json=True)
+    except protocol.RefusedArgument as exc:   # a value torch refuses too: its type and message
+        raise ArgumentError(exc.error) from None
+    except protocol.ProtocolError as exc:     # loads_json and decode_message raise only this
         raise ApiError("bad_request", f"malformed request: {exc}") from None
     adm.record.stage("decode", time.perf_counter() - t0)
     return args
@@ -185,7 +204,7 @@ async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
 
 # ---- schedule ------------------------------------------------------------------------------------
 
-async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_len: int):
+async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_len: int, reservation=None):
     """The engine's LossResult, or None when the client disconnected first (the job is dropped)."""
     state, settings = adm.state, adm.state.settings
     deadline = None
@@ -200,7 +219,7 @@ async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_
     sched_timings: dict = {}
     submit = asyncio.ensure_future(state.scheduler.submit(
         adm.tenant, inflight_bytes(args, body_len), job, deadline=deadline, timings=sched_timings,
-        request_bytes=body_len))
+        request_bytes=body_len, reservation=reservation))
     if body_len >= WATCH_DISCONNECT_BYTES:
         # Worth cancelling: watch the connection, and drop the job if the client goes. A small
         # job is cheaper to finish than to watch; its result is then dropped harmlessly.

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 from clce_wire import protocol
 
 from .. import __version__
-from ..deps import ready_state, server_state
+from ..deps import admin_only, ready_state, server_state, status_viewer
 from ..state import ServerState
 
 router = APIRouter()
@@ -43,16 +43,27 @@ async def info(state: ServerState = Depends(server_state)):
     }
 
 
-@router.get("/v1/status", summary="Live scheduler state: devices, tenants, queues, throughput")
-async def status(state: ServerState = Depends(server_state)):
+@router.get("/v1/status", summary="Live scheduler state: devices, tenants, queues, throughput "
+            "(a tenant's key sees its own row; the admin key sees all)")
+async def status(state: ServerState = Depends(server_state), viewer: str | None = Depends(status_viewer)):
     stats = state.scheduler.stats() if state.scheduler is not None else {}
+    if viewer is not None and stats:
+        stats = own_rows(stats, viewer)
     return {"instance_id": state.instance_id, "ready": state.serving,
             "uptime_s": time.time() - state.started, "inflight_http": state.inflight_http,
             "devices": [{"name": d.name, "kind": d.kind, "platform": d.platform} for d in state.devices],
             "scheduler": stats}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+def own_rows(stats: dict, tenant: str) -> dict:
+    """The scheduler's snapshot as one tenant may see it: its own row, no other tenant's name."""
+    return {**stats, "tenants": {k: v for k, v in stats["tenants"].items() if k == tenant},
+            "devices": [{**d, "backlogged_tenants": [t for t in d["backlogged_tenants"] if t == tenant]}
+                        for d in stats["devices"]]}
+
+
+@router.get("/metrics", summary="Prometheus metrics (with a tenants file: the admin key, unless "
+            "--public-metrics; or scrape --metrics-bind)", dependencies=[Depends(admin_only)])
 async def metrics(state: ServerState = Depends(server_state)):
     body, ctype = state.metrics.render()
     return Response(body, media_type=ctype)

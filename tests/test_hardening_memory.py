@@ -1,0 +1,131 @@
+"""Memory stays bounded: a request's body counts against the in-flight byte budgets from before it
+is read until its response has gone out (scheduler reservations), so a burst is turned away with
+429 before its bodies are in memory. Unit-level on the scheduler; end to end, peak RSS of a burst
+against max_inflight_bytes + the pool's cap + a fixed overhead, and RSS after it against the warm
+baseline (bench/bench_memory.py measures the same at larger sizes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from serverproc import ServerProcess  # noqa: E402
+from test_scheduler import GATE_TIMEOUT, gated, make, queued, run, steps_job, tenant, wait_until  # noqa: E402,F401
+
+from clce_server.scheduler import QueueFull  # noqa: E402
+
+MiB = 1 << 20
+
+
+def test_a_reservation_counts_before_the_job_and_until_it_is_released(make):  # noqa: F811
+    a = tenant("a", max_request_bytes=100, max_inflight_bytes=100)
+    sched = make(tenants=[a], max_inflight_bytes=150)
+
+    async def main():
+        r = sched.reserve(a, 60)                       # a body being read
+        assert sched.stats()["inflight_bytes"] == 60
+        with pytest.raises(QueueFull, match="max_inflight_bytes"):
+            sched.reserve(a, 50)                       # refused before its body is read
+        result = await sched.submit(a, 90, steps_job(1, result="done"), reservation=r)  # + 30 of gradient
+        assert result == "done"
+        # the job is over, but its response is still going out: its bytes stay held
+        assert sched.stats()["inflight_bytes"] == 90 and r.nbytes == 90
+        r.release()
+        r.release()                                    # once only
+        assert sched.stats()["inflight_bytes"] == 0
+
+    run(main())
+
+
+def test_a_job_that_outlives_its_request_gives_its_bytes_back_itself(make):  # noqa: F811
+    a = tenant("a", max_request_bytes=100, max_inflight_bytes=100)
+    sched = make(tenants=[a], max_inflight_bytes=100)
+    gate = threading.Event()
+
+    async def main():
+        r = sched.reserve(a, 40)
+        task = asyncio.create_task(sched.submit(a, 70, gated(gate), reservation=r))
+        await wait_until(lambda: queued(sched) == 1)
+        await asyncio.sleep(0.05)                      # the job is running on its device
+        task.cancel()                                  # the client went away
+        r.release()                                    # the request is over
+        assert sched.stats()["inflight_bytes"] == 70   # the running job still holds its bytes
+        gate.set()
+        await wait_until(lambda: queued(sched) == 0, timeout=GATE_TIMEOUT)
+        await wait_until(lambda: sched.stats()["inflight_bytes"] == 0)
+
+    run(main())
+
+
+def test_a_reservation_not_handed_to_a_job_is_all_given_back(make):  # noqa: F811
+    a = tenant("a", max_request_bytes=100, max_inflight_bytes=100)
+    b = tenant("b", max_request_bytes=100, max_inflight_bytes=100)
+    sched = make(tenants=[a, b], max_inflight_bytes=100)
+    other = sched.reserve(b, 50)
+    r = sched.reserve(a, 40)
+    with pytest.raises(QueueFull, match="server"):
+        run(sched.submit(a, 70, steps_job(1), reservation=r, request_bytes=40))  # its gradient does not fit
+    assert sched.stats()["inflight_bytes"] == 90
+    r.release()
+    other.release()
+    assert sched.stats()["inflight_bytes"] == 0
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+def _status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_peak_rss_of_a_burst_stays_within_its_bound_and_returns():
+    import clce_client
+
+    inflight, pool, slack = 32 * MiB, 16 * MiB, 48 * MiB
+    rows, classes, clients = 512, 2048, 12           # 4 MiB up, 4 MiB of gradient back, each
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, classes)).astype(np.float32)
+    t = rng.integers(0, classes, rows)
+    args = ["--max-inflight-bytes", str(inflight), "--tenant-max-inflight-bytes", str(inflight),
+            "--host-pool-bytes", str(pool), "--max-queued", "1024"]
+    with ServerProcess(args=args, env={"CLCE_ACCESS_LOG": "false"}) as srv:
+        pid = srv.proc.pid
+        cold = _status(pid, "VmRSS")
+        losses = []
+
+        def burst(n):
+            def one():
+                with clce_client.Client(srv.url, retry_budget_s=120) as c:
+                    for _ in range(n):
+                        losses.append(float(c.cross_entropy(x, t, return_grad=True).loss))
+            threads = [threading.Thread(target=one) for _ in range(clients)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+
+        burst(1)                                     # warm, at the same concurrency
+        time.sleep(1)
+        warm = _status(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")   # reset the peak (VmHWM)
+        burst(3)
+        peak = _status(pid, "VmHWM")
+        time.sleep(2)
+        after = _status(pid, "VmRSS")
+    offered = clients * 2 * x.nbytes
+    bound = cold + inflight + pool + slack
+    assert len(losses) == 4 * clients and len(set(losses)) == 1 and np.isfinite(losses[0])
+    assert offered > 2 * inflight                    # the burst did press against the budget
+    assert peak <= bound, f"peak {peak / MiB:.0f} MiB > bound {bound / MiB:.0f} MiB (cold {cold / MiB:.0f})"
+    assert after <= 1.10 * warm, f"after {after / MiB:.0f} MiB vs warm {warm / MiB:.0f} MiB"
