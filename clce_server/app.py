@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clce_wire import options, protocol
 
-from . import __version__
+from . import __version__, layouts
 from .config import Settings
 from .hostmem import POOL
 from .metrics import Metrics
@@ -87,6 +87,9 @@ class CrossEntropyRequest(BaseModel):
     return_argmax: bool = Field(False, description="per-row argmax, and accuracy for class targets")
     lse_square_scale: float = Field(0.0, ge=0.0, description="z-loss coefficient (PaLM): adds c * lse^2 per row")
     softcap: float | None = Field(None, gt=0, description="Gemma soft-capping: logits -> cap * tanh(logits / cap)")
+    classes_last: bool = Field(False, description="input (..., C), target (...): class dimension last")
+    shift: int = Field(0, ge=0, description="causal LM shift (implies classes_last): input (..., T, C) "
+                       "is scored against target[..., shift:]; 0 <= shift < T")
     deadline_ms: float | None = Field(None, gt=0, description="answer 504 if not done within this time")
 
 
@@ -377,6 +380,7 @@ _ENGINE_ARGS = ("weight", "ignore_index", "reduction", "label_smoothing", "retur
                 "return_lse", "return_argmax", "lse_square_scale", "softcap")
 
 
+@layouts.rows_layout   # classes_last / shift: rewritten into (N, C) rows, results mapped back
 def _make_job(state: ServerState, args: dict, chunk_s: float | None, settings: Settings):
     """The generator the scheduler steps on a device thread: validate + prepare, chunks, finish.
     Small 2-D requests also carry a batch key, so the scheduler can coalesce them into one launch."""
