@@ -158,3 +158,19 @@ def test_shift_of_a_single_sequence(client):
     got = client.cross_entropy(x[0], y[0], shift=1, reduction="sum")
     ref = F.cross_entropy(x[0, :-1], y[0, 1:], reduction="sum")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_in_the_json_form(server):
+    """curl users get the layout too: the JSON form takes the same fields."""
+    import httpx
+
+    x, y = data(seed=10)
+    body = {"input": {"dtype": "float32", "data": x.reshape(-1).tolist(), "shape": [B, T, V]},
+            "target": y.tolist(), "shift": 1, "reduction": "none", "return_grad": True}
+    r = httpx.post(server.url + "/v1/cross_entropy", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    ref = reference(x, y, 1, reduction="none")
+    torch.testing.assert_close(torch.tensor(out["loss"]), ref, rtol=1e-5, atol=1e-5)
+    grad = torch.tensor(out["grad"])
+    assert grad.shape == (B, T, V) and torch.count_nonzero(grad[:, -1]) == 0
