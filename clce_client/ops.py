@@ -20,7 +20,9 @@ a `Client` (0 is the default client, from CLCE_URL). Importing this module impor
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -30,29 +32,37 @@ from .client import Client, default_client
 
 __all__ = ["cross_entropy", "client_key"]
 
-_clients: dict[int, Client] = {}
-_keys: dict[int, int] = {}          # id(client) -> key
+# key -> Client, weakly: a client made per step is not kept alive by having been used here
+_clients: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
+_next_key = itertools.count(1)
 _lock = threading.Lock()
 
 
 @torch.compiler.assume_constant_result
 def client_key(client: Optional[Client]) -> int:
-    """The operator's key for `client` (0: the default client). A compiled graph bakes the key in."""
+    """The operator's key for `client` (0: the default client). A compiled graph holds the key as a
+    constant (dynamo guards on the client object, so another client recompiles)."""
     if client is None:
         return 0
     if not isinstance(client, Client):
         raise TypeError(f"clce's operator needs a clce_client.Client, got {type(client).__name__}")
     with _lock:
-        key = _keys.get(id(client))
+        key = getattr(client, "_clce_op_key", None)
         if key is None or _clients.get(key) is not client:
-            key = len(_clients) + 1
+            key = next(_next_key)
             _clients[key] = client
-            _keys[id(client)] = key
+            client._clce_op_key = key
         return key
 
 
 def _client(key: int) -> Client:
-    return default_client() if key == 0 else _clients[key]
+    if key == 0:
+        return default_client()
+    client = _clients.get(key)
+    if client is None:
+        raise RuntimeError(f"clce::cross_entropy: the Client registered as {key} no longer exists; keep a "
+                           "reference to the client for as long as the model uses it")
+    return client
 
 
 def _loss_shape(input: Tensor, target: Tensor, reduction: str, shift: int, classes_last: bool) -> list[int]:

@@ -142,6 +142,18 @@ def test_compiled_graph_has_the_op_as_one_node(client):
     assert targets.count(torch.ops.clce.cross_entropy) == 1 and len(targets) == 5, targets
 
 
+def test_a_compiled_function_follows_the_client_it_is_given(client):
+    """The client is an argument of the compiled function: another client is used, not the one the
+    graph was first compiled with (dynamo guards on it and recompiles)."""
+    lin = torch.nn.Linear(D, V)
+    compiled = torch.compile(lambda h, y, c: ops.cross_entropy(lin(h), y, client=c), backend="aot_eager")
+    h, y = torch.randn(3, D), torch.randint(0, V, (3,))
+    torch.testing.assert_close(compiled(h, y, client), F.cross_entropy(lin(h), y), rtol=1e-6, atol=1e-6)
+    with clce_client.Client("http://127.0.0.1:9", retries=0) as unreachable:
+        with pytest.raises(clce_client.ConnectError):
+            compiled(h, y, unreachable)
+
+
 def test_opcheck(client):
     """torch.library's own checks of the registration: schema, fake tensor, autograd."""
     x = torch.randn(B, T, V, requires_grad=True)
