@@ -212,7 +212,7 @@ class Naive:
         self.N, self.C = x.shape[0], x.shape[1]
         self.S = int(np.prod(x.shape[2:], dtype=np.int64)) if x.ndim > 2 else 1
         self.R = self.N * self.S
-        self.row_wg = dev.tuning.get("CE_WG_SIZE", 256) if dev.tuning["CE_WG_PER_ROW"] else 1
+        self.row_wg = dev.launch.local_size if dev.launch.rows == "group" else 1
         self.red_wg = 16 if dev.kind == "cpu" else 256
         contig = int(self.S == 1 and self.row_wg == 1)
         self.prg = _naive_program(dev, self.row_wg, contig, self.red_wg)
@@ -340,6 +340,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
     import torch.nn.functional as F
 
     from clce_server.device import as_storage
+    from clce_server.hostmem import POOL
 
     x_np, t_np, x_t, t_t = make_data(shape, dt)
     itemsize = x_np.dtype.itemsize
@@ -352,7 +353,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
         # as the server does: the gradient buffer goes back to the pool once used, so steady-state
         # calls reuse mapped pages (fused* below touches them explicitly, as a cross-check)
         res = engine.cross_entropy(x_np, t_np, return_grad=True)
-        engine.recycle(res)
+        POOL.release(res.grad)
         return res.kernel_seconds
 
     def fused_prefaulted():
@@ -365,7 +366,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
             res = engine.finish(prep)
         finally:
             prep.release()
-        engine.recycle(res)   # else this call keeps the pooled buffer and `fused` pays fresh pages
+        POOL.release(res.grad)   # else this call keeps the pooled buffer and `fused` pays fresh pages
         return res.kernel_seconds
 
     xr = x_t.detach().clone().requires_grad_(True)
@@ -392,6 +393,15 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
         methods["naive"] = naive.run
     else:
         rec["notes"].append("naive chain: fp32 only (skipped for " + dt + ")")
+        x32 = np.asarray(x_np, np.float32)
+
+        def fused_fp32():
+            # the same values in float32, interleaved: half-precision kernel time against fp32's
+            res = engine.cross_entropy(x32, t_np, return_grad=True)
+            POOL.release(res.grad)
+            return res.kernel_seconds
+
+        methods["fused_fp32"] = fused_fp32
     methods.update({"memcpy_numpy": np_copy, "memcpy_cl_enqueue_copy": copies.enqueue_copy,
                     "memcpy_cl_kernel": copies.kernel})
 
@@ -434,6 +444,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
     # kernel against kernel: the naive chain reuses its (already touched) buffers, fused* too
     rec["speedup_vs_naive_prefaulted"] = best["naive"] / best["fused_prefaulted"] if "naive" in best else None
     rec["speedup_vs_torch_prefaulted"] = best["torch"] / best["fused_prefaulted"]
+    rec["time_vs_fp32"] = f / best["fused_fp32"] if "fused_fp32" in best else None
     bw = {k: 2 * nbytes / best[k] for k in best if k.startswith(("fused", "memcpy"))}
     rec["bandwidth_gbs"] = {k: v / 1e9 for k, v in bw.items()}
     ref_keys = ["memcpy_cl_enqueue_copy", "memcpy_cl_kernel"] + (["memcpy_numpy"] if dev.host_unified else [])
@@ -455,7 +466,10 @@ TARGETS = [
     ("torch_4096x1000", "4096x1000", "speedup_vs_torch", 2.0, "fused >= 2x faster than torch fwd+bwd at 4096x1000 fp32"),
     ("naive", "*", "speedup_vs_naive", 4.0, "fused >= 4x faster than the naive OpenCL chain (every fp32 shape)"),
     ("bandwidth_2048x32000", "2048x32000", "fused_pct_of_memcpy", 70.0, "fused >= 70% of memcpy bandwidth at 2048x32000 fp32"),
+    ("bandwidth_8x21x256x256", "8x21x256x256", "fused_pct_of_memcpy", 60.0, "fused >= 60% of memcpy bandwidth at 8x21x256x256 fp32"),
 ]
+#: (shape label, dtype): the half-precision kernel time must not exceed fp32's at the same shape
+HALF_TARGETS = [("2048x32000", "bfloat16")]
 
 
 def evaluate_targets(records: list[dict]) -> list[dict]:
@@ -470,6 +484,12 @@ def evaluate_targets(records: list[dict]) -> list[dict]:
         worst = min(recs, key=lambda r: r[key])["label"]
         out.append({"target": name, "description": desc, "value": val, "threshold": thr, "at": worst,
                     "result": common.verdict(val >= thr)})
+    for label, dt in HALF_TARGETS:
+        recs = [r for r in records if r["dtype"] == dt and r["label"] == label and r.get("time_vs_fp32")]
+        val = recs[0]["time_vs_fp32"] if recs else None
+        out.append({"target": f"{dt}_vs_fp32_{label}", "value": val, "threshold": 1.0, "at": label if recs else None,
+                    "description": f"{dt} kernel time <= fp32's at {label} (ratio, interleaved)",
+                    "result": common.verdict(None if val is None else val <= 1.0)})
     return out
 
 
@@ -497,10 +517,10 @@ def main(argv=None) -> int:
     dev = open_devices(args.device)[0]
     engine = LossEngine(dev)
     print(f"device: {dev.name} [{dev.platform}] kind={dev.kind} CUs={dev.cl_device.max_compute_units} "
-          f"tuning={dev.tuning}; torch {torch.__version__} threads={torch.get_num_threads()}", flush=True)
+          f"tuning={dev.tuning.describe()}; torch {torch.__version__} threads={torch.get_num_threads()}", flush=True)
 
-    methods_per_shape = 6
-    total = sum((repeat + 1) * (methods_per_shape + (1 if dt == "float32" else 0)) for _, dt in shapes)
+    methods_per_shape = 7   # fp32 shapes: naive; other dtypes: fused on the same values in fp32
+    total = sum((repeat + 1) * methods_per_shape for _, dt in shapes)
     records = []
     with tqdm(total=total, desc="cross_entropy", unit="call", dynamic_ncols=True) as bar:
         for shape, dt in shapes:
@@ -509,7 +529,7 @@ def main(argv=None) -> int:
             rec["label"] = "x".join(map(str, shape))
             records.append(rec)
 
-    headers = ["shape", "fused ms", "fused* ms", "torch ms", "naive ms", "torch/fused", "naive/fused", "naive/fused*",
+    headers = ["shape", "fused ms", "fused* ms", "torch ms", "naive ms", "fused/fp32", "torch/fused", "naive/fused", "naive/fused*",
                "fused GB/s", "memcpy GB/s (np/cl/kern)", "% of memcpy", "fused* %", "check"]
     rows = []
     for r in records:
@@ -519,6 +539,7 @@ def main(argv=None) -> int:
         rows.append([
             shape_label(tuple(r["shape"]), r["dtype"]), common.fmt_ms(b["fused"]),
             common.fmt_ms(b["fused_prefaulted"]), common.fmt_ms(b["torch"]), common.fmt_ms(b.get("naive")),
+            f"{r['time_vs_fp32']:.2f}" if r.get("time_vs_fp32") else "-",
             common.fmt_ratio(r["speedup_vs_torch"]), common.fmt_ratio(r["speedup_vs_naive"]),
             common.fmt_ratio(r["speedup_vs_naive_prefaulted"]),
             f"{bw['fused']:.1f}",

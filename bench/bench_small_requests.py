@@ -11,10 +11,11 @@ answered (closed loop) to
 Both servers run from the start; the phases alternate (clce, trivial, clce, trivial, ...) so a
 slow phase of this shared machine hits both alike, and each target keeps its best phase.
 
-The load generator is --procs processes, each an asyncio loop over raw sockets with the request
-bytes prepared once (no HTTP client library in the loop); its CPU use is measured and reported, as
-is each server's (from /proc). Every response's status is checked, and every 10th clce response is
-decoded and compared with a numpy reference (loss and gradient).
+The load generator is wrk (a C tool; installed with apt-get when missing) replaying the client's
+own request bytes (`Client`'s msgpack encoding of a 64x10 float32 batch) from a Lua script, so the
+generator is not the bottleneck: its CPU use is measured and reported, as is each server's (from
+/proc). wrk counts non-2xx answers; before and after each clce phase a response is decoded and
+compared with a numpy reference (loss and gradient).
 
 Target: clce >= 0.5x the trivial endpoint's requests/s.
 
@@ -25,9 +26,9 @@ Target: clce >= 0.5x the trivial endpoint's requests/s.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,16 +79,17 @@ def serve_trivial(port: int) -> None:
 # request, reference, load generator
 
 def make_request():
-    from clce_wire import options, protocol
+    """The bytes `Client.cross_entropy(x, t, return_grad=True)` sends, and the reference answer."""
+    from clce_client.client import Client
+    from clce_wire import protocol
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(SHAPE).astype(np.float32)
     t = rng.integers(0, SHAPE[1], SHAPE[0])
-    msg = {"v": protocol.PROTOCOL_VERSION, "input": protocol.encode_tensor(x), "target": protocol.encode_tensor(t),
-           "weight": None, "ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0, "return_grad": True,
-           "grad_dtype": None, "return_lse": False, "return_argmax": False, "lse_square_scale": 0.0,
-           "softcap": None, "deadline_ms": None}
-    body = b"".join(bytes(s) for s in protocol.encode_message(msg))
+    _, segments, _ = Client._call(None, x, t, weight=None, ignore_index=-100, reduction="mean",
+                                  label_smoothing=0.0, return_grad=True)
+    body = b"".join(bytes(s) for s in segments)
+    assert protocol.decode_message(body)["return_grad"] is True
     xd = x.astype(np.float64)
     lse = np.log(np.exp(xd - xd.max(1, keepdims=True)).sum(1)) + xd.max(1)
     loss = float(np.mean(lse - xd[np.arange(SHAPE[0]), t]))
@@ -105,59 +107,41 @@ def check_clce(body: bytes, loss_ref: float, grad_ref: np.ndarray) -> bool:
     return abs(loss - loss_ref) <= 2e-5 * abs(loss_ref) + 1e-6 and np.allclose(grad, grad_ref, rtol=1e-4, atol=1e-6)
 
 
-async def _connection(port: int, request: bytes, stop_at: float, warm_until: float, verify, stats: dict) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    n = 0
-    try:
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
-                return
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            body = await reader.readexactly(length)
-            t1 = time.perf_counter()
-            n += 1
-            if status != 200:
-                stats["errors"][str(status)] = stats["errors"].get(str(status), 0) + 1
-            elif verify is not None and n % 10 == 1:
-                stats["checked"] += 1
-                if not verify(body):
-                    stats["errors"]["wrong_result"] = stats["errors"].get("wrong_result", 0) + 1
-            if t0 >= warm_until:
-                stats["latencies"].append(t1 - t0)
-    finally:
-        writer.close()
+WRK_SCRIPT = r"""
+local f = assert(io.open(os.getenv("CLCE_BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "application/msgpack"
+wrk.headers["Accept"] = "application/msgpack"
+done = function(summary, latency, requests)
+  io.write(string.format('WRK {"requests": %d, "duration_us": %d, "non2xx": %d, "socket_errors": %d, '
+    .. '"p50_us": %d, "p99_us": %d}\n', summary.requests, summary.duration, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
 
 
-def generator(spec: dict) -> None:
-    body, loss_ref, grad_ref = make_request()
-    request = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{spec['port']}\r\nContent-Type: application/msgpack\r\n"
-               f"Accept: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    verify = (lambda b: check_clce(b, loss_ref, grad_ref)) if spec["verify"] else None
-    print("READY", flush=True)
-    if sys.stdin.readline().strip() != "go":
-        return
-    stats = {"latencies": [], "errors": {}, "checked": 0}
-    start = time.perf_counter()
-    cpu0 = time.process_time()
-    warm_until = start + spec["warmup"]
-    stop_at = warm_until + spec["duration"]
+def ensure_wrk() -> str:
+    """The wrk binary, installed from the distribution's packages when missing."""
+    path = shutil.which("wrk")
+    if path:
+        return path
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    print("installing wrk (apt-get) ...", flush=True)
+    subprocess.run(sudo + ["apt-get", "update"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(sudo + ["apt-get", "install", "-y", "--no-install-recommends", "wrk"], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return shutil.which("wrk") or "wrk"
 
-    async def run():
-        await asyncio.gather(*(_connection(spec["port"], request, stop_at, warm_until, verify, stats)
-                               for _ in range(spec["connections"])))
 
-    asyncio.run(run())
-    cpu = time.process_time() - cpu0
-    print("RESULT " + json.dumps({"n": len(stats["latencies"]), "latencies": stats["latencies"],
-                                  "errors": stats["errors"], "checked": stats["checked"],
-                                  "cpu_s": cpu, "wall_s": time.perf_counter() - start}), flush=True)
+def verify_one(port: int, body: bytes, loss_ref: float, grad_ref: np.ndarray) -> bool:
+    import httpx
+
+    r = httpx.post(f"http://127.0.0.1:{port}{PATH}", content=body,
+                   headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"}, timeout=30)
+    return r.status_code == 200 and check_clce(r.content, loss_ref, grad_ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,42 +153,26 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_phase(name: str, port: int, server_pid: int, args) -> dict:
-    per = [args.connections // args.procs + (1 if i < args.connections % args.procs else 0) for i in range(args.procs)]
-    procs = []
-    for c in per:
-        spec = {"port": port, "connections": c, "duration": args.duration, "warmup": args.warmup,
-                "verify": name == "clce"}
-        p = subprocess.Popen([sys.executable, __file__, "--gen", json.dumps(spec)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, bufsize=1)
-        if p.stdout.readline().strip() != "READY":
-            raise RuntimeError("load generator failed to start")
-        procs.append(p)
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    time.sleep(args.warmup)
+def run_phase(name: str, port: int, server_pid: int, args, wrk: dict) -> dict:
+    """One closed-loop phase of wrk against `port`; req/s, p50/p99 and CPU of server and generator."""
+    cmd = [wrk["bin"], f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration + args.warmup:.0f}s",
+           "--latency", "-s", wrk["script"], f"http://127.0.0.1:{port}{PATH}"]
     s0, w0 = proc_cpu_seconds(server_pid), time.perf_counter()
-    time.sleep(args.duration)
+    g0 = os.times()
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CLCE_BENCH_BODY": wrk["body"]})
+    g1 = os.times()
     s1, w1 = proc_cpu_seconds(server_pid), time.perf_counter()
-    res = []
-    for p in procs:
-        out = p.stdout.read()
-        p.wait()
-        res.append(json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:]))
-    lat = [x for r in res for x in r["latencies"]]
-    errors: dict = {}
-    for r in res:
-        for k, v in r["errors"].items():
-            errors[k] = errors.get(k, 0) + v
-    gen_cpu = sum(r["cpu_s"] for r in res)
-    gen_wall = max(r["wall_s"] for r in res)
-    return {"target": name, "rps": len(lat) / args.duration, "n": len(lat),
-            "p50_ms": float(np.percentile(lat, 50)) * 1e3 if lat else None,
-            "p99_ms": float(np.percentile(lat, 99)) * 1e3 if lat else None,
-            "errors": errors, "checked": sum(r["checked"] for r in res),
-            "generator_cpu_cores": gen_cpu / gen_wall, "server_cpu_cores": (s1 - s0) / (w1 - w0),
-            "generator_cpu_us_per_request": gen_cpu / max(len(lat), 1) * 1e6}
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("WRK ")]
+    if out.returncode != 0 or not line:
+        raise RuntimeError(f"wrk failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    r = json.loads(line[-1][4:])
+    gen_cpu = (g1.children_user - g0.children_user) + (g1.children_system - g0.children_system)
+    n = r["requests"]
+    errors = {k: r[k] for k in ("non2xx", "socket_errors") if r[k]}
+    return {"target": name, "rps": n / (r["duration_us"] * 1e-6), "n": n,
+            "p50_ms": r["p50_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3, "errors": errors,
+            "generator_cpu_cores": gen_cpu / (w1 - w0), "server_cpu_cores": (s1 - s0) / (w1 - w0),
+            "generator_cpu_us_per_request": gen_cpu / max(n, 1) * 1e6}
 
 
 def main(argv=None) -> int:
@@ -213,7 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds at the start of each phase")
     ap.add_argument("--rounds", type=int, help="clce/trivial alternations (default 2; --quick 1)")
     ap.add_argument("--connections", type=int, default=16)
-    ap.add_argument("--procs", type=int, default=2, help="load generator processes (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     ap.add_argument("--device", help="clce --device")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
@@ -222,6 +190,10 @@ def main(argv=None) -> int:
     args.rounds = args.rounds or (1 if args.quick else 2)
 
     tmp = Path(tempfile.mkdtemp(prefix="clce-bench-small-"))
+    body, loss_ref, grad_ref = make_request()
+    (tmp / "body.msgpack").write_bytes(body)
+    (tmp / "clce.lua").write_text(WRK_SCRIPT)
+    wrk = {"bin": ensure_wrk(), "body": str(tmp / "body.msgpack"), "script": str(tmp / "clce.lua")}
     clce_args = ["--device", args.device] if args.device else []
     port = common.free_port()
     trivial = subprocess.Popen([sys.executable, __file__, "--serve-trivial", str(port)], cwd=str(common.REPO),
@@ -248,7 +220,13 @@ def main(argv=None) -> int:
             for rnd in range(args.rounds):
                 for name, p, pid in (("clce", srv.port, srv.proc.pid), ("clce-nobatch", srv1.port, srv1.proc.pid),
                                      ("trivial", port, trivial.pid)):
-                    r = run_phase(name, p, pid, args)
+                    if name != "trivial" and not verify_one(p, body, loss_ref, grad_ref):
+                        raise RuntimeError(f"{name} answered a wrong result")
+                    r = run_phase(name, p, pid, args, wrk)
+                    if name != "trivial":
+                        r["checked"] = int(verify_one(p, body, loss_ref, grad_ref))
+                        if not r["checked"]:
+                            raise RuntimeError(f"{name} answered a wrong result after the phase")
                     r["round"] = rnd
                     phases.append(r)
                     print(f"round {rnd} {name:8s} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
@@ -271,10 +249,10 @@ def main(argv=None) -> int:
     goal = ratio >= 0.5
     batching = best["clce"]["rps"] / best["clce-nobatch"]["rps"]
     print(f"clce / trivial requests/s: {ratio:.2f}x (target >= 0.5x) -> {common.verdict(goal)}; "
-          f"{best['clce']['checked']} clce responses checked against numpy")
+          "clce's answers checked against numpy before and after every phase")
     print(f"coalescing (--max-batch 64 vs 1): {batching:.2f}x requests/s")
     doc = {"machine": common.machine_info(), "shape": SHAPE, "connections": args.connections,
-           "generator_procs": args.procs, "duration_s": args.duration, "rounds": args.rounds,
+           "generator": "wrk", "generator_threads": args.threads, "duration_s": args.duration, "rounds": args.rounds,
            "ratio_clce_over_trivial": ratio, "goal_ratio_ge_0_5": goal, "coalescing_speedup": batching,
            "best": {k: {kk: vv for kk, vv in v.items()} for k, v in best.items()},
            "phases": phases}
@@ -285,8 +263,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve-trivial":
         serve_trivial(int(sys.argv[2]))
-        sys.exit(0)
-    if len(sys.argv) == 3 and sys.argv[1] == "--gen":
-        generator(json.loads(sys.argv[2]))
         sys.exit(0)
     sys.exit(main())

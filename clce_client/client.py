@@ -655,9 +655,9 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-    **extras: Any,
+    **options: Any,
 ) -> Any:
     """`Client.cross_entropy` on the default client (CLCE_URL, CLCE_API_KEY)."""
     return default_client().cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, **extras
+        input, target, weight, ignore_index, reduction, label_smoothing, **options
     )

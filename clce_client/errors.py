@@ -168,6 +168,7 @@ _CLASS_BY_CODE: dict[str, type[ServerError]] = {
     "queue_full": Overloaded,
     "deadline_exceeded": DeadlineExceeded,
     "not_ready": ServiceUnavailable,
+    "device_unavailable": ServiceUnavailable,
     "internal": ServerError,
 }
 assert _CLASS_BY_CODE.keys() == ERROR_CODES.keys()

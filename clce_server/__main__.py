@@ -13,26 +13,34 @@ import logging
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from .config import Settings
 
 
+def _flag_type(annotation):
+    for t in (bool, int, float):
+        if annotation is t or annotation == (t | None):
+            return t
+    return str
+
+
 def parse_args(argv: list[str] | None = None) -> Settings:
+    """Every Settings field is a flag (--max-batch for max_batch; --drain-timeout also names
+    drain_timeout_s), so a new setting is one declaration in config.py."""
     p = argparse.ArgumentParser(prog="clce-server", description="Remote fused cross-entropy on OpenCL. "
                                 "Every option can also be set by its CLCE_* environment variable.")
-    p.add_argument("--host", help="bind address (CLCE_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (CLCE_PORT, default 8000; 0 picks a free one)")
-    p.add_argument("--device", action="append", help="OpenCL device selector, repeatable or comma-separated: "
-                   "index, platform:device, gpu, cpu, or a name substring (CLCE_DEVICE)")
-    p.add_argument("--tenants", help="tenants TOML file; without it the server runs open (CLCE_TENANTS)")
-    p.add_argument("--max-request-bytes", type=int)
-    p.add_argument("--max-inflight-bytes", type=int)
-    p.add_argument("--max-queued", type=int)
-    p.add_argument("--chunk-ms", type=float)
-    p.add_argument("--max-batch", type=int, help="coalesce up to this many small requests per launch (1: off)")
-    p.add_argument("--scheduling", choices=["fair", "fifo"], help="fair (default) or fifo, a baseline")
-    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float)
-    p.add_argument("--log-level")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        names = [flag] + ([flag[:-2]] if flag.endswith("-s") else [])
+        help_ = f"{field.description or ''} (CLCE_{name.upper()}, default {field.default})".strip()
+        kind = _flag_type(field.annotation)
+        if name == "device":
+            p.add_argument(*names, dest=name, action="append", help=help_ + "; repeatable or comma-separated")
+        elif kind is bool:
+            p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(*names, dest=name, type=kind, help=help_)
     p.add_argument("--list-devices", action="store_true", help="list OpenCL devices and whether they build")
     ns = p.parse_args(argv)
     if ns.list_devices:
@@ -42,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     overrides = {k: v for k, v in vars(ns).items() if v is not None and k != "list_devices"}
     if "device" in overrides:
         overrides["device"] = ",".join(overrides["device"])
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        p.error("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
 
 
 class DrainingServer(uvicorn.Server):

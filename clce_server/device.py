@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
-import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyopencl as cl
 import pyopencl.tools
+
+from .errors import ArgumentError, DeviceError
 
 log = logging.getLogger("clce.device")
 
@@ -35,15 +36,59 @@ INSTALL_HINT = (
     "(/etc/OpenCL/vendors/nvidia.icd naming libnvidia-opencl.so.1) for a GPU."
 )
 
-# Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build options and launch
-# shapes. First match wins. On PoCL's CPU device one work-item per row with float8 loads measured
+
+@dataclass(frozen=True)
+class LaunchShape:
+    """How the engine launches the kernels on a device (the host side of the tuning)."""
+
+    rows: str = "item"            # "item": a work-item per row (ce_rows_item, ce_spatial8 for spatial
+                                  # rows); "group": a work-group per row (ce_rows_group)
+    local_size: int = 1           # work-group size: work-items per group ("item"), per row ("group")
+    reduce_local_size: int = 16   # reduce_rows's work-group size (power of two)
+    scratch_items_per_cu: int = 8 # "item" rows whose gradient cannot hold the exps (fp16/bf16):
+                                  # work-items per compute unit, each looping over rows with a
+                                  # scratch row of its own
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """One row of the tuning table: build defines (the kernels' #ifndef tunables) and launch shape."""
+
+    defines: dict[str, int]
+    launch: LaunchShape
+
+    def build_defines(self) -> dict[str, int]:
+        """The defines a build gets: the table's, plus the work-group sizes the kernels must know
+        at compile time (reqd_work_group_size, local arrays), taken from the launch shape."""
+        sizes = {"RED_WG_SIZE": self.launch.reduce_local_size}
+        if self.launch.rows == "group":
+            sizes["CE_WG_SIZE"] = self.launch.local_size
+        return {**self.defines, **sizes}
+
+    def describe(self) -> dict:
+        return {"defines": dict(self.defines), "launch": asdict(self.launch)}
+
+
+# Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build defines and launch
+# shape. First match wins. On PoCL's CPU device one work-item per row with float8 loads measured
 # about 6x faster than a work-group striding a row; on GPUs a work-group per row is the usual shape.
-TUNING: list[tuple[str, str, dict[str, int]]] = [
-    ("*", "cpu", {"CE_WG_PER_ROW": 0, "CE_LOCAL": 1, "RED_WG_SIZE": 16, "CE_EXP2": 1}),
-    ("NVIDIA", "gpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 256, "RED_WG_SIZE": 256, "CE_NATIVE_EXP": 0}),
-    ("*", "gpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 128, "RED_WG_SIZE": 128, "CE_NATIVE_EXP": 0}),
-    ("*", "*", {"CE_WG_PER_ROW": 0, "CE_LOCAL": 1, "RED_WG_SIZE": 16, "CE_EXP2": 1}),
+_CPU = Tuning(defines={"CE_FAST_EXP": 1}, launch=LaunchShape("item", 1, 16))
+TUNING: list[tuple[str, str, Tuning]] = [
+    ("*", "cpu", _CPU),
+    ("NVIDIA", "gpu", Tuning(defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 256, 256))),
+    ("*", "gpu", Tuning(defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 128, 128))),
+    ("*", "*", _CPU),
 ]
+
+# Override names kept from the flat table (tests/conftest.py still uses them): launch fields now.
+_LEGACY_LAUNCH_NAMES = {"CE_WG_PER_ROW": ("rows", lambda v: "group" if v else "item"),
+                        "CE_WG_SIZE": ("local_size", int), "RED_WG_SIZE": ("reduce_local_size", int)}
+
+
+#: the files of each program, concatenated in order (the shared preamble first)
+PROGRAM_SOURCES = {"ce": ("common.cl", "cross_entropy.cl"), "reduce": ("reduce_rows.cl",)}
+#: kernel name -> the program that holds it
+KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "reduce_rows": "reduce"}
 
 
 def kernel_source(name: str) -> str:
@@ -63,11 +108,24 @@ def device_kind(dev: cl.Device) -> str:
     return "accelerator"
 
 
-def tuning_for(vendor: str, kind: str, overrides: dict[str, int] | None = None) -> dict[str, int]:
-    for v, k, opts in TUNING:
+def tuning_for(vendor: str, kind: str, overrides: dict | None = None) -> Tuning:
+    """The table's row for a device. `overrides` names build defines or LaunchShape fields."""
+    for v, k, row in TUNING:
         if (v == "*" or v.lower() in vendor.lower()) and (k == "*" or k == kind):
-            return {**opts, **(overrides or {})}
-    raise AssertionError("the tuning table ends with a catch-all row")
+            break
+    else:
+        raise AssertionError("the tuning table ends with a catch-all row")
+    defines, launch = dict(row.defines), {}
+    launch_fields = set(asdict(row.launch))
+    for name, value in (overrides or {}).items():
+        if name in _LEGACY_LAUNCH_NAMES:
+            name, conv = _LEGACY_LAUNCH_NAMES[name]
+            value = conv(value)
+        if name in launch_fields:
+            launch[name] = value
+        else:
+            defines[name] = value
+    return Tuning(defines, replace(row.launch, **launch))
 
 
 @dataclass
@@ -78,7 +136,7 @@ class Device:
     cl_device: cl.Device
     context: cl.Context
     queue: cl.CommandQueue
-    tuning: dict[str, int]
+    tuning: Tuning
     has_fp64: bool
     programs: dict[tuple, cl.Program] = field(default_factory=dict)
     _build_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,6 +163,10 @@ class Device:
         return device_kind(self.cl_device)
 
     @property
+    def launch(self) -> LaunchShape:
+        return self.tuning.launch
+
+    @property
     def host_unified(self) -> bool:
         """CPU devices compute in host memory: USE_HOST_PTR saves a copy each way."""
         return self.kind == "cpu" or bool(self.cl_device.host_unified_memory)
@@ -126,17 +188,13 @@ class Device:
             "global_mem_bytes": d.global_mem_size,
             "max_alloc_bytes": d.max_mem_alloc_size,
             "fp64": self.has_fp64,
-            "tuning": dict(self.tuning),
+            "tuning": self.tuning.describe(),
         }
 
     # ---- programs ----
-    def _options(self, extra: dict[str, int]) -> list[str]:
-        opts = {**self.tuning, **extra}
-        return [f"-D{k}={v}" for k, v in sorted(opts.items()) if k != "CE_LOCAL"]
-
     def program(self, kind: str, in_dtype: str, grad_dtype: str | None = None, softcap: bool = False) -> cl.Program:
-        """Build (once) and return a program. kind: "ce" or "reduce". Soft-capping is a separate
-        build: compiled in, its tanh costs the common case even when switched off at run time."""
+        """Build (once) and return a program. kind: "ce" (the fused kernels) or "reduce". Soft-capping
+        is a separate build: compiled in, its tanh costs the common case even when switched off."""
         grad_dtype = grad_dtype or in_dtype
         key = (kind, in_dtype, grad_dtype, bool(softcap))
         prg = self.programs.get(key)
@@ -151,41 +209,39 @@ class Device:
 
     def _build(self, kind: str, in_dtype: str, grad_dtype: str, softcap: bool) -> cl.Program:
         if "float64" in (in_dtype, grad_dtype) and not self.has_fp64:
-            raise RuntimeError(f"the OpenCL device {self.name!r} has no float64 support")
+            raise ArgumentError(RuntimeError(f"the OpenCL device {self.name!r} has no float64 support"))
+        defines = {**self.tuning.build_defines(), "IN_DTYPE": DTYPE_CODES[in_dtype]}
         if kind == "ce":
-            src = kernel_source("cross_entropy.cl")
-            extra = {"IN_DTYPE": DTYPE_CODES[in_dtype], "GRAD_DTYPE": DTYPE_CODES[grad_dtype],
-                     "CE_SOFTCAP": int(softcap)}
+            defines.update(GRAD_DTYPE=DTYPE_CODES[grad_dtype], CE_SOFTCAP=int(softcap))
         else:
-            src = kernel_source("reduce_rows.cl")
-            extra = {"IN_DTYPE": DTYPE_CODES[in_dtype], "RED_FP64": int(self.has_fp64)}
+            defines.update(RED_FP64=int(self.has_fp64))
+        src = "\n".join(kernel_source(name) for name in PROGRAM_SOURCES[kind])
+        options = [f"-D{k}={v}" for k, v in sorted(defines.items())]
         # PoCL's on-disk kernel cache is shared by every process of the user; a build racing another
         # process's write of the same entry can fail once (seen with several servers starting
         # together). The sources are fixed, so a failure that repeats is real and is reported.
         for attempt in range(3):
             try:
-                return cl.Program(self.context, src).build(options=self._options(extra))
-            except cl.RuntimeError as exc:
+                return cl.Program(self.context, src).build(options=options)
+            except cl.Error as exc:
                 if attempt == 2:
-                    raise RuntimeError(f"building {kind} for {in_dtype}->{grad_dtype} on {self.name!r} "
-                                       f"failed: {exc}") from exc
+                    raise DeviceError(f"building {kind} for {in_dtype}->{grad_dtype} on {self.name!r} "
+                                      f"failed: {exc}") from exc
                 log.warning("OpenCL build of %s %s->%s failed, retrying: %s", kind, in_dtype, grad_dtype,
                             str(exc).strip().splitlines()[-1] if str(exc).strip() else exc)
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def kernel(self, kind: str, in_dtype: str, grad_dtype: str | None = None, softcap: bool = False) -> cl.Kernel:
+    def kernel(self, name: str, in_dtype: str, grad_dtype: str | None = None, softcap: bool = False) -> cl.Kernel:
         """A kernel object private to the calling thread (pyopencl kernels are not thread-safe).
-        kind: "ce" (rows of contiguous classes), "ce8" (eight spatial rows per work-item, CPU
-        shape only), "reduce"."""
+        name: one of KERNELS."""
         cache = getattr(self._local, "kernels", None)
         if cache is None:
             cache = self._local.kernels = {}
-        key = (kind, in_dtype, grad_dtype or in_dtype, bool(softcap))
+        key = (name, in_dtype, grad_dtype or in_dtype, bool(softcap))
         k = cache.get(key)
         if k is None:
-            name, prog = {"ce": ("ce_rows", "ce"), "ce8": ("ce_rows8", "ce"), "reduce": ("reduce_rows", "reduce")}[kind]
-            k = cache[key] = cl.Kernel(self.program(prog, *key[1:]), name)
+            k = cache[key] = cl.Kernel(self.program(KERNELS[name], *key[1:]), name)
         return k
 
     def build_startup_programs(self) -> None:
@@ -226,18 +282,25 @@ def _matches(sel: str, idx: int, dev: cl.Device, plat_idx: int, dev_idx: int) ->
     return any(s in n.lower() for n in names)
 
 
-def _try_open(index: int, dev: cl.Device, overrides: dict[str, int] | None) -> Device:
+def native_defines(dev: cl.Device) -> dict[str, int]:
+    """Defines read off the device itself: ce_rows_item's vector width is the device's preferred
+    float width (16 with AVX-512: one register; 8 otherwise)."""
+    return {"CE_VW": 16 if dev.preferred_vector_width_float >= 16 else 8}
+
+
+def _try_open(index: int, dev: cl.Device, overrides: dict | None) -> Device:
     ctx = cl.Context([dev])
     queue = cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
     fp64 = "cl_khr_fp64" in dev.extensions or dev.double_fp_config != 0
-    d = Device(index, dev, ctx, queue, tuning_for(dev.vendor, device_kind(dev), overrides), fp64)
+    d = Device(index, dev, ctx, queue, tuning_for(dev.vendor, device_kind(dev), {**native_defines(dev), **(overrides or {})}),
+               fp64)
     d.program("ce", "float32")   # the proof that this device can serve
     d.program("reduce", "float32")
     return d
 
 
 def open_devices(selectors: list[str] | str | None = None, *,
-                 tuning_overrides: dict[str, int] | None = None) -> list[Device]:
+                 tuning_overrides: dict | None = None) -> list[Device]:
     """Open the devices named by the selectors (all that match and build), or the best one.
 
     A selector is a global index ("0"), a "platform:device" pair ("1:0"), a kind ("gpu", "cpu"),
@@ -294,11 +357,6 @@ def describe_devices() -> str:
             ok = f"fails: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
         lines.append(f"{i}: {dev.name.strip()} [{dev.platform.name.strip()}] {ok}")
     return "\n".join(lines) or "no OpenCL devices"
-
-
-def env_selectors() -> list[str] | None:
-    v = os.environ.get("CLCE_DEVICE", "").strip()
-    return [s for s in v.split(",") if s.strip()] or None
 
 
 def as_storage(a: np.ndarray) -> np.ndarray:

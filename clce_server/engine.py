@@ -2,7 +2,16 @@
 
 A call goes prepare -> run_chunk (one or more row ranges) -> finish, so a scheduler can interleave
 the chunks of a big batch with other work (a launch cannot be pre-empted); `cross_entropy` does
-all three. Device time comes from OpenCL profiling events.
+all three. `cross_entropy_many` runs several small requests in one launch. Both paths share the
+layers below them:
+
+  _RowBlock.allocate   device buffers for a range of rows (inputs, gradient, per-row outputs)
+  _launch_rows         the fused kernel over some of those rows, its arguments set by name
+  _reduce / _read_rows the deterministic row sums per segment, and the per-row read-back
+  _assemble            one request's LossResult from its sums and its slice of the rows
+
+Device time comes from OpenCL profiling events. Errors: bad arguments raise `ArgumentError`
+(its `.error` is what PyTorch raises), a failing device raises `DeviceError`.
 
 Memory: on devices that compute in host memory (PoCL's CPU device) the logits, targets and
 gradient are wrapped with USE_HOST_PTR, so a 256 MB batch is neither copied in nor out; elsewhere
@@ -11,6 +20,7 @@ buffers come from the device's memory pool and are copied.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -20,9 +30,25 @@ import pyopencl as cl
 
 from . import semantics
 from .device import Device, as_storage
+from .errors import ArgumentError, DeviceError, is_opencl_error
 from .hostmem import POOL
 
 MF = cl.mem_flags
+
+#: the fused kernels' parameters, in their OpenCL signature's order (all three shapes share it)
+CE_PARAMS = ("x", "target", "soft_target", "weight", "grad", "row_loss", "row_zloss", "row_lse", "row_argmax",
+             "scratch", "row0", "nrows", "classes", "spatial", "eps", "weight_sum", "loss_scale", "z_scale", "z_coef",
+             "softcap")
+#: reduce_rows's parameters, in order
+REDUCE_PARAMS = ("row_loss", "row_zloss", "row_argmax", "target", "seg_start", "out")
+
+
+def set_args(kernel: cl.Kernel, params: tuple[str, ...], **args) -> None:
+    """Set a kernel's arguments by name; `params` is its signature's order."""
+    if set(args) != set(params):
+        raise TypeError(f"kernel arguments: missing {sorted(set(params) - set(args))}, "
+                        f"unknown {sorted(set(args) - set(params))}")
+    kernel.set_args(*(args[name] for name in params))
 
 
 @dataclass
@@ -44,16 +70,118 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-@dataclass
-class RowGroup:
-    """A slab of whole samples (batch items n0..n1) whose buffers fit one device allocation."""
+def _acc_dtype(compute_dtype: str) -> type:
+    """The kernels' accumulation type: double for fp64 input, float otherwise."""
+    return np.float64 if compute_dtype == "float64" else np.float32
 
-    n0: int
-    n1: int
-    row0: int                              # first row of the slab in the whole problem
+
+def argument_error(error: BaseException) -> ArgumentError:
+    """ArgumentError carrying PyTorch's `error` (its type and message travel to the client)."""
+    return ArgumentError(error)
+
+
+@contextlib.contextmanager
+def _device_errors():
+    """pyopencl failures (out of resources, allocation, lost device) and host memory exhaustion
+    become DeviceError: the request may succeed later or elsewhere."""
+    try:
+        yield
+    except (ArgumentError, DeviceError):
+        raise
+    except MemoryError as exc:
+        raise DeviceError(f"out of memory: {exc}") from exc
+    except Exception as exc:
+        if is_opencl_error(exc):
+            raise DeviceError(f"OpenCL device error: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+@dataclass
+class _RowBlock:
+    """Device buffers for a contiguous range of rows: what the fused kernel reads and writes."""
+
+    row0: int                              # first row of the block in the whole problem
     rows: int
-    buffers: dict = field(default_factory=dict)
-    grad_host: np.ndarray | None = None
+    x: cl.Buffer | None = None
+    target: cl.Buffer | None = None
+    soft_target: cl.Buffer | None = None
+    weight: cl.Buffer | None = None
+    grad: cl.Buffer | None = None
+    row_loss: cl.Buffer | None = None
+    row_zloss: cl.Buffer | None = None
+    row_lse: cl.Buffer | None = None
+    row_argmax: cl.Buffer | None = None
+    grad_host: np.ndarray | None = None    # where `grad` lands on the host
+
+    _BUFFERS = ("x", "target", "soft_target", "weight", "grad", "row_loss", "row_zloss", "row_lse", "row_argmax")
+
+    @classmethod
+    def allocate(cls, dev: Device, row0: int, rows: int, x: np.ndarray, target: np.ndarray | None,
+                 soft_target: np.ndarray | None, weight: np.ndarray | None, grad_host: np.ndarray | None,
+                 acc: type, want_lse: bool, want_argmax: bool) -> "_RowBlock":
+        """x / soft_target / grad_host are these rows' storage (bf16 as uint16 bits); target has
+        one int32 per row."""
+        b = cls(row0, rows, grad_host=grad_host)
+        try:
+            b.x = _input_buffer(dev, x)
+            b.target = _input_buffer(dev, target) if target is not None else None
+            b.soft_target = _input_buffer(dev, soft_target) if soft_target is not None else None
+            b.weight = _input_buffer(dev, weight) if weight is not None else None
+            b.grad = _output_buffer(dev, grad_host) if grad_host is not None else None
+            b.row_loss = dev.pool.allocate(rows * np.dtype(acc).itemsize)
+            b.row_zloss = dev.pool.allocate(rows * np.dtype(acc).itemsize)
+            b.row_lse = dev.pool.allocate(rows * 4) if want_lse else None
+            b.row_argmax = dev.pool.allocate(rows * 4) if want_argmax else None
+        except BaseException:
+            b.release()
+            raise
+        return b
+
+    def buffer_args(self) -> dict:
+        return {name: getattr(self, name) for name in self._BUFFERS}
+
+    def release(self) -> None:
+        for name in self._BUFFERS:
+            buf = getattr(self, name)
+            if buf is not None:
+                buf.release()
+                setattr(self, name, None)
+
+
+def _input_buffer(dev: Device, arr: np.ndarray) -> cl.Buffer:
+    if dev.host_unified and arr.flags.writeable and arr.flags.c_contiguous:
+        return cl.Buffer(dev.context, MF.READ_ONLY | MF.USE_HOST_PTR, hostbuf=arr)
+    buf = dev.pool.allocate(max(arr.nbytes, 1))
+    cl.enqueue_copy(dev.queue, buf, np.ascontiguousarray(arr), is_blocking=False)
+    return buf
+
+
+def _output_buffer(dev: Device, host: np.ndarray) -> cl.Buffer:
+    """Where a kernel writes `host`'s contents: `host` itself on devices that compute in host
+    memory, else pooled device memory (read back by `_read_rows`)."""
+    if dev.host_unified:
+        return cl.Buffer(dev.context, MF.WRITE_ONLY | MF.USE_HOST_PTR, hostbuf=host)
+    return dev.pool.allocate(max(host.nbytes, 1))
+
+
+@dataclass
+class _RowOutputs:
+    """Host arrays for the per-row results of a whole launch set (None: not asked for)."""
+
+    row_loss: np.ndarray | None
+    row_zloss: np.ndarray | None
+    lse: np.ndarray | None
+    argmax: np.ndarray | None
+
+    @classmethod
+    def empty(cls, rows: int, acc: type, want_rows: bool, want_lse: bool, want_argmax: bool) -> "_RowOutputs":
+        return cls(np.empty(rows, acc) if want_rows else None, np.empty(rows, acc) if want_rows else None,
+                   np.empty(rows, np.float32) if want_lse else None,
+                   np.empty(rows, np.int32) if want_argmax else None)
+
+    def slice(self, a: int, b: int) -> "_RowOutputs":
+        return _RowOutputs(*(None if arr is None else arr[a:b] for arr in
+                             (self.row_loss, self.row_zloss, self.lse, self.argmax)))
 
 
 @dataclass
@@ -61,40 +189,39 @@ class PreparedLoss:
     """A validated problem with its device buffers; run its chunks, then finish it."""
 
     problem: semantics.Problem
-    device: Device
+    engine: "LossEngine"
     want_grad: bool
     want_lse: bool
     want_argmax: bool
-    groups: list[RowGroup] = field(default_factory=list)
+    blocks: list[_RowBlock] = field(default_factory=list)
     grad: np.ndarray | None = None
     kernel_seconds: float = 0.0
     done_rows: int = 0
 
+    @property
+    def device(self) -> Device:
+        return self.engine.device
+
     def chunks(self, target_seconds: float | None = None) -> Iterator[tuple[int, int, int]]:
-        """(group, start, count) row ranges, each expected to take about target_seconds."""
-        per_row = max(self.problem.classes, 1) / self.device.elements_per_second
+        """(block, start, count) row ranges, each expected to take about target_seconds."""
+        per_row = max(self.problem.classes, 1) / self.engine.elements_per_second
         step = max(1, int(target_seconds / per_row)) if target_seconds else None
-        if step is not None and self.rows_per_item > 1:   # ce_rows8 takes rows eight at a time
+        if step is not None and self.rows_per_item > 1:   # ce_spatial8 takes rows eight at a time
             step = -(-step // self.rows_per_item) * self.rows_per_item
-        for gi, g in enumerate(self.groups):
+        for bi, blk in enumerate(self.blocks):
             if step is None:
-                yield gi, 0, g.rows
+                yield bi, 0, blk.rows
                 continue
-            for start in range(0, g.rows, step):
-                yield gi, start, min(step, g.rows - start)
+            for start in range(0, blk.rows, step):
+                yield bi, start, min(step, blk.rows - start)
 
     @property
     def rows_per_item(self) -> int:
-        """8 when the spatial-rows kernel runs (rows of one sample are adjacent per class)."""
-        p = self.problem
-        return 8 if (not self.device.tuning["CE_WG_PER_ROW"] and p.spatial > 1 and p.spatial % 8 == 0) else 1
+        return self.engine.rows_per_item(self.problem)
 
     def release(self) -> None:
-        for g in self.groups:
-            for buf in g.buffers.values():
-                if buf is not None:
-                    buf.release()
-            g.buffers.clear()
+        for blk in self.blocks:
+            blk.release()
 
 
 class LossEngine:
@@ -102,9 +229,9 @@ class LossEngine:
 
     def __init__(self, device: Device):
         self.device = device
+        #: measured throughput, refined by every launch; sizes the chunks of big batches
+        self.elements_per_second = 2e8
         self._rate_lock = threading.Lock()
-        if not hasattr(device, "elements_per_second"):
-            device.elements_per_second = 2e8   # refined by every chunk that runs
 
     # ---- one call ----
     def cross_entropy(self, input, target, weight=None, ignore_index=-100, reduction="mean",
@@ -117,6 +244,20 @@ class LossEngine:
         finally:
             prep.release()
 
+    def warm_up(self) -> None:
+        """One small call per program built so far and per kernel shape in it (rows of classes,
+        spatial rows), so PoCL's lazy per-kernel compile is not paid by a user."""
+        rng = np.random.default_rng(0)
+        shapes = [((4, 67), (4,)), ((1, 5, 8), (1, 8))]
+        for kind, in_dt, grad_dt, softcap in list(self.device.programs):
+            if kind != "ce" or softcap:
+                continue
+            for xs, ts in shapes:
+                x = rng.standard_normal(xs).astype(np.float32).astype(_np_dtype(in_dt))
+                t = rng.integers(0, xs[1], ts)
+                t.reshape(-1)[0] = -100
+                self.cross_entropy(x, t, return_grad=True, grad_dtype=grad_dt)
+
     # ---- the three steps ----
     def prepare(self, input: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
@@ -125,188 +266,78 @@ class LossEngine:
                 softcap: float | None = None) -> PreparedLoss:
         p = self._check(input, target, weight, ignore_index, reduction, label_smoothing,
                         grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
-        dev = self.device
-        prep = PreparedLoss(p, dev, bool(return_grad), bool(return_lse), bool(return_argmax))
+        prep = PreparedLoss(p, self, bool(return_grad), bool(return_lse), bool(return_argmax))
         if p.rows == 0 or p.classes == 0:
             return prep
-        if return_grad:   # pooled: a fresh 256 MB buffer pays a page fault per 4 KB in the kernel
-            prep.grad = POOL.empty(p.input.shape, _np_dtype(p.grad_dtype))
-        # Whole samples per group, as many as fit the device's largest allocation (PoCL: 2 GiB),
-        # so batches of any size run, each group's offsets starting at 0.
-        x = p.input.reshape(p.batch, -1)
-        sample_bytes = max(x.shape[1] * max(x.itemsize, prep.grad.itemsize if return_grad else 0), 1)
-        per_group = dev.cl_device.max_mem_alloc_size // sample_bytes
-        if per_group < 1:
-            raise RuntimeError(f"one sample of {sample_bytes} bytes exceeds the OpenCL device's largest "
-                               f"allocation ({dev.cl_device.max_mem_alloc_size} bytes)")
-        for n0 in range(0, p.batch, per_group):
-            n1 = min(p.batch, n0 + per_group)
-            g = RowGroup(n0, n1, n0 * p.spatial, (n1 - n0) * p.spatial)
-            self._alloc_group(prep, g)
-            prep.groups.append(g)
+        dev = self.device
+        x = as_storage(p.input.reshape(p.batch, -1))
+        grad_itemsize = _np_dtype(p.grad_dtype).itemsize if return_grad else 0
+        # Whole samples per block, as many as fit the device's largest allocation (PoCL: 2 GiB),
+        # so batches of any size run, each block's offsets starting at 0.
+        sample_bytes = max(x.shape[1] * max(x.itemsize, grad_itemsize), 1)
+        per_block = dev.cl_device.max_mem_alloc_size // sample_bytes
+        if per_block < 1:
+            raise argument_error(RuntimeError(
+                f"one sample of {sample_bytes} bytes exceeds the OpenCL device's largest allocation "
+                f"({dev.cl_device.max_mem_alloc_size} bytes)"))
+        with _device_errors():
+            try:
+                if return_grad:   # pooled: a fresh 256 MB buffer pays a page fault per 4 KB in the kernel
+                    prep.grad = POOL.empty(p.input.shape, _np_dtype(p.grad_dtype))
+                grad = as_storage(prep.grad.reshape(p.batch, -1)) if return_grad else None
+                y = as_storage(p.soft_target.reshape(p.batch, -1)) if p.soft else None
+                for n0 in range(0, p.batch, per_block):
+                    n1 = min(p.batch, n0 + per_block)
+                    row0, rows = n0 * p.spatial, (n1 - n0) * p.spatial
+                    prep.blocks.append(_RowBlock.allocate(
+                        dev, row0, rows, x[n0:n1],
+                        p.targets[row0:row0 + rows] if p.targets is not None else None,
+                        y[n0:n1] if y is not None else None, p.weight,
+                        grad[n0:n1] if grad is not None else None,
+                        _acc_dtype(p.compute_dtype), prep.want_lse, prep.want_argmax))
+            except BaseException:
+                prep.release()
+                POOL.release(prep.grad)
+                raise
         return prep
 
-    def _check(self, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-               grad_dtype=None, lse_square_scale=0.0, softcap=None, return_grad=False, return_lse=False,
-               return_argmax=False) -> semantics.Problem:
-        """PyTorch's argument checks, then what this device can run (return_* are accepted so a
-        request's keyword dict can be passed whole)."""
-        p = semantics.check(input, target, weight, ignore_index, reduction, label_smoothing,
-                            grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
-        if "float64" in (p.compute_dtype, p.grad_dtype) and not self.device.has_fp64:
-            raise RuntimeError(f"the OpenCL device {self.device.name!r} has no float64 support")
-        return p
-
-    def _alloc_group(self, prep: PreparedLoss, g: RowGroup) -> None:
-        p, dev, b = prep.problem, self.device, g.buffers
-        acc = np.dtype(np.float64 if p.compute_dtype == "float64" else np.float32)
-        rows = slice(g.row0, g.row0 + g.rows)
-        b["x"] = self._input_buffer(as_storage(p.input.reshape(p.batch, -1)[g.n0:g.n1]))
-        b["tgt"] = self._input_buffer(p.targets[rows]) if p.targets is not None else None
-        b["y"] = self._input_buffer(as_storage(p.soft_target.reshape(p.batch, -1)[g.n0:g.n1])) if p.soft else None
-        b["w"] = self._input_buffer(p.weight) if p.weight is not None else None
-        b["grad"] = None
-        if prep.want_grad:
-            g.grad_host = prep.grad.reshape(p.batch, -1)[g.n0:g.n1]
-            b["grad"] = self._output_buffer(as_storage(g.grad_host))
-        b["row_loss"] = dev.pool.allocate(g.rows * acc.itemsize)
-        b["row_zloss"] = dev.pool.allocate(g.rows * acc.itemsize)
-        b["row_lse"] = dev.pool.allocate(g.rows * 4) if prep.want_lse else None
-        b["row_amax"] = dev.pool.allocate(g.rows * 4) if prep.want_argmax else None
-
-    def _input_buffer(self, arr: np.ndarray) -> cl.Buffer:
-        dev = self.device
-        if dev.host_unified and arr.flags.writeable and arr.flags.c_contiguous:
-            return cl.Buffer(dev.context, MF.READ_ONLY | MF.USE_HOST_PTR, hostbuf=arr)
-        buf = dev.pool.allocate(max(arr.nbytes, 1))
-        cl.enqueue_copy(dev.queue, buf, np.ascontiguousarray(arr), is_blocking=False)
-        return buf
-
-    def _output_buffer(self, host: np.ndarray) -> cl.Buffer:
-        """Where a kernel writes `host`'s contents: `host` itself on devices that compute in host
-        memory, else pooled device memory (read back by `_read_back`)."""
-        dev = self.device
-        if dev.host_unified:
-            return cl.Buffer(dev.context, MF.WRITE_ONLY | MF.USE_HOST_PTR, hostbuf=host)
-        return dev.pool.allocate(host.nbytes)
-
-    def _read_back(self, buf: cl.Buffer, host: np.ndarray) -> None:
-        q = self.device.queue
-        if self.device.host_unified:
-            # The kernel wrote into host memory; a map/unmap pair is OpenCL's coherence point.
-            mapped, _ = cl.enqueue_map_buffer(q, buf, cl.map_flags.READ, 0, (host.nbytes,), np.uint8)
-            mapped.base.release(q)
-        else:
-            cl.enqueue_copy(q, host, buf)
-
-    def _reduce(self, dtype: str, b: dict, starts: np.ndarray, wait_for=None) -> tuple[np.ndarray, float]:
-        """Deterministic per-segment sums of the per-row results (reduce_rows.cl): an array of
-        (segments, 4) float64 — loss, z-loss, correct argmaxes — and the device seconds."""
-        dev, q = self.device, self.device.queue
-        red_dt = np.float64 if (dev.has_fp64 or dtype == "float64") else np.float32
-        nseg = len(starts) - 1
-        out = np.empty(4 * nseg, red_dt)
-        seg_buf = cl.Buffer(dev.context, MF.READ_ONLY | MF.COPY_HOST_PTR, hostbuf=starts.astype(np.uint64))
-        out_buf = dev.pool.allocate(out.nbytes)
-        try:
-            k = dev.kernel("reduce", dtype)
-            k.set_args(b["row_loss"], b["row_zloss"], b["row_amax"], b["tgt"], seg_buf, out_buf)
-            wg = dev.tuning["RED_WG_SIZE"]
-            ev = cl.enqueue_nd_range_kernel(q, k, (wg * nseg,), (wg,), wait_for=wait_for)
-            cl.enqueue_copy(q, out, out_buf, wait_for=[ev])
-        finally:
-            out_buf.release()
-            seg_buf.release()
-        return out.astype(np.float64).reshape(nseg, 4), (ev.profile.end - ev.profile.start) * 1e-9
-
     def run_chunk(self, prep: PreparedLoss, chunk: tuple[int, int, int]) -> float:
-        """Launch the fused kernel over rows [start, start + count) of one group; device seconds."""
-        p, dev = prep.problem, prep.device
-        gi, start, count = chunk
-        b = prep.groups[gi].buffers
-        acc = np.float64 if p.compute_dtype == "float64" else np.float32
+        """Launch the fused kernel over rows [start, start + count) of one block; device seconds."""
+        p = prep.problem
+        bi, start, count = chunk
         per_item = prep.rows_per_item
         if start % per_item or count % per_item:
             raise ValueError(f"this problem runs {per_item} rows per work-item: chunk ({start}, {count}) "
                              "must be a multiple of that")
-        k = dev.kernel("ce8" if per_item == 8 else "ce", p.compute_dtype,
-                       p.grad_dtype if prep.want_grad else p.compute_dtype, p.softcap > 0)
-        k.set_args(b["x"], b["tgt"], b["y"], b["w"], b["grad"], b["row_loss"], b["row_zloss"],
-                   b["row_lse"], b["row_amax"], np.uint64(start), np.uint64(count),
-                   np.uint32(p.classes), np.uint64(p.spatial), acc(p.label_smoothing), acc(p.weight_sum),
-                   acc(p.loss_scale), acc(p.z_scale), acc(p.lse_square_scale), acc(p.softcap))
-        ev = self._launch(k, count // per_item)
-        ev.wait()
-        secs = (ev.profile.end - ev.profile.start) * 1e-9
+        with _device_errors():
+            ev = self._launch_rows(p, prep.blocks[bi], start, count,
+                                   grad_dtype=p.grad_dtype if prep.want_grad else p.compute_dtype,
+                                   scalars=self._scalars(p))
+            ev.wait()
+        secs = _event_seconds(ev)
         prep.kernel_seconds += secs
         prep.done_rows += count
-        if secs > 1e-4:
-            with self._rate_lock:   # EWMA of elements/s sizes the next chunks
-                rate = count * p.classes / secs
-                dev.elements_per_second = 0.7 * dev.elements_per_second + 0.3 * rate
+        self._measured(count * p.classes, secs)
         return secs
 
     def finish(self, prep: PreparedLoss) -> LossResult:
-        """Deterministic reductions on the device (groups summed on the host in order), read-back."""
-        p, dev = prep.problem, prep.device
-        loss_dt = _np_dtype(p.compute_dtype)
-        res = LossResult(loss=np.array(0, loss_dt), kernel_seconds=prep.kernel_seconds, rows=p.rows)
+        """Deterministic reductions on the device (blocks summed on the host in order), read-back."""
+        p = prep.problem
         if p.rows == 0 or p.classes == 0:
-            return self._degenerate(prep, res, loss_dt)
+            return self._degenerate(prep)
         if prep.done_rows != p.rows:
             raise RuntimeError(f"finish() after {prep.done_rows} of {p.rows} rows")
-        acc = np.float64 if p.compute_dtype == "float64" else np.float32
-        q = dev.queue
+        out = _RowOutputs.empty(p.rows, _acc_dtype(p.compute_dtype), p.reduction == "none",
+                                prep.want_lse, prep.want_argmax)
         sums = np.zeros(4, np.float64)
-        row_loss = np.empty(p.rows, acc) if p.reduction == "none" else None
-        row_z = np.empty(p.rows, acc) if p.reduction == "none" else None
-        lse = np.empty(p.rows, np.float32) if prep.want_lse else None
-        amax = np.empty(p.rows, np.int32) if prep.want_argmax else None
-        for g in prep.groups:
-            b = g.buffers
-            out, secs = self._reduce(p.compute_dtype, b, np.array([0, g.rows]))
-            res.kernel_seconds += secs
-            sums += out[0]
-            rows = slice(g.row0, g.row0 + g.rows)
-            if row_loss is not None:
-                cl.enqueue_copy(q, row_loss[rows], b["row_loss"])
-                cl.enqueue_copy(q, row_z[rows], b["row_zloss"])
-            if lse is not None:
-                cl.enqueue_copy(q, lse[rows], b["row_lse"])
-            if amax is not None:
-                cl.enqueue_copy(q, amax[rows], b["row_amax"])
-            if prep.want_grad:
-                self._read_back(b["grad"], as_storage(g.grad_host))
-
-        if p.reduction == "none":
-            total = row_loss + row_z if p.lse_square_scale else row_loss
-            res.loss = total.astype(loss_dt).reshape(p.row_shape)
-            if p.lse_square_scale:
-                res.z_loss = row_z.astype(np.float32).reshape(p.row_shape)
-        else:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                if p.reduction == "mean":
-                    main = sums[0] / np.float64(p.denominator)
-                    z = sums[1] / np.float64(p.valid_rows) if p.lse_square_scale else 0.0
-                else:
-                    main, z = sums[0], sums[1]
-            res.loss = np.array(main + z).astype(loss_dt)
-            if p.lse_square_scale:
-                res.z_loss = np.array(z, np.float32)
-        if lse is not None:
-            res.lse = lse.reshape(p.row_shape)
-        if amax is not None:
-            res.argmax = amax.astype(np.int64).reshape(p.row_shape)
-            if not p.soft:
-                res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
-        res.grad = prep.grad
-        return res
-
-    @staticmethod
-    def recycle(result: LossResult) -> None:
-        """Give the result's gradient buffer back for reuse; the caller must not touch it again."""
-        POOL.release(result.grad)
-        result.grad = None
+        secs = prep.kernel_seconds
+        with _device_errors():
+            for blk in prep.blocks:
+                seg, red_secs = self._reduce(p.compute_dtype, blk, np.array([0, blk.rows]))
+                sums += seg[0]
+                secs += red_secs
+                self._read_rows(blk, out)
+        return _assemble(p, sums, out, prep.grad, secs, prep.want_argmax)
 
     # ---- many small requests, one launch ----
     @staticmethod
@@ -325,13 +356,14 @@ class LossEngine:
 
         A shared launch runs with reduction 'sum' scales and an fp32 (fp64) gradient; each
         request's slice is then scaled by its own 1/denominator and rounded once to its grad
-        dtype, and its loss is its own segment of the deterministic row reduction."""
+        dtype, and its loss is its own segment of the deterministic row reduction. Each request
+        is charged its share of the launch's device time, by elements."""
         out: list = [None] * len(requests)
         groups: dict = {}
         for i, kw in enumerate(requests):
             try:
                 p = self._check(**kw)
-            except Exception as exc:   # this request's argument error; the others go on
+            except ArgumentError as exc:   # this request's argument error; the others go on
                 out[i] = exc
                 continue
             flags = (bool(kw.get("return_grad")), bool(kw.get("return_lse")), bool(kw.get("return_argmax")))
@@ -346,99 +378,156 @@ class LossEngine:
                         out[i] = exc
                 continue
             try:
-                for i, res in zip((m[0] for m in members), self._run_merged(members)):
+                with _device_errors():
+                    results = self._run_merged([m[1] for m in members], *members[0][2])
+                for (i, _, _), res in zip(members, results):
                     out[i] = res
             except Exception as exc:   # a device failure hits the whole launch
                 for i, _, _ in members:
                     out[i] = exc
         return out
 
-    def _run_merged(self, members: list) -> list[LossResult]:
-        dev, q = self.device, self.device.queue
-        p0 = members[0][1]
-        want_grad, want_lse, want_argmax = members[0][2]
-        C, dt = p0.classes, p0.compute_dtype
-        acc = np.float64 if dt == "float64" else np.float32
-        sizes = [m[1].rows for m in members]
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.uint64)
+    def _run_merged(self, problems: list[semantics.Problem], want_grad: bool, want_lse: bool,
+                    want_argmax: bool) -> list[LossResult]:
+        p0 = problems[0]
+        C, dt, acc = p0.classes, p0.compute_dtype, _acc_dtype(p0.compute_dtype)
+        starts = np.concatenate([[0], np.cumsum([p.rows for p in problems])]).astype(np.uint64)
         R = int(starts[-1])
-        x = np.concatenate([as_storage(m[1].input).reshape(-1, C) for m in members])
-        tgt = None if p0.soft else np.concatenate([m[1].targets for m in members])
-        y = np.concatenate([as_storage(m[1].soft_target).reshape(-1, C) for m in members]) if p0.soft else None
+        x = np.concatenate([as_storage(p.input).reshape(-1, C) for p in problems])
+        tgt = None if p0.soft else np.concatenate([p.targets for p in problems])
+        y = np.concatenate([as_storage(p.soft_target).reshape(-1, C) for p in problems]) if p0.soft else None
         grad = np.empty((R, C), acc) if want_grad else None
-        bufs = {"x": self._input_buffer(x), "tgt": self._input_buffer(tgt) if tgt is not None else None,
-                "y": self._input_buffer(y) if y is not None else None,
-                "w": self._input_buffer(p0.weight) if p0.weight is not None else None,
-                "row_loss": dev.pool.allocate(R * np.dtype(acc).itemsize),
-                "row_zloss": dev.pool.allocate(R * np.dtype(acc).itemsize),
-                "row_lse": dev.pool.allocate(R * 4) if want_lse else None,
-                "row_amax": dev.pool.allocate(R * 4) if want_argmax else None,
-                "grad": self._output_buffer(grad) if want_grad else None}
-        gdt = "float64" if dt == "float64" else "float32"
+        out = _RowOutputs.empty(R, acc, any(p.reduction == "none" for p in problems), want_lse, want_argmax)
+        blk = _RowBlock.allocate(self.device, 0, R, x, tgt, y, p0.weight, grad, acc, want_lse, want_argmax)
         try:
-            k = dev.kernel("ce", dt, gdt if want_grad else dt, p0.softcap > 0)
-            k.set_args(bufs["x"], bufs["tgt"], bufs["y"], bufs["w"], bufs["grad"], bufs["row_loss"],
-                       bufs["row_zloss"], bufs["row_lse"], bufs["row_amax"], np.uint64(0), np.uint64(R),
-                       np.uint32(C), np.uint64(1), acc(p0.label_smoothing), acc(p0.weight_sum),
-                       acc(1.0), acc(1.0), acc(0.0), acc(p0.softcap))
-            ev = self._launch(k, R)
-            sums, red_secs = self._reduce(dt, bufs, starts, wait_for=[ev])
-            row_loss = np.empty(R, acc) if any(m[1].reduction == "none" for m in members) else None
-            if row_loss is not None:
-                cl.enqueue_copy(q, row_loss, bufs["row_loss"])
-            lse = amax = None
-            if want_lse:
-                lse = np.empty(R, np.float32)
-                cl.enqueue_copy(q, lse, bufs["row_lse"])
-            if want_argmax:
-                amax = np.empty(R, np.int32)
-                cl.enqueue_copy(q, amax, bufs["row_amax"])
-            if want_grad:
-                self._read_back(bufs["grad"], grad)
-            secs = (ev.profile.end - ev.profile.start) * 1e-9 + red_secs
+            ev = self._launch_rows(p0, blk, 0, R, grad_dtype=np.dtype(acc).name,
+                                   scalars=self._scalars(p0, shared=True))
+            sums, red_secs = self._reduce(dt, blk, starts, wait_for=[ev])
+            self._read_rows(blk, out)
         finally:
-            for b in bufs.values():
-                if b is not None:
-                    b.release()
+            blk.release()
+        secs = _event_seconds(ev) + red_secs
+        self._measured(R * C, secs)
         results = []
-        for g, (_, p, _) in enumerate(members):
+        for g, p in enumerate(problems):
             a, b = int(starts[g]), int(starts[g + 1])
-            loss_dt = _np_dtype(p.compute_dtype)
-            res = LossResult(loss=np.array(0, loss_dt), kernel_seconds=secs, rows=p.rows)
-            if p.reduction == "none":
-                res.loss = row_loss[a:b].astype(loss_dt).reshape(p.row_shape)
-            else:
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    total = sums[g, 0]
-                    res.loss = np.array(total / np.float64(p.denominator) if p.reduction == "mean" else total).astype(loss_dt)
-            if want_grad:
-                res.grad = (grad[a:b] * acc(p.loss_scale)).astype(_np_dtype(p.grad_dtype)).reshape(p.input.shape)
-            if lse is not None:
-                res.lse = lse[a:b].reshape(p.row_shape)
-            if amax is not None:
-                res.argmax = amax[a:b].astype(np.int64).reshape(p.row_shape)
-                if not p.soft:
-                    res.accuracy = float(sums[g, 2]) / p.valid_rows if p.valid_rows else float("nan")
-            results.append(res)
+            g_req = (grad[a:b] * acc(p.loss_scale)).astype(_np_dtype(p.grad_dtype)).reshape(p.input.shape) \
+                if want_grad else None
+            results.append(_assemble(p, sums[g], out.slice(a, b), g_req, secs * (b - a) / R, want_argmax))
         return results
 
-    def _launch(self, k: cl.Kernel, rows: int) -> cl.Event:
-        """rows: work-items for the work-item shapes, work-groups for the work-group-per-row one."""
-        dev = self.device
-        if dev.tuning["CE_WG_PER_ROW"]:
-            wg = dev.tuning["CE_WG_SIZE"]
-            return cl.enqueue_nd_range_kernel(dev.queue, k, (rows * wg,), (wg,))
-        loc = dev.tuning.get("CE_LOCAL", 1)
-        return cl.enqueue_nd_range_kernel(dev.queue, k, (rows,), (loc,) if rows % loc == 0 else None)
+    # ---- the shared layers ----
+    def _check(self, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+               grad_dtype=None, lse_square_scale=0.0, softcap=None, return_grad=False, return_lse=False,
+               return_argmax=False) -> semantics.Problem:
+        """PyTorch's argument checks, then what this device can run (return_* are accepted so a
+        request's keyword dict can be passed whole). Raises ArgumentError."""
+        try:
+            p = semantics.check(input, target, weight, ignore_index, reduction, label_smoothing,
+                                grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
+        except Exception as exc:
+            raise argument_error(exc) from exc
+        if "float64" in (p.compute_dtype, p.grad_dtype) and not self.device.has_fp64:
+            raise argument_error(RuntimeError(f"the OpenCL device {self.device.name!r} has no float64 support"))
+        return p
 
-    def _degenerate(self, prep: PreparedLoss, res: LossResult, loss_dt: np.dtype) -> LossResult:
+    def rows_per_item(self, p: semantics.Problem) -> int:
+        """8 when the spatial-rows kernel runs (rows of one sample are adjacent per class)."""
+        return 8 if (self.device.launch.rows == "item" and p.spatial > 1 and p.spatial % 8 == 0) else 1
+
+    @staticmethod
+    def _scalars(p: semantics.Problem, shared: bool = False) -> dict:
+        """The fused kernel's scalar arguments. `shared`: a coalesced launch, whose gradient and
+        row losses are per-row 'sum' values that each request scales afterwards."""
+        acc = _acc_dtype(p.compute_dtype)
+        return dict(classes=np.uint32(p.classes), eps=acc(p.label_smoothing), weight_sum=acc(p.weight_sum),
+                    loss_scale=acc(1.0 if shared else p.loss_scale), z_scale=acc(1.0 if shared else p.z_scale),
+                    z_coef=acc(0.0 if shared else p.lse_square_scale), softcap=acc(p.softcap))
+
+    def _launch_rows(self, p: semantics.Problem, blk: _RowBlock, start: int, count: int, *,
+                     grad_dtype: str, scalars: dict) -> cl.Event:
+        """The fused kernel over rows [start, start + count) of `blk`, in the device's launch shape."""
+        dev, launch = self.device, self.device.launch
+        per_item = self.rows_per_item(p)
+        name = "ce_spatial8" if per_item == 8 else ("ce_rows_group" if launch.rows == "group" else "ce_rows_item")
+        k = dev.kernel(name, p.compute_dtype, grad_dtype, p.softcap > 0)
+        items = count // per_item
+        scratch = None
+        acc = np.dtype(_acc_dtype(p.compute_dtype))
+        if name == "ce_rows_item" and p.spatial == 1 and blk.grad is not None and grad_dtype != acc.name:
+            # A gradient narrower than the accumulators cannot hold pass 1's exps: give each
+            # work-item a scratch row instead, and run few work-items that loop over the rows
+            # (one exp per element instead of two).
+            row_bytes = p.classes * acc.itemsize
+            n = min(items, launch.scratch_items_per_cu * dev.cl_device.max_compute_units,
+                    dev.cl_device.max_mem_alloc_size // row_bytes)
+            if n >= 1:
+                scratch, items = dev.pool.allocate(n * row_bytes), n
+        try:
+            set_args(k, CE_PARAMS, **blk.buffer_args(), scratch=scratch, row0=np.uint64(start),
+                     nrows=np.uint64(count), spatial=np.uint64(p.spatial), **scalars)
+            if launch.rows == "group" and per_item == 1:   # one work-group per row
+                return cl.enqueue_nd_range_kernel(dev.queue, k, (count * launch.local_size,), (launch.local_size,))
+            local = (launch.local_size,) if items % launch.local_size == 0 else None
+            ev = cl.enqueue_nd_range_kernel(dev.queue, k, (items,), local)
+            if scratch is not None:
+                ev.wait()   # the pool may hand the scratch out again once released
+            return ev
+        finally:
+            if scratch is not None:
+                scratch.release()
+
+    def _reduce(self, dtype: str, blk: _RowBlock, starts: np.ndarray, wait_for=None) -> tuple[np.ndarray, float]:
+        """Deterministic per-segment sums of a block's per-row results (reduce_rows.cl): an array
+        of (segments, 4) float64 — loss, z-loss, correct argmaxes — and the device seconds."""
+        dev = self.device
+        red_dt = np.float64 if (dev.has_fp64 or dtype == "float64") else np.float32
+        nseg = len(starts) - 1
+        out = np.empty(4 * nseg, red_dt)
+        seg_buf = cl.Buffer(dev.context, MF.READ_ONLY | MF.COPY_HOST_PTR, hostbuf=starts.astype(np.uint64))
+        out_buf = dev.pool.allocate(out.nbytes)
+        try:
+            k = dev.kernel("reduce_rows", dtype)
+            set_args(k, REDUCE_PARAMS, row_loss=blk.row_loss, row_zloss=blk.row_zloss, row_argmax=blk.row_argmax,
+                     target=blk.target, seg_start=seg_buf, out=out_buf)
+            wg = dev.launch.reduce_local_size
+            ev = cl.enqueue_nd_range_kernel(dev.queue, k, (wg * nseg,), (wg,), wait_for=wait_for)
+            cl.enqueue_copy(dev.queue, out, out_buf, wait_for=[ev])
+        finally:
+            out_buf.release()
+            seg_buf.release()
+        return out.astype(np.float64).reshape(nseg, 4), _event_seconds(ev)
+
+    def _read_rows(self, blk: _RowBlock, out: _RowOutputs) -> None:
+        """A block's per-row results into its rows of `out`, and its gradient into its host array."""
+        q = self.device.queue
+        rows = slice(blk.row0, blk.row0 + blk.rows)
+        for host, buf in ((out.row_loss, blk.row_loss), (out.row_zloss, blk.row_zloss),
+                          (out.lse, blk.row_lse), (out.argmax, blk.row_argmax)):
+            if host is not None:
+                cl.enqueue_copy(q, host[rows], buf)
+        if blk.grad is not None:
+            host = blk.grad_host
+            if self.device.host_unified:
+                # The kernel wrote into host memory; a map/unmap pair is OpenCL's coherence point.
+                mapped, _ = cl.enqueue_map_buffer(q, blk.grad, cl.map_flags.READ, 0, (host.nbytes,), np.uint8)
+                mapped.base.release(q)
+            else:
+                cl.enqueue_copy(q, host, blk.grad)
+
+    def _measured(self, elements: int, secs: float) -> None:
+        if secs > 1e-4:
+            with self._rate_lock:   # EWMA of elements/s sizes the next chunks
+                self.elements_per_second = 0.7 * self.elements_per_second + 0.3 * elements / secs
+
+    def _degenerate(self, prep: PreparedLoss) -> LossResult:
         """No rows or no classes: nothing to launch; answer as PyTorch does."""
         p = prep.problem
+        loss_dt = _np_dtype(p.compute_dtype)
+        res = LossResult(loss=np.array(0, loss_dt), rows=p.rows)
         if p.reduction == "none":
             res.loss = np.zeros(p.row_shape, loss_dt)
-        elif p.reduction == "sum":
-            res.loss = np.array(0, loss_dt)
-        else:   # no rows: 0/0; rows of C == 0 probability targets: empty sums over the rows
+        elif p.reduction == "mean":   # no rows: 0/0; rows of C == 0 probability targets: empty sums
             res.loss = np.array(np.nan if p.rows == 0 else 0.0, loss_dt)
         if prep.want_grad:
             res.grad = np.zeros(p.input.shape, _np_dtype(p.grad_dtype))
@@ -450,3 +539,37 @@ class LossEngine:
         if p.lse_square_scale:
             res.z_loss = np.zeros(p.row_shape if p.reduction == "none" else (), np.float32)
         return res
+
+
+def _event_seconds(ev: cl.Event) -> float:
+    return (ev.profile.end - ev.profile.start) * 1e-9
+
+
+def _assemble(p: semantics.Problem, sums: np.ndarray, rows: _RowOutputs, grad: np.ndarray | None,
+              kernel_seconds: float, want_argmax: bool) -> LossResult:
+    """One request's result: `sums` are its (loss, z-loss, correct argmaxes) row sums, `rows` its
+    per-row outputs, `grad` its finished gradient."""
+    loss_dt = _np_dtype(p.compute_dtype)
+    res = LossResult(loss=np.array(0, loss_dt), grad=grad, kernel_seconds=kernel_seconds, rows=p.rows)
+    if p.reduction == "none":
+        total = rows.row_loss + rows.row_zloss if p.lse_square_scale else rows.row_loss
+        res.loss = total.astype(loss_dt).reshape(p.row_shape)
+        if p.lse_square_scale:
+            res.z_loss = rows.row_zloss.astype(np.float32).reshape(p.row_shape)
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if p.reduction == "mean":
+                main = sums[0] / np.float64(p.denominator)
+                z = sums[1] / np.float64(p.valid_rows) if p.lse_square_scale else 0.0
+            else:
+                main, z = sums[0], sums[1]
+        res.loss = np.array(main + z).astype(loss_dt)
+        if p.lse_square_scale:
+            res.z_loss = np.array(z, np.float32)
+    if rows.lse is not None:
+        res.lse = rows.lse.reshape(p.row_shape)
+    if want_argmax:
+        res.argmax = rows.argmax.astype(np.int64).reshape(p.row_shape)
+        if not p.soft:
+            res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
+    return res

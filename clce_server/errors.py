@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-#: the exception types PyTorch raises for bad arguments to cross_entropy
-TORCH_ERROR_TYPES = (ValueError, IndexError, TypeError, RuntimeError)
-
+from clce_wire.protocol import ERROR_CODES
 
 class ArgumentError(Exception):
     """Bad arguments. ``error`` is the exception PyTorch raises for them (its type and message
@@ -45,3 +43,14 @@ def classify(exc: BaseException) -> BaseException:
     if is_opencl_error(exc):
         return DeviceError(f"OpenCL device error: {type(exc).__name__}: {exc}")
     return exc
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {"code", "message"}} with the code's HTTP status (from the
+    wire's ERROR_CODES) and, for transient conditions, Retry-After."""
+
+    def __init__(self, code: str, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.status = ERROR_CODES[code][0]
+        self.retry_after = retry_after

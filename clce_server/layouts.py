@@ -17,39 +17,26 @@ rewrites the request into the rows the engine already serves:
   shape (..., T - shift), which is what ``F.cross_entropy(logits[..., :-shift, :].transpose(1, -1),
   labels[..., shift:], reduction="none")`` gives.
 
-`rows_layout` wraps the app's job factory; it is the only hook. Requests in such a layout are never
-coalesced with others (their batch key is dropped), and their arguments are checked on the device
-thread like the engine's, with PyTorch's exception types.
+`to_rows` is the only hook: `jobs.LossJob` calls it on the parsed arguments and keeps the `Restore`
+for the result. Requests in such a layout are never coalesced with others (no batch key). Bad
+arguments raise `errors.ArgumentError` carrying PyTorch's exception type and message (4xx).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .errors import TORCH_ERROR_TYPES, ArgumentError
+from .errors import ArgumentError
 from .semantics import FLOAT_DTYPES, INDEX_DTYPES, TORCH_NAMES
 
-__all__ = ["wanted", "to_rows", "rows_layout", "Restore"]
+__all__ = ["wanted", "to_rows", "Restore"]
 
-_ERROR_TYPES: dict[type, type] = {}
-
-
-def _argument_error(error: BaseException) -> ArgumentError:
-    """ArgumentError carrying PyTorch's `error`, also an instance of the error's own type, so that
-    callers which still catch (ValueError, RuntimeError, ...) answer it as before (the engine's
-    transitional form, until every caller catches ArgumentError)."""
-    base = type(error)
-    if not issubclass(base, TORCH_ERROR_TYPES):
-        return ArgumentError(error)
-    cls = _ERROR_TYPES.get(base)
-    if cls is None:
-        cls = _ERROR_TYPES[base] = type(f"ArgumentError[{base.__name__}]", (ArgumentError, base), {})
-    return cls(error)
+# what PyTorch raises for bad arguments; answered 4xx with that type (see errors.ArgumentError)
+_TORCH_ERRORS = (ValueError, IndexError, TypeError, RuntimeError)
 
 
 def _dims(shape) -> str:
@@ -126,11 +113,11 @@ def to_rows(args: Mapping[str, Any]) -> tuple[dict[str, Any], Restore | None]:
     """The request rewritten into PyTorch's (N, C) rows, and the map back for its results (None
     when there is nothing to rewrite). Bad arguments raise ArgumentError with PyTorch's type."""
     if not wanted(args):
-        return dict(args), None
+        return args, None
     try:
         x, t, shift = _check(args)
-    except TORCH_ERROR_TYPES as exc:
-        raise _argument_error(exc) from None
+    except _TORCH_ERRORS as exc:
+        raise ArgumentError(exc) from None
     out = {**args, "classes_last": False, "shift": 0}
     if x.ndim <= 1:
         return out, None
@@ -150,24 +137,3 @@ def to_rows(args: Mapping[str, Any]) -> tuple[dict[str, Any], Restore | None]:
     else:
         out["target"] = t.reshape(rows)
     return out, Restore(tuple(x.shape), tuple(x.shape[:-1]), shift)
-
-
-def rows_layout(make_job: Callable) -> Callable:
-    """Wraps the app's job factory ``make_job(state, args, *rest) -> job``: a request in another
-    layout becomes a job that rewrites it (on the device thread, where argument errors are
-    answered like the engine's), runs the rows job, and maps the results back. It carries no
-    batch key: never coalesced."""
-
-    @functools.wraps(make_job)
-    def make(state, args, *rest, **kw):
-        if not wanted(args):
-            return make_job(state, args, *rest, **kw)
-
-        def job(device):
-            rows_args, restore = to_rows(args)
-            res = yield from make_job(state, rows_args, *rest, **kw)(device)
-            return restore(res) if restore is not None else res
-
-        return job
-
-    return make

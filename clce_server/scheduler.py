@@ -1,8 +1,10 @@
 """Admission control and weighted fair scheduling of device work between tenants.
 
-A job is a generator function ``job(device) -> Generator[float, None, R]``. It runs on the worker
-thread of one device, yields after each bounded chunk of device work (the yielded float is the
-device seconds that chunk used) and returns its result. The scheduler knows nothing about OpenCL.
+A `Job` runs on the worker thread of one device: ``job.run(device)`` is a generator that yields
+after each bounded chunk of device work (the yielded float is the device seconds that chunk used)
+and returns its result. A job whose ``batch_key`` is not None may be coalesced with queued jobs of
+the same key into one step, ``type(job).run_batch(device, jobs)``; each tenant is then charged in
+proportion to its jobs' ``cost``. The scheduler knows nothing about OpenCL.
 
 Flow: ``submit`` admits synchronously (size and byte/queue budgets), assigns the job to the
 least-loaded device worker and awaits an asyncio future. Each worker keeps a FIFO queue per
@@ -11,8 +13,8 @@ tenant and runs one step at a time from the backlogged tenant with the lowest vi
 ``device_seconds / weight``. Within a tenant only the head job runs, so a big job of tenant A is
 interleaved chunk by chunk with the small jobs of tenant B, while A's own jobs stay in order.
 
-The worker picks work in ``_Worker._next``; dynamic batching would extend it to take the head jobs
-of several tenants (or several small jobs of one) and run them as one step.
+The worker picks work in ``_Worker._next``; ``_Worker._gather`` extends a pick to the queued jobs
+with the same batch key (dynamic batching), head-first in every tenant's queue.
 """
 
 from __future__ import annotations
@@ -25,29 +27,63 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Generator, Iterable, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Generator, Hashable, Iterable, Sequence
 
 from .metrics import Metrics
 from .tenants import Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R")
-JobFn = Callable[[Any], Generator[float, None, R]]
 
 # Retry-After bounds: never tell a client "retry now", never make it wait absurdly long.
 MIN_RETRY_AFTER_S = 0.05
 MAX_RETRY_AFTER_S = 60.0
 # Prior for the per-job service time before any job has completed.
 _INITIAL_JOB_S = 0.25
+# How fast the host moves a request's bytes (received, decoded, sent): loopback TCP from Python
+# moves about 2.6 GB/s one way. A tenant is charged nbytes / this, divided by its weight, besides
+# its device time. 0 charges device time only.
+HOST_BYTES_PER_S = 2.5e9
 _EWMA_ALPHA = 0.2
 
 
-class SchedulerError(Exception):
-    """Base of scheduler errors; `http_status` and `code` map them onto the error response."""
+class Job:
+    """Work for one device. Subclasses implement `run`; coalescible ones also set `batch_key`
+    (jobs with equal keys may share one step) and `cost` (their share of a shared step), and
+    implement `run_batch`."""
 
-    http_status = 500
-    code = "internal_error"
+    batch_key: Hashable | None = None
+    cost: float = 1.0
+
+    def run(self, device: Any) -> Generator[float, None, Any] | Any:
+        """A generator yielding device seconds per chunk and returning the result (or, for work
+        that is one step, the result itself)."""
+        raise NotImplementedError
+
+    @classmethod
+    def run_batch(cls, device: Any, jobs: Sequence["Job"]) -> list:
+        """One step for several jobs with the same batch key: a result or exception per job."""
+        raise NotImplementedError
+
+
+class FunctionJob(Job):
+    """A job from a plain function of the device (a generator function runs in steps)."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+    def run(self, device: Any) -> Any:
+        return self.fn(device)
+
+
+def as_job(job: Job | Callable[[Any], Any]) -> Job:
+    return job if isinstance(job, Job) else FunctionJob(job)
+
+
+class SchedulerError(Exception):
+    """Base of scheduler errors; each subclass's `code` is the wire error code it is answered with."""
+
+    code: ClassVar[str]
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -59,12 +95,10 @@ class AdmissionError(SchedulerError):
 
 
 class PayloadTooLarge(AdmissionError):
-    http_status = 413
     code = "payload_too_large"
 
 
 class QueueFull(AdmissionError):
-    http_status = 429
     code = "queue_full"
 
     def __init__(self, message: str, retry_after: float) -> None:
@@ -73,16 +107,15 @@ class QueueFull(AdmissionError):
 
 
 class ShuttingDown(AdmissionError):
-    http_status = 503
     code = "not_ready"
 
 
-NotReady = ShuttingDown
-
-
 class DeadlineExceeded(SchedulerError):
-    http_status = 504
     code = "deadline_exceeded"
+
+
+class QueueTimeout(DeadlineExceeded):
+    """Still queued after the tenant's max_queue_time_ms (its queue policy rejects it)."""
 
 
 _QUEUED, _STARTED, _DONE = "queued", "started", "done"
@@ -90,16 +123,16 @@ _QUEUED, _STARTED, _DONE = "queued", "started", "done"
 
 class _Job:
     __slots__ = (
-        "seq", "tenant", "nbytes", "fn", "deadline", "loop", "future", "worker", "state", "gen",
+        "seq", "tenant", "nbytes", "work", "deadline", "loop", "future", "worker", "state", "gen",
         "abandoned", "abandon_outcome", "submitted_at", "started_at", "finished_at", "compute_s",
         "steps",
     )  # fmt: skip
 
-    def __init__(self, seq, tenant, nbytes, fn, deadline, loop, worker) -> None:
+    def __init__(self, seq, tenant, nbytes, work, deadline, loop, worker) -> None:
         self.seq: int = seq
         self.tenant: Tenant = tenant
         self.nbytes: int = nbytes
-        self.fn = fn
+        self.work: Job = work
         self.deadline: float | None = deadline
         self.loop: asyncio.AbstractEventLoop = loop
         self.future: asyncio.Future = loop.create_future()
@@ -116,6 +149,11 @@ class _Job:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    def queued_too_long(self, now: float) -> bool:
+        """Past the tenant's max_queue_time_ms without having started (its queue policy rejects it)."""
+        limit = self.tenant.max_queue_time_ms
+        return self.state is _QUEUED and limit is not None and now - self.submitted_at >= limit / 1000.0
 
 
 class _TenantState:
@@ -158,6 +196,7 @@ class _Worker:
         self.queues: dict[str, deque[_Job]] = {}  # backlogged tenants only
         self.vtime: dict[str, float] = {}
         self.backlog_order: dict[str, int] = {}  # tie-break: earlier backlogged first
+        self.level: dict[str, int] = {}  # the queue's priority level (1 first); FIFO has one queue, one level
         self.vclock = 0.0  # virtual time of the last step taken
         self.reap: deque[_Job] = deque()  # started jobs whose caller is gone
         self.queued_jobs = 0
@@ -165,7 +204,6 @@ class _Worker:
         self.busy_s = 0.0
         self.steps = 0
         self.stopping = False
-        self.idle = True  # nothing ran since the backlog was last empty (see batch_window_s)
         self.thread: threading.Thread | None = None
 
     # -- called with the lock held ---------------------------------------------------------
@@ -182,6 +220,12 @@ class _Worker:
             # Start at the current minimum so a tenant cannot bank credit while idle.
             self.vtime[name] = min(self.vtime.values(), default=self.vclock)
             self.backlog_order[name] = next(self.sched._counter)
+            self.level[name] = job.tenant.priority if name else 1
+        # Fairness covers the host work a request causes, not only device time: the bytes it was
+        # received in and will be answered with cost event-loop time that other tenants wait for.
+        rate = self.sched.host_bytes_per_s
+        if rate:
+            self.vtime[name] += job.nbytes / rate / job.tenant.weight
         queue.append(job)
         self.queued_jobs += 1
         self.queued_bytes += job.nbytes
@@ -192,11 +236,13 @@ class _Worker:
         queue = self.queues[name]
         queue.remove(job)
         if not queue:
-            del self.queues[name], self.vtime[name], self.backlog_order[name]
+            del self.queues[name], self.vtime[name], self.backlog_order[name], self.level[name]
         self.queued_jobs -= 1
         self.queued_bytes -= job.nbytes
 
-    def _next(self) -> tuple[str, _Job | None]:
+    def _next(self) -> tuple[str, _Job | list[_Job] | None]:
+        """The next action and its job(s): ("step", job), ("batch", jobs), ("close" | "deadline" |
+        "queue_timeout" | "shutdown", job) to stop one, or ("exit", None). Waits while there is nothing to do."""
         while True:
             while self.reap:
                 job = self.reap.popleft()
@@ -207,16 +253,7 @@ class _Worker:
                     return "shutdown", queue[0]
                 return "exit", None
             if self.vtime:
-                window = self.sched.batch_window_s
-                if self.idle and window > 0:
-                    # Coming out of idle: give concurrent arrivals a moment to queue up.
-                    end = time.monotonic() + window
-                    while not self.stopping and (left := end - time.monotonic()) > 0:
-                        self.cond.wait(left)
-                    self.idle = False
-                    continue
-                self.idle = False
-                name = min(self.vtime, key=lambda n: (self.vtime[n], self.backlog_order[n]))
+                name = min(self.vtime, key=lambda n: (self.level[n], self.vtime[n], self.backlog_order[n]))
                 self.vclock = self.vtime[name]
                 job = self.queues[name][0]
                 if job.abandoned:
@@ -224,6 +261,8 @@ class _Worker:
                 now = time.monotonic()
                 if job.expired(now):
                     return "deadline", job
+                if job.queued_too_long(now):   # the loop's timer may be late; never start it
+                    return "queue_timeout", job
                 if job.state is _QUEUED:
                     batch = self._gather(job, now)
                     for j in batch:
@@ -232,14 +271,13 @@ class _Worker:
                     if len(batch) > 1:
                         return "batch", batch
                 return "step", job
-            self.idle = True
             self.cond.wait()
 
     def _gather(self, job: _Job, now: float) -> list[_Job]:
-        """Dynamic batching: queued jobs whose fn has the same `batch_key` as `job` ride along in
+        """Dynamic batching: queued jobs with the same `batch_key` as `job` ride along in
         one step (one device launch for many small requests). Each tenant's queue is taken from its
         head and only while jobs match, so per-tenant order holds."""
-        key = getattr(job.fn, "batch_key", None)
+        key = job.work.batch_key
         limit = self.sched.max_batch
         if key is None or limit <= 1:
             return [job]
@@ -250,8 +288,8 @@ class _Worker:
                     return batch
                 if other is job:
                     continue
-                if (other.state is not _QUEUED or other.abandoned or other.expired(now)
-                        or getattr(other.fn, "batch_key", None) != key):
+                if (other.state is not _QUEUED or other.abandoned or other.expired(now) or other.queued_too_long(now)
+                        or other.work.batch_key != key):
                     break
                 batch.append(other)
         return batch
@@ -280,18 +318,18 @@ class _Worker:
                     self.sched._finish(j, "error", exc=error)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        """One step for several jobs: `batch_run(device, fns)` returns a result or an exception per
-        job. Each tenant is charged the step's time in proportion to its jobs' `batch_cost`."""
-        fns = [j.fn for j in jobs]
+        """One step for several jobs: `run_batch(device, works)` returns a result or an exception per
+        job. Each tenant is charged the step's time in proportion to its jobs' `cost`."""
+        works = [j.work for j in jobs]
         t0 = time.perf_counter()
         try:
-            results = list(fns[0].batch_run(self.device, fns))
+            results = list(type(works[0]).run_batch(self.device, works))
             if len(results) != len(jobs):
-                raise RuntimeError(f"batch_run returned {len(results)} results for {len(jobs)} jobs")
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} jobs")
         except Exception as e:
             results = [e] * len(jobs)
         wall = time.perf_counter() - t0
-        costs = [float(getattr(f, "batch_cost", 1.0)) for f in fns]
+        costs = [float(w.cost) for w in works]
         total = sum(costs) or 1.0
         metrics = self.sched.metrics
         with self.cond:
@@ -320,7 +358,7 @@ class _Worker:
         t0 = time.perf_counter()
         try:
             if job.gen is None:
-                obj = job.fn(self.device)
+                obj = job.work.run(self.device)
                 if inspect.isgenerator(obj):
                     job.gen = obj
                     reported = next(obj)
@@ -368,8 +406,15 @@ class _Worker:
             self.sched._finish(job, job.abandon_outcome)
         elif action == "deadline":
             self.sched._finish(job, "deadline", exc=DeadlineExceeded(_deadline_message(job)))
+        elif action == "queue_timeout":
+            self.sched._finish(job, "deadline", exc=_queue_timeout_error(job))
         else:
             self.sched._finish(job, "shutdown", exc=ShuttingDown("server is shutting down"))
+
+
+def _queue_timeout_error(job: _Job) -> QueueTimeout:
+    return QueueTimeout(f"rejected after {job.tenant.max_queue_time_ms:g} ms in the queue (the tenant's "
+                        "max_queue_time_ms) before it started")
 
 
 def _deadline_message(job: _Job) -> str:
@@ -381,8 +426,8 @@ class Scheduler:
     """Per-device worker threads with per-tenant weighted fair queues and admission control.
 
     `devices` are opaque objects handed to jobs (named by str()); `max_inflight_bytes` bounds the
-    bytes of all admitted, unfinished jobs; `batch_window_s` is how long an idle worker waits for
-    more arrivals before starting (0: start at once), the gather window for dynamic batching.
+    bytes of all admitted, unfinished jobs; `max_batch` bounds how many jobs share one step;
+    `host_bytes_per_s` prices a job's bytes in the virtual time of fair queueing (0: device time only).
     """
 
     def __init__(
@@ -392,9 +437,9 @@ class Scheduler:
         *,
         max_inflight_bytes: int,
         metrics: Metrics | None = None,
-        batch_window_s: float = 0.0,
         policy: str = "fair",
         max_batch: int = 64,
+        host_bytes_per_s: float = HOST_BYTES_PER_S,
     ) -> None:
         if not devices:
             raise ValueError("at least one device is required")
@@ -406,16 +451,14 @@ class Scheduler:
             raise ValueError(
                 f"max_inflight_bytes must be a positive integer, got {max_inflight_bytes!r}"
             )
-        if not (batch_window_s >= 0):
-            raise ValueError(f"batch_window_s must be >= 0, got {batch_window_s!r}")
         if policy not in ("fair", "fifo"):
             raise ValueError(f"policy must be 'fair' or 'fifo', got {policy!r}")
         self.policy = policy
         self.max_batch = int(max_batch)
+        self.host_bytes_per_s = float(host_bytes_per_s)
         self.registry = registry
         self.max_inflight_bytes = max_inflight_bytes
         self.metrics = metrics
-        self.batch_window_s = float(batch_window_s)
         self._lock = threading.Lock()
         self._counter = itertools.count()
         self._workers: list[_Worker] = []
@@ -502,13 +545,14 @@ class Scheduler:
         self,
         tenant: Tenant,
         nbytes: int,
-        job: JobFn,
+        job: Job | Callable[[Any], Any],
         *,
         deadline: float | None = None,
         timings: dict | None = None,
         request_bytes: int | None = None,
     ) -> Any:
         """Run `job` on a device on behalf of `tenant`; return its result or raise its exception.
+        A plain function of the device is run as a `FunctionJob`.
 
         `nbytes` is what the request holds in memory until it finishes (body plus buffers);
         `request_bytes`, when given, is the request's own size, checked against max_request_bytes
@@ -522,22 +566,24 @@ class Scheduler:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
         if not self._started:
             self.start()
-        j = self._admit(tenant, nbytes, job, deadline, loop, request_bytes)
-        timer = None
+        j = self._admit(tenant, nbytes, as_job(job), deadline, loop, request_bytes)
+        timers = []
         if deadline is not None:
-            timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, j)
+            timers.append(loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, j))
+        if tenant.max_queue_time_ms is not None:
+            timers.append(loop.call_later(tenant.max_queue_time_ms / 1000.0, self._queue_timeout, j))
         try:
             return await j.future
         except asyncio.CancelledError:
             self._abandon(j, "cancelled")
             raise
         finally:
-            if timer is not None:
+            for timer in timers:
                 timer.cancel()
             if timings is not None:
                 timings.update(self._timings(j))
 
-    def _admit(self, tenant: Tenant, nbytes: int, fn: JobFn, deadline, loop,
+    def _admit(self, tenant: Tenant, nbytes: int, fn: Job, deadline, loop,
                request_bytes: int | None = None) -> _Job:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ValueError(f"nbytes must be a non-negative integer, got {nbytes!r}")
@@ -609,6 +655,20 @@ class Scheduler:
             job.future.set_exception(DeadlineExceeded(_deadline_message(job)))
         self._abandon(job, "deadline")
 
+    def _queue_timeout(self, job: _Job) -> None:
+        # Loop thread: the tenant's queue policy rejects work that waited too long to start; work
+        # that started runs to the end.
+        with self._lock:
+            if job.state is not _QUEUED or job.abandoned:
+                return
+            job.abandoned = True
+            job.abandon_outcome = "deadline"
+            idle_waiters = self._finish_locked(job, "deadline")
+        if not job.future.done():
+            job.future.set_exception(_queue_timeout_error(job))
+        for loop, waiter in idle_waiters:
+            _call_soon(loop, _set_done, waiter)
+
     def _abandon(self, job: _Job, outcome: str) -> None:
         """The caller is gone: drop the job if queued, else have its worker close it."""
         if not job.future.done():
@@ -659,7 +719,7 @@ class Scheduler:
         job.state = _DONE
         job.finished_at = now
         # Drop the request's arrays and device buffers now, not when the last reference goes.
-        job.fn = job.gen = None
+        job.work = job.gen = None
         job.worker.remove(job)
         state = self._tenants[job.tenant.name]
         del state.active[job.seq]
@@ -699,13 +759,14 @@ class Scheduler:
             }
 
     def stats(self) -> dict:
-        """Snapshot for the status page and /info."""
+        """Snapshot for /v1/status and the status page."""
         with self._lock:
             tenants = {}
             for name, state in self._tenants.items():
                 tenant = self.registry.get(name)
                 tenants[name] = {
                     "weight": tenant.weight if tenant is not None else None,
+                    "priority": tenant.priority if tenant is not None else None,
                     "queue_depth": len(state.active),
                     "inflight_bytes": state.inflight_bytes,
                     "completed": state.outcomes["ok"],

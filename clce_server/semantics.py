@@ -84,10 +84,6 @@ class Problem:
     def rows(self) -> int:
         return self.batch * self.spatial
 
-    @property
-    def elements(self) -> int:
-        return self.rows * self.classes
-
 
 def check(input: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None,
           ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
@@ -161,12 +157,17 @@ def check(input: np.ndarray, target: np.ndarray, weight: np.ndarray | None = Non
                        float(lse_square_scale), float(softcap or 0.0))
 
     # ---- class indices ----
+    # PyTorch checks the target's shape before its dtype (the unbatched size-1 check comes after)
     t_dt = target.dtype.name
-    if t_dt not in INDEX_DTYPES:
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {TORCH_NAMES.get(t_dt, t_dt)}")
+
+    def check_index_dtype() -> None:
+        if t_dt not in INDEX_DTYPES:
+            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {TORCH_NAMES.get(t_dt, t_dt)}")
+
     if unbatched:
         if target.ndim > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        check_index_dtype()
         if target.ndim == 1 and target.shape[0] != 1:
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
         batch, spatial, row_shape = 1, 1, tuple(target.shape)
@@ -186,6 +187,7 @@ def check(input: np.ndarray, target: np.ndarray, weight: np.ndarray | None = Non
                 if input.ndim == 4:
                     raise RuntimeError(f"size mismatch (got input: {_dims(input.shape)} , target: {_dims(target.shape)}")
                 raise RuntimeError(f"Expected target size {_dims(want)}, got {_dims(target.shape)}")
+        check_index_dtype()
         batch = int(input.shape[0])
         spatial = int(np.prod(input.shape[2:], dtype=np.int64))
         row_shape = tuple(target.shape)

@@ -29,7 +29,8 @@ GiB = 1 << 30
 DEFAULT_TENANT_NAME = "default"
 
 # Fields a tenant table (or a `defaults` mapping) may set, besides api_key.
-LIMIT_FIELDS = ("weight", "max_request_bytes", "max_inflight_bytes", "max_queued")
+LIMIT_FIELDS = ("weight", "priority", "max_request_bytes", "max_inflight_bytes", "max_queued",
+                "max_queue_time_ms")
 _TABLE_FIELDS = frozenset(("api_key", *LIMIT_FIELDS))
 
 
@@ -44,6 +45,11 @@ class Tenant:
     max_request_bytes: int = 256 * MiB
     max_inflight_bytes: int = 1 * GiB
     max_queued: int = 64
+    # Triton's priority levels: 1 is the highest; a level's queued work is served before any of a
+    # lower level's, and weights share the device within a level.
+    priority: int = 1
+    # queue policy: work still queued after this long is rejected (504); None waits as long as it takes
+    max_queue_time_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -56,7 +62,11 @@ class Tenant:
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(_field_error(self.name, "weight", "a positive number", weight))
         object.__setattr__(self, "weight", float(weight))
-        for name in ("max_request_bytes", "max_inflight_bytes", "max_queued"):
+        qt = self.max_queue_time_ms
+        if qt is not None and (isinstance(qt, bool) or not isinstance(qt, (int, float))
+                               or not (math.isfinite(qt) and qt > 0)):
+            raise ValueError(_field_error(self.name, "max_queue_time_ms", "a positive number", qt))
+        for name in ("priority", "max_request_bytes", "max_inflight_bytes", "max_queued"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(_field_error(self.name, name, "a positive integer", value))

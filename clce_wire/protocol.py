@@ -125,16 +125,21 @@ ERROR_CODES: Mapping[str, tuple[int, type[Exception] | None]] = MappingProxyType
         "queue_full": (429, None),
         "deadline_exceeded": (504, None),
         "not_ready": (503, None),
+        "device_unavailable": (503, None),
         "internal": (500, None),
     }
 )
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    """The error body for `code` (either format): ``{"error": {"code": ..., "message": ...}}``."""
+def error_body(code: str, message: str, request_id: str | None = None) -> dict[str, Any]:
+    """The error body for `code` (either format): ``{"error": {"code": ..., "message": ...}}``,
+    with ``request_id`` when given (server faults carry it, to find the logged trace)."""
     if code not in ERROR_CODES:
         raise ValueError(f"unknown error code {code!r}")
-    return {"error": {"code": code, "message": str(message)}}
+    err = {"code": code, "message": str(message)}
+    if request_id is not None:
+        err["request_id"] = request_id
+    return {"error": err}
 
 
 def code_for_exception(exc: BaseException) -> str:

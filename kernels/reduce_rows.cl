@@ -10,18 +10,16 @@
  *   k = 0  sum of row_loss                     k = 1  sum of row_zloss
  *   k = 2  rows whose argmax equals the target  k = 3  unused (alignment)
  * Sums are in double where the device has it (RED_FP64), else float.
- *
- * Tunables: RED_WG_SIZE (power of two), RED_FP64, IN_DTYPE (3 = rows are double).
  * ============================================================================================ */
 
 #ifndef RED_WG_SIZE
-#define RED_WG_SIZE 64
+#define RED_WG_SIZE 64      // work-items per segment (power of two; the launch's local size)
 #endif
 #ifndef IN_DTYPE
-#define IN_DTYPE 0
+#define IN_DTYPE 0          // 3: the per-row results are double (fp64 input), else float
 #endif
 #ifndef RED_FP64
-#define RED_FP64 0
+#define RED_FP64 0          // 1: sum in double (the device has fp64)
 #endif
 
 #if RED_FP64 || IN_DTYPE == 3

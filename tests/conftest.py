@@ -1,8 +1,4 @@
-import os
-
 import pytest
-
-os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Parity of the fused OpenCL kernel with torch.nn.functional.cross_entropy (loss and input
 gradient), on both kernel shapes, over shapes x options x (dtype, atol, rtol)."""
 
+import zlib
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -8,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from clce_server.errors import ArgumentError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TORCH_DT = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -79,7 +83,7 @@ SHAPES = [(5,), (4, 5), (3, 37), (17, 1000), (2, 7, 3), (2, 5, 3, 4), (3, 1), (2
 @pytest.mark.parametrize("ignore_index", [-100, -1, 2])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 def test_hard_targets_float32(engine, shape, reduction, weighted, ignore_index, label_smoothing):
-    rng = np.random.default_rng(hash((shape, reduction, weighted, ignore_index)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, reduction, weighted, ignore_index)).encode()))
     x, t = make(shape, "float32", rng)
     C = x.shape[0] if x.ndim == 1 else x.shape[1]
     if ignore_index < 0 and t.size:
@@ -406,7 +410,10 @@ def test_coalesced_requests_match_solo_runs(engine, dtype, soft):
     reqs.insert(2, dict(input=make((4, C), dtype, rng)[0], target=bad_t, return_grad=True, return_lse=True,
                         label_smoothing=0.1))
     out = engine.cross_entropy_many(reqs)
-    assert isinstance(out[2], (IndexError, RuntimeError))
+    with pytest.raises(Exception) as torch_error:               # what PyTorch says about the bad one
+        reference(reqs[2]["input"], bad_t, label_smoothing=0.1)
+    assert isinstance(out[2], ArgumentError)
+    assert type(out[2].error) is torch_error.type and str(out[2].error) == str(torch_error.value)
     tol = {"float32": 2e-6, "float64": 1e-12, "bfloat16": 8e-3}[dtype]
     for kw, res in zip(reqs[:2] + reqs[3:], out[:2] + out[3:]):
         solo = engine.cross_entropy(**kw)
@@ -415,6 +422,19 @@ def test_coalesced_requests_match_solo_runs(engine, dtype, soft):
         assert_close(res.loss.astype(np.float64), solo.loss.astype(np.float64), tol, tol, "loss")
         assert_close(res.grad.astype(np.float64), solo.grad.astype(np.float64), tol, tol, "grad")
         np.testing.assert_array_equal(res.lse, solo.lse)
+
+
+def test_coalesced_requests_share_the_launch_time(engine):
+    """Each request of a shared launch is charged its share of the device time, by elements:
+    the shares add up to the launch and none is charged the whole launch."""
+    rng = np.random.default_rng(12)
+    sizes = [3, 40, 9, 100]
+    reqs = [dict(input=x, target=t, return_grad=True) for x, t in (make((n, 50), "float32", rng) for n in sizes)]
+    out = engine.cross_entropy_many(reqs)
+    secs = [r.kernel_seconds for r in out]
+    launch = sum(secs)
+    assert all(0 < s < launch for s in secs)
+    np.testing.assert_allclose(np.array(secs) / launch, np.array(sizes) / sum(sizes), rtol=1e-9)
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -466,3 +486,54 @@ def test_spatial_rows_kernel_chunks(engine):
     parts = engine.finish(prep)
     prep.release()
     assert whole.loss.tobytes() == parts.loss.tobytes() and whole.grad.tobytes() == parts.grad.tobytes()
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[2:], ids=[d[0] for d in DTYPES[2:]])
+@pytest.mark.parametrize("grad_dtype", [None, "float32"])
+def test_half_inputs_with_more_rows_than_scratch_rows(engine, dtype, atol, rtol, grad_dtype):
+    """A half-precision gradient cannot hold pass 1's exps, so a few work-items loop over the rows
+    with a scratch row each: every row is right, and chunking does not change a bit."""
+    rng = np.random.default_rng(15)
+    x, t = make((203, 517), dtype, rng)
+    t[::5] = -100
+    kw = dict(label_smoothing=0.1, grad_dtype=grad_dtype)
+    ref_loss, ref_grad = reference(x, t, ref_dtype=torch.float32, label_smoothing=0.1)
+    r = engine.cross_entropy(x, t, return_grad=True, **kw)
+    assert_close(r.loss, ref_loss, atol, rtol, "loss")
+    assert_close(r.grad, ref_grad, atol * np.abs(ref_grad).max(), rtol, "grad")
+    prep = engine.prepare(x, t, return_grad=True, **kw)
+    for start in range(0, 203, 50):
+        engine.run_chunk(prep, (0, start, min(50, 203 - start)))
+    parts = engine.finish(prep)
+    prep.release()
+    assert r.loss.tobytes() == parts.loss.tobytes() and r.grad.tobytes() == parts.grad.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_late_block_far_above_the_running_max(engine, dtype):
+    """After its first block a row's exps are taken against the running max in one sweep, kept
+    when the block holds no new max and redone otherwise: spikes late in a row, small and large,
+    infinities and NaN, against torch."""
+    rng = np.random.default_rng(16)
+    C = 1500                                              # several blocks of 256 classes
+    x = rng.standard_normal((8, C)).astype(np.float32)
+    x[0, 900] = 60.0                                      # new maxima late in the row: redone
+    x[1, 700] = 300.0
+    x[2, 1400] = -1e4                                     # far below: contributes 0
+    x[3, 300:] += 1e4                                     # every later block jumps
+    x[4, 1000] = np.inf
+    x[5, 1100] = np.nan
+    x[6, :256] = -np.inf                                  # an all -inf first block
+    x = x.astype(np_dtype(dtype))
+    t = np.array([900, 700, 5, 400, 3, 4, 1200, 1499])
+    ref_loss, ref_grad = reference(x, t, reduction="none", label_smoothing=0.05, ref_dtype=torch.float64)
+    r = engine.cross_entropy(x, t, reduction="none", label_smoothing=0.05, return_grad=True, return_lse=True,
+                             grad_dtype="float32")
+    np.testing.assert_array_equal(np.isnan(r.loss), np.isnan(ref_loss))
+    np.testing.assert_array_equal(np.isnan(r.grad), np.isnan(ref_grad))
+    # row 3 has logits of 1e4 (see test_huge_logits); a bf16 loss is rounded once to bf16
+    loss_atol, loss_rtol = (4e-3, 2e-5) if dtype == "float32" else (1.6e-2, 2**-8)
+    assert_close(r.loss, ref_loss, loss_atol, loss_rtol, "loss")
+    assert_close(r.grad, ref_grad, 1e-6, 2e-5, "grad")
+    lse_ref = torch.logsumexp(to_torch(x).double(), 1).numpy()
+    assert_close(r.lse, lse_ref, 1e-2, 1e-6, "lse")

@@ -6,7 +6,18 @@ import numpy as np
 import pyopencl as cl
 import pytest
 
-from clce_server.device import INSTALL_HINT, TUNING, describe_devices, kernel_source, open_devices, tuning_for
+from clce_server.device import (
+    INSTALL_HINT,
+    KERNELS,
+    PROGRAM_SOURCES,
+    TUNING,
+    LaunchShape,
+    describe_devices,
+    kernel_source,
+    native_defines,
+    open_devices,
+    tuning_for,
+)
 
 
 def test_default_device_builds_and_serves():
@@ -14,7 +25,10 @@ def test_default_device_builds_and_serves():
     assert ("ce", "float32", "float32", False) in dev.programs   # proven by building
     info = dev.describe()
     assert info["kind"] in ("cpu", "gpu", "accelerator") and info["name"]
-    assert info["tuning"] == tuning_for(dev.vendor, dev.kind)
+    row = tuning_for(dev.vendor, dev.kind)
+    assert info["tuning"]["launch"] == row.describe()["launch"]
+    assert info["tuning"]["defines"] == {**row.defines, **native_defines(dev.cl_device)}
+    assert set(info["tuning"]) == {"defines", "launch"}
 
 
 @pytest.mark.parametrize("selector", ["0", "cpu", "pocl", "PORTABLE", "0:0"])
@@ -59,19 +73,32 @@ def test_describe_devices_lists_what_builds():
 
 
 def test_tuning_table_is_keyed_by_vendor_and_kind():
-    assert tuning_for("NVIDIA Corporation", "gpu")["CE_WG_PER_ROW"] == 1
-    assert tuning_for("Advanced Micro Devices", "gpu")["CE_WG_PER_ROW"] == 1
-    assert tuning_for("pocl", "cpu")["CE_WG_PER_ROW"] == 0
+    assert tuning_for("NVIDIA Corporation", "gpu").launch == LaunchShape("group", 256, 256)
+    assert tuning_for("Advanced Micro Devices", "gpu").launch.rows == "group"
+    assert tuning_for("pocl", "cpu").launch.rows == "item"
     assert tuning_for("anything", "accelerator") == TUNING[-1][2]
-    assert tuning_for("pocl", "cpu", {"CE_EXP2": 0})["CE_EXP2"] == 0
+    cpu = tuning_for("pocl", "cpu", {"CE_FAST_EXP": 0, "local_size": 4})
+    assert cpu.defines["CE_FAST_EXP"] == 0 and cpu.launch.local_size == 4
+    assert TUNING[0][2].defines["CE_FAST_EXP"] == 1                 # overrides leave the table alone
+    # the flat names of the old table still override the launch shape
+    assert tuning_for("pocl", "cpu", {"CE_WG_PER_ROW": 1, "CE_WG_SIZE": 16}).launch == LaunchShape("group", 16, 16)
+
+
+def test_launch_shapes_reach_the_kernels_as_work_group_sizes():
+    gpu = tuning_for("NVIDIA", "gpu")
+    assert gpu.build_defines()["CE_WG_SIZE"] == 256 and gpu.build_defines()["RED_WG_SIZE"] == 256
+    assert "CE_WG_SIZE" not in tuning_for("pocl", "cpu").build_defines()
 
 
 def test_every_tunable_has_a_default_in_the_kernel_source():
-    src = kernel_source("cross_entropy.cl") + kernel_source("reduce_rows.cl")
-    for _, _, opts in TUNING:
-        for name in opts:
-            if name != "CE_LOCAL":   # a launch shape, not a build option
-                assert f"#ifndef {name}" in src, name
+    src = "".join(kernel_source(f) for files in PROGRAM_SOURCES.values() for f in files)
+    for _, _, row in TUNING:
+        for name in row.build_defines():
+            assert f"#ifndef {name}" in src, name
+    ce = "".join(kernel_source(f) for f in PROGRAM_SOURCES["ce"])
+    for name, prog in KERNELS.items():   # every kernel the engine launches exists under its name
+        src = ce if prog == "ce" else kernel_source("reduce_rows.cl")
+        assert f"void {name}(" in src, name
 
 
 def test_kernel_objects_are_per_thread(cpu_device):
@@ -79,7 +106,7 @@ def test_kernel_objects_are_per_thread(cpu_device):
     seen = {}
 
     def grab(i):
-        seen[i] = cpu_device.kernel("ce", "float32")
+        seen[i] = cpu_device.kernel("ce_rows_item", "float32")
 
     threads = [threading.Thread(target=grab, args=(i,)) for i in range(2)]
     for t in threads:
@@ -87,7 +114,7 @@ def test_kernel_objects_are_per_thread(cpu_device):
     for t in threads:
         t.join()
     assert seen[0] is not seen[1]
-    assert cpu_device.kernel("ce", "float32") is cpu_device.kernel("ce", "float32")
+    assert cpu_device.kernel("ce_rows_item", "float32") is cpu_device.kernel("ce_rows_item", "float32")
 
 
 def test_concurrent_engines_on_one_device_agree(engine):

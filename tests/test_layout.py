@@ -70,3 +70,23 @@ def test_no_import_circle(package):
 def test_the_circle_check_finds_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _hash_seeded(path: Path) -> list[int]:
+    """Lines where random test data is seeded from hash(), which differs from process to process
+    for strings (PYTHONHASHSEED is read at interpreter start, too late to set from a conftest)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "default_rng", "seed", "RandomState", "manual_seed", "Random"):
+            if any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "hash" for a in node.args for n in ast.walk(a)):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_test_data_is_seeded_deterministically(tmp_path):
+    found = {p.name: _hash_seeded(p) for p in sorted((ROOT / "tests").glob("*.py"))}
+    assert not {k: v for k, v in found.items() if v}
+    bad = tmp_path / "bad.py"
+    bad.write_text("import numpy as np\nrng = np.random.default_rng(hash(('a', 1)) % 2**32)\n")
+    assert _hash_seeded(bad) == [2]

@@ -522,7 +522,7 @@ def test_error_code_table():
         "bad_request": (400, None), "unsupported_media_type": (415, None),
         "unauthorized": (401, None), "not_found": (404, None), "payload_too_large": (413, None),
         "queue_full": (429, None), "deadline_exceeded": (504, None), "not_ready": (503, None),
-        "internal": (500, None),
+        "device_unavailable": (503, None), "internal": (500, None),
     }  # fmt: skip
     assert dict(ERROR_CODES) == expected
     assert ProtocolError.code == "bad_request" and issubclass(ProtocolError, ValueError)

@@ -13,7 +13,9 @@ import time
 import pytest
 
 from clce_server.metrics import Metrics
+from clce_wire.protocol import ERROR_CODES
 from clce_server.scheduler import (
+    QueueTimeout,
     AdmissionError,
     DeadlineExceeded,
     PayloadTooLarge,
@@ -35,11 +37,11 @@ def run(coro, timeout=30.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def wait_until(predicate, timeout=5.0):
+async def wait_until(predicate, timeout=5.0, what=None):
     end = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
+            raise AssertionError("condition not reached in time" + (f": {what()}" if what else ""))
         await asyncio.sleep(0.001)
 
 
@@ -317,7 +319,7 @@ def test_payload_too_large(make):
     async def main():
         with pytest.raises(PayloadTooLarge) as info:
             await sched.submit(t, 1001, job)
-        assert (info.value.http_status, info.value.code) == (413, "payload_too_large")
+        assert (ERROR_CODES[info.value.code][0], info.value.code) == (413, "payload_too_large")
         assert isinstance(info.value, AdmissionError)
         # Fits the request limit but could never fit the server's in-flight budget.
         big = tenant("b", max_request_bytes=10_000, max_inflight_bytes=10_000)
@@ -347,7 +349,7 @@ def test_queue_full_when_max_queued_reached(make):
         assert metrics.registry.get_sample_value("clce_queue_depth", {"tenant": "a"}) == 2
         with pytest.raises(QueueFull) as info:
             await sched.submit(a, 10, never)
-        assert (info.value.http_status, info.value.code) == (429, "queue_full")
+        assert (ERROR_CODES[info.value.code][0], info.value.code) == (429, "queue_full")
         assert 0 < info.value.retry_after <= 60
         # Another tenant's queue is independent.
         tasks.append(asyncio.create_task(sched.submit(b, 10, steps_job(1, tag="b"))))
@@ -428,7 +430,7 @@ def test_shutting_down_rejects_with_503(make):
         assert await sched.drain(1.0) is True
         with pytest.raises(ShuttingDown) as info:
             await sched.submit(t, 0, steps_job(1))
-        assert (info.value.http_status, info.value.code) == (503, "not_ready")
+        assert (ERROR_CODES[info.value.code][0], info.value.code) == (503, "not_ready")
 
     run(main())
 
@@ -519,7 +521,7 @@ def test_deadline_before_start(make):
         timings = {}
         with pytest.raises(DeadlineExceeded) as info:
             await sched.submit(b, 0, never, deadline=time.monotonic() + 0.05, timings=timings)
-        assert (info.value.http_status, info.value.code) == (504, "deadline_exceeded")
+        assert (ERROR_CODES[info.value.code][0], info.value.code) == (504, "deadline_exceeded")
         assert timings["steps"] == 0 and timings["compute_s"] == 0.0
         with pytest.raises(DeadlineExceeded):  # already past: refused outright
             await sched.submit(b, 0, never, deadline=time.monotonic() - 1)
@@ -603,20 +605,6 @@ def test_least_loaded_device_by_bytes(make):
         return [tm["device"] for tm in timings]
 
     assert run(main()) == ["x", "x#1", "x#1", "x#1"]
-
-
-def test_batch_window_delays_start_after_idle(make):
-    sched = make(batch_window_s=0.05)
-    t = sched.registry.tenants[0]
-
-    async def main():
-        timings = {}
-        result = await sched.submit(t, 0, steps_job(2, tag="w"), timings=timings)
-        return result, timings
-
-    result, timings = run(main())
-    assert result[0] == "w"
-    assert timings["queue_s"] >= 0.05  # the worker waited out the gather window first
 
 
 # -- drain and shutdown -----------------------------------------------------------------------
@@ -755,5 +743,144 @@ def test_error_hierarchy():
     for cls, status in [
         (PayloadTooLarge, 413), (QueueFull, 429), (ShuttingDown, 503), (DeadlineExceeded, 504),
     ]:
-        assert issubclass(cls, SchedulerError) and cls.http_status == status
+        assert issubclass(cls, SchedulerError) and ERROR_CODES[cls.code][0] == status
     assert not issubclass(DeadlineExceeded, AdmissionError)
+
+
+# -- priority levels and queue policy (Triton's priority_levels and queue timeout) ---------------
+
+
+def holding(gate, started):
+    """A job that holds its device from its first step until `gate` opens."""
+
+    def job(device):
+        started.set()
+        assert gate.wait(GATE_TIMEOUT)
+        yield 0.001
+        return "blocker"
+
+    return job
+
+
+def test_a_higher_priority_level_is_served_first_whatever_the_weights(make):
+    hi = tenant("hi", weight=1.0, priority=1)
+    lo = tenant("lo", weight=100.0, priority=2)
+    sched = make(tenants=[hi, lo])
+    gate, log = threading.Event(), []
+
+    async def main():
+        started = threading.Event()
+        tasks = [asyncio.create_task(sched.submit(lo, 0, holding(gate, started)))]
+        await wait_until(started.is_set)
+        for k in range(3):    # lo queues first, and weighs 100x more
+            tasks.append(asyncio.create_task(sched.submit(lo, 0, steps_job(2, log=log, tag=f"lo{k}"))))
+        for k in range(3):
+            tasks.append(asyncio.create_task(sched.submit(hi, 0, steps_job(2, log=log, tag=f"hi{k}"))))
+        await wait_until(lambda: queued(sched) == 7, what=lambda: (queued(sched), log))
+        gate.set()
+        await asyncio.gather(*tasks)
+
+    run(main())
+    order = [tag for tag, _, _ in log]
+    assert order[:6] == ["hi0", "hi0", "hi1", "hi1", "hi2", "hi2"], order
+    assert sorted(order[6:]) == sorted(["lo0", "lo0", "lo1", "lo1", "lo2", "lo2"])
+
+
+def test_weights_share_the_device_within_a_level(make):
+    a = tenant("a", weight=3.0, priority=2)
+    b = tenant("b", weight=1.0, priority=2)
+    sched = make(tenants=[a, b])
+    gate, log = threading.Event(), []
+
+    async def main():
+        started = threading.Event()
+        blocker = asyncio.create_task(sched.submit(a, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        jobs = [asyncio.create_task(sched.submit(t, 0, steps_job(40, dt=0.01, log=log, tag=t.name))) for t in (a, b)]
+        await wait_until(lambda: queued(sched) == 3)
+        gate.set()
+        await asyncio.gather(blocker, *jobs)
+
+    run(main())
+    first = [tag for tag, _, _ in log][:40]
+    assert 26 <= first.count("a") <= 34, first   # 3:1 while both are backlogged
+
+
+def test_queue_policy_rejects_work_queued_too_long_but_not_work_that_started(make):
+    patient = tenant("patient")
+    hasty = tenant("hasty", max_queue_time_ms=50)
+    sched = make(tenants=[patient, hasty])
+    gate = threading.Event()
+
+    async def main():
+        started = threading.Event()
+        blocker = asyncio.create_task(sched.submit(patient, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        t0 = time.monotonic()
+        with pytest.raises(QueueTimeout) as info:
+            await sched.submit(hasty, 0, steps_job(1, tag="late"))
+        waited = time.monotonic() - t0
+        assert ERROR_CODES[info.value.code][0] == 504 and "max_queue_time_ms" in str(info.value)
+        gate.set()
+        assert await blocker == "blocker"
+        # a job that starts within its queue time runs to the end, however long it takes
+        done = await sched.submit(hasty, 0, steps_job(5, sleep=0.03, tag="slow"))
+        return waited, done, sched.stats()["tenants"]["hasty"]
+
+    waited, done, stats = run(main())
+    assert 0.04 <= waited < 2.0
+    assert done[0] == "slow"
+    assert stats["deadline_exceeded"] == 1 and stats["completed"] == 1 and stats["queue_depth"] == 0
+
+
+def test_tenant_priority_and_queue_time_are_validated():
+    with pytest.raises(ValueError, match="priority"):
+        tenant("x", priority=0)
+    with pytest.raises(ValueError, match="max_queue_time_ms"):
+        tenant("x", max_queue_time_ms=-1)
+    assert tenant("x").priority == 1 and tenant("x").max_queue_time_ms is None
+
+
+def test_queue_policy_holds_even_when_the_event_loop_is_late(make):
+    """The worker never starts work past its queue time, though the loop's timer has not fired."""
+    patient, hasty = tenant("patient"), tenant("hasty", max_queue_time_ms=30)
+    sched = make(tenants=[patient, hasty])
+    gate, started, log = threading.Event(), threading.Event(), []
+
+    async def main():
+        blocker = asyncio.create_task(sched.submit(patient, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        late = asyncio.create_task(sched.submit(hasty, 0, steps_job(1, log=log, tag="late")))
+        await asyncio.sleep(0)                        # admitted and queued
+        threading.Timer(0.06, gate.set).start()       # the device frees up after 60 ms ...
+        time.sleep(0.2)                               # ... while the event loop is busy
+        await blocker
+        with pytest.raises(QueueTimeout):
+            await late
+
+    run(main())
+    assert log == []
+
+
+@pytest.mark.parametrize("host_rate, big_first_of_4", [(0.0, 2), (1e9, 0)])
+def test_fairness_charges_the_bytes_a_request_moves(make, host_rate, big_first_of_4):
+    """Equal device time per job; one tenant's jobs move 100 MB each. Priced by bytes (1 GB/s: 0.1 s
+    a job), the light tenant's jobs all run first; by device time alone they alternate."""
+    heavy, light, other = tenant("heavy"), tenant("light"), tenant("other")
+    sched = make(tenants=[heavy, light, other], host_bytes_per_s=host_rate)
+    gate, started, log = threading.Event(), threading.Event(), []
+
+    async def main():
+        blocker = asyncio.create_task(sched.submit(other, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        tasks = []
+        for k in range(4):
+            tasks.append(asyncio.create_task(sched.submit(heavy, 100_000_000, steps_job(1, dt=0.001, log=log, tag="H"))))
+            tasks.append(asyncio.create_task(sched.submit(light, 1000, steps_job(1, dt=0.001, log=log, tag="L"))))
+        await wait_until(lambda: queued(sched) == 9)
+        gate.set()
+        await asyncio.gather(blocker, *tasks)
+
+    run(main())
+    order = [tag for tag, _, _ in log]
+    assert order[:4].count("H") == big_first_of_4, order

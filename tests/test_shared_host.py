@@ -598,6 +598,39 @@ def test_fair_scheduling_protects_a_small_tenant(tmp_path):
     assert p50["fair"] < 0.7 * p50["fifo"], p50
 
 
+def test_priority_levels_and_queue_policy_under_contention(tmp_path):
+    """A level-1 flood is served ahead of a level-2 flood (weights equal), and a level-2 tenant
+    whose queue policy allows 30 ms gets 504 for what waited longer, with no other errors."""
+    tenants = write_tenants(tmp_path / "t.toml", {
+        "alpha": {"api_key": KEYS["alpha"], "priority": 2},
+        "beta": {"api_key": KEYS["beta"], "priority": 1},
+        "gamma": {"api_key": KEYS["gamma"], "priority": 2, "max_queue_time_ms": 30}})
+    flood = dict(dtype="bfloat16", softcap=30.0, label_smoothing=0.1, threads=2)   # keeps the device backlogged
+    with ServerProcess(tenants=tenants) as srv:
+        specs = [spec(srv.url, "alpha", BIG, seed=50, **flood), spec(srv.url, "alpha", BIG, seed=51, **flood),
+                 spec(srv.url, "beta", BIG, seed=52, duration=4.0, **flood),
+                 spec(srv.url, "gamma", SMALL, seed=53, duration=4.0)]
+        with Workers(specs) as w:
+            w.go([0, 1])
+            wait_for(lambda: get_status(srv.url)["scheduler"]["tenants"]["alpha"]["queue_depth"] >= 3,
+                     30, what="the level-2 flood to start")
+            w.go([2, 3])
+            vip, hasty = w.result(2, timeout=90), w.result(3, timeout=90)
+            w.stop([0, 1])
+            bulk = w.results([0, 1])
+    assert outcomes([vip]) == {"ok": len(vip["records"])}, vip["messages"]
+    assert outcomes(bulk) == {"ok": sum(len(r["records"]) for r in bulk)}
+    got = outcomes([hasty])
+    assert set(got) <= {"ok", "DeadlineExceeded"} and got.get("DeadlineExceeded", 0) >= 1, (got, hasty["messages"])
+    assert all("max_queue_time_ms" in m for m in hasty["messages"].get("DeadlineExceeded", []))
+    ok_queue = [q for _, _, o, q in hasty["records"] if o == "ok"]
+    assert all(q <= 30 + 15 for q in ok_queue), ok_queue   # started within its queue time
+    q_vip = float(np.median([q for _, _, _, q in vip["records"]]))
+    q_bulk = float(np.median([q for r in bulk for t0, _, _, q in r["records"]]))
+    print(f"server queue p50: level 1 {q_vip:.1f} ms, level 2 {q_bulk:.1f} ms; gamma {got}")
+    assert q_vip < 0.5 * q_bulk, (q_vip, q_bulk)
+
+
 # =============================================================================================
 # drain on SIGTERM
 

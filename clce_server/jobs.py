@@ -1,0 +1,78 @@
+"""The loss as scheduler work: `LossJob` carries one request to an engine, in row chunks, and small
+compatible requests share one launch through `run_batch`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Generator
+
+from clce_wire import options
+from clce_wire.protocol import DTYPES, dtype_name
+
+from . import layouts
+from .errors import classify
+from .scheduler import Job
+
+# weights of more classes than this are not worth comparing byte for byte to coalesce
+_BATCH_MAX_WEIGHT = 4096
+
+
+class LossJob(Job):
+    """One cross_entropy request for whichever device the scheduler picks.
+
+    ``engines`` maps a device index to its LossEngine. ``chunk_s`` is the device time per step
+    (None: the whole request in one step, FIFO's baseline). A small 2-D request gets a batch key
+    (see `batch_key_for`), so the scheduler may coalesce it with others into one launch.
+    """
+
+    def __init__(self, args: Mapping[str, Any], engines: Mapping[int, Any], *, chunk_s: float | None,
+                 max_batch_elements: int = 0):
+        # classes_last / shift: rewritten into (N, C) rows here, results mapped back by self.restore
+        args, self.restore = layouts.to_rows(args)
+        self.request = options.engine_kwargs(args)
+        self.engines = engines
+        self.chunk_s = chunk_s
+        self.batch_key = batch_key_for(args, max_batch_elements) if self.restore is None else None
+        self.cost = float(args["input"].size)
+
+    def run(self, device) -> Generator[float, None, Any]:
+        engine = self.engines[device.index]
+        try:
+            prep = engine.prepare(**self.request)
+        except Exception as exc:
+            raise classify(exc) from exc
+        try:
+            for chunk in prep.chunks(self.chunk_s):
+                yield engine.run_chunk(prep, chunk)
+            result = engine.finish(prep)
+            return result if self.restore is None else self.restore(result)
+        except Exception as exc:
+            raise classify(exc) from exc
+        finally:
+            prep.release()
+
+    @classmethod
+    def run_batch(cls, device, jobs: Sequence["LossJob"]) -> list:
+        engine = jobs[0].engines[device.index]
+        return [classify(r) if isinstance(r, BaseException) else r
+                for r in engine.cross_entropy_many([j.request for j in jobs])]
+
+
+def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:
+    """What requests sharing one launch must agree on, or None when this one runs alone: the shape
+    of the work (classes, dtypes, hard or soft targets) and every option declared `shared`. The
+    engine regroups by the exact validated problem anyway; this key only decides who waits together."""
+    x, w = args["input"], args["weight"]
+    if not (max_elements and x.ndim == 2 and 0 < x.size <= max_elements and not args["lse_square_scale"]
+            and (w is None or w.size <= _BATCH_MAX_WEIGHT)):
+        return None
+    t = args["target"]
+    return (x.shape[1], x.dtype.str, t.shape == x.shape, t.dtype.kind, *options.shared_values(args))
+
+
+def inflight_bytes(args: Mapping[str, Any], body_len: int) -> int:
+    """What a request holds until it finishes: its body, plus the gradient it will send back."""
+    x = args["input"]
+    if not args.get("return_grad"):
+        return body_len
+    return body_len + x.size * DTYPES.get(args.get("grad_dtype") or dtype_name(x.dtype), 4)

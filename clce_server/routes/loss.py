@@ -1,0 +1,296 @@
+"""POST /v1/cross_entropy, as named stages:
+
+    admit   (dependencies)  the tenant's API key, a server that takes work, a format we speak
+    read    read_body       the body into one aligned, pooled buffer, within the size limits
+    decode  decode          msgpack or JSON into the request's options (clce_wire.options)
+    schedule schedule       a LossJob through the tenant's fair queue to a device; cancelled if
+                            the client goes
+    encode  encode          loss, gradient and extras in the request's format, streamed
+
+Failures raise; the exception handlers (responses.py) render them, and RecordRequests
+(recording.py) records the outcome and the stage timings once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+
+from clce_wire import fastpath, options, protocol
+
+from ..deps import authenticated_tenant, ready_state
+from ..errors import ApiError
+from ..hostmem import POOL
+from ..jobs import LossJob, inflight_bytes
+from ..recording import RequestRecord
+from ..state import ServerState
+from ..tenants import Tenant
+
+router = APIRouter()
+
+
+class CrossEntropyResponse(BaseModel):
+    """The JSON form of the answer (msgpack carries the same keys, tensors as binary)."""
+
+    loss: float | list[Any] | str
+    grad: list[Any] | None = None
+    lse: list[Any] | None = None
+    argmax: list[Any] | None = None
+    accuracy: float | None = None
+    z_loss: float | list[Any] | None = None
+
+STREAM_CHUNK = 1 << 20          # response bodies leave in 1 MiB slices: backpressure, no copies
+WATCH_DISCONNECT_BYTES = 1 << 16  # requests at least this big are cancelled when the client goes
+JSON_IN_THREAD_BYTES = 1 << 20  # JSON bodies bigger than this are parsed off the event loop
+JSON_OUT_THREAD_ROWS = 4096     # and JSON answers with more rows are rendered off it
+
+
+@dataclass
+class Admission:
+    """What the admit stage established about a request."""
+
+    state: ServerState
+    tenant: Tenant
+    as_msgpack: bool
+    body_limit: int
+    record: RequestRecord
+
+
+async def admit(request: Request, tenant: Tenant = Depends(authenticated_tenant),
+          state: ServerState = Depends(ready_state)) -> Admission:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in (protocol.MSGPACK, protocol.JSON):
+        raise ApiError("unsupported_media_type",
+                       f"Content-Type must be {protocol.MSGPACK} or {protocol.JSON}, got {ctype or 'none'!r}")
+    return Admission(state, tenant, ctype == protocol.MSGPACK,
+                     min(state.settings.max_request_bytes, tenant.max_request_bytes),
+                     request.scope["state"]["clce_request"])
+
+
+@router.post(
+    "/v1/cross_entropy",
+    summary="Cross-entropy loss (and gradient) of a batch",
+    response_model=CrossEntropyResponse,
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {}},   # filled in by app.openapi() from clce_wire.options
+        "application/msgpack": {"schema": {"type": "string", "format": "binary",
+                                           "description": "the same fields, msgpack-encoded (docs/protocol.md)"}},
+    }}},
+    responses={400: {"description": "bad arguments: the message PyTorch would give"},
+               401: {"description": "missing or invalid API key"}, 413: {"description": "body too large"},
+               415: {"description": "not msgpack or JSON"}, 429: {"description": "queue or byte budget full"},
+               500: {"description": "a server bug; the body and X-Request-ID carry the request id"},
+               503: {"description": "starting, draining, or the device failed (Retry-After)"},
+               504: {"description": "deadline exceeded"}},
+)
+async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Response:
+    t0 = time.perf_counter()
+    body, backing = await read_body(request, adm.body_limit)
+    adm.record.stage("body", time.perf_counter() - t0)
+    adm.record.body_bytes = body.nbytes
+    try:
+        args = await decode(body, adm)
+    except BaseException:
+        POOL.release(backing)
+        raise
+    # From here a device thread may read the body until the job is over: it is given back to the
+    # pool only with the response (a failed or abandoned job's body is left to the collector).
+    result = await schedule(request, adm, args, body.nbytes)
+    if result is None:                     # the client left; nobody to answer
+        adm.record.outcome = "cancelled"
+        return Response(status_code=499)
+    return await encode(result, args, adm, backing)
+
+
+# ---- read ----------------------------------------------------------------------------------------
+
+async def read_body(request: Request, limit: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The body in one writable buffer, placed so its first tensor is aligned (it is decoded in
+    place: tensors are views into it, and the CPU device computes on them directly). The limit
+    is checked from Content-Length before anything is read, and while streaming when there is
+    none. Returns (body, pooled backing to give back after the response, or None)."""
+    length = request.headers.get("content-length")
+    if length is None:
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise ApiError("payload_too_large", f"request body exceeds the limit of {limit} bytes")
+        return np.frombuffer(buf, np.uint8), None
+    try:
+        n = int(length)
+    except ValueError:
+        raise ApiError("bad_request", "invalid Content-Length") from None
+    if n < 0:
+        raise ApiError("bad_request", "invalid Content-Length")
+    if n > limit:
+        raise ApiError("payload_too_large", f"request body of {n} bytes exceeds the limit of {limit} bytes")
+    head = bytearray()
+    body: np.ndarray | None = None
+    backing = view = None
+    pos = 0
+    try:
+        async for chunk in request.stream():
+            if body is None:
+                head += chunk
+                if len(head) < min(n, 512):
+                    continue
+                backing = POOL.backing(n)
+                body = protocol.aligned_body(n, head, backing)
+                view = memoryview(body)
+                chunk, head = head, None
+            end = pos + len(chunk)
+            if end > n:
+                raise ApiError("bad_request", "body longer than its Content-Length")
+            view[pos:end] = chunk
+            pos = end
+    except BaseException:
+        POOL.release(backing)
+        raise
+    if body is None:                       # shorter than the head we wait for: all in `head`
+        if len(head) != n:
+            raise ApiError("bad_request", f"body ended after {len(head)} of {n} bytes")
+        return np.frombuffer(head, np.uint8), None
+    if pos != n:
+        POOL.release(backing)
+        raise ApiError("bad_request", f"body ended after {pos} of {n} bytes")
+    return body, backing
+
+
+# ---- decode --------------------------------------------------------------------------------------
+
+async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        if adm.as_msgpack:
+            args = options.parse_request(fastpath.decode_small(memoryview(body)))
+        elif body.nbytes > JSON_IN_THREAD_BYTES:
+            args = await asyncio.to_thread(lambda: options.parse_request(json.loads(body.tobytes()), json=True))
+        else:
+            args = options.parse_request(json.loads(body.tobytes()), json=True)
+    except (protocol.ProtocolError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError("bad_request", f"malformed request: {exc}") from None
+    adm.record.stage("decode", time.perf_counter() - t0)
+    return args
+
+
+# ---- schedule ------------------------------------------------------------------------------------
+
+async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_len: int):
+    """The engine's LossResult, or None when the client disconnected first (the job is dropped)."""
+    state, settings = adm.state, adm.state.settings
+    deadline = None
+    if args["deadline_ms"] is not None:
+        if not args["deadline_ms"] > 0:
+            raise ApiError("bad_request", "deadline_ms must be positive")
+        deadline = time.monotonic() + args["deadline_ms"] / 1000.0
+    # FIFO runs whole requests: the baseline that chunked fair queueing is measured against
+    chunk_s = settings.chunk_ms / 1000.0 if settings.scheduling == "fair" else None
+    job = LossJob(args, state.engines, chunk_s=chunk_s,
+                  max_batch_elements=settings.batch_max_elements if settings.max_batch > 1 else 0)
+    sched_timings: dict = {}
+    submit = asyncio.ensure_future(state.scheduler.submit(
+        adm.tenant, inflight_bytes(args, body_len), job, deadline=deadline, timings=sched_timings,
+        request_bytes=body_len))
+    if body_len >= WATCH_DISCONNECT_BYTES:
+        # Worth cancelling: watch the connection, and drop the job if the client goes. A small
+        # job is cheaper to finish than to watch; its result is then dropped harmlessly.
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({submit, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if submit not in done:
+            submit.cancel()
+            try:
+                await submit
+            except BaseException:
+                pass
+            return None
+    result = await submit
+    adm.record.stage("queue", sched_timings.get("queue_s", 0.0))
+    adm.record.stage("run", sched_timings.get("compute_s", 0.0))   # the job on its worker thread
+    adm.record.stage("kernel", result.kernel_seconds)              # of which device time
+    adm.record.rows = result.rows
+    return result
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- encode --------------------------------------------------------------------------------------
+
+def result_message(result, args: dict[str, Any]) -> dict[str, Any]:
+    # The gradient goes first: a receiver finds its offset in the first bytes and places the
+    # body so the gradient lands aligned, usable in place.
+    out: dict[str, Any] = {}
+    if args["return_grad"]:
+        out["grad"] = result.grad
+    out["v"] = protocol.PROTOCOL_VERSION
+    out["loss"] = result.loss
+    if args["return_lse"]:
+        out["lse"] = result.lse
+    if args["return_argmax"]:
+        out["argmax"] = result.argmax
+        if result.accuracy is not None:
+            out["accuracy"] = float(result.accuracy)
+    if result.z_loss is not None:
+        out["z_loss"] = result.z_loss
+    return out
+
+
+async def encode(result, args: dict[str, Any], adm: Admission, backing) -> Response:
+    record = adm.record
+    t0 = time.perf_counter()
+    msg = result_message(result, args)
+    response = await _encoded(msg, result, adm, backing)
+    record.stage("encode", time.perf_counter() - t0)
+    return response
+
+
+async def _encoded(msg: dict[str, Any], result, adm: Admission, backing) -> Response:
+    record = adm.record
+    record.stage("total", time.perf_counter() - record.started)
+    headers = {"Server-Timing": protocol.format_server_timing({k: v * 1000 for k, v in record.timings.items()})}
+    # Once the response is out, nothing refers to the body or the gradient: back to the pool.
+    recycle = BackgroundTask(_recycle, backing, result.grad) if backing is not None or result.grad is not None else None
+    if adm.as_msgpack:
+        if sum(v.nbytes for v in msg.values() if isinstance(v, np.ndarray)) <= fastpath.SMALL_BYTES:
+            return Response(fastpath.encode_small(msg), media_type=protocol.MSGPACK, headers=headers,
+                            background=recycle)
+        segments = protocol.encode_message(msg)
+        size = protocol.message_nbytes(segments)
+        if size <= STREAM_CHUNK:   # one write, no per-chunk threadpool hop
+            return Response(b"".join(segments), media_type=protocol.MSGPACK, headers=headers, background=recycle)
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(_slices(segments), media_type=protocol.MSGPACK, headers=headers,
+                                 background=recycle)
+    if result.rows > JSON_OUT_THREAD_ROWS:
+        payload = await asyncio.to_thread(protocol.message_to_json, msg)
+    else:
+        payload = protocol.message_to_json(msg)
+    return JSONResponse(payload, headers=headers, background=recycle)
+
+
+def _slices(segments):
+    for seg in segments:
+        mv = memoryview(seg).cast("B")
+        for i in range(0, len(mv), STREAM_CHUNK):
+            yield mv[i:i + STREAM_CHUNK]
+
+
+async def _recycle(*arrays) -> None:
+    # async: a sync background task would cost a threadpool hop per response
+    for a in arrays:
+        POOL.release(a)

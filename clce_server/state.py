@@ -1,0 +1,73 @@
+"""What the lifespan creates and the endpoints use: devices, engines, tenants, metrics, scheduler."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from . import __version__
+from .config import Settings
+from .metrics import Metrics
+from .scheduler import Scheduler
+from .tenants import TenantRegistry
+
+log = logging.getLogger("clce.server")
+
+
+class ServerState:
+    """Long-lived resources. Devices open in a background thread (`open_devices`), so /healthz
+    answers at once and /readyz turns 200 when the kernels are built and warmed."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.started = time.time()
+        self.devices: list = []
+        self.engines: dict[int, object] = {}     # device index -> LossEngine
+        self.registry = self._registry(settings)
+        self.metrics = Metrics(tenants=[t.name for t in self.registry.tenants], version=__version__,
+                               instance=self.instance_id)
+        self.scheduler: Scheduler | None = None
+        self.ready = threading.Event()
+        self.draining = False
+        self.init_error: str | None = None
+        self.inflight_http = 0
+
+    @staticmethod
+    def _registry(s: Settings) -> TenantRegistry:
+        defaults = {"max_request_bytes": s.max_request_bytes, "max_inflight_bytes": s.tenant_max_inflight_bytes,
+                    "max_queued": s.max_queued}
+        if s.tenants:
+            return TenantRegistry.from_toml(s.tenants, defaults)
+        return TenantRegistry.open(defaults)
+
+    @property
+    def serving(self) -> bool:
+        return self.ready.is_set() and not self.draining
+
+    def open_devices(self) -> None:
+        """Runs in a thread: open and build, warm the kernels, then start the scheduler."""
+        try:
+            from .device import open_devices
+            from .engine import LossEngine
+
+            devices = open_devices(self.settings.device_selectors)
+            for dev in devices:
+                dev.build_startup_programs()
+                engine = LossEngine(dev)
+                if self.settings.warmup:
+                    engine.warm_up()
+                self.engines[dev.index] = engine
+            self.devices = devices
+            self.scheduler = Scheduler(devices, self.registry, max_inflight_bytes=self.settings.max_inflight_bytes,
+                                       metrics=self.metrics, policy=self.settings.scheduling,
+                                       max_batch=self.settings.max_batch)
+            self.scheduler.start()
+            self.ready.set()
+            log.info("ready: %s", ", ".join(f"{d.name} [{d.platform}]" for d in devices))
+        except Exception as exc:   # surfaced by /readyz and every request, and logged
+            self.init_error = str(exc)
+            log.error("OpenCL initialisation failed: %s", exc)
+

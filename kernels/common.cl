@@ -1,0 +1,213 @@
+/* ============================================================================================
+ * common.cl — the preamble shared by clce's fused kernels: element types, the accumulation type,
+ * exp/log, and the vector loads and stores of every input and gradient dtype. Prepended to
+ * cross_entropy.cl by clce_server/device.py; kernel shapes live there, not here.
+ *
+ * Half types: fp16 is read by hand-widening its bits (see LOAD8) and written with
+ * vstore_half_rte; bf16 travels as ushort bits. All math is in float (double for fp64 input).
+ * ============================================================================================ */
+
+#ifndef IN_DTYPE
+#define IN_DTYPE 0          // logits / soft targets: 0 float32, 1 float16, 2 bfloat16, 3 float64
+#endif
+#ifndef GRAD_DTYPE
+#define GRAD_DTYPE IN_DTYPE // gradient, same codes
+#endif
+#ifndef CE_NATIVE_EXP
+#define CE_NATIVE_EXP 0     // 1: native_exp / native_log (faster on some GPUs, less exact)
+#endif
+#ifndef CE_EXP2
+#define CE_EXP2 0           // 1: exp(x) as exp2(x log2 e) (cheaper in PoCL's vector math)
+#endif
+#ifndef CE_FAST_EXP
+#define CE_FAST_EXP 0       // 1: float exp inline, Cody-Waite + degree-6 polynomial (see fast_exp)
+#endif
+
+#if IN_DTYPE == 3 || GRAD_DTYPE == 3
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#endif
+
+/* ---- accumulation type ---- */
+#if IN_DTYPE == 3
+typedef double acc_t;
+typedef double8 acc8_t;
+typedef double16 acc16_t;
+#define ACC_INF ((double)INFINITY)
+#else
+typedef float acc_t;
+typedef float8 acc8_t;
+typedef float16 acc16_t;
+#define ACC_INF INFINITY
+#endif
+
+/* ---- exp and log ---- */
+/* fast_exp: exp(x) = 2^n 2^f with y = x log2 e, n = y rounded to nearest, f = y - n in [-1/2, 1/2].
+ * Adding 1.5 * 2^23 + 127 rounds y and leaves n + 127 in the float's low mantissa bits, so a
+ * shift builds 2^n; 2^f is a degree-5 polynomial fitted for relative error (1.8e-7, ~1.5 ulp,
+ * measured in fp32 Horner). Only mad, compares and integer ops, so it stays in registers and
+ * vectorises at any width; PoCL's exp2 costs about 1.4x as much (bench/README). Domain: the
+ * kernels only exponentiate differences <= 0 (y <= 127 suffices): NaN -> NaN, y < -127 -> 0
+ * (-inf included; no subnormals). */
+#define FAST_EXP(F, AS_I, AS_F, x)                                                              \
+    const F y = (x) * (F)M_LOG2E_F;                                                             \
+    const F t = y + (F)12583039.0f;                 /* 1.5 * 2^23 + 127 */                      \
+    const F f = y - (t - (F)12583039.0f);                                                       \
+    F p = mad((F)1.3218673411756754e-3f, f, (F)9.671699255704880e-3f);                          \
+    p = mad(p, f, (F)5.550893023610115e-2f);                                                    \
+    p = mad(p, f, (F)2.402223795652390e-1f);                                                    \
+    p = mad(p, f, (F)6.931468844413757e-1f);                                                    \
+    p = mad(p, f, (F)1.0f);                                                                     \
+    const F r = p * AS_F(AS_I(t) << 23);
+inline float __attribute__((overloadable)) fast_exp(float x) {
+    FAST_EXP(float, as_int, as_float, x)
+    return y < -127.0f ? 0.0f : r;
+}
+inline float8 __attribute__((overloadable)) fast_exp(float8 x) {
+    FAST_EXP(float8, as_int8, as_float8, x)
+    return select(r, (float8)0.0f, y < (float8)-127.0f);
+}
+inline float16 __attribute__((overloadable)) fast_exp(float16 x) {
+    FAST_EXP(float16, as_int16, as_float16, x)
+    return select(r, (float16)0.0f, y < (float16)-127.0f);
+}
+
+#if CE_NATIVE_EXP && IN_DTYPE != 3
+#define EXP(x) native_exp(x)
+#define LOG(x) native_log(x)
+#elif CE_FAST_EXP && IN_DTYPE != 3
+#define EXP(x) fast_exp(x)
+#define LOG(x) log(x)
+#elif CE_EXP2 && IN_DTYPE != 3
+/* exp(x) = exp2(x log2 e): about 30% cheaper in PoCL's vector math; relative error ~|x| 6e-8 */
+#define EXP(x) exp2((x) * (acc_t)M_LOG2E_F)
+#define LOG(x) log(x)
+#else
+#define EXP(x) exp(x)
+#define LOG(x) log(x)
+#endif
+
+/* ---- loads (input and soft targets share the input's storage type) ---- */
+#if IN_DTYPE == 0
+typedef float in_t;
+#define LOAD1(p, i) ((acc_t)(p)[(i)])
+#define LOAD8(p, i) vload8(0, (p) + (i))
+#elif IN_DTYPE == 1
+/* PoCL 3.1's vload_half8 faults on addresses that are not 16-byte aligned (rows of an odd number
+ * of classes), so eight halves are read as ushort8 and widened by hand: shifting the exponent and
+ * mantissa into place and scaling by 2^112 rebiases normals and subnormals alike; Inf/NaN keep an
+ * all-ones exponent. */
+typedef half in_t;
+inline float8 half8_to_float8(ushort8 h) {
+    uint8 u = convert_uint8(h);
+    uint8 em = u & (uint8)0x7fffu;
+    float8 f = as_float8(em << 13) * (float8)0x1p112f;
+    f = select(f, as_float8((em << 13) | (uint8)0x7f800000u), em >= (uint8)0x7c00u);
+    return as_float8(as_uint8(f) | ((u & (uint8)0x8000u) << 16));
+}
+inline float16 half16_to_float16(ushort16 h) {
+    uint16 u = convert_uint16(h);
+    uint16 em = u & (uint16)0x7fffu;
+    float16 f = as_float16(em << 13) * (float16)0x1p112f;
+    f = select(f, as_float16((em << 13) | (uint16)0x7f800000u), em >= (uint16)0x7c00u);
+    return as_float16(as_uint16(f) | ((u & (uint16)0x8000u) << 16));
+}
+#define LOAD1(p, i) vload_half(0, (p) + (i))
+#define LOAD8(p, i) half8_to_float8(vload8(0, (__global const ushort *)((p) + (i))))
+#define LOAD16_(p, i) half16_to_float16(vload16(0, (__global const ushort *)((p) + (i))))
+#elif IN_DTYPE == 2
+typedef ushort in_t;
+#define LOAD1(p, i) as_float(((uint)(p)[(i)]) << 16)
+#define LOAD8(p, i) as_float8(convert_uint8(vload8(0, (p) + (i))) << 16)
+#elif IN_DTYPE == 3
+typedef double in_t;
+#define LOAD1(p, i) ((p)[(i)])
+#define LOAD8(p, i) vload8(0, (p) + (i))
+#endif
+
+/* ---- gradient stores ---- */
+inline ushort f32_to_bf16(float f) {
+    uint b = as_uint(f);
+    /* round to nearest even; NaN stays a quiet NaN instead of rounding into Inf */
+    return isnan(f) ? (ushort)0x7FC0 : (ushort)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+inline ushort8 f32_to_bf16_8(float8 f) {
+    uint8 b = as_uint8(f);
+    uint8 r = (b + (uint8)0x7FFFu + ((b >> 16) & (uint8)1u)) >> 16;
+    return convert_ushort8(select(r, (uint8)0x7FC0u, as_uint8(isnan(f))));
+}
+
+#if GRAD_DTYPE == 0
+typedef float grad_t;
+#define STORE1(p, i, v) ((p)[(i)] = (float)(v))
+#define STORE8(p, i, v) vstore8(convert_float8(v), 0, (p) + (i))
+#elif GRAD_DTYPE == 1
+typedef half grad_t;
+#define STORE1(p, i, v) vstore_half_rte((float)(v), 0, (p) + (i))
+/* element-wise: vstore_half8 shares vload_half8's alignment fault on PoCL */
+inline void store_half8(__global half *p, float8 v) {
+    vstore_half_rte(v.s0, 0, p); vstore_half_rte(v.s1, 1, p); vstore_half_rte(v.s2, 2, p);
+    vstore_half_rte(v.s3, 3, p); vstore_half_rte(v.s4, 4, p); vstore_half_rte(v.s5, 5, p);
+    vstore_half_rte(v.s6, 6, p); vstore_half_rte(v.s7, 7, p);
+}
+#define STORE8(p, i, v) store_half8((p) + (i), convert_float8(v))
+#elif GRAD_DTYPE == 2
+typedef ushort grad_t;
+#define STORE1(p, i, v) ((p)[(i)] = f32_to_bf16((float)(v)))
+#define STORE8(p, i, v) vstore8(f32_to_bf16_8(convert_float8(v)), 0, (p) + (i))
+#elif GRAD_DTYPE == 3
+typedef double grad_t;
+#define STORE1(p, i, v) ((p)[(i)] = (double)(v))
+#define STORE8(p, i, v) vstore8(convert_double8(v), 0, (p) + (i))
+#endif
+
+/* sixteen-wide: one access for float and bf16, two eight-wide halves otherwise */
+#if IN_DTYPE == 0
+#define LOAD16(p, i) vload16(0, (p) + (i))
+#elif IN_DTYPE == 2
+#define LOAD16(p, i) as_float16(convert_uint16(vload16(0, (p) + (i))) << 16)
+#elif IN_DTYPE == 1
+#define LOAD16(p, i) LOAD16_(p, i)
+#else
+#define LOAD16(p, i) ((acc16_t)(LOAD8(p, i), LOAD8(p, (i) + 8)))
+#endif
+#if GRAD_DTYPE == 2
+/* the high halves of sixteen words, by one word shuffle rather than a shift and a narrowing
+ * pack (~13% of a bf16 gradient's kernel time at 2048x32000) */
+#ifdef __ENDIAN_LITTLE__
+#define HIGH_HALVES16(r) ((ushort16)(as_ushort16((r).lo).odd, as_ushort16((r).hi).odd))
+#else
+#define HIGH_HALVES16(r) ((ushort16)(as_ushort16((r).lo).even, as_ushort16((r).hi).even))
+#endif
+inline ushort16 f32_to_bf16_16(float16 f) {
+    uint16 b = as_uint16(f);
+    uint16 r = b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u);
+    return HIGH_HALVES16(select(r, (uint16)0x7FC00000u, as_uint16(isnan(f))));
+}
+#define STORE16(p, i, v) vstore16(f32_to_bf16_16(convert_float16(v)), 0, (p) + (i))
+/* for values known not to be NaN (then the rounding alone is right, infinities included) */
+inline ushort16 f32_to_bf16_16_nonan(float16 f) {
+    uint16 b = as_uint16(f);
+    return HIGH_HALVES16(b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u));
+}
+#define STORE16_NONAN(p, i, v) vstore16(f32_to_bf16_16_nonan(convert_float16(v)), 0, (p) + (i))
+#else
+#define STORE16(p, i, v) do { acc16_t v16_ = (v); STORE8(p, i, v16_.lo); STORE8(p, (i) + 8, v16_.hi); } while (0)
+#endif
+
+/* ---- horizontal reductions of a vector ---- */
+inline acc_t hmax8(acc8_t v) {
+#if IN_DTYPE == 3
+    double4 a = fmax(v.lo, v.hi); double2 b = fmax(a.lo, a.hi); return fmax(b.lo, b.hi);
+#else
+    float4 a = fmax(v.lo, v.hi); float2 b = fmax(a.lo, a.hi); return fmax(b.lo, b.hi);
+#endif
+}
+inline acc_t hsum8(acc8_t v) {
+#if IN_DTYPE == 3
+    double4 a = v.lo + v.hi; double2 b = a.lo + a.hi; return b.lo + b.hi;
+#else
+    float4 a = v.lo + v.hi; float2 b = a.lo + a.hi; return b.lo + b.hi;
+#endif
+}
+inline acc_t hmax16(acc16_t v) { return hmax8(fmax(v.lo, v.hi)); }
+inline acc_t hsum16(acc16_t v) { return hsum8(v.lo + v.hi); }

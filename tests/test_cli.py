@@ -1,0 +1,32 @@
+"""clce-server's flags: every setting has one, and bad values are refused as argparse refuses."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("uvicorn")
+
+from clce_server.__main__ import parse_args  # noqa: E402
+from clce_server.config import Settings  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_has_a_flag(name, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "--" + name.replace("_", "-") in capsys.readouterr().out
+
+
+def test_flags_reach_the_settings():
+    s = parse_args(["--tenant-max-inflight-bytes", "123", "--batch-max-elements", "77", "--no-access-log",
+                    "--no-warmup", "--drain-timeout", "5", "--device", "0", "--device", "cpu"])
+    assert (s.tenant_max_inflight_bytes, s.batch_max_elements, s.access_log, s.warmup) == (123, 77, False, False)
+    assert s.drain_timeout_s == 5.0 and s.device_selectors == ["0", "cpu"]
+    assert parse_args([]).access_log is True
+
+
+def test_bad_values_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--scheduling", "lifo"])
+    assert info.value.code == 2
+    assert "--scheduling" in capsys.readouterr().err
