@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
