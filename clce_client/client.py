@@ -132,6 +132,8 @@ class _Call:
         self.torch = _is_torch_tensor(input)
         self.input = input
         self.reduction = options.get("reduction", "mean")
+        self.shift = options.get("shift") or 0
+        self.classes_last = bool(options.get("classes_last")) or self.shift != 0
         return_grad = options.get("return_grad")
         self.return_grad = bool(return_grad)
         self.want_result = any(bool(options.get(k)) for k in ("return_grad", "return_lse", "return_argmax"))
@@ -171,7 +173,8 @@ class _Call:
         if self.autograd:
             if grad is None:
                 raise ProtocolError("the response has no grad, which autograd needs")
-            loss = _torch_support().attach_grad(self.input, loss, grad, self.reduction)
+            loss = _torch_support().attach_grad(self.input, loss, grad, self.reduction,
+                                                classes_last=self.classes_last, shift=self.shift)
         if not self.want_result:
             return loss
         accuracy = msg.get("accuracy")

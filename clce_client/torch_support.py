@@ -80,9 +80,10 @@ if torch is not None:
         """Gives a server-computed loss a grad_fn whose backward uses the server's gradient."""
 
         @staticmethod
-        def forward(ctx, input, loss, grad, class_dim):
+        def forward(ctx, input, loss, grad, class_dim, shift=0):
             ctx.grad = grad
             ctx.class_dim = class_dim
+            ctx.shift = shift
             ctx.input_dtype = input.dtype
             # a fresh tensor, not a view of an input: views returned by a Function cannot be
             # modified in place (loss /= accumulation_steps). The loss is tiny next to the grad.
@@ -92,16 +93,22 @@ if torch is not None:
         def backward(ctx, grad_output):
             # The server's gradient is for grad_output = 1. For reduction='none' grad_output has
             # the loss shape, which is the input shape without the class dimension.
+            # With shift, the loss covers positions 0..T-shift-1 of dim -2: the dropped positions'
+            # gradient rows are zero, so pad grad_output with zeros to T.
             if ctx.class_dim is not None:
+                if ctx.shift:
+                    grad_output = torch.nn.functional.pad(grad_output, (0, ctx.shift))
                 grad_output = grad_output.unsqueeze(ctx.class_dim)
             grad = ctx.grad * grad_output
-            return grad.to(ctx.input_dtype), None, None, None
+            return grad.to(ctx.input_dtype), None, None, None, None
 
 
-def attach_grad(input: Any, loss: Any, grad: Any, reduction: str) -> Any:
-    """`loss` with a grad_fn: backward() puts grad * grad_output into input.grad."""
+def attach_grad(input: Any, loss: Any, grad: Any, reduction: str, *, classes_last: bool = False,
+                shift: int = 0) -> Any:
+    """`loss` with a grad_fn: backward() puts grad * grad_output into input.grad. `classes_last`
+    and `shift` describe the request's layout (the server's gradient has the input's shape)."""
     class_dim = None
     if reduction == "none":
-        class_dim = 0 if input.dim() == 1 else 1
+        class_dim = -1 if classes_last else (0 if input.dim() == 1 else 1)
     with torch.enable_grad():
-        return _RemoteCrossEntropy.apply(input, loss, grad, class_dim)
+        return _RemoteCrossEntropy.apply(input, loss, grad, class_dim, shift)

@@ -9,6 +9,7 @@ from typing import Any, Generator
 from clce_wire import options
 from clce_wire.protocol import DTYPES, dtype_name
 
+from . import layouts
 from .errors import classify
 from .scheduler import Job
 
@@ -26,10 +27,12 @@ class LossJob(Job):
 
     def __init__(self, args: Mapping[str, Any], engines: Mapping[int, Any], *, chunk_s: float | None,
                  max_batch_elements: int = 0):
+        # classes_last / shift: rewritten into (N, C) rows here, results mapped back by self.restore
+        args, self.restore = layouts.to_rows(args)
         self.request = options.engine_kwargs(args)
         self.engines = engines
         self.chunk_s = chunk_s
-        self.batch_key = batch_key_for(args, max_batch_elements)
+        self.batch_key = batch_key_for(args, max_batch_elements) if self.restore is None else None
         self.cost = float(args["input"].size)
 
     def run(self, device) -> Generator[float, None, Any]:
@@ -41,7 +44,8 @@ class LossJob(Job):
         try:
             for chunk in prep.chunks(self.chunk_s):
                 yield engine.run_chunk(prep, chunk)
-            return engine.finish(prep)
+            result = engine.finish(prep)
+            return result if self.restore is None else self.restore(result)
         except Exception as exc:
             raise classify(exc) from exc
         finally:

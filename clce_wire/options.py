@@ -84,6 +84,15 @@ OPTIONS: tuple[Option, ...] = (
            doc="z-loss coefficient (PaLM): adds c * lse^2 per row"),
     Option("softcap", "float", None, nullable=True, gt=0.0, shared=True,
            doc="Gemma soft-capping: logits -> cap * tanh(logits / cap)"),
+    # Layout (clce_server/layouts.py): rewritten into the plain (N, C) rows above before the engine
+    # sees the request. Shared: a launch never mixes layouts (layout requests also run alone).
+    Option("classes_last", "bool", False, engine=False, shared=True,
+           doc="input is (..., C) with class-index target (...) or probabilities (..., C): the class "
+               "dimension last, as language models produce logits; served as rows without a copy"),
+    Option("shift", "int", 0, ge=0, engine=False, shared=True,
+           doc="causal LM shift (implies classes_last): input (..., T, C) and target (..., T); position t "
+               "of the input is scored against target t + shift, the last `shift` positions are dropped "
+               "(zero gradient rows). 0 <= shift < T"),
     Option("deadline_ms", "float", None, nullable=True, gt=0.0, engine=False,
            doc="answer 504 if not done within this time"),
 )

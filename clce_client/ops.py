@@ -1,0 +1,142 @@
+"""clce's loss as a PyTorch operator: ``torch.ops.clce.cross_entropy``.
+
+`cross_entropy` here is F.cross_entropy computed by a clce server, usable where training code
+already lives:
+
+* torch.compile: the op is registered with `torch.library.custom_op`, with a fake (meta)
+  implementation and `register_autograd`, so the compiler sees one opaque node and never traces
+  the HTTP client. The op returns the loss and the server's gradient (for grad_output = 1), as
+  Liger-Kernel does; backward multiplies that gradient by grad_output.
+* autocast: registered with `torch.library.register_autocast` as float32, which is torch's CPU
+  and CUDA autocast policy for ``cross_entropy_loss`` (it is on the "fp32" list): under
+  ``torch.autocast(..., dtype=torch.bfloat16)`` the logits are cast to float32 first and the loss
+  is float32, exactly as F.cross_entropy does under autocast.
+* layouts: ``shift`` and ``classes_last`` as the server takes them (docs/protocol.md): a causal
+  LM's (B, T, V) logits and (B, T) labels are sent as they are, with no shifted copy.
+
+The operator takes plain values, so the client is named by a small int key: `client_key` registers
+a `Client` (0 is the default client, from CLCE_URL). Importing this module imports torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .client import Client, default_client
+
+__all__ = ["cross_entropy", "client_key"]
+
+# key -> Client, weakly: a client made per step is not kept alive by having been used here
+_clients: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
+_next_key = itertools.count(1)
+_lock = threading.Lock()
+
+
+@torch.compiler.assume_constant_result
+def client_key(client: Optional[Client]) -> int:
+    """The operator's key for `client` (0: the default client). A compiled graph holds the key as a
+    constant (dynamo guards on the client object, so another client recompiles)."""
+    if client is None:
+        return 0
+    if not isinstance(client, Client):
+        raise TypeError(f"clce's operator needs a clce_client.Client, got {type(client).__name__}")
+    with _lock:
+        key = getattr(client, "_clce_op_key", None)
+        if key is None or _clients.get(key) is not client:
+            key = next(_next_key)
+            _clients[key] = client
+            client._clce_op_key = key
+        return key
+
+
+def _client(key: int) -> Client:
+    if key == 0:
+        return default_client()
+    client = _clients.get(key)
+    if client is None:
+        raise RuntimeError(f"clce::cross_entropy: the Client registered as {key} no longer exists; keep a "
+                           "reference to the client for as long as the model uses it")
+    return client
+
+
+def _loss_shape(input: Tensor, target: Tensor, reduction: str, shift: int, classes_last: bool) -> list[int]:
+    if reduction != "none":
+        return []
+    soft = input.dim() >= 1 and target.shape == input.shape and target.is_floating_point()
+    if classes_last or shift:
+        rows = list(input.shape[:-1])
+        if shift:
+            rows[-1] -= shift
+        return rows
+    if soft:
+        return [] if input.dim() == 1 else [input.shape[0], *input.shape[2:]]
+    return list(target.shape)
+
+
+@torch.library.custom_op("clce::cross_entropy", mutates_args=())
+def _op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+        label_smoothing: float, shift: int, classes_last: bool, client: int,
+        need_grad: bool) -> tuple[Tensor, Tensor]:
+    out = _client(client).cross_entropy(
+        input.detach(), target, weight, ignore_index, reduction, label_smoothing,
+        shift=shift, classes_last=classes_last, return_grad=need_grad)
+    # outputs must not alias anything the caller holds; the client's tensors are fresh
+    if need_grad:
+        return out.loss, out.grad
+    return out, input.new_empty(0)
+
+
+@_op.register_fake
+def _fake(input, target, weight, ignore_index, reduction, label_smoothing, shift, classes_last, client,
+          need_grad):
+    dtype = input.dtype
+    if target.is_floating_point():
+        dtype = torch.promote_types(dtype, target.dtype)
+    loss = input.new_empty(_loss_shape(input, target, reduction, shift, classes_last), dtype=dtype)
+    grad = input.new_empty(input.shape if need_grad else (0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, ignore_index, reduction, label_smoothing, shift, classes_last, client, need_grad = inputs
+    ctx.save_for_backward(output[1])
+    ctx.reduction, ctx.shift = reduction, shift
+    ctx.class_dim = -1 if (classes_last or shift) else (0 if input.dim() == 1 else 1)
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad_loss.numel() != 0:
+        raise RuntimeError("clce::cross_entropy ran without need_grad; call it with input.requires_grad")
+    if ctx.reduction == "none":
+        if ctx.shift:   # the dropped positions' gradient rows are zero
+            grad_loss = torch.nn.functional.pad(grad_loss, (0, ctx.shift))
+        grad_loss = grad_loss.unsqueeze(ctx.class_dim)
+    return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+# torch's autocast runs cross_entropy_loss in float32 (the "fp32" policy) on CPU and CUDA: the same
+torch.library.register_autocast("clce::cross_entropy", "cpu", torch.float32)
+torch.library.register_autocast("clce::cross_entropy", "cuda", torch.float32)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, shift: int = 0,
+                  classes_last: bool = False, client: Optional[Client] = None) -> Tensor:
+    """F.cross_entropy computed by a clce server, as one operator (see the module's doc).
+
+    ``shift`` and ``classes_last``: the request layouts of docs/protocol.md; ``shift=1`` with
+    (B, T, V) logits and (B, T) labels is the causal LM loss without the shifted copy.
+    """
+    need_grad = torch.is_grad_enabled() and input.requires_grad
+    loss, _ = torch.ops.clce.cross_entropy(input, target, weight, int(ignore_index), reduction,
+                                           float(label_smoothing), int(shift), bool(classes_last),
+                                           client_key(client), need_grad)
+    return loss
