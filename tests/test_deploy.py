@@ -368,8 +368,11 @@ def test_prometheus_scrapes_every_replica():
         for sc in job.get("static_configs", [])
         for t in sc["targets"]
     }
-    for name in compose_replicas(compose):
-        assert f"{name}:8000" in targets, f"Prometheus does not scrape {name}"
+    for name, service in compose_replicas(compose).items():
+        # with a tenants file /metrics wants the admin key: Prometheus scrapes the key-less listener
+        port = service["environment"]["CLCE_METRICS_BIND"].rsplit(":", 1)[1]
+        assert port in {str(p) for p in service["expose"]}
+        assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}"
 
 
 def test_grafana_provisioning_matches_dashboard():
@@ -489,6 +492,7 @@ def test_kustomization_lists_the_manifests():
 def test_k8s_deployment_contract():
     deployment = k8s_kind("Deployment", "clce")
     pod = deployment["spec"]["template"]["spec"]
+    pod_meta = deployment["spec"]["template"]["metadata"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -504,6 +508,10 @@ def test_k8s_deployment_contract():
     assert configmap["data"]["CLCE_HOST"] == "0.0.0.0"
     port = int(configmap["data"].get("CLCE_PORT", "8000"))
     assert any(p["containerPort"] == port for p in container["ports"])
+    # Prometheus (by annotation) scrapes the key-less metrics listener, not /metrics behind the admin key
+    metrics_port = int(configmap["data"]["CLCE_METRICS_BIND"].rsplit(":", 1)[1])
+    assert any(p["containerPort"] == metrics_port for p in container["ports"])
+    assert pod_meta["annotations"]["prometheus.io/port"] == str(metrics_port)
 
     # CLCE_TENANTS must name the file the Secret volume puts in place.
     volumes = {v["name"]: v for v in pod["volumes"]}
