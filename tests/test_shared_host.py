@@ -640,7 +640,10 @@ def test_priority_levels_and_queue_policy_under_contention(tmp_path):
     q_vip = float(np.median([q for _, _, _, q in vip["records"]]))
     q_bulk = float(np.median([q for r in bulk for t0, _, _, q in r["records"]]))
     print(f"server queue p50: level 1 {q_vip:.1f} ms, level 2 {q_bulk:.1f} ms; gamma {got}")
-    assert q_vip < 0.5 * q_bulk, (q_vip, q_bulk)
+    # level 1 waits for about one chunk of level-2 work at most (--chunk-ms 20)
+    assert q_vip <= 60.0, (q_vip, q_bulk)
+    if q_bulk > 120.0:   # level 2 was backlogged: it waits, level 1 does not
+        assert q_vip < 0.5 * q_bulk, (q_vip, q_bulk)
 
 
 # =============================================================================================
