@@ -34,6 +34,7 @@ import numpy as np
 from . import errors
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
+    DTYPES,
     JSON,
     aligned_body,
     MSGPACK,
@@ -62,6 +63,16 @@ __version__ = "0.1.0"
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(120, connect=5)
 CROSS_ENTROPY_PATH = "/v1/cross_entropy"
+_TRANSPORTS = ("auto", "shm", "tcp")
+# transport="auto" asks the server about shared memory (/v1/info) on the first call at least
+# this big; smaller calls are as fast over TCP and do not pay for the question
+_SHM_PROBE_BYTES = 1 << 18
+
+
+def _nbytes(x: Any) -> int:
+    if _is_torch_tensor(x):
+        return x.numel() * x.element_size()
+    return int(getattr(x, "nbytes", 0))
 
 # Small message parts are merged into one write; large tensors are sent as slices of themselves.
 _COALESCE_BYTES = 64 * 1024
@@ -120,7 +131,9 @@ class _Call:
     """One cross_entropy call: its request message and how to turn the response into results.
     `options` are the request's options by name (clce_wire.options), as the caller gave them."""
 
-    def __init__(self, input: Any, target: Any, options: dict[str, Any]):
+    def __init__(self, input: Any, target: Any, options: dict[str, Any], arena: Any = None):
+        inplace = bool(options.pop("inplace_grad", False))
+        self.placement = None
         self.torch = _is_torch_tensor(input)
         self.input = input
         self.reduction = options.get("reduction", "mean")
@@ -142,11 +155,41 @@ class _Call:
         values["return_grad"] = self.return_grad or self.autograd
         if "grad_dtype" in values:
             values["grad_dtype"] = _wire_dtype(values["grad_dtype"])
+        if inplace and not values["return_grad"]:
+            raise ValueError("inplace_grad=True needs the gradient (return_grad, or autograd)")
+        if arena is not None:
+            self._place(arena, values, inplace)
+        elif inplace:
+            raise ValueError("inplace_grad=True needs the shared-memory transport")
+        self.values = values
         self.message = request_message(values)
+
+    def _place(self, arena: Any, values: dict[str, Any], inplace: bool) -> None:
+        """Shared memory: the tensors become references into the arena's regions (copied there
+        unless they already live in one), and the gradient gets a place (the input's own bytes
+        when `inplace`)."""
+        from .shm import Placement
+
+        wire = {k: values[k] for k in ("input", "target", "weight") if values.get(k) is not None}
+        parts = [(k, np.frombuffer(wt.data, np.uint8) if memoryview(wt.data).nbytes else None,
+                  memoryview(wt.data).nbytes) for k, wt in wire.items()]
+        x = wire["input"]
+        gdt = values.get("grad_dtype") or x.dtype
+        if inplace and gdt != x.dtype:
+            raise ValueError(f"inplace_grad=True needs grad_dtype equal to the input's ({x.dtype}), got {gdt}")
+        if values["return_grad"] and not inplace:
+            parts.append(("grad", None, int(np.prod(x.shape, dtype=np.int64)) * DTYPES[gdt]))
+        self.placement = pl = Placement(arena, parts)
+        for k, wt in wire.items():
+            values[k] = pl.ref(k, wt.dtype, wt.shape)
+        if values["return_grad"]:
+            values["grad_region"], values["grad_offset"] = pl.refs["input" if inplace else "grad"]
 
     def finish(self, msg: dict[str, Any], server_timing: dict[str, float]) -> Any:
         if "loss" not in msg:
             raise ProtocolError("the response has no loss")
+        if self.placement is not None and isinstance(msg.get("grad"), dict):   # in shared memory
+            msg["grad"] = self.placement.tensor(msg["grad"], "grad")
         if self.torch:
             ts = _torch_support()
             device = self.input.device
@@ -301,8 +344,17 @@ class _Base:
         timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
+        transport: str | None = None,
     ):
         self._replicas = _Replicas(_parse_urls(url))
+        transport = transport or os.environ.get("CLCE_TRANSPORT") or "auto"
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(_TRANSPORTS)}, got {transport!r}")
+        self.transport = transport
+        self._arena: Any = None          # shm.Arena once shared memory is chosen
+        self._shm_error: BaseException | None = None
+        self._shm_decided = False
+        self._shm_lock = threading.Lock()
         self._api_key = api_key if api_key is not None else (os.environ.get("CLCE_API_KEY") or None)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         if int(retries) < 0:
@@ -385,8 +437,48 @@ class _Base:
         timing = parse_server_timing(resp.headers.get("server-timing"))
         return call.finish(decode_message(memoryview(resp.body)), timing)
 
-    def _call(self, input: Any, target: Any, **options: Any) -> tuple[_Call, list[Segment], int]:
-        call = _Call(input, target, options)
+    def _shm_choice(self, info: Any) -> None:
+        """Decide on shared memory from the server's /v1/info (once per client)."""
+        from . import shm
+
+        try:
+            if isinstance(info, BaseException):
+                raise info
+            if len(self._replicas.urls) > 1:
+                raise shm.SharedMemoryUnavailable("shared memory takes one server URL, not several replicas")
+            self._arena = shm.connect(info, self._api_key)
+        except (shm.SharedMemoryUnavailable, errors.ClceError) as exc:
+            self._shm_error = exc
+        self._shm_decided = True
+
+    def _use_arena(self) -> Any:
+        if self._arena is not None:
+            return self._arena
+        if self.transport == "shm" and self._shm_error is not None:
+            raise self._shm_error
+        return None
+
+    def _close_arena(self) -> None:
+        arena, self._arena = self._arena, None
+        if arena is not None:
+            arena.close()
+
+    def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
+        """An uninitialised array (numpy, or torch for a torch dtype) in memory shared with the
+        server: logits computed into it travel without a copy, and ``inplace_grad=True`` writes the
+        gradient over them. Without shared memory (another host, transport="tcp"), an ordinary
+        array."""
+        arena = self._shm_ready()
+        if arena is not None:
+            return arena.empty(shape, dtype)
+        if type(dtype).__module__ == "torch":
+            import torch
+
+            return torch.empty(shape, dtype=dtype)
+        return np.empty(shape, dtype)
+
+    def _call(self, input: Any, target: Any, arena: Any = None, **options: Any) -> tuple[_Call, list[Segment], int]:
+        call = _Call(input, target, options, arena)
         segments = encode_message(call.message)
         return call, segments, message_nbytes(segments)
 
@@ -408,7 +500,10 @@ class Client(_Base):
     ``url``: a URL, a list of replica URLs, or a comma-separated string (default: env
     ``CLCE_URL``, else http://127.0.0.1:8000). ``api_key`` (default: env ``CLCE_API_KEY``) is sent
     as ``Authorization: Bearer``. ``retries`` re-sends on connection failures and 503s;
-    ``chunk_bytes`` is the upload chunk size.
+    ``chunk_bytes`` is the upload chunk size. ``transport`` (default: env ``CLCE_TRANSPORT``, else
+    "auto"): "auto" uses shared memory when the server allows it and runs on this host (its
+    /v1/info says so), else TCP; "shm" insists on shared memory (SharedMemoryUnavailable says why
+    not); "tcp" never uses it.
     """
 
     def __init__(
@@ -418,12 +513,30 @@ class Client(_Base):
         timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
+        transport: str | None = None,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport)
         self._http = httpx.Client(timeout=self.timeout)
 
     def close(self) -> None:
+        self._close_arena()
         self._http.close()
+
+    def _shm_ready(self, nbytes: int | None = None) -> Any:
+        """The arena when this call goes through shared memory, else None (TCP)."""
+        if self.transport == "auto" and nbytes is not None and nbytes < _SHM_PROBE_BYTES and not self._shm_decided:
+            return None
+        if self.transport != "tcp" and not self._shm_decided:
+            with self._shm_lock:
+                if not self._shm_decided:
+                    try:
+                        info = self.info() if len(self._replicas.urls) == 1 else {}
+                    except errors.ClceError as exc:
+                        if self.transport == "shm":
+                            raise
+                        info = exc
+                    self._shm_choice(info)
+        return self._use_arena()
 
     def __enter__(self) -> Client:
         return self
@@ -486,11 +599,11 @@ class Client(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
-        call, segments, nbytes = self._call(
-            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, **options,
-        )  # fmt: skip
-        return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes))
+        arena = self._shm_ready(_nbytes(input))
+        call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=label_smoothing, **options), arena)
+        segments = encode_message(call.message)
+        return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments)))
 
     cross_entropy.__doc__ = _CE_DOC
 
@@ -531,12 +644,31 @@ class AsyncClient(_Base):
         timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
+        transport: str | None = None,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport)
         self._http = httpx.AsyncClient(timeout=self.timeout)
 
     async def aclose(self) -> None:
+        self._close_arena()
         await self._http.aclose()
+
+    def _shm_ready(self) -> Any:   # for empty(): decided by the first call
+        return self._use_arena()
+
+    async def _ashm_ready(self, nbytes: int) -> Any:
+        if self.transport == "auto" and nbytes < _SHM_PROBE_BYTES and not self._shm_decided:
+            return None
+        if self.transport != "tcp" and not self._shm_decided:
+            try:
+                info = await self.info() if len(self._replicas.urls) == 1 else {}
+            except errors.ClceError as exc:
+                if self.transport == "shm":
+                    raise
+                info = exc
+            if not self._shm_decided:
+                self._shm_choice(info)
+        return self._use_arena()
 
     close = aclose
 
@@ -600,11 +732,11 @@ class AsyncClient(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
-        call, segments, nbytes = self._call(
-            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, **options,
-        )  # fmt: skip
-        resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes)
+        arena = await self._ashm_ready(_nbytes(input))
+        call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=label_smoothing, **options), arena)
+        segments = encode_message(call.message)
+        resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
         return self._finish(call, resp)
 
     cross_entropy.__doc__ = _CE_DOC

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     log_level: str = Field("info")
     access_log: bool = Field(True, description="Structured (JSON) access log lines on logger clce.access.")
     warmup: bool = Field(True, description="Run every start-up kernel once before reporting ready.")
+    allow_shm: bool | None = Field(None, description="Shared-memory transport for clients on this host "
+                                   "(docs/protocol.md). Default: on when binding loopback, else off.")
+    shm_socket: str | None = Field(None, description="Path of the shared-memory registration socket "
+                                   "(default: shm.sock in a new private directory).")
+    shm_max_bytes: int = Field(8192 * MiB, gt=0, description="Shared-memory bytes one tenant may "
+                               "register (413 above).")
 
     @field_validator("log_level")
     @classmethod
@@ -41,6 +47,12 @@ class Settings(BaseSettings):
         if v not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"unknown log level {v!r}")
         return v
+
+    @property
+    def shm_enabled(self) -> bool:
+        if self.allow_shm is not None:
+            return self.allow_shm
+        return self.host in ("127.0.0.1", "localhost", "::1")
 
     @property
     def device_selectors(self) -> list[str] | None:

@@ -9,7 +9,10 @@ from typing import Any, Generator
 from clce_wire import options
 from clce_wire.protocol import DTYPES, dtype_name
 
+import numpy as np
+
 from .errors import classify
+from .hostmem import POOL
 from .scheduler import Job
 
 # weights of more classes than this are not worth comparing byte for byte to coalesce
@@ -31,6 +34,16 @@ class LossJob(Job):
         self.chunk_s = chunk_s
         self.batch_key = batch_key_for(args, max_batch_elements)
         self.cost = float(args["input"].size)
+        #: where the gradient goes when the client gave a place (shared memory), else None
+        self.grad_out = args.get("grad_out")
+
+    def _deliver(self, result):
+        """Put the gradient where the client asked for it (shared memory)."""
+        if self.grad_out is not None and result.grad is not None and result.grad is not self.grad_out:
+            np.copyto(self.grad_out, result.grad.reshape(self.grad_out.shape), casting="no")
+            POOL.release(result.grad)
+            result.grad = self.grad_out
+        return result
 
     def run(self, device) -> Generator[float, None, Any]:
         engine = self.engines[device.index]
@@ -41,7 +54,7 @@ class LossJob(Job):
         try:
             for chunk in prep.chunks(self.chunk_s):
                 yield engine.run_chunk(prep, chunk)
-            return engine.finish(prep)
+            return self._deliver(engine.finish(prep))
         except Exception as exc:
             raise classify(exc) from exc
         finally:
@@ -50,8 +63,8 @@ class LossJob(Job):
     @classmethod
     def run_batch(cls, device, jobs: Sequence["LossJob"]) -> list:
         engine = jobs[0].engines[device.index]
-        return [classify(r) if isinstance(r, BaseException) else r
-                for r in engine.cross_entropy_many([j.request for j in jobs])]
+        return [classify(r) if isinstance(r, BaseException) else j._deliver(r)
+                for j, r in zip(jobs, engine.cross_entropy_many([j.request for j in jobs]))]
 
 
 def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:
@@ -69,6 +82,6 @@ def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:
 def inflight_bytes(args: Mapping[str, Any], body_len: int) -> int:
     """What a request holds until it finishes: its body, plus the gradient it will send back."""
     x = args["input"]
-    if not args.get("return_grad"):
+    if not args.get("return_grad") or args.get("grad_out") is not None:   # shared memory: the client's
         return body_len
     return body_len + x.size * DTYPES.get(args.get("grad_dtype") or dtype_name(x.dtype), 4)

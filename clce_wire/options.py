@@ -27,6 +27,7 @@ from .protocol import (
     special_float,
     tensor_from_json,
 )
+from .shm import is_ref_map, parse_ref
 
 __all__ = ["Option", "OPTIONS", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
            "engine_kwargs", "shared_values", "options_doc"]
@@ -83,6 +84,12 @@ OPTIONS: tuple[Option, ...] = (
            doc="Gemma soft-capping: logits -> cap * tanh(logits / cap)"),
     Option("deadline_ms", "float", None, nullable=True, gt=0.0, engine=False,
            doc="answer 504 if not done within this time"),
+    # shared memory (docs/protocol.md): tensors may also be region references (msgpack only)
+    Option("grad_region", "str", None, nullable=True, engine=False,
+           doc="shared memory: write the gradient into this registered region (the answer's grad "
+               "is then a reference to it)"),
+    Option("grad_offset", "int", 0, ge=0, engine=False,
+           doc="shared memory: byte offset of the gradient in grad_region"),
 )
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 REQUIRED = frozenset(o.name for o in OPTIONS if o.required)
@@ -98,6 +105,8 @@ def _parse_value(opt: Option, value: Any, json: bool) -> Any:
             return tensor_from_json(value, name=name, default_dtype=opt.json_dtype)
         if isinstance(value, WireTensor):
             return decode_tensor(value, name=name)
+        if is_ref_map(value):   # resolved into an array by the server (region checks, tenant)
+            return parse_ref(value, name=name)
         raise ProtocolError(f"{name}: expected a tensor, got {kind_of(value)}")
     if kind == "float":
         if type(value) in (int, float):
@@ -179,3 +188,4 @@ def options_doc(skip: tuple[str, ...] = ("input", "target")) -> str:
             continue
         lines.append(f"{o.name} (default {o.default!r}): {o.doc}")
     return "\n".join(lines)
+
