@@ -31,7 +31,7 @@ from typing import Any, Union
 import httpx
 import numpy as np
 
-from . import errors
+from . import errors, pipeline
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
     DTYPES,
@@ -345,8 +345,14 @@ class _Base:
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
         transport: str | None = None,
+        pipeline_bytes: int = pipeline.CHUNK_BYTES,
+        connections: int = pipeline.CONNECTIONS,
     ):
         self._replicas = _Replicas(_parse_urls(url))
+        if int(pipeline_bytes) < 0 or int(connections) < 1:
+            raise ValueError("pipeline_bytes must be >= 0 and connections >= 1")
+        self.pipeline_bytes = int(pipeline_bytes)    # 0: big batches go as one request
+        self.connections = int(connections)
         transport = transport or os.environ.get("CLCE_TRANSPORT") or "auto"
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(_TRANSPORTS)}, got {transport!r}")
@@ -482,6 +488,19 @@ class _Base:
         segments = encode_message(call.message)
         return call, segments, message_nbytes(segments)
 
+    def _pipeline(self, call: _Call, arena: Any) -> Any:
+        """The row-chunk plan for a big batch over TCP, or None (one request)."""
+        if arena is not None or not self.pipeline_bytes:
+            return None
+        return pipeline.Pipeline.plan(call.values, min_bytes=max(pipeline.MIN_BYTES, 2 * self.pipeline_bytes),
+                                      chunk_bytes=self.pipeline_bytes)
+
+    def _chunk_answer(self, resp: _Response) -> dict[str, Any]:
+        media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != MSGPACK:
+            raise ProtocolError(f"expected a {MSGPACK} response, got {media or 'none'!r}")
+        return decode_message(memoryview(resp.body))
+
 
 _CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
 
@@ -514,12 +533,17 @@ class Client(_Base):
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
         transport: str | None = None,
+        pipeline_bytes: int = pipeline.CHUNK_BYTES,
+        connections: int = pipeline.CONNECTIONS,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport, pipeline_bytes, connections)
         self._http = httpx.Client(timeout=self.timeout)
+        self._pool: Any = None     # threads that send the row chunks of big batches
 
     def close(self) -> None:
         self._close_arena()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         self._http.close()
 
     def _shm_ready(self, nbytes: int | None = None) -> Any:
@@ -602,8 +626,29 @@ class Client(_Base):
         arena = self._shm_ready(_nbytes(input))
         call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
                                          label_smoothing=label_smoothing, **options), arena)
+        pipe = self._pipeline(call, arena)
+        if pipe is not None:
+            return call.finish(self._send_chunks(pipe), {})
         segments = encode_message(call.message)
         return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments)))
+
+    def _send_chunks(self, pipe: Any) -> dict[str, Any]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            with self._shm_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.connections, thread_name_prefix="clce-chunk")
+
+        def one(item):
+            i, msg = item
+            segments = encode_message(msg)
+            resp = self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
+            pipe.add(i, self._chunk_answer(resp))
+
+        for f in [self._pool.submit(one, item) for item in pipe.messages()]:
+            f.result()
+        return pipe.result()
 
     cross_entropy.__doc__ = _CE_DOC
 
@@ -645,8 +690,10 @@ class AsyncClient(_Base):
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
         transport: str | None = None,
+        pipeline_bytes: int = pipeline.CHUNK_BYTES,
+        connections: int = pipeline.CONNECTIONS,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport, pipeline_bytes, connections)
         self._http = httpx.AsyncClient(timeout=self.timeout)
 
     async def aclose(self) -> None:
@@ -735,6 +782,18 @@ class AsyncClient(_Base):
         arena = await self._ashm_ready(_nbytes(input))
         call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
                                          label_smoothing=label_smoothing, **options), arena)
+        pipe = self._pipeline(call, arena)
+        if pipe is not None:
+            sem = asyncio.Semaphore(self.connections)
+
+            async def one(i, msg):
+                async with sem:
+                    segments = encode_message(msg)
+                    resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
+                pipe.add(i, self._chunk_answer(resp))
+
+            await asyncio.gather(*(one(i, m) for i, m in pipe.messages()))
+            return call.finish(pipe.result(), {})
         segments = encode_message(call.message)
         resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
         return self._finish(call, resp)

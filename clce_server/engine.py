@@ -28,6 +28,8 @@ from typing import Iterator
 import numpy as np
 import pyopencl as cl
 
+from clce_wire.options import REDUCE_BLOCK_ROWS, sum_blocks
+
 from . import semantics
 from .device import Device, as_storage
 from .errors import ArgumentError, DeviceError, is_opencl_error
@@ -61,6 +63,14 @@ class LossResult:
     z_loss: np.ndarray | None = None       # the z-loss part of `loss` (float32), when lse_square_scale > 0
     kernel_seconds: float = 0.0            # device time, from profiling events
     rows: int = 0
+    block_sums: np.ndarray | None = None   # (blocks, 4) float64 row sums per REDUCE_BLOCK_ROWS rows (finish)
+
+
+def _block_starts(row0: int, rows: int) -> np.ndarray:
+    """reduce_rows segment starts for rows [row0, row0 + rows): boundaries at whole-problem
+    multiples of REDUCE_BLOCK_ROWS, so row chunks of a batch reduce exactly as the whole batch."""
+    b = REDUCE_BLOCK_ROWS
+    return np.array([0, *range(b - row0 % b, rows, b), rows])
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -329,15 +339,19 @@ class LossEngine:
             raise RuntimeError(f"finish() after {prep.done_rows} of {p.rows} rows")
         out = _RowOutputs.empty(p.rows, _acc_dtype(p.compute_dtype), p.reduction == "none",
                                 prep.want_lse, prep.want_argmax)
-        sums = np.zeros(4, np.float64)
         secs = prep.kernel_seconds
+        blocks = []
         with _device_errors():
             for blk in prep.blocks:
-                seg, red_secs = self._reduce(p.compute_dtype, blk, np.array([0, blk.rows]))
-                sums += seg[0]
+                seg, red_secs = self._reduce(p.compute_dtype, blk, _block_starts(blk.row0, blk.rows))
+                blocks.append(seg)
                 secs += red_secs
                 self._read_rows(blk, out)
-        return _assemble(p, sums, out, prep.grad, secs, prep.want_argmax)
+        # the block sums added in order: row chunks of a batch combine to exactly these bits
+        block_sums = np.concatenate(blocks)
+        res = _assemble(p, sum_blocks(block_sums), out, prep.grad, secs, prep.want_argmax)
+        res.block_sums = block_sums
+        return res
 
     # ---- many small requests, one launch ----
     @staticmethod
@@ -402,7 +416,12 @@ class LossEngine:
         try:
             ev = self._launch_rows(p0, blk, 0, R, grad_dtype=np.dtype(acc).name,
                                    scalars=self._scalars(p0, shared=True))
-            sums, red_secs = self._reduce(dt, blk, starts, wait_for=[ev])
+            # each request's rows in blocks, as if it ran alone: the same bits either way
+            seg = [_block_starts(0, int(starts[g + 1] - starts[g]))[:-1] + int(starts[g])
+                   for g in range(len(problems))]
+            block_sums, red_secs = self._reduce(dt, blk, np.concatenate([*seg, [R]]), wait_for=[ev])
+            first = np.cumsum([0] + [len(b) for b in seg])
+            sums = np.array([sum_blocks(block_sums[first[g]:first[g + 1]]) for g in range(len(problems))])
             self._read_rows(blk, out)
         finally:
             blk.release()
@@ -573,3 +592,4 @@ def _assemble(p: semantics.Problem, sums: np.ndarray, rows: _RowOutputs, grad: n
         if not p.soft:
             res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
     return res
+

@@ -3,6 +3,7 @@ compatible requests share one launch through `run_batch`."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Generator
 
@@ -36,6 +37,11 @@ class LossJob(Job):
         self.cost = float(args["input"].size)
         #: where the gradient goes when the client gave a place (shared memory), else None
         self.grad_out = args.get("grad_out")
+        #: row chunks of a bigger batch: its normaliser for 'mean' (the kernel scales by it)
+        self.mean_of = ((args["mean_denominator"], args["mean_rows"])
+                        if args.get("mean_denominator") is not None or args.get("mean_rows") is not None else None)
+        if self.mean_of is not None:
+            self.batch_key = None      # one problem's scales: never coalesced
 
     def _deliver(self, result):
         """Put the gradient where the client asked for it (shared memory)."""
@@ -51,6 +57,8 @@ class LossJob(Job):
             prep = engine.prepare(**self.request)
         except Exception as exc:
             raise classify(exc) from exc
+        if self.mean_of is not None:
+            prep.problem = whole_batch_mean(prep.problem, *self.mean_of)
         try:
             for chunk in prep.chunks(self.chunk_s):
                 yield engine.run_chunk(prep, chunk)
@@ -65,6 +73,18 @@ class LossJob(Job):
         engine = jobs[0].engines[device.index]
         return [classify(r) if isinstance(r, BaseException) else j._deliver(r)
                 for j, r in zip(jobs, engine.cross_entropy_many([j.request for j in jobs]))]
+
+
+def whole_batch_mean(p, denominator: float | None, rows: int | None):
+    """`p` (a chunk of rows) with the whole batch's 'mean' normaliser, so its gradient and loss
+    partials are the whole batch's (semantics.check computes the same from a whole batch)."""
+    d = float(p.denominator if denominator is None else denominator)
+    n = int(p.valid_rows if rows is None else rows)
+    mean = p.reduction == "mean"
+    with np.errstate(divide="ignore"):
+        return dataclasses.replace(p, denominator=d, valid_rows=n,
+                                   loss_scale=float(np.float64(1.0) / d) if mean else 1.0,
+                                   z_scale=float(np.float64(1.0) / n) if mean else 1.0)
 
 
 def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:

@@ -49,6 +49,7 @@ class CrossEntropyResponse(BaseModel):
     argmax: list[Any] | None = None
     accuracy: float | None = None
     z_loss: float | list[Any] | None = None
+    partials: list[Any] | None = None
 
 STREAM_CHUNK = 1 << 20          # response bodies leave in 1 MiB slices: backpressure, no copies
 WATCH_DISCONNECT_BYTES = 1 << 16  # requests at least this big are cancelled when the client goes
@@ -321,6 +322,9 @@ def result_message(result, args: dict[str, Any]) -> dict[str, Any]:
             out["accuracy"] = float(result.accuracy)
     if result.z_loss is not None:
         out["z_loss"] = result.z_loss
+    if args.get("return_partials"):
+        sums = result.block_sums if result.block_sums is not None else np.zeros((0, 4))
+        out["partials"] = np.ascontiguousarray(sums[:, :3], np.float64)
     return out
 
 
