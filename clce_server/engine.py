@@ -273,7 +273,9 @@ class LossEngine:
                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                 return_grad: bool = False, grad_dtype: str | None = None, return_lse: bool = False,
                 return_argmax: bool = False, lse_square_scale: float = 0.0,
-                softcap: float | None = None) -> PreparedLoss:
+                softcap: float | None = None, grad_out: np.ndarray | None = None) -> PreparedLoss:
+        """`grad_out`: where the gradient goes (the input's shape, the gradient's dtype, C-contiguous
+        and writable: e.g. shared memory, or the received body), instead of a pooled buffer."""
         p = self._check(input, target, weight, ignore_index, reduction, label_smoothing,
                         grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
         prep = PreparedLoss(p, self, bool(return_grad), bool(return_lse), bool(return_argmax))
@@ -293,7 +295,8 @@ class LossEngine:
         with _device_errors():
             try:
                 if return_grad:   # pooled: a fresh 256 MB buffer pays a page fault per 4 KB in the kernel
-                    prep.grad = POOL.empty(p.input.shape, _np_dtype(p.grad_dtype))
+                    prep.grad = (_checked_grad_out(grad_out, p) if grad_out is not None
+                                 else POOL.empty(p.input.shape, _np_dtype(p.grad_dtype)))
                 grad = as_storage(prep.grad.reshape(p.batch, -1)) if return_grad else None
                 y = as_storage(p.soft_target.reshape(p.batch, -1)) if p.soft else None
                 for n0 in range(0, p.batch, per_block):
@@ -593,3 +596,10 @@ def _assemble(p: semantics.Problem, sums: np.ndarray, rows: _RowOutputs, grad: n
             res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
     return res
 
+
+def _checked_grad_out(grad_out: np.ndarray, p: semantics.Problem) -> np.ndarray:
+    want = _np_dtype(p.grad_dtype)
+    if (tuple(grad_out.shape) != tuple(p.input.shape) or grad_out.dtype != want
+            or not grad_out.flags.c_contiguous or not grad_out.flags.writeable):
+        raise ValueError(f"grad_out must be a writable C-contiguous {want} array of shape {tuple(p.input.shape)}")
+    return grad_out

@@ -35,8 +35,12 @@ class LossJob(Job):
         self.chunk_s = chunk_s
         self.batch_key = batch_key_for(args, max_batch_elements)
         self.cost = float(args["input"].size)
-        #: where the gradient goes when the client gave a place (shared memory), else None
+        #: where the gradient goes (the client's shared memory), else None: a pooled buffer
         self.grad_out = args.get("grad_out")
+        # The kernels write it there directly, unless it is the input's own memory (inplace_grad):
+        # they park exps in the gradient row and read the logits again after, so an aliased
+        # gradient is computed into a pooled buffer and copied over the logits at the end.
+        self._direct = self.grad_out is not None and not np.may_share_memory(self.grad_out, args["input"])
         #: row chunks of a bigger batch: its normaliser for 'mean' (the kernel scales by it)
         self.mean_of = ((args["mean_denominator"], args["mean_rows"])
                         if args.get("mean_denominator") is not None or args.get("mean_rows") is not None else None)
@@ -44,7 +48,8 @@ class LossJob(Job):
             self.batch_key = None      # one problem's scales: never coalesced
 
     def _deliver(self, result):
-        """Put the gradient where the client asked for it (shared memory)."""
+        """Put the gradient where it was asked for, when the engine computed it elsewhere (a
+        coalesced launch)."""
         if self.grad_out is not None and result.grad is not None and result.grad is not self.grad_out:
             np.copyto(self.grad_out, result.grad.reshape(self.grad_out.shape), casting="no")
             POOL.release(result.grad)
@@ -54,7 +59,7 @@ class LossJob(Job):
     def run(self, device) -> Generator[float, None, Any]:
         engine = self.engines[device.index]
         try:
-            prep = engine.prepare(**self.request)
+            prep = engine.prepare(**self.request, grad_out=self.grad_out if self._direct else None)
         except Exception as exc:
             raise classify(exc) from exc
         if self.mean_of is not None:

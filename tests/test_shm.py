@@ -112,7 +112,8 @@ def test_autograd_through_shm(server, dtype):
     torch.testing.assert_close(xs.grad.float(), xr.grad.float(), rtol=2e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,smoothing", [((64, 32000), 0.0), ((33, 4099), 0.1), ((4, 19, 8, 2), 0.0)])
+@pytest.mark.parametrize("shape,smoothing", [((64, 32000), 0.0), ((33, 4099), 0.1), ((1000, 2000), 0.1),
+                                            ((4, 19, 8, 2), 0.0)])
 def test_inplace_grad_overwrites_logits_born_in_shared_memory(server, shape, smoothing):
     rng = np.random.default_rng(3)
     x = rng.standard_normal(shape).astype(np.float32)
