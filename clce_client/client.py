@@ -67,6 +67,7 @@ _TRANSPORTS = ("auto", "shm", "tcp")
 # transport="auto" asks the server about shared memory (/v1/info) on the first call at least
 # this big; smaller calls are as fast over TCP and do not pay for the question
 _SHM_PROBE_BYTES = 1 << 18
+_SHM_INLINE_BYTES = 64 << 10
 
 
 def _nbytes(x: Any) -> int:
@@ -347,8 +348,12 @@ class _Base:
         transport: str | None = None,
         pipeline_bytes: int = pipeline.CHUNK_BYTES,
         connections: int = pipeline.CONNECTIONS,
+        shm_min_bytes: int = _SHM_INLINE_BYTES,
     ):
         self._replicas = _Replicas(_parse_urls(url))
+        #: over shared memory, calls whose input is smaller than this send their tensors inline (as
+        #: over TCP): for a few KB the copy costs nothing and the references buy nothing
+        self.shm_min_bytes = int(shm_min_bytes)
         if int(pipeline_bytes) < 0 or int(connections) < 1:
             raise ValueError("pipeline_bytes must be >= 0 and connections >= 1")
         self.pipeline_bytes = int(pipeline_bytes)    # 0: big batches go as one request
@@ -535,8 +540,10 @@ class Client(_Base):
         transport: str | None = None,
         pipeline_bytes: int = pipeline.CHUNK_BYTES,
         connections: int = pipeline.CONNECTIONS,
+        shm_min_bytes: int = _SHM_INLINE_BYTES,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport, pipeline_bytes, connections)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport, pipeline_bytes, connections,
+                         shm_min_bytes)
         self._http = httpx.Client(timeout=self.timeout)
         self._pool: Any = None     # threads that send the row chunks of big batches
 
@@ -623,7 +630,10 @@ class Client(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
-        arena = self._shm_ready(_nbytes(input))
+        nbytes = _nbytes(input)
+        arena = self._shm_ready(nbytes)
+        if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
+            arena = None
         call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
                                          label_smoothing=label_smoothing, **options), arena)
         pipe = self._pipeline(call, arena)
@@ -692,8 +702,10 @@ class AsyncClient(_Base):
         transport: str | None = None,
         pipeline_bytes: int = pipeline.CHUNK_BYTES,
         connections: int = pipeline.CONNECTIONS,
+        shm_min_bytes: int = _SHM_INLINE_BYTES,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport, pipeline_bytes, connections)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, transport, pipeline_bytes, connections,
+                         shm_min_bytes)
         self._http = httpx.AsyncClient(timeout=self.timeout)
 
     async def aclose(self) -> None:
@@ -779,7 +791,10 @@ class AsyncClient(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
-        arena = await self._ashm_ready(_nbytes(input))
+        nbytes = _nbytes(input)
+        arena = await self._ashm_ready(nbytes)
+        if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
+            arena = None
         call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
                                          label_smoothing=label_smoothing, **options), arena)
         pipe = self._pipeline(call, arena)

@@ -70,7 +70,7 @@ def test_shm_equals_tcp_and_torch(server, case):
     if case.get("ignore_index") is not None:
         t[::4] = case["ignore_index"]
     w = rng.random(c).astype(np.float32) + 0.5 if case.pop("weighted", False) else None
-    with Client(server.url, transport="shm") as cs, Client(server.url, transport="tcp") as ct:
+    with Client(server.url, transport="shm", shm_min_bytes=0) as cs, Client(server.url, transport="tcp") as ct:
         a = cs.cross_entropy(x, t, w, return_grad=True, **case)
         b = ct.cross_entropy(x, t, w, return_grad=True, **case)
         assert cs._arena is not None and ct._arena is None
@@ -118,7 +118,7 @@ def test_inplace_grad_overwrites_logits_born_in_shared_memory(server, shape, smo
     rng = np.random.default_rng(3)
     x = rng.standard_normal(shape).astype(np.float32)
     t = rng.integers(0, shape[1], (shape[0], *shape[2:]))
-    with Client(server.url, transport="shm") as c, Client(server.url, transport="tcp") as ct:
+    with Client(server.url, transport="shm", shm_min_bytes=0) as c, Client(server.url, transport="tcp") as ct:
         ref = ct.cross_entropy(x, t, return_grad=True, label_smoothing=smoothing)
         xs = c.empty(shape, np.float32)
         xs[...] = x
@@ -141,7 +141,7 @@ def test_inplace_grad_overwrites_logits_born_in_shared_memory(server, shape, smo
 
 def test_gradient_held_by_caller_is_never_overwritten(server):
     rng = np.random.default_rng(4)
-    with Client(server.url, transport="shm") as c:
+    with Client(server.url, transport="shm", shm_min_bytes=0) as c:
         x1, t1 = _batch(rng, 16, 300)
         g1 = c.cross_entropy(x1, t1, return_grad=True).grad
         keep = g1.copy()
@@ -178,7 +178,7 @@ def test_server_without_shm_means_tcp_and_shm_fails_clearly():
         with Client(srv.url) as c:
             loss = c.cross_entropy(*_batch(np.random.default_rng(0), 128, 1000))
             assert c._arena is None and np.isfinite(loss)
-        with Client(srv.url, transport="shm") as c, pytest.raises(SharedMemoryUnavailable, match="allow"):
+        with Client(srv.url, transport="shm", shm_min_bytes=0) as c, pytest.raises(SharedMemoryUnavailable, match="allow"):
             c.cross_entropy(*_batch(np.random.default_rng(0), 4, 5))
 
 
@@ -296,7 +296,7 @@ def test_registration_refuses_what_could_hurt(tenants_server):
     assert recv_frame(bad)[0]["error"]["code"] == "unauthorized"
     bad.close()
     s.sock.close()
-    with Client(srv.url, api_key=KEY_A, transport="shm") as c, pytest.raises(PayloadTooLarge):
+    with Client(srv.url, api_key=KEY_A, transport="shm", shm_min_bytes=0) as c, pytest.raises(PayloadTooLarge):
         c.cross_entropy(np.zeros((CAP // 4 // 1000 + 1, 1000), np.float32), np.zeros(CAP // 4 // 1000 + 1, np.int64))
 
 
@@ -318,7 +318,7 @@ def _wait_reclaimed(srv, timeout=10.0):
 def test_truncating_a_region_mid_request_is_impossible_and_the_server_stays_up(server):
     rng = np.random.default_rng(5)
     x, t = _batch(rng, 2048, 8000)
-    with Client(server.url, transport="shm") as c, Client(server.url, transport="tcp") as ct:
+    with Client(server.url, transport="shm", shm_min_bytes=0) as c, Client(server.url, transport="tcp") as ct:
         xs = c.empty(x.shape, np.float32)
         xs[...] = x
         region = next(iter(c._arena._live.values()))
@@ -350,7 +350,7 @@ KILLED_CLIENT = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, {repo!r})
     from clce_client import Client
-    c = Client({url!r}, transport="shm")
+    c = Client({url!r}, transport="shm", shm_min_bytes=0)
     x = np.random.default_rng(0).standard_normal((4096, 16000)).astype(np.float32)
     t = np.zeros(4096, np.int64)
     c.cross_entropy(x[:2], t[:2])
@@ -378,7 +378,7 @@ def test_client_killed_mid_request_leaves_nothing_held(server):
     shm = _wait_reclaimed(server, 30)
     assert (shm["regions"], shm["bytes"], shm["pinned"], shm["pool_held_bytes"]) == (0, 0, 0, 0), shm
     assert httpx.get(server.url + "/healthz").status_code == 200
-    with Client(server.url, transport="shm") as c:                  # and it still serves
+    with Client(server.url, transport="shm", shm_min_bytes=0) as c:                  # and it still serves
         assert np.isfinite(c.cross_entropy(*_batch(np.random.default_rng(0), 4, 5)))
 
 
