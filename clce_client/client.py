@@ -36,6 +36,7 @@ from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
     DTYPES,
     JSON,
+    first_data_offset,
     aligned_body,
     MSGPACK,
     ProtocolError,
@@ -337,6 +338,63 @@ class _BodyReader:
         return self.buf
 
 
+class _SplitReader(_BodyReader):
+    """A row chunk's answer: the gradient's bytes (the first tensor, which the server sends first)
+    go straight into `into`, that chunk's rows of the whole batch's gradient; the rest of the
+    message is kept with the gradient's bin header rewritten to an empty bin. Falls back to
+    `_BodyReader` when the answer is not shaped so (an error, another size)."""
+
+    def __init__(self, resp: httpx.Response, into: np.ndarray):
+        super().__init__(resp)
+        self.into = memoryview(into).cast("B")
+        self.split: int | None = None
+        self.kept = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        if self.split is None:
+            if self.buf is not None or self.into is None:
+                return super().add(chunk)
+            self.head += chunk
+            if self.size is None or len(self.head) < min(self.size, self._HEAD):
+                return
+            head, self.head = self.head, bytearray()
+            n = self.into.nbytes
+            off = first_data_offset(head)
+            hdr = _bin_header_len(head, off, n) if off is not None and off + n <= self.size else None
+            if hdr is None:
+                self.into = None
+                return super().add(bytes(head))
+            self.split = off
+            self.kept = bytearray(head[:off - hdr]) + b"\xc4\x00"
+            chunk = bytes(head[off:])
+            self.pos = off
+        end = self.pos + len(chunk)
+        if end > self.size:
+            raise errors.TransportError(f"response longer than its Content-Length {self.size}")
+        a, b = self.split, self.split + self.into.nbytes
+        lo, hi = max(self.pos, a), min(end, b)
+        if lo < hi:
+            self.into[lo - a:hi - a] = chunk[lo - self.pos:hi - self.pos]
+        if end > b:
+            self.kept += chunk[max(b, self.pos) - self.pos:]
+        self.pos = end
+
+    def done(self) -> Union[bytearray, np.ndarray]:
+        if self.split is None:
+            return super().done()
+        if self.pos != self.size:
+            raise errors.TransportError(f"the response ended after {self.pos} of {self.size} bytes")
+        return self.kept
+
+
+def _bin_header_len(head: Union[bytes, bytearray], off: int, n: int) -> int | None:
+    """The size of the msgpack bin header that ends at `off`, if it announces n bytes."""
+    for size, tag in ((5, 0xC6), (3, 0xC5), (2, 0xC4)):
+        if off >= size and head[off - size] == tag and int.from_bytes(head[off - size + 1:off], "big") == n:
+            return size
+    return None
+
+
 class _Base:
     def __init__(
         self,
@@ -584,18 +642,19 @@ class Client(_Base):
         return _chunks(segments, self.chunk_bytes)
 
     def _once(
-        self, method: str, url: str, segments: list[Segment] | None, nbytes: int
+        self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None
     ) -> _Response:
         headers = self._headers(nbytes if segments is not None else None)
         content = self._content(segments, nbytes)
         with self._http.stream(method, url, content=content, headers=headers) as resp:
-            reader = _BodyReader(resp)
+            reader = _BodyReader(resp) if into is None else _SplitReader(resp, into)
             for chunk in resp.iter_raw() if reader.raw else resp.iter_bytes():
                 reader.add(chunk)
             return _Response(resp.status_code, resp.headers, reader.done())
 
     def _request(
-        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0
+        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
+        into: Any = None,
     ) -> _Response:
         order = self._replicas.order()
         last: BaseException | None = None
@@ -606,7 +665,7 @@ class Client(_Base):
             i = order[attempt % len(order)]
             url = self._replicas.urls[i] + path
             try:
-                resp = self._once(method, url, segments, nbytes)
+                resp = self._once(method, url, segments, nbytes, into)
             except _RETRYABLE as exc:
                 self._replicas.mark_down(i)
                 last = exc
@@ -653,7 +712,8 @@ class Client(_Base):
         def one(item):
             i, msg = item
             segments = encode_message(msg)
-            resp = self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
+            resp = self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments),
+                                 into=pipe.grad_rows(i))
             pipe.add(i, self._chunk_answer(resp))
 
         for f in [self._pool.submit(one, item) for item in pipe.messages()]:
@@ -745,18 +805,19 @@ class AsyncClient(_Base):
         return _achunks(segments, self.chunk_bytes)
 
     async def _once(
-        self, method: str, url: str, segments: list[Segment] | None, nbytes: int
+        self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None
     ) -> _Response:
         headers = self._headers(nbytes if segments is not None else None)
         content = self._content(segments, nbytes)
         async with self._http.stream(method, url, content=content, headers=headers) as resp:
-            reader = _BodyReader(resp)
+            reader = _BodyReader(resp) if into is None else _SplitReader(resp, into)
             async for chunk in resp.aiter_raw() if reader.raw else resp.aiter_bytes():
                 reader.add(chunk)
             return _Response(resp.status_code, resp.headers, reader.done())
 
     async def _request(
-        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0
+        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
+        into: Any = None,
     ) -> _Response:
         order = self._replicas.order()
         last: BaseException | None = None
@@ -767,7 +828,7 @@ class AsyncClient(_Base):
             i = order[attempt % len(order)]
             url = self._replicas.urls[i] + path
             try:
-                resp = await self._once(method, url, segments, nbytes)
+                resp = await self._once(method, url, segments, nbytes, into)
             except _RETRYABLE as exc:
                 self._replicas.mark_down(i)
                 last = exc
@@ -804,7 +865,8 @@ class AsyncClient(_Base):
             async def one(i, msg):
                 async with sem:
                     segments = encode_message(msg)
-                    resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
+                    resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments),
+                                               into=pipe.grad_rows(i))
                 pipe.add(i, self._chunk_answer(resp))
 
             await asyncio.gather(*(one(i, m) for i, m in pipe.messages()))

@@ -97,18 +97,28 @@ class Pipeline:
             v.update(self.extra)
             yield i, request_message(v)
 
+    def grad_rows(self, i: int) -> np.ndarray | None:
+        """Where chunk i's gradient belongs: its rows of the one buffer (the client receives it
+        there directly), or None without a gradient."""
+        if not self.return_grad:
+            return None
+        a, b = self.bounds[i]
+        per = math.prod(self.x.shape[1:]) * DTYPES[self.grad_dtype]
+        return self.grad[a * per:b * per]
+
     def add(self, i: int, msg: dict[str, Any]) -> None:
-        """Chunk i's answer: its gradient goes into its rows of the one buffer now."""
+        """Chunk i's answer. Its gradient was received into its rows (an empty bin in `msg`), or
+        is copied there now."""
         if self.return_grad:
             g = msg.get("grad")
             if not isinstance(g, WireTensor):
                 raise ProtocolError("a chunk's answer has no grad")
-            a, b = self.bounds[i]
-            per = math.prod(self.x.shape[1:]) * DTYPES[self.grad_dtype]
+            rows = self.grad_rows(i)
             src = memoryview(g.data).cast("B")
-            if src.nbytes != (b - a) * per:
+            if src.nbytes != rows.nbytes and not (src.nbytes == 0 and rows.nbytes):
                 raise ProtocolError("a chunk's grad has the wrong size")
-            self.grad[a * per:b * per] = np.frombuffer(src, np.uint8)
+            if src.nbytes:
+                rows[...] = np.frombuffer(src, np.uint8)
             msg = {k: v for k, v in msg.items() if k != "grad"}
         self.answers[i] = msg
 
