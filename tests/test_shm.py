@@ -172,6 +172,15 @@ def test_selection_auto_env_and_forced(server, monkeypatch):
         Client(server.url, transport="carrier-pigeon")
 
 
+def test_small_calls_over_shm_send_their_tensors_inline(server):
+    with Client(server.url, transport="shm") as c, Client(server.url, transport="tcp") as ct:
+        x, t = _batch(np.random.default_rng(0), 64, 10)
+        a = c.cross_entropy(x, t, return_grad=True)
+        assert c._arena is not None and c._arena.stats["regions"] == 0     # nothing registered
+        b = ct.cross_entropy(x, t, return_grad=True)
+        assert a.loss.tobytes() == b.loss.tobytes() and a.grad.tobytes() == b.grad.tobytes()
+
+
 def test_server_without_shm_means_tcp_and_shm_fails_clearly():
     with ServerProcess(args=["--no-allow-shm"]) as srv:
         assert httpx.get(srv.url + "/v1/info").json()["shm"] == {"enabled": False}
