@@ -107,6 +107,6 @@ def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:
 def inflight_bytes(args: Mapping[str, Any], body_len: int) -> int:
     """What a request holds until it finishes: its body, plus the gradient it will send back."""
     x = args["input"]
-    if not args.get("return_grad") or args.get("grad_out") is not None:   # shared memory: the client's
+    if not args.get("return_grad"):
         return body_len
     return body_len + x.size * DTYPES.get(args.get("grad_dtype") or dtype_name(x.dtype), 4)

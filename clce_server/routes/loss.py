@@ -67,6 +67,7 @@ class Admission:
     body_limit: int
     record: RequestRecord
     pins: list = field(default_factory=list)   # shared-memory regions this request uses
+    shm_bytes: int = 0                          # bytes of the tensors it references there
 
 
 def unpin_all(adm: Admission) -> None:
@@ -118,7 +119,9 @@ async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Re
     # Shared-memory regions are unpinned on every path; an abandoned job's arrays still keep the
     # mapping alive (a mapped region cannot be unmapped while arrays over it exist).
     try:
-        result = await schedule(request, adm, args, body.nbytes)
+        # referenced tensors count as the request's bytes (budgets and fair shares do not depend
+        # on the transport)
+        result = await schedule(request, adm, args, body.nbytes + adm.shm_bytes)
         if result is None:                     # the client left; nobody to answer
             adm.record.outcome = "cancelled"
             unpin_all(adm)
@@ -220,7 +223,8 @@ def resolve_regions(args: dict[str, Any], adm: Admission) -> None:
     if not adm.as_msgpack:
         raise ApiError("bad_request", "shared-memory references need application/msgpack")
     # the request's size limit holds whatever the transport: what it references counts as its body
-    size = adm.record.body_bytes + sum(args[name].nbytes for name in refs)
+    adm.shm_bytes = sum(args[name].nbytes for name in refs)
+    size = adm.record.body_bytes + adm.shm_bytes
     if size > adm.body_limit:
         raise ApiError("payload_too_large", f"request of {size} bytes (with its shared-memory tensors) "
                        f"exceeds the limit of {adm.body_limit} bytes")
