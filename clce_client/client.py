@@ -36,10 +36,12 @@ from typing import Any, Union
 import httpx
 import numpy as np
 
-from . import errors
+from . import errors, pipeline
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
+    DTYPES,
     JSON,
+    first_data_offset,
     aligned_body,
     MSGPACK,
     ProtocolError,
@@ -67,6 +69,17 @@ __version__ = "0.1.0"
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(120, connect=5)
 CROSS_ENTROPY_PATH = "/v1/cross_entropy"
+_TRANSPORTS = ("auto", "shm", "tcp")
+# transport="auto" asks the server about shared memory (/v1/info) on the first call at least
+# this big; smaller calls are as fast over TCP and do not pay for the question
+_SHM_PROBE_BYTES = 1 << 18
+_SHM_INLINE_BYTES = 64 << 10
+
+
+def _nbytes(x: Any) -> int:
+    if _is_torch_tensor(x):
+        return x.numel() * x.element_size()
+    return int(getattr(x, "nbytes", 0))
 
 # Small message parts are merged into one write; large tensors are sent as slices of themselves.
 _COALESCE_BYTES = 64 * 1024
@@ -128,7 +141,9 @@ class _Call:
     """One cross_entropy call: its request message and how to turn the response into results.
     `options` are the request's options by name (clce_wire.options), as the caller gave them."""
 
-    def __init__(self, input: Any, target: Any, options: dict[str, Any]):
+    def __init__(self, input: Any, target: Any, options: dict[str, Any], arena: Any = None):
+        inplace = bool(options.pop("inplace_grad", False))
+        self.placement = None
         self.torch = _is_torch_tensor(input)
         self.input = input
         self.reduction = options.get("reduction", "mean")
@@ -152,11 +167,41 @@ class _Call:
         values["return_grad"] = self.return_grad or self.autograd
         if "grad_dtype" in values:
             values["grad_dtype"] = _wire_dtype(values["grad_dtype"])
+        if inplace and not values["return_grad"]:
+            raise ValueError("inplace_grad=True needs the gradient (return_grad, or autograd)")
+        if arena is not None:
+            self._place(arena, values, inplace)
+        elif inplace:
+            raise ValueError("inplace_grad=True needs the shared-memory transport")
+        self.values = values
         self.message = request_message(values)
+
+    def _place(self, arena: Any, values: dict[str, Any], inplace: bool) -> None:
+        """Shared memory: the tensors become references into the arena's regions (copied there
+        unless they already live in one), and the gradient gets a place (the input's own bytes
+        when `inplace`)."""
+        from .shm import Placement
+
+        wire = {k: values[k] for k in ("input", "target", "weight") if values.get(k) is not None}
+        parts = [(k, np.frombuffer(wt.data, np.uint8) if memoryview(wt.data).nbytes else None,
+                  memoryview(wt.data).nbytes) for k, wt in wire.items()]
+        x = wire["input"]
+        gdt = values.get("grad_dtype") or x.dtype
+        if inplace and gdt != x.dtype:
+            raise ValueError(f"inplace_grad=True needs grad_dtype equal to the input's ({x.dtype}), got {gdt}")
+        if values["return_grad"] and not inplace:
+            parts.append(("grad", None, int(np.prod(x.shape, dtype=np.int64)) * DTYPES[gdt]))
+        self.placement = pl = Placement(arena, parts)
+        for k, wt in wire.items():
+            values[k] = pl.ref(k, wt.dtype, wt.shape)
+        if values["return_grad"]:
+            values["grad_region"], values["grad_offset"] = pl.refs["input" if inplace else "grad"]
 
     def finish(self, msg: dict[str, Any], server_timing: dict[str, float]) -> Any:
         if "loss" not in msg:
             raise ProtocolError("the response has no loss")
+        if self.placement is not None and isinstance(msg.get("grad"), dict):   # in shared memory
+            msg["grad"] = self.placement.tensor(msg["grad"], "grad")
         if self.torch:
             ts = _torch_support()
             device = self.input.device
@@ -404,6 +449,61 @@ class _Attempts:
             raise err
         self._new_round(delay)
         return False
+class _SplitReader(_BodyReader):
+    """A row chunk's answer: the gradient's bytes (the first tensor, which the server sends first)
+    go straight into `into`, that chunk's rows of the whole batch's gradient; the rest of the
+    message is kept with the gradient's bin header rewritten to an empty bin. Falls back to
+    `_BodyReader` when the answer is not shaped so (an error, another size)."""
+
+    def __init__(self, resp: httpx.Response, into: np.ndarray):
+        super().__init__(resp)
+        self.into = memoryview(into).cast("B")
+        self.split: int | None = None
+        self.kept = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        if self.split is None:
+            if self.buf is not None or self.into is None:
+                return super().add(chunk)
+            self.head += chunk
+            if self.size is None or len(self.head) < min(self.size, self._HEAD):
+                return
+            head, self.head = self.head, bytearray()
+            n = self.into.nbytes
+            off = first_data_offset(head)
+            hdr = _bin_header_len(head, off, n) if off is not None and off + n <= self.size else None
+            if hdr is None:
+                self.into = None
+                return super().add(bytes(head))
+            self.split = off
+            self.kept = bytearray(head[:off - hdr]) + b"\xc4\x00"
+            chunk = bytes(head[off:])
+            self.pos = off
+        end = self.pos + len(chunk)
+        if end > self.size:
+            raise errors.TransportError(f"response longer than its Content-Length {self.size}")
+        a, b = self.split, self.split + self.into.nbytes
+        lo, hi = max(self.pos, a), min(end, b)
+        if lo < hi:
+            self.into[lo - a:hi - a] = chunk[lo - self.pos:hi - self.pos]
+        if end > b:
+            self.kept += chunk[max(b, self.pos) - self.pos:]
+        self.pos = end
+
+    def done(self) -> Union[bytearray, np.ndarray]:
+        if self.split is None:
+            return super().done()
+        if self.pos != self.size:
+            raise errors.TransportError(f"the response ended after {self.pos} of {self.size} bytes")
+        return self.kept
+
+
+def _bin_header_len(head: Union[bytes, bytearray], off: int, n: int) -> int | None:
+    """The size of the msgpack bin header that ends at `off`, if it announces n bytes."""
+    for size, tag in ((5, 0xC6), (3, 0xC5), (2, 0xC4)):
+        if off >= size and head[off - size] == tag and int.from_bytes(head[off - size + 1:off], "big") == n:
+            return size
+    return None
 
 
 class _Base:
@@ -415,8 +515,27 @@ class _Base:
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
         retry_budget_s: float | None = None,
+        transport: str | None = None,
+        pipeline_bytes: int = pipeline.CHUNK_BYTES,
+        connections: int = pipeline.CONNECTIONS,
+        shm_min_bytes: int = _SHM_INLINE_BYTES,
     ):
         self._replicas = _Replicas(_parse_urls(url))
+        #: over shared memory, calls whose input is smaller than this send their tensors inline (as
+        #: over TCP): for a few KB the copy costs nothing and the references buy nothing
+        self.shm_min_bytes = int(shm_min_bytes)
+        if int(pipeline_bytes) < 0 or int(connections) < 1:
+            raise ValueError("pipeline_bytes must be >= 0 and connections >= 1")
+        self.pipeline_bytes = int(pipeline_bytes)    # 0: big batches go as one request
+        self.connections = int(connections)
+        transport = transport or os.environ.get("CLCE_TRANSPORT") or "auto"
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(_TRANSPORTS)}, got {transport!r}")
+        self.transport = transport
+        self._arena: Any = None          # shm.Arena once shared memory is chosen
+        self._shm_error: BaseException | None = None
+        self._shm_decided = False
+        self._shm_lock = threading.Lock()
         self._api_key = api_key if api_key is not None else (os.environ.get("CLCE_API_KEY") or None)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         if int(retries) < 0:
@@ -486,10 +605,63 @@ class _Base:
         timing = parse_server_timing(resp.headers.get("server-timing"))
         return call.finish(decode_message(memoryview(resp.body)), timing)
 
-    def _call(self, input: Any, target: Any, **options: Any) -> tuple[_Call, list[Segment], int]:
-        call = _Call(input, target, options)
+    def _shm_choice(self, info: Any) -> None:
+        """Decide on shared memory from the server's /v1/info (once per client)."""
+        from . import shm
+
+        try:
+            if isinstance(info, BaseException):
+                raise info
+            if len(self._replicas.urls) > 1:
+                raise shm.SharedMemoryUnavailable("shared memory takes one server URL, not several replicas")
+            self._arena = shm.connect(info, self._api_key)
+        except (shm.SharedMemoryUnavailable, errors.ClceError) as exc:
+            self._shm_error = exc
+        self._shm_decided = True
+
+    def _use_arena(self) -> Any:
+        if self._arena is not None:
+            return self._arena
+        if self.transport == "shm" and self._shm_error is not None:
+            raise self._shm_error
+        return None
+
+    def _close_arena(self) -> None:
+        arena, self._arena = self._arena, None
+        if arena is not None:
+            arena.close()
+
+    def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
+        """An uninitialised array (numpy, or torch for a torch dtype) in memory shared with the
+        server: logits computed into it travel without a copy, and ``inplace_grad=True`` writes the
+        gradient over them. Without shared memory (another host, transport="tcp"), an ordinary
+        array."""
+        arena = self._shm_ready()
+        if arena is not None:
+            return arena.empty(shape, dtype)
+        if type(dtype).__module__ == "torch":
+            import torch
+
+            return torch.empty(shape, dtype=dtype)
+        return np.empty(shape, dtype)
+
+    def _call(self, input: Any, target: Any, arena: Any = None, **options: Any) -> tuple[_Call, list[Segment], int]:
+        call = _Call(input, target, options, arena)
         segments = encode_message(call.message)
         return call, segments, message_nbytes(segments)
+
+    def _pipeline(self, call: _Call, arena: Any) -> Any:
+        """The row-chunk plan for a big batch over TCP, or None (one request)."""
+        if arena is not None or not self.pipeline_bytes:
+            return None
+        return pipeline.Pipeline.plan(call.values, min_bytes=max(pipeline.MIN_BYTES, 2 * self.pipeline_bytes),
+                                      chunk_bytes=self.pipeline_bytes)
+
+    def _chunk_answer(self, resp: _Response) -> dict[str, Any]:
+        media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != MSGPACK:
+            raise ProtocolError(f"expected a {MSGPACK} response, got {media or 'none'!r}")
+        return decode_message(memoryview(resp.body))
 
 
 _CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
@@ -512,7 +684,10 @@ class Client(_Base):
     ``retry_budget_s`` (env ``CLCE_RETRY_BUDGET_S``, default 30; 0 disables) is how long 429 and
     503 answers are retried, honouring Retry-After. ``verify`` checks https servers' certificates
     as httpx does: True (system CAs), False, a CA bundle path or an ``ssl.SSLContext``.
-    ``chunk_bytes`` is the upload chunk size.
+    ``chunk_bytes`` is the upload chunk size. ``transport`` (default: env ``CLCE_TRANSPORT``, else
+    "auto"): "auto" uses shared memory when the server allows it and runs on this host (its
+    /v1/info says so), else TCP; "shm" insists on shared memory (SharedMemoryUnavailable says why
+    not); "tcp" never uses it.
     """
 
     def __init__(
@@ -524,12 +699,37 @@ class Client(_Base):
         chunk_bytes: int = 1 << 20,
         retry_budget_s: float | None = None,
         verify: Union[bool, str, os.PathLike, ssl.SSLContext] = True,
+        transport: str | None = None,
+        pipeline_bytes: int = pipeline.CHUNK_BYTES,
+        connections: int = pipeline.CONNECTIONS,
+        shm_min_bytes: int = _SHM_INLINE_BYTES,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s, transport, pipeline_bytes,
+                         connections, shm_min_bytes)
         self._http = httpx.Client(timeout=self.timeout, verify=_ssl_verify(verify))
+        self._pool: Any = None     # threads that send the row chunks of big batches
 
     def close(self) -> None:
+        self._close_arena()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         self._http.close()
+
+    def _shm_ready(self, nbytes: int | None = None) -> Any:
+        """The arena when this call goes through shared memory, else None (TCP)."""
+        if self.transport == "auto" and nbytes is not None and nbytes < _SHM_PROBE_BYTES and not self._shm_decided:
+            return None
+        if self.transport != "tcp" and not self._shm_decided:
+            with self._shm_lock:
+                if not self._shm_decided:
+                    try:
+                        info = self.info() if len(self._replicas.urls) == 1 else {}
+                    except errors.ClceError as exc:
+                        if self.transport == "shm":
+                            raise
+                        info = exc
+                    self._shm_choice(info)
+        return self._use_arena()
 
     def __enter__(self) -> Client:
         return self
@@ -546,18 +746,19 @@ class Client(_Base):
         return _chunks(segments, self.chunk_bytes)
 
     def _once(
-        self, method: str, url: str, segments: list[Segment] | None, nbytes: int
+        self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None
     ) -> _Response:
         headers = self._headers(nbytes if segments is not None else None)
         content = self._content(segments, nbytes)
         with self._http.stream(method, url, content=content, headers=headers) as resp:
-            reader = _BodyReader(resp)
+            reader = _BodyReader(resp) if into is None else _SplitReader(resp, into)
             for chunk in resp.iter_raw() if reader.raw else resp.iter_bytes():
                 reader.add(chunk)
             return _Response(resp.status_code, resp.headers, reader.done())
 
     def _request(
-        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0
+        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
+        into: Any = None,
     ) -> _Response:
         attempts = _Attempts(self)
         while True:
@@ -566,7 +767,7 @@ class Client(_Base):
                 time.sleep(delay)
             url = self._replicas.urls[i] + path
             try:
-                resp = self._once(method, url, segments, nbytes)
+                resp = self._once(method, url, segments, nbytes, into)
             except _RETRYABLE as exc:
                 attempts.connection_failed(i, exc)
                 continue
@@ -587,11 +788,36 @@ class Client(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
-        call, segments, nbytes = self._call(
-            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, **options,
-        )  # fmt: skip
-        return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes))
+        nbytes = _nbytes(input)
+        arena = self._shm_ready(nbytes)
+        if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
+            arena = None
+        call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=label_smoothing, **options), arena)
+        pipe = self._pipeline(call, arena)
+        if pipe is not None:
+            return call.finish(self._send_chunks(pipe), {})
+        segments = encode_message(call.message)
+        return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments)))
+
+    def _send_chunks(self, pipe: Any) -> dict[str, Any]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            with self._shm_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.connections, thread_name_prefix="clce-chunk")
+
+        def one(item):
+            i, msg = item
+            segments = encode_message(msg)
+            resp = self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments),
+                                 into=pipe.grad_rows(i))
+            pipe.add(i, self._chunk_answer(resp))
+
+        for f in [self._pool.submit(one, item) for item in pipe.messages()]:
+            f.result()
+        return pipe.result()
 
     cross_entropy.__doc__ = _CE_DOC
 
@@ -634,12 +860,35 @@ class AsyncClient(_Base):
         chunk_bytes: int = 1 << 20,
         retry_budget_s: float | None = None,
         verify: Union[bool, str, os.PathLike, ssl.SSLContext] = True,
+        transport: str | None = None,
+        pipeline_bytes: int = pipeline.CHUNK_BYTES,
+        connections: int = pipeline.CONNECTIONS,
+        shm_min_bytes: int = _SHM_INLINE_BYTES,
     ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s)
+        super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s, transport, pipeline_bytes,
+                         connections, shm_min_bytes)
         self._http = httpx.AsyncClient(timeout=self.timeout, verify=_ssl_verify(verify))
 
     async def aclose(self) -> None:
+        self._close_arena()
         await self._http.aclose()
+
+    def _shm_ready(self) -> Any:   # for empty(): decided by the first call
+        return self._use_arena()
+
+    async def _ashm_ready(self, nbytes: int) -> Any:
+        if self.transport == "auto" and nbytes < _SHM_PROBE_BYTES and not self._shm_decided:
+            return None
+        if self.transport != "tcp" and not self._shm_decided:
+            try:
+                info = await self.info() if len(self._replicas.urls) == 1 else {}
+            except errors.ClceError as exc:
+                if self.transport == "shm":
+                    raise
+                info = exc
+            if not self._shm_decided:
+                self._shm_choice(info)
+        return self._use_arena()
 
     close = aclose
 
@@ -657,18 +906,19 @@ class AsyncClient(_Base):
         return _achunks(segments, self.chunk_bytes)
 
     async def _once(
-        self, method: str, url: str, segments: list[Segment] | None, nbytes: int
+        self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None
     ) -> _Response:
         headers = self._headers(nbytes if segments is not None else None)
         content = self._content(segments, nbytes)
         async with self._http.stream(method, url, content=content, headers=headers) as resp:
-            reader = _BodyReader(resp)
+            reader = _BodyReader(resp) if into is None else _SplitReader(resp, into)
             async for chunk in resp.aiter_raw() if reader.raw else resp.aiter_bytes():
                 reader.add(chunk)
             return _Response(resp.status_code, resp.headers, reader.done())
 
     async def _request(
-        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0
+        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
+        into: Any = None,
     ) -> _Response:
         attempts = _Attempts(self)
         while True:
@@ -677,7 +927,7 @@ class AsyncClient(_Base):
                 await asyncio.sleep(delay)
             url = self._replicas.urls[i] + path
             try:
-                resp = await self._once(method, url, segments, nbytes)
+                resp = await self._once(method, url, segments, nbytes, into)
             except _RETRYABLE as exc:
                 attempts.connection_failed(i, exc)
                 continue
@@ -698,11 +948,27 @@ class AsyncClient(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
-        call, segments, nbytes = self._call(
-            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, **options,
-        )  # fmt: skip
-        resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes)
+        nbytes = _nbytes(input)
+        arena = await self._ashm_ready(nbytes)
+        if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
+            arena = None
+        call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=label_smoothing, **options), arena)
+        pipe = self._pipeline(call, arena)
+        if pipe is not None:
+            sem = asyncio.Semaphore(self.connections)
+
+            async def one(i, msg):
+                async with sem:
+                    segments = encode_message(msg)
+                    resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments),
+                                               into=pipe.grad_rows(i))
+                pipe.add(i, self._chunk_answer(resp))
+
+            await asyncio.gather(*(one(i, m) for i, m in pipe.messages()))
+            return call.finish(pipe.result(), {})
+        segments = encode_message(call.message)
+        resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
         return self._finish(call, resp)
 
     cross_entropy.__doc__ = _CE_DOC

@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state = ServerState(settings)
         app.state.clce = state
+        state.open_shm()
         threading.Thread(target=state.open_devices, name="clce-init", daemon=True).start()
         try:
             yield
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if state.scheduler is not None:
                 await state.scheduler.drain(settings.drain_timeout_s)
                 await asyncio.to_thread(state.scheduler.shutdown, 10.0)
+            state.close_shm()
 
     app = FastAPI(title="clce", version=__version__, lifespan=lifespan,
                   description="Remote fused cross-entropy: loss and input gradient of "

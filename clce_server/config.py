@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="PEM certificate (chain): serve https.")
     ssl_keyfile: Path | None = Field(None, description="PEM private key of --ssl-certfile.")
     ssl_keyfile_password: str | None = Field(None, description="Password of an encrypted --ssl-keyfile.")
+    allow_shm: bool | None = Field(None, description="Shared-memory transport for clients on this host "
+                                   "(docs/protocol.md). Default: on when binding loopback, else off.")
+    shm_socket: str | None = Field(None, description="Path of the shared-memory registration socket "
+                                   "(default: shm.sock in a new private directory).")
+    shm_max_bytes: int = Field(8192 * MiB, gt=0, description="Shared-memory bytes one tenant may "
+                               "register (413 above).")
 
     @field_validator("log_level")
     @classmethod
@@ -81,6 +87,12 @@ class Settings(BaseSettings):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         return self
+
+    @property
+    def shm_enabled(self) -> bool:
+        if self.allow_shm is not None:
+            return self.allow_shm
+        return self.host in ("127.0.0.1", "localhost", "::1")
 
     @property
     def device_selectors(self) -> list[str] | None:

@@ -28,6 +28,8 @@ from typing import Iterator
 import numpy as np
 import pyopencl as cl
 
+from clce_wire.options import REDUCE_BLOCK_ROWS, sum_blocks
+
 from . import semantics
 from .device import Device, as_storage
 from .errors import ArgumentError, DeviceError, is_opencl_error
@@ -61,6 +63,14 @@ class LossResult:
     z_loss: np.ndarray | None = None       # the z-loss part of `loss` (float32), when lse_square_scale > 0
     kernel_seconds: float = 0.0            # device time, from profiling events
     rows: int = 0
+    block_sums: np.ndarray | None = None   # (blocks, 4) float64 row sums per REDUCE_BLOCK_ROWS rows (finish)
+
+
+def _block_starts(row0: int, rows: int) -> np.ndarray:
+    """reduce_rows segment starts for rows [row0, row0 + rows): boundaries at whole-problem
+    multiples of REDUCE_BLOCK_ROWS, so row chunks of a batch reduce exactly as the whole batch."""
+    b = REDUCE_BLOCK_ROWS
+    return np.array([0, *range(b - row0 % b, rows, b), rows])
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -263,7 +273,9 @@ class LossEngine:
                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                 return_grad: bool = False, grad_dtype: str | None = None, return_lse: bool = False,
                 return_argmax: bool = False, lse_square_scale: float = 0.0,
-                softcap: float | None = None) -> PreparedLoss:
+                softcap: float | None = None, grad_out: np.ndarray | None = None) -> PreparedLoss:
+        """`grad_out`: where the gradient goes (the input's shape, the gradient's dtype, C-contiguous
+        and writable: e.g. shared memory, or the received body), instead of a pooled buffer."""
         p = self._check(input, target, weight, ignore_index, reduction, label_smoothing,
                         grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
         prep = PreparedLoss(p, self, bool(return_grad), bool(return_lse), bool(return_argmax))
@@ -283,7 +295,8 @@ class LossEngine:
         with _device_errors():
             try:
                 if return_grad:   # pooled: a fresh 256 MB buffer pays a page fault per 4 KB in the kernel
-                    prep.grad = POOL.empty(p.input.shape, _np_dtype(p.grad_dtype))
+                    prep.grad = (_checked_grad_out(grad_out, p) if grad_out is not None
+                                 else POOL.empty(p.input.shape, _np_dtype(p.grad_dtype)))
                 grad = as_storage(prep.grad.reshape(p.batch, -1)) if return_grad else None
                 y = as_storage(p.soft_target.reshape(p.batch, -1)) if p.soft else None
                 for n0 in range(0, p.batch, per_block):
@@ -329,15 +342,19 @@ class LossEngine:
             raise RuntimeError(f"finish() after {prep.done_rows} of {p.rows} rows")
         out = _RowOutputs.empty(p.rows, _acc_dtype(p.compute_dtype), p.reduction == "none",
                                 prep.want_lse, prep.want_argmax)
-        sums = np.zeros(4, np.float64)
         secs = prep.kernel_seconds
+        blocks = []
         with _device_errors():
             for blk in prep.blocks:
-                seg, red_secs = self._reduce(p.compute_dtype, blk, np.array([0, blk.rows]))
-                sums += seg[0]
+                seg, red_secs = self._reduce(p.compute_dtype, blk, _block_starts(blk.row0, blk.rows))
+                blocks.append(seg)
                 secs += red_secs
                 self._read_rows(blk, out)
-        return _assemble(p, sums, out, prep.grad, secs, prep.want_argmax)
+        # the block sums added in order: row chunks of a batch combine to exactly these bits
+        block_sums = np.concatenate(blocks)
+        res = _assemble(p, sum_blocks(block_sums), out, prep.grad, secs, prep.want_argmax)
+        res.block_sums = block_sums
+        return res
 
     # ---- many small requests, one launch ----
     @staticmethod
@@ -402,7 +419,12 @@ class LossEngine:
         try:
             ev = self._launch_rows(p0, blk, 0, R, grad_dtype=np.dtype(acc).name,
                                    scalars=self._scalars(p0, shared=True))
-            sums, red_secs = self._reduce(dt, blk, starts, wait_for=[ev])
+            # each request's rows in blocks, as if it ran alone: the same bits either way
+            seg = [_block_starts(0, int(starts[g + 1] - starts[g]))[:-1] + int(starts[g])
+                   for g in range(len(problems))]
+            block_sums, red_secs = self._reduce(dt, blk, np.concatenate([*seg, [R]]), wait_for=[ev])
+            first = np.cumsum([0] + [len(b) for b in seg])
+            sums = np.array([sum_blocks(block_sums[first[g]:first[g + 1]]) for g in range(len(problems))])
             self._read_rows(blk, out)
         finally:
             blk.release()
@@ -573,3 +595,11 @@ def _assemble(p: semantics.Problem, sums: np.ndarray, rows: _RowOutputs, grad: n
         if not p.soft:
             res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
     return res
+
+
+def _checked_grad_out(grad_out: np.ndarray, p: semantics.Problem) -> np.ndarray:
+    want = _np_dtype(p.grad_dtype)
+    if (tuple(grad_out.shape) != tuple(p.input.shape) or grad_out.dtype != want
+            or not grad_out.flags.c_contiguous or not grad_out.flags.writeable):
+        raise ValueError(f"grad_out must be a writable C-contiguous {want} array of shape {tuple(p.input.shape)}")
+    return grad_out

@@ -68,6 +68,11 @@ class HostPool:
         start = (-buf.ctypes.data) % ALIGN
         return buf[start:start + nbytes].view(dtype).reshape(shape)
 
+    def held_bytes(self) -> int:
+        """Bytes of pooled buffers handed out and not given back (or not yet collected)."""
+        with self._lock:
+            return sum(self._owned.values()) - self._cached
+
     def release(self, arr: np.ndarray | None) -> None:
         """Give back the pooled buffer under `arr` (no-op for arrays the pool does not own)."""
         b = arr

@@ -3,14 +3,18 @@ compatible requests share one launch through `run_batch`."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Generator
+
+import numpy as np
 
 from clce_wire import options
 from clce_wire.protocol import DTYPES, dtype_name
 
 from . import layouts
 from .errors import classify
+from .hostmem import POOL
 from .scheduler import Job
 
 # weights of more classes than this are not worth comparing byte for byte to coalesce
@@ -34,18 +38,42 @@ class LossJob(Job):
         self.chunk_s = chunk_s
         self.batch_key = batch_key_for(args, max_batch_elements) if self.restore is None else None
         self.cost = float(args["input"].size)
+        #: where the gradient goes (the client's shared memory), else None: a pooled buffer
+        self.grad_out = args.get("grad_out")
+        # The kernels write it there directly, unless it is the input's own memory (inplace_grad):
+        # they park exps in the gradient row and read the logits again after, so an aliased
+        # gradient is computed into a pooled buffer and copied over the logits at the end.
+        # A layout rewrite (classes_last / shift) computes rows of another shape: delivered after.
+        self._direct = (self.grad_out is not None and self.restore is None
+                        and not np.may_share_memory(self.grad_out, args["input"]))
+        #: row chunks of a bigger batch: its normaliser for 'mean' (the kernel scales by it)
+        self.mean_of = ((args["mean_denominator"], args["mean_rows"])
+                        if args.get("mean_denominator") is not None or args.get("mean_rows") is not None else None)
+        if self.mean_of is not None:
+            self.batch_key = None      # one problem's scales: never coalesced
+
+    def _deliver(self, result):
+        """Put the gradient where it was asked for, when the engine computed it elsewhere (a
+        coalesced launch)."""
+        if self.grad_out is not None and result.grad is not None and result.grad is not self.grad_out:
+            np.copyto(self.grad_out, result.grad.reshape(self.grad_out.shape), casting="no")
+            POOL.release(result.grad)
+            result.grad = self.grad_out
+        return result
 
     def run(self, device) -> Generator[float, None, Any]:
         engine = self.engines[device.index]
         try:
-            prep = engine.prepare(**self.request)
+            prep = engine.prepare(**self.request, grad_out=self.grad_out if self._direct else None)
         except Exception as exc:
             raise classify(exc) from exc
+        if self.mean_of is not None:
+            prep.problem = whole_batch_mean(prep.problem, *self.mean_of)
         try:
             for chunk in prep.chunks(self.chunk_s):
                 yield engine.run_chunk(prep, chunk)
             result = engine.finish(prep)
-            return result if self.restore is None else self.restore(result)
+            return self._deliver(result if self.restore is None else self.restore(result))
         except Exception as exc:
             raise classify(exc) from exc
         finally:
@@ -54,8 +82,20 @@ class LossJob(Job):
     @classmethod
     def run_batch(cls, device, jobs: Sequence["LossJob"]) -> list:
         engine = jobs[0].engines[device.index]
-        return [classify(r) if isinstance(r, BaseException) else r
-                for r in engine.cross_entropy_many([j.request for j in jobs])]
+        return [classify(r) if isinstance(r, BaseException) else j._deliver(r)
+                for j, r in zip(jobs, engine.cross_entropy_many([j.request for j in jobs]))]
+
+
+def whole_batch_mean(p, denominator: float | None, rows: int | None):
+    """`p` (a chunk of rows) with the whole batch's 'mean' normaliser, so its gradient and loss
+    partials are the whole batch's (semantics.check computes the same from a whole batch)."""
+    d = float(p.denominator if denominator is None else denominator)
+    n = int(p.valid_rows if rows is None else rows)
+    mean = p.reduction == "mean"
+    with np.errstate(divide="ignore"):
+        return dataclasses.replace(p, denominator=d, valid_rows=n,
+                                   loss_scale=float(np.float64(1.0) / d) if mean else 1.0,
+                                   z_scale=float(np.float64(1.0) / n) if mean else 1.0)
 
 
 def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:

@@ -34,6 +34,8 @@ class ServerState:
         self.draining = False
         self.init_error: str | None = None
         self.inflight_http = 0
+        self.shm_registry = None                 # shared memory (shm.py), when settings allow it
+        self.shm_server = None
 
     @staticmethod
     def _registry(s: Settings) -> TenantRegistry:
@@ -42,6 +44,19 @@ class ServerState:
         if s.tenants:
             return TenantRegistry.from_toml(s.tenants, defaults)
         return TenantRegistry.open(defaults)
+
+    def open_shm(self) -> None:
+        """The shared-memory registration socket, when the settings allow it."""
+        if not self.settings.shm_enabled:
+            return
+        from .shm import ShmRegistry, ShmServer
+
+        self.shm_registry = ShmRegistry(self.settings.shm_max_bytes)
+        self.shm_server = ShmServer(self.shm_registry, self.registry, self.settings.shm_socket)
+
+    def close_shm(self) -> None:
+        if self.shm_server is not None:
+            self.shm_server.close()
 
     @property
     def serving(self) -> bool:

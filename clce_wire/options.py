@@ -30,11 +30,17 @@ from .protocol import (
     special_float,
     tensor_from_json,
 )
+from .shm import is_ref_map, parse_ref
 
-__all__ = ["Option", "OPTIONS", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
+__all__ = ["REDUCE_BLOCK_ROWS", "mean_normaliser", "combine_partials", "Option", "OPTIONS", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
            "engine_kwargs", "shared_values", "options_doc"]
 
 _KINDS = ("tensor", "int", "float", "bool", "str")
+
+#: the loss of 'mean'/'sum' is reduced in blocks of this many rows (each summed in a fixed order
+#: on the device), the block sums then added in order in float64. Row chunks that start on a
+#: block boundary therefore combine to exactly the bits of the whole batch in one request.
+REDUCE_BLOCK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,21 @@ OPTIONS: tuple[Option, ...] = (
                "(zero gradient rows). 0 <= shift < T"),
     Option("deadline_ms", "float", None, nullable=True, gt=0.0, engine=False,
            doc="answer 504 if not done within this time"),
+    # shared memory (docs/protocol.md): tensors may also be region references (msgpack only)
+    Option("grad_region", "str", None, nullable=True, engine=False,
+           doc="shared memory: write the gradient into this registered region (the answer's grad "
+               "is then a reference to it)"),
+    Option("grad_offset", "int", 0, ge=0, engine=False,
+           doc="shared memory: byte offset of the gradient in grad_region"),
+    # pipelining (docs/protocol.md): a big batch sent as row chunks, combined bit for bit
+    Option("mean_denominator", "float", None, nullable=True, engine=False,
+           doc="row chunks of a bigger batch: the whole batch's 'mean' normaliser (summed weights "
+               "of its non-ignored targets; its rows for probability targets)"),
+    Option("mean_rows", "int", None, nullable=True, ge=0, engine=False,
+           doc="row chunks of a bigger batch: its non-ignored rows (z-loss 'mean', accuracy)"),
+    Option("return_partials", "bool", False, engine=False,
+           doc="also return partials: float64 (blocks, 3) sums of loss, z-loss and correct argmaxes "
+               f"per block of {REDUCE_BLOCK_ROWS} rows, in order"),
 )
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 REQUIRED = frozenset(o.name for o in OPTIONS if o.required)
@@ -110,6 +131,8 @@ def _parse_value(opt: Option, value: Any, json: bool) -> Any:
             return tensor_from_json(value, name=name, default_dtype=opt.json_dtype)
         if isinstance(value, WireTensor):
             return decode_tensor(value, name=name)
+        if is_ref_map(value):   # resolved into an array by the server (region checks, tenant)
+            return parse_ref(value, name=name)
         raise ProtocolError(f"{name}: expected a tensor, got {kind_of(value)}")
     if kind == "float":
         if type(value) in (int, float):
@@ -194,3 +217,53 @@ def options_doc(skip: tuple[str, ...] = ("input", "target")) -> str:
             continue
         lines.append(f"{o.name} (default {o.default!r}): {o.doc}")
     return "\n".join(lines)
+
+
+# ---- pipelining: what row chunks of one batch must agree on -------------------------------------
+
+def mean_normaliser(input_dtype: str, input_shape, target, weight, ignore_index: int) -> tuple[float, int]:
+    """The whole batch's (denominator, non-ignored rows) for 'mean', computed exactly as the
+    server does for one request (the same float64 sum of the same float32/64 weights)."""
+    import numpy as np
+
+    if tuple(target.shape) == tuple(input_shape):   # probabilities: every row counts
+        shape = tuple(input_shape)
+        rows = 1 if len(shape) == 1 else int(np.prod(shape[:1] + shape[2:], dtype=np.int64))
+        return float(rows), rows
+    t = target.reshape(-1).astype(np.int64, copy=False)
+    valid = t != ignore_index
+    n_valid = int(valid.sum())
+    if weight is None:
+        return float(n_valid), n_valid
+    w = weight.astype(np.float64 if input_dtype == "float64" else np.float32)
+    return float(np.sum(w[t[valid]], dtype=np.float64)), n_valid
+
+
+def sum_blocks(partials):
+    """The sums of block partials (blocks, k), added in order in float64 (sequentially: cumsum
+    never reorders, unlike np.sum's pairwise summation)."""
+    import numpy as np
+
+    p = np.asarray(partials, np.float64)
+    if not len(p):
+        return np.zeros(p.shape[1] if p.ndim == 2 else 3, np.float64)
+    return np.cumsum(np.vstack([np.zeros((1, p.shape[1])), p]), axis=0)[-1]
+
+
+def combine_partials(partials, reduction: str, denominator: float, rows: int, z_scale: bool,
+                     loss_dtype, *, want_accuracy: bool):
+    """loss, z_loss (or None) and accuracy (or None) from the partials of all chunks, exactly as
+    the server assembles them for one request."""
+    import numpy as np
+
+    sums = sum_blocks(partials)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if reduction == "mean":
+            main = sums[0] / np.float64(denominator)
+            z = sums[1] / np.float64(rows) if z_scale else 0.0
+        else:
+            main, z = sums[0], sums[1]
+    loss = np.array(main + z).astype(loss_dtype)
+    z_loss = np.array(z, np.float32) if z_scale else None
+    accuracy = (float(sums[2]) / rows if rows else float("nan")) if want_accuracy else None
+    return loss, z_loss, accuracy

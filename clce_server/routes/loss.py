@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,11 +25,13 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from clce_wire import fastpath, options, protocol
+from clce_wire.shm import RegionRef, ref_map
 
 from ..deps import authenticated_tenant, ready_state
 from ..errors import ApiError, ArgumentError
 from ..hostmem import POOL
 from ..jobs import LossJob, inflight_bytes
+from ..shm import view as region_view
 from ..recording import RequestRecord
 from ..state import ServerState
 from ..tenants import Tenant
@@ -46,6 +48,7 @@ class CrossEntropyResponse(BaseModel):
     argmax: list[Any] | None = None
     accuracy: float | None = None
     z_loss: float | list[Any] | None = None
+    partials: list[Any] | None = None
 
 STREAM_CHUNK = 1 << 20          # response bodies leave in 1 MiB slices: backpressure, no copies
 WATCH_DISCONNECT_BYTES = 1 << 16  # requests at least this big are cancelled when the client goes
@@ -62,6 +65,14 @@ class Admission:
     as_msgpack: bool
     body_limit: int
     record: RequestRecord
+    pins: list = field(default_factory=list)   # shared-memory regions this request uses
+    shm_bytes: int = 0                          # bytes of the tensors it references there
+
+
+def unpin_all(adm: Admission) -> None:
+    pins, adm.pins = adm.pins, []
+    for region in pins:
+        adm.state.shm_registry.unpin(region)
 
 
 async def admit(request: Request, tenant: Tenant = Depends(authenticated_tenant),
@@ -106,14 +117,24 @@ async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Re
         args = await decode(body, adm)
     except BaseException:
         POOL.release(backing)
+        unpin_all(adm)
         raise
     # From here a device thread may read the body until the job is over: it is given back to the
     # pool only with the response (a failed or abandoned job's body is left to the collector).
-    result = await schedule(request, adm, args, body.nbytes, reservation)
-    if result is None:                     # the client left; nobody to answer
-        adm.record.outcome = "cancelled"
-        return Response(status_code=499)
-    return await encode(result, args, adm, backing)
+    # Shared-memory regions are unpinned on every path; an abandoned job's arrays still keep the
+    # mapping alive (a mapped region cannot be unmapped while arrays over it exist).
+    try:
+        # referenced tensors count as the request's bytes (budgets and fair shares do not depend
+        # on the transport)
+        result = await schedule(request, adm, args, body.nbytes + adm.shm_bytes, reservation)
+        if result is None:                     # the client left; nobody to answer
+            adm.record.outcome = "cancelled"
+            unpin_all(adm)
+            return Response(status_code=499)
+        return await encode(result, args, adm, backing)
+    except BaseException:
+        unpin_all(adm)
+        raise
 
 
 def reserve_body(request: Request, adm: Admission):
@@ -198,8 +219,64 @@ async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
         raise ArgumentError(exc.error) from None
     except protocol.ProtocolError as exc:     # loads_json and decode_message raise only this
         raise ApiError("bad_request", f"malformed request: {exc}") from None
+    resolve_regions(args, adm)
     adm.record.stage("decode", time.perf_counter() - t0)
     return args
+
+
+# Tensors used where they lie in shared memory (the client may keep writing them: garbage in,
+# garbage out, never out of bounds). Class indices and weights are copied out first: they are
+# bounds-checked and then used as indices, and a client must not change them in between.
+_IN_PLACE = frozenset(("input",))
+
+
+def resolve_regions(args: dict[str, Any], adm: Admission) -> None:
+    """Replace region references (clce_wire.shm.RegionRef) by arrays over the tenant's regions,
+    checked and pinned until the response is out; map `grad_region` to `args["grad_out"]`."""
+    refs = [o.name for o in options.OPTIONS if isinstance(args.get(o.name), RegionRef)]
+    if not refs and args["grad_region"] is None:
+        return
+    registry = adm.state.shm_registry
+    if registry is None:
+        raise ApiError("bad_request", "this server does not allow shared memory (see /v1/info)")
+    if not adm.as_msgpack:
+        raise ApiError("bad_request", "shared-memory references need application/msgpack")
+    # the request's size limit holds whatever the transport: what it references counts as its body
+    adm.shm_bytes = sum(args[name].nbytes for name in refs)
+    size = adm.record.body_bytes + adm.shm_bytes
+    if size > adm.body_limit:
+        raise ApiError("payload_too_large", f"request of {size} bytes (with its shared-memory tensors) "
+                       f"exceeds the limit of {adm.body_limit} bytes")
+    pinned: dict[str, Any] = {}
+
+    def region(name: str):
+        if name not in pinned:
+            pinned[name] = registry.pin(adm.tenant.name, name)
+            adm.pins.append(pinned[name])
+        return pinned[name]
+
+    for name in refs:
+        ref = args[name]
+        arr = region_view(region(ref.region), ref, name=name)
+        if name not in _IN_PLACE and not (name == "target" and arr.dtype.kind == "f"):
+            arr = arr.copy()
+        args[name] = arr
+    args["grad_out"] = None
+    if args["grad_region"] is not None:
+        if not args["return_grad"]:
+            raise ApiError("bad_request", "grad_region needs return_grad")
+        x = args["input"]
+        gdt = args["grad_dtype"] or protocol.dtype_name(x.dtype)
+        if type(args["grad_offset"]) is not int or args["grad_offset"] < 0:
+            raise ApiError("bad_request", "grad_offset must be a non-negative integer")
+        try:
+            gref = RegionRef(gdt, tuple(x.shape), args["grad_region"], args["grad_offset"])
+            from clce_wire.shm import parse_ref
+            parse_ref(ref_map(*gref), name="grad")     # the same checks as any reference
+        except protocol.ProtocolError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+        args["grad_ref"] = gref
+        args["grad_out"] = region_view(region(gref.region), gref, name="grad")
 
 
 # ---- schedule ------------------------------------------------------------------------------------
@@ -254,7 +331,9 @@ def result_message(result, args: dict[str, Any]) -> dict[str, Any]:
     # The gradient goes first: a receiver finds its offset in the first bytes and places the
     # body so the gradient lands aligned, usable in place.
     out: dict[str, Any] = {}
-    if args["return_grad"]:
+    if args["return_grad"] and args.get("grad_ref") is not None:   # written into shared memory
+        out["grad"] = ref_map(*args["grad_ref"])
+    elif args["return_grad"]:
         out["grad"] = result.grad
     out["v"] = protocol.PROTOCOL_VERSION
     out["loss"] = result.loss
@@ -266,12 +345,18 @@ def result_message(result, args: dict[str, Any]) -> dict[str, Any]:
             out["accuracy"] = float(result.accuracy)
     if result.z_loss is not None:
         out["z_loss"] = result.z_loss
+    if args.get("return_partials"):
+        sums = result.block_sums if result.block_sums is not None else np.zeros((0, 4))
+        out["partials"] = np.ascontiguousarray(sums[:, :3], np.float64)
     return out
 
 
 async def encode(result, args: dict[str, Any], adm: Admission, backing) -> Response:
     record = adm.record
     t0 = time.perf_counter()
+    # The answer carries no bytes of a shared-memory region (the gradient is already in it, the
+    # answer names it), so the regions are let go before it is sent.
+    unpin_all(adm)
     msg = result_message(result, args)
     response = await _encoded(msg, result, adm, backing)
     record.stage("encode", time.perf_counter() - t0)
@@ -284,6 +369,7 @@ async def _encoded(msg: dict[str, Any], result, adm: Admission, backing) -> Resp
     headers = {"Server-Timing": protocol.format_server_timing({k: v * 1000 for k, v in record.timings.items()})}
     # Once the response is out, nothing refers to the body or the gradient: back to the pool.
     recycle = BackgroundTask(_recycle, backing, result.grad) if backing is not None or result.grad is not None else None
+
     if adm.as_msgpack:
         if sum(v.nbytes for v in msg.values() if isinstance(v, np.ndarray)) <= fastpath.SMALL_BYTES:
             return Response(fastpath.encode_small(msg), media_type=protocol.MSGPACK, headers=headers,

@@ -9,9 +9,11 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse, Response
 
 from clce_wire import protocol
+from clce_wire.shm import host_id
 
 from .. import __version__
 from ..deps import admin_only, ready_state, server_state, status_viewer
+from ..hostmem import POOL
 from ..state import ServerState
 
 router = APIRouter()
@@ -40,7 +42,17 @@ async def info(state: ServerState = Depends(server_state)):
         "auth_required": state.registry.auth_required,
         "limits": {"max_request_bytes": s.max_request_bytes, "max_inflight_bytes": s.max_inflight_bytes,
                    "max_queued": s.max_queued, "chunk_ms": s.chunk_ms},
+        "shm": _shm_info(state),
     }
+
+
+def _shm_info(state: ServerState) -> dict:
+    """What a client needs to decide on shared memory: whether it is allowed, the host it is on,
+    the registration socket (docs/protocol.md, "Shared memory")."""
+    if state.shm_server is None:
+        return {"enabled": False}
+    return {"enabled": True, "host_id": host_id(), "socket": state.shm_server.path,
+            **state.shm_registry.stats(), "pool_held_bytes": POOL.held_bytes()}
 
 
 @router.get("/v1/status", summary="Live scheduler state: devices, tenants, queues, throughput "

@@ -1,0 +1,318 @@
+"""Shared memory with a clce server on this host (docs/protocol.md, "Shared memory").
+
+An `Arena` holds sealed memfd regions registered with the server over its Unix socket, and reuses
+them across calls. A call puts what is not already in a region (the input, target, weight) into
+one region, asks the server to write the gradient into it, and hands the gradient back as an
+array over that region: no copy on either side. A region goes back to the arena when the last
+array over it is gone (the gradient a caller still holds is never overwritten).
+
+`Arena.empty` gives arrays (numpy, or torch with a torch dtype) that are born in shared memory:
+logits computed into one travel with no copy at all, and ``inplace_grad=True`` then writes the
+gradient over them (as Liger-Kernel does), halving the memory. Their contents are gone after it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import mmap
+import os
+import socket
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from clce_wire.protocol import ALIGN, ERROR_CODES, ProtocolError, WireTensor, numpy_dtype
+from clce_wire.shm import host_id, recv_frame, ref_map, send_frame
+
+from . import errors
+
+__all__ = ["Arena", "SharedMemoryUnavailable", "connect"]
+
+MiB = 1 << 20
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class SharedMemoryUnavailable(errors.TransportError):
+    """transport="shm" was asked for, and this client cannot share memory with the server."""
+
+
+def _server_error(err: Any) -> errors.ServerError:
+    code = err.get("code") if isinstance(err, dict) else None
+    if code not in ERROR_CODES:
+        code = "internal"
+    body = json.dumps({"error": {"code": code, "message": str(err.get("message", ""))}}).encode()
+    return errors.error_from_response(ERROR_CODES[code][0], body, "application/json")
+
+
+class _Session:
+    """The registration socket: its lifetime is the registrations' lifetime."""
+
+    def __init__(self, path: str, api_key: str | None, timeout: float = 10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.lock = threading.Lock()
+        reply = self.call({"op": "hello", "api_key": api_key})
+        self.tenant = reply.get("tenant")
+        self.max_bytes = reply.get("max_bytes")
+
+    def call(self, msg: dict, fd: int | None = None) -> dict:
+        with self.lock:
+            send_frame(self.sock, msg, fd)
+            reply, fds = recv_frame(self.sock)
+        for f in fds:
+            os.close(f)
+        if reply is None:
+            raise errors.TransportError("the server closed the shared-memory socket")
+        if not reply.get("ok"):
+            raise _server_error(reply.get("error"))
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Region:
+    __slots__ = ("name", "size", "fd", "mm", "addr", "__weakref__")
+
+    def __init__(self, name: str, size: int):
+        self.name = name
+        self.size = size
+        self.fd = os.memfd_create(f"clce-{name}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+            self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        probe = np.frombuffer(self.mm, np.uint8, count=1)
+        self.addr = probe.ctypes.data
+        del probe
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:   # arrays over it remain; the GC unmaps it with the last one
+            pass
+        os.close(self.fd)
+
+
+class Arena:
+    """Registered regions of this client, reused across calls (thread-safe)."""
+
+    def __init__(self, socket_path: str, api_key: str | None, *, max_cached_bytes: int = 4 << 30):
+        self._session = _Session(socket_path, api_key)
+        self.max_cached_bytes = max_cached_bytes
+        self._lock = threading.Lock()
+        self._free: dict[int, list[_Region]] = {}
+        self._cached = 0
+        self._live: dict[str, _Region] = {}      # name -> region in use (arrays over it exist)
+        self._all: dict[str, _Region] = {}
+        self._seq = 0
+        self._prefix = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._closed = False
+        self._to_drop: list[_Region] = []   # released by the GC: unregistered on the next acquire
+
+    # ---- regions ----
+    @staticmethod
+    def _size_class(nbytes: int) -> int:
+        return max(1, -(-nbytes // MiB)) * MiB if nbytes >= MiB else max(ALIGN, 1 << (max(nbytes, 1) - 1).bit_length())
+
+    def _new_region(self, size: int) -> _Region:
+        with self._lock:
+            self._seq += 1
+            name = f"{self._prefix}-{self._seq}"
+        region = _Region(name, size)
+        try:
+            try:
+                self._session.call({"op": "register", "name": name, "size": size}, region.fd)
+            except (errors.PayloadTooLarge, errors.Overloaded):
+                self.trim(0)           # give back what is cached, then try once more
+                self._session.call({"op": "register", "name": name, "size": size}, region.fd)
+        except BaseException:
+            region.close()
+            raise
+        with self._lock:
+            self._all[name] = region
+        return region
+
+    def _acquire(self, nbytes: int) -> tuple[np.ndarray, str]:
+        """A fresh uint8 array over a whole region of at least nbytes, and the region's name; the
+        region comes back to the arena when this array and every view of it are gone."""
+        size = self._size_class(nbytes)
+        with self._lock:
+            drop, self._to_drop = self._to_drop, []
+        for r in drop:
+            self._drop(r)
+        with self._lock:
+            if self._closed:
+                raise errors.TransportError("the client is closed")
+            free = self._free.get(size)
+            region = free.pop() if free else None
+            if region is not None:
+                self._cached -= size
+        if region is None:
+            region = self._new_region(size)
+        with self._lock:
+            self._live[region.name] = region
+        root = np.frombuffer(region.mm, np.uint8)
+        weakref.finalize(root, self._release, region)
+        return root, region.name
+
+    def _release(self, region: _Region) -> None:
+        # runs from the GC, maybe inside a socket call of this thread: no I/O here
+        with self._lock:
+            self._live.pop(region.name, None)
+            if self._closed:
+                return
+            if self._cached + region.size <= self.max_cached_bytes:
+                self._free.setdefault(region.size, []).append(region)
+                self._cached += region.size
+                return
+            self._all.pop(region.name, None)
+            self._to_drop.append(region)
+
+    def _drop(self, region: _Region) -> None:
+        try:
+            if not self._closed:
+                self._session.call({"op": "unregister", "name": region.name})
+        except (errors.ClceError, OSError):
+            pass
+        region.close()
+
+    def trim(self, keep_bytes: int = 0) -> None:
+        """Unregister cached regions beyond keep_bytes."""
+        drop = []
+        with self._lock:
+            for size in sorted(self._free, reverse=True):
+                while self._free[size] and self._cached > keep_bytes:
+                    r = self._free[size].pop()
+                    self._cached -= size
+                    self._all.pop(r.name, None)
+                    drop.append(r)
+        for r in drop:
+            self._drop(r)
+
+    def locate(self, addr: int, nbytes: int) -> tuple[str, int] | None:
+        """(region, offset) when [addr, addr + nbytes) lies in a region in use, else None."""
+        with self._lock:
+            for r in self._live.values():
+                if r.addr <= addr and addr + nbytes <= r.addr + r.size:
+                    return r.name, addr - r.addr
+        return None
+
+    # ---- arrays born in shared memory ----
+    def empty(self, shape, dtype: Any = np.float32) -> Any:
+        """An uninitialised array in shared memory: numpy for a numpy dtype, torch for a torch
+        dtype. Passed as a cross_entropy input it travels without a copy."""
+        shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        if type(dtype).__module__ == "torch":
+            import torch
+
+            from .torch_support import wire_dtype
+
+            name = wire_dtype(dtype)
+            nbytes = math.prod(shape) * dtype.itemsize
+            root, _ = self._acquire(nbytes)
+            if name == "bfloat16":
+                return torch.from_numpy(root[:nbytes].view(np.int16).reshape(shape)).view(torch.bfloat16)
+            return torch.from_numpy(root[:nbytes].view(numpy_dtype(name)).reshape(shape))
+        dt = np.dtype(dtype)
+        nbytes = math.prod(shape) * dt.itemsize
+        return self._acquire(nbytes)[0][:nbytes].view(dt).reshape(shape)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            regions = list(self._all.values()) + self._to_drop
+            self._all.clear()
+            self._free.clear()
+            self._to_drop = []
+        self._session.close()   # the server reclaims every region of this session
+        for r in regions:
+            r.close()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"regions": len(self._all), "live": len(self._live), "cached_bytes": self._cached}
+
+
+class Placement:
+    """Where one call's tensors live. `parts`: (key, array or None, nbytes) — an array already in
+    a region of the arena is used where it is; others are copied into one region for the call;
+    None reserves nbytes there (the gradient)."""
+
+    def __init__(self, arena: Arena, parts: list[tuple[str, Any, int]]):
+        self.refs: dict[str, tuple[str, int]] = {}
+        self.mem: dict[str, np.ndarray] = {}     # each part's bytes (uint8), for the answer
+        need: list[tuple[str, Any, int]] = []
+        for key, arr, nbytes in parts:
+            if arr is not None and nbytes:
+                loc = arena.locate(arr.ctypes.data, nbytes)
+                if loc is not None:
+                    self.refs[key] = loc
+                    self.mem[key] = arr.reshape(-1).view(np.uint8)
+                    continue
+            need.append((key, arr, nbytes))
+        if not need:
+            return
+        total = sum(_aligned(n) for _, _, n in need)
+        root, name = arena._acquire(total)
+        off = 0
+        for key, arr, nbytes in need:
+            mem = root[off:off + nbytes]
+            if arr is not None and nbytes:
+                mem[...] = arr.reshape(-1).view(np.uint8)
+            self.refs[key] = (name, off)
+            self.mem[key] = mem
+            off += _aligned(nbytes)
+
+    def ref(self, key: str, dtype: str, shape) -> dict[str, Any]:
+        name, off = self.refs[key]
+        return ref_map(dtype, shape, name, off)
+
+    def tensor(self, ref: Any, name: str) -> WireTensor:
+        """A WireTensor over the bytes a reference in the answer names (memory of this call)."""
+        if not isinstance(ref, dict) or set(ref) != {"dtype", "shape", "region", "offset"}:
+            raise ProtocolError(f"{name}: expected a shared-memory reference")
+        key = next((k for k, loc in self.refs.items() if loc == (ref["region"], ref["offset"])), None)
+        if key is None:
+            raise ProtocolError(f"{name}: the answer names memory this call did not give")
+        try:
+            nbytes = math.prod(ref["shape"]) * np.dtype(numpy_dtype(ref["dtype"]) if ref["dtype"] != "bfloat16"
+                                                        else np.int16).itemsize
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"{name}: {exc}") from None
+        mem = self.mem[key]
+        if nbytes > mem.nbytes:
+            raise ProtocolError(f"{name}: the answer names more bytes than this call gave")
+        return WireTensor(ref["dtype"], tuple(ref["shape"]), memoryview(mem[:nbytes]))
+
+
+def _aligned(n: int) -> int:
+    return -(-max(n, 1) // ALIGN) * ALIGN
+
+
+def connect(info: dict, api_key: str | None) -> Arena:
+    """An Arena for the server that sent /v1/info `info`; SharedMemoryUnavailable says why not."""
+    shm = info.get("shm") if isinstance(info, dict) else None
+    if not isinstance(shm, dict) or not shm.get("enabled"):
+        raise SharedMemoryUnavailable("the server does not allow shared memory (start it with --allow-shm, "
+                                      "or bind loopback)")
+    if not shm.get("host_id") or shm.get("host_id") != host_id():
+        raise SharedMemoryUnavailable("the server runs on another host")
+    path = shm.get("socket")
+    if not isinstance(path, str):
+        raise SharedMemoryUnavailable("the server reported no shared-memory socket")
+    try:
+        return Arena(path, api_key)
+    except errors.ServerError:
+        raise
+    except OSError as exc:
+        raise SharedMemoryUnavailable(f"cannot reach the server's shared-memory socket {path}: {exc}") from None
