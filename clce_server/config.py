@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     log_level: str = Field("info")
     access_log: bool = Field(True, description="Structured (JSON) access log lines on logger clce.access.")
     warmup: bool = Field(True, description="Run every start-up kernel once before reporting ready.")
+    device_threads: int | None = Field(None, ge=1, description="Threads a CPU OpenCL device (PoCL) runs "
+                                       "kernels on (default: all cores). Fewer leave cores to the event "
+                                       "loop: small tenants wait less under a flood, big batches compute slower.")
     host_pool_bytes: int = Field(1024 * MiB, ge=0, description="Bytes of large host buffers (bodies, "
                                  "gradients) kept for reuse; peak memory is about max_inflight_bytes + this.")
     # --- hostile and vanishing clients (clce_server/limits.py) ---

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -65,6 +66,10 @@ class ServerState:
     def open_devices(self) -> None:
         """Runs in a thread: open and build, warm the kernels, then start the scheduler."""
         try:
+            if self.settings.device_threads is not None:
+                # PoCL reads this when OpenCL first starts (below): its CPU device then runs kernels
+                # on this many threads, leaving the other cores to the event loop
+                os.environ["POCL_MAX_PTHREAD_COUNT"] = str(self.settings.device_threads)
             from .device import open_devices
             from .engine import LossEngine
 

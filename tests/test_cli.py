@@ -30,3 +30,21 @@ def test_bad_values_are_usage_errors(capsys):
         parse_args(["--scheduling", "lifo"])
     assert info.value.code == 2
     assert "--scheduling" in capsys.readouterr().err
+
+
+def test_device_threads_bound_the_cpu_device(tmp_path):
+    """--device-threads reaches PoCL before OpenCL starts: the CPU device reports that many units."""
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serverproc import ServerProcess
+
+    with ServerProcess(args=["--device-threads", "1"]) as srv:
+        devices = httpx.get(srv.url + "/v1/info", timeout=10).json()["devices"]
+    cpu = [d for d in devices if d["kind"] == "cpu"]
+    if not cpu:
+        pytest.skip("no CPU OpenCL device")
+    assert all(d["compute_units"] == 1 for d in cpu), cpu
