@@ -85,11 +85,6 @@ def _acc_dtype(compute_dtype: str) -> type:
     return np.float64 if compute_dtype == "float64" else np.float32
 
 
-def argument_error(error: BaseException) -> ArgumentError:
-    """ArgumentError carrying PyTorch's `error` (its type and message travel to the client)."""
-    return ArgumentError(error)
-
-
 @contextlib.contextmanager
 def _device_errors():
     """pyopencl failures (out of resources, allocation, lost device) and host memory exhaustion
@@ -289,7 +284,7 @@ class LossEngine:
         sample_bytes = max(x.shape[1] * max(x.itemsize, grad_itemsize), 1)
         per_block = dev.cl_device.max_mem_alloc_size // sample_bytes
         if per_block < 1:
-            raise argument_error(RuntimeError(
+            raise ArgumentError(RuntimeError(
                 f"one sample of {sample_bytes} bytes exceeds the OpenCL device's largest allocation "
                 f"({dev.cl_device.max_mem_alloc_size} bytes)"))
         with _device_errors():
@@ -448,9 +443,9 @@ class LossEngine:
             p = semantics.check(input, target, weight, ignore_index, reduction, label_smoothing,
                                 grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
         except Exception as exc:
-            raise argument_error(exc) from exc
+            raise ArgumentError(exc) from exc
         if "float64" in (p.compute_dtype, p.grad_dtype) and not self.device.has_fp64:
-            raise argument_error(RuntimeError(f"the OpenCL device {self.device.name!r} has no float64 support"))
+            raise ArgumentError(RuntimeError(f"the OpenCL device {self.device.name!r} has no float64 support"))
         return p
 
     def rows_per_item(self, p: semantics.Problem) -> int:

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from clce_wire import fastpath, options, protocol
-from clce_wire.shm import RegionRef, ref_map
+from clce_wire.shm import RegionRef, parse_ref, ref_map
 
 from ..deps import authenticated_tenant, ready_state
 from ..errors import ApiError, ArgumentError
@@ -271,7 +271,6 @@ def resolve_regions(args: dict[str, Any], adm: Admission) -> None:
             raise ApiError("bad_request", "grad_offset must be a non-negative integer")
         try:
             gref = RegionRef(gdt, tuple(x.shape), args["grad_region"], args["grad_offset"])
-            from clce_wire.shm import parse_ref
             parse_ref(ref_map(*gref), name="grad")     # the same checks as any reference
         except protocol.ProtocolError as exc:
             raise ApiError("bad_request", str(exc)) from None
