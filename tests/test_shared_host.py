@@ -620,7 +620,9 @@ def test_priority_levels_and_queue_policy_under_contention(tmp_path):
     flood = dict(dtype="float64", softcap=30.0, label_smoothing=0.1, threads=2)   # keeps the device backlogged
     with ServerProcess(tenants=tenants) as srv:
         specs = [spec(srv.url, "alpha", BIG, seed=50, **flood), spec(srv.url, "alpha", BIG, seed=51, **flood),
-                 spec(srv.url, "beta", BIG, seed=52, duration=4.0, **flood),
+                 # one request at a time: its queue time is then its wait behind level 2 alone,
+                 # not also behind its own previous request (tenants are FIFO within themselves)
+                 spec(srv.url, "beta", BIG, seed=52, duration=4.0, **{**flood, "threads": 1}),
                  spec(srv.url, "gamma", SMALL, seed=53, duration=4.0)]
         with Workers(specs) as w:
             w.go([0, 1])

@@ -311,7 +311,12 @@ async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_
             except BaseException:
                 pass
             return None
-    result = await submit
+    try:
+        result = await submit
+    finally:
+        # A failed task holds its exception, whose traceback holds this frame and so the task:
+        # a cycle that would keep the request's body alive until the collector ran.
+        submit = watcher = done = None
     adm.record.stage("queue", sched_timings.get("queue_s", 0.0))
     adm.record.stage("run", sched_timings.get("compute_s", 0.0))   # the job on its worker thread
     adm.record.stage("kernel", result.kernel_seconds)              # of which device time
