@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(loss.router)
     install_exception_handlers(app)
+    app.add_middleware(loss.LossLane, path=LOSS_PATH)
     app.add_middleware(RecordRequests, paths=frozenset({LOSS_PATH}))
     app.openapi = lambda: _openapi(app)
     return app
