@@ -123,16 +123,20 @@ class _RowBlock:
     @classmethod
     def allocate(cls, dev: Device, row0: int, rows: int, x: np.ndarray, target: np.ndarray | None,
                  soft_target: np.ndarray | None, weight: np.ndarray | None, grad_host: np.ndarray | None,
-                 acc: type, want_lse: bool, want_argmax: bool) -> "_RowBlock":
+                 acc: type, want_lse: bool, want_argmax: bool, in_place: bool = False) -> "_RowBlock":
         """x / soft_target / grad_host are these rows' storage (bf16 as uint16 bits); target has
-        one int32 per row."""
+        one int32 per row. `in_place`: grad_host is x's own memory, one buffer serves both."""
         b = cls(row0, rows, grad_host=grad_host)
         try:
-            b.x = _input_buffer(dev, x)
+            if in_place:
+                b.x = b.grad = cl.Buffer(dev.context, MF.READ_WRITE | MF.USE_HOST_PTR, hostbuf=x)
+            else:
+                b.x = _input_buffer(dev, x)
             b.target = _input_buffer(dev, target) if target is not None else None
             b.soft_target = _input_buffer(dev, soft_target) if soft_target is not None else None
             b.weight = _input_buffer(dev, weight) if weight is not None else None
-            b.grad = _output_buffer(dev, grad_host) if grad_host is not None else None
+            if not in_place:
+                b.grad = _output_buffer(dev, grad_host) if grad_host is not None else None
             b.row_loss = dev.pool.allocate(rows * np.dtype(acc).itemsize)
             b.row_zloss = dev.pool.allocate(rows * np.dtype(acc).itemsize)
             b.row_lse = dev.pool.allocate(rows * 4) if want_lse else None
@@ -145,7 +149,13 @@ class _RowBlock:
     def buffer_args(self) -> dict:
         return {name: getattr(self, name) for name in self._BUFFERS}
 
+    @property
+    def in_place(self) -> bool:
+        return self.grad is not None and self.grad is self.x
+
     def release(self) -> None:
+        if self.in_place:
+            self.grad = None        # the same buffer as x: released once
         for name in self._BUFFERS:
             buf = getattr(self, name)
             if buf is not None:
@@ -200,6 +210,7 @@ class PreparedLoss:
     want_argmax: bool
     blocks: list[_RowBlock] = field(default_factory=list)
     grad: np.ndarray | None = None
+    copy_to: np.ndarray | None = None      # grad_out that overlaps the input: grad goes there at finish
     kernel_seconds: float = 0.0
     done_rows: int = 0
 
@@ -270,7 +281,8 @@ class LossEngine:
                 return_argmax: bool = False, lse_square_scale: float = 0.0,
                 softcap: float | None = None, grad_out: np.ndarray | None = None) -> PreparedLoss:
         """`grad_out`: where the gradient goes (the input's shape, the gradient's dtype, C-contiguous
-        and writable: e.g. shared memory, or the received body), instead of a pooled buffer."""
+        and writable: e.g. shared memory, or the received body), instead of a pooled buffer. It
+        may be the input itself (in place, as Liger-Kernel does: the input is then gone)."""
         p = self._check(input, target, weight, ignore_index, reduction, label_smoothing,
                         grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
         prep = PreparedLoss(p, self, bool(return_grad), bool(return_lse), bool(return_argmax))
@@ -287,10 +299,24 @@ class LossEngine:
             raise ArgumentError(RuntimeError(
                 f"one sample of {sample_bytes} bytes exceeds the OpenCL device's largest allocation "
                 f"({dev.cl_device.max_mem_alloc_size} bytes)"))
+        in_place = False
+        if return_grad and grad_out is not None:
+            grad_out = _checked_grad_out(grad_out, p)
+            if dev.host_unified and np.may_share_memory(grad_out, p.input):
+                # Kernels that compute in host memory read the logits where the gradient goes.
+                # Only the row-per-item kernel is written to be safe there, and only when the two
+                # are exactly the same memory; anything else is computed aside and copied over.
+                in_place = (dev.launch.rows == "item" and p.spatial == 1
+                            and grad_out.ctypes.data == p.input.ctypes.data and grad_out.nbytes == p.input.nbytes
+                            and p.classes * np.dtype(_acc_dtype(p.compute_dtype)).itemsize
+                            <= dev.cl_device.max_mem_alloc_size)   # a scratch row fits
+                if not in_place:
+                    prep.copy_to, grad_out = grad_out, None
+            # (a device with its own memory has copied the logits before the gradient comes back)
         with _device_errors():
             try:
                 if return_grad:   # pooled: a fresh 256 MB buffer pays a page fault per 4 KB in the kernel
-                    prep.grad = (_checked_grad_out(grad_out, p) if grad_out is not None
+                    prep.grad = (grad_out if grad_out is not None
                                  else POOL.empty(p.input.shape, _np_dtype(p.grad_dtype)))
                 grad = as_storage(prep.grad.reshape(p.batch, -1)) if return_grad else None
                 y = as_storage(p.soft_target.reshape(p.batch, -1)) if p.soft else None
@@ -302,10 +328,11 @@ class LossEngine:
                         p.targets[row0:row0 + rows] if p.targets is not None else None,
                         y[n0:n1] if y is not None else None, p.weight,
                         grad[n0:n1] if grad is not None else None,
-                        _acc_dtype(p.compute_dtype), prep.want_lse, prep.want_argmax))
+                        _acc_dtype(p.compute_dtype), prep.want_lse, prep.want_argmax, in_place))
             except BaseException:
                 prep.release()
-                POOL.release(prep.grad)
+                if grad_out is None:
+                    POOL.release(prep.grad)
                 raise
         return prep
 
@@ -345,6 +372,10 @@ class LossEngine:
                 blocks.append(seg)
                 secs += red_secs
                 self._read_rows(blk, out)
+        if prep.copy_to is not None:
+            np.copyto(prep.copy_to, prep.grad, casting="no")
+            POOL.release(prep.grad)
+            prep.grad = prep.copy_to
         # the block sums added in order: row chunks of a batch combine to exactly these bits
         block_sums = np.concatenate(blocks)
         res = _assemble(p, sum_blocks(block_sums), out, prep.grad, secs, prep.want_argmax)
@@ -471,10 +502,12 @@ class LossEngine:
         items = count // per_item
         scratch = None
         acc = np.dtype(_acc_dtype(p.compute_dtype))
-        if name == "ce_rows_item" and p.spatial == 1 and blk.grad is not None and grad_dtype != acc.name:
-            # A gradient narrower than the accumulators cannot hold pass 1's exps: give each
-            # work-item a scratch row instead, and run few work-items that loop over the rows
-            # (one exp per element instead of two).
+        if name == "ce_rows_item" and p.spatial == 1 and blk.grad is not None and (grad_dtype != acc.name
+                                                                                    or blk.in_place):
+            # A gradient narrower than the accumulators cannot hold pass 1's exps, and one that is
+            # the logits' own memory must not before pass 2 has read them: give each work-item a
+            # scratch row instead, and run few work-items that loop over the rows (one exp per
+            # element instead of two).
             row_bytes = p.classes * acc.itemsize
             n = min(items, launch.scratch_items_per_cu * dev.cl_device.max_compute_units,
                     dev.cl_device.max_mem_alloc_size // row_bytes)

@@ -87,7 +87,10 @@ class HostPool:
             if self._cached + cls > self.max_cached_bytes:
                 del self._owned[id(b)]      # let it go; the GC frees it
                 return
-            self._free.setdefault(cls, []).append(b)
+            free = self._free.setdefault(cls, [])
+            if any(f is b for f in free):   # already back (a gradient written over its body)
+                return
+            free.append(b)
             self._cached += cls
 
 

@@ -40,12 +40,10 @@ class LossJob(Job):
         self.cost = float(args["input"].size)
         #: where the gradient goes (the client's shared memory), else None: a pooled buffer
         self.grad_out = args.get("grad_out")
-        # The kernels write it there directly, unless it is the input's own memory (inplace_grad):
-        # they park exps in the gradient row and read the logits again after, so an aliased
-        # gradient is computed into a pooled buffer and copied over the logits at the end.
-        # A layout rewrite (classes_last / shift) computes rows of another shape: delivered after.
-        self._direct = (self.grad_out is not None and self.restore is None
-                        and not np.may_share_memory(self.grad_out, args["input"]))
+        # The kernels write it there directly, also when it is the input's own memory (in place:
+        # the engine reads each logit before writing its gradient). A layout rewrite
+        # (classes_last / shift) computes rows of another shape: delivered after.
+        self._direct = self.grad_out is not None and self.restore is None
         #: row chunks of a bigger batch: its normaliser for 'mean' (the kernel scales by it)
         self.mean_of = ((args["mean_denominator"], args["mean_rows"])
                         if args.get("mean_denominator") is not None or args.get("mean_rows") is not None else None)
@@ -113,6 +111,6 @@ def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:
 def inflight_bytes(args: Mapping[str, Any], body_len: int) -> int:
     """What a request holds until it finishes: its body, plus the gradient it will send back."""
     x = args["input"]
-    if not args.get("return_grad"):
+    if not args.get("return_grad") or args.get("grad_out") is x:   # none, or written over the body
         return body_len
     return body_len + x.size * DTYPES.get(args.get("grad_dtype") or dtype_name(x.dtype), 4)

@@ -14,6 +14,11 @@
  *           cancellation.
  * The second pass reads the row again, which on a CPU comes from cache for any realistic C.
  *
+ * In place (ce_rows_item): `grad` may be `x` itself (the engine passes one buffer for both, and a
+ * scratch row, so pass 1 parks its exps there). Every element is read before it is written:
+ * pass 1 only reads, pass 2 reads z_j before it writes g_j, the true-class logit is read before
+ * pass 2, an ignored row's lse before its zeros.
+ *
  * Math (z = logits after the optional soft-cap, lse = log sum_j exp z_j, p = softmax(z),
  * eps = label smoothing, w = class weights (all ones when absent), W = sum_j w_j):
  *
@@ -232,14 +237,14 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
 
     if (row_amax) row_amax[r] = row_argmax(xr, S, C);
     if (!valid) {                               /* ignored row: zero loss and gradient */
-        if (gr) for (uint j = 0; j < C; ++j) STORE1(gr, j * S, 0);
         acc_t lse = 0, m = 0;
-        if (row_lse) {                          /* lse still asked for: one pass */
+        if (row_lse) {                          /* lse still asked for: one pass (before the zeros) */
             acc_t s = 0;
             m = -ACC_INF;
             for (uint j = 0; j < C; ++j) { acc_t v = cap1(LOAD1(xr, j * S), cap); ONLINE1(m, s, v); }
             lse = m + LOG(s);
         }
+        if (gr) for (uint j = 0; j < C; ++j) STORE1(gr, j * S, 0);
         write_row(row_loss, row_zloss, row_lse, r, 0, m, lse, 0, zcoef);
         return;
     }
@@ -309,6 +314,7 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
     /* lse = m + lsum; differences use (x - m) and lsum separately, as PyTorch's log_softmax
      * does, so logits of 1e4 lose nothing to the rounding of lse */
     const acc_t lsum = LOG(s), lse = m + lsum;
+    const acc_t zt = yr ? (acc_t)0 : cap1(LOAD1(xr, (ulong)t * S), cap);   /* before pass 2 writes it */
 
     /* ---- per-row constants of the gradient: g_j = p_j K - b_j ---- */
     const acc_t wt = yr ? (acc_t)0 : (weight ? weight[t] : (acc_t)1);
@@ -375,7 +381,6 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
     if (yr) {
         loss = sum2;
     } else {
-        const acc_t zt = cap1(LOAD1(xr, (ulong)t * S), cap);
         loss = soft_hi * wt * ((m - zt) + lsum);
         if (smooth) loss += soft_lo * sum2;
         if (gr) {   /* true class, formed in full precision and rounded once */
@@ -404,8 +409,8 @@ __kernel void ce_rows_item(__global const in_t *x,        /* logits */
                            const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
     const ulong gid = get_global_id(0), items = get_global_size(0);
     for (ulong r = row0 + gid; r < row0 + nrows; r += items) {
-#if CAN_STASH
-        __global acc_t *stash = (grad && S == 1) ? (__global acc_t *)grad + r * C : 0;
+#if CAN_STASH   /* the gradient row, unless the engine gave scratch rows (in place: grad == x) */
+        __global acc_t *stash = (grad && S == 1) ? (scratch ? scratch + gid * (ulong)C : (__global acc_t *)grad + r * C) : 0;
 #else
         __global acc_t *stash = (grad && scratch && S == 1) ? scratch + gid * (ulong)C : 0;
 #endif

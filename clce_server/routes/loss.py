@@ -29,6 +29,7 @@ from clce_wire.shm import RegionRef, parse_ref, ref_map
 
 from ..deps import authenticated_tenant, ready_state
 from ..errors import ApiError, ArgumentError
+from .. import layouts
 from ..hostmem import POOL
 from ..jobs import LossJob, inflight_bytes
 from ..shm import view as region_view
@@ -253,8 +254,27 @@ async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
     except protocol.ProtocolError as exc:     # loads_json and decode_message raise only this
         raise ApiError("bad_request", f"malformed request: {exc}") from None
     resolve_regions(args, adm)
+    if adm.as_msgpack and args.get("grad_out") is None:
+        args["grad_out"] = gradient_over_body(args, body)
     adm.record.stage("decode", time.perf_counter() - t0)
     return args
+
+
+def gradient_over_body(args: dict[str, Any], body: np.ndarray) -> np.ndarray | None:
+    """The logits' own bytes in the received body, when the gradient can be written over them
+    (engine.prepare: each logit is read before its gradient is written) and sent from there: the
+    server then holds one copy of a large request's payload, not two. None: a buffer of its own
+    (no gradient asked for, another dtype, or a layout the job rewrites into other rows)."""
+    x = args["input"]
+    if not args["return_grad"] or layouts.wanted(args) or not isinstance(x, np.ndarray):
+        return None
+    if (args["grad_dtype"] or protocol.dtype_name(x.dtype)) != protocol.dtype_name(x.dtype):
+        return None
+    start, end = body.ctypes.data, body.ctypes.data + body.nbytes
+    if not (x.flags.c_contiguous and x.flags.writeable and start <= x.ctypes.data
+            and x.ctypes.data + x.nbytes <= end):
+        return None
+    return x
 
 
 # Tensors used where they lie in shared memory (the client may keep writing them: garbage in,
@@ -405,7 +425,11 @@ async def _encoded(msg: dict[str, Any], result, adm: Admission, backing) -> Resp
     record.stage("total", time.perf_counter() - record.started)
     headers = {"Server-Timing": protocol.format_server_timing({k: v * 1000 for k, v in record.timings.items()})}
     # Once the response is out, nothing refers to the body or the gradient: back to the pool.
-    recycle = BackgroundTask(_recycle, backing, result.grad) if backing is not None or result.grad is not None else None
+    # (A gradient written over the body is the body's buffer: given back once, with the body.)
+    grad = result.grad
+    if grad is not None and backing is not None and np.may_share_memory(grad, backing):
+        grad = None
+    recycle = BackgroundTask(_recycle, backing, grad) if backing is not None or grad is not None else None
 
     if adm.as_msgpack:
         if sum(v.nbytes for v in msg.values() if isinstance(v, np.ndarray)) <= fastpath.SMALL_BYTES:
