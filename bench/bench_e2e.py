@@ -319,11 +319,12 @@ def _vm(pid: int, key: str) -> int:
 
 
 def bench_rss(server_args, out_dir: Path, shape=(2048, 32000), calls: int = 3) -> dict:
-    """The server's memory per transport, a fresh server each: the peak of its private (anonymous)
-    RSS during `calls` calls, sampled every millisecond, over its value after a small warm-up call.
-    Private memory is what a request costs the server; pages of a client's shared-memory region
-    that the server touches also count in its VmRSS/VmHWM (as RssShmem), but they are the
-    client's memory, held once for both, so VmHWM is reported too, not judged."""
+    """The server's memory per transport, a fresh server each, over its value after a small
+    warm-up call. Over TCP: the peak of its whole RSS (VmHWM) during `calls` calls; its bodies and
+    gradients are anonymous shared mappings (hostmem.py), so they count as RssShmem, not RssAnon.
+    On shared memory: the peak of its private (anonymous) RSS, sampled every millisecond, since
+    pages of the client's region that the server touches also count in its VmHWM, but they are the
+    client's memory, held once for both (VmHWM is reported too, not judged)."""
     import threading
 
     import torch
@@ -362,7 +363,7 @@ def bench_rss(server_args, out_dir: Path, shape=(2048, 32000), calls: int = 3) -
             th.join()
             hwm = _vm(pid, "VmHWM")
         res[name] = {"baseline_anon_bytes": base_anon, "peak_anon_bytes": peak[0],
-                     "peak_over_baseline_bytes": peak[0] - base_anon,
+                     "peak_over_baseline_bytes": peak[0] - base_anon if name == "shm" else hwm - base_rss,
                      "vmhwm_over_baseline_bytes": hwm - base_rss, "payload_bytes": int(x.numel()) * 4}
     return res
 
@@ -377,7 +378,7 @@ def report_transports(doc: dict, out_dir: Path, targets: list) -> None:
                        "ratio = time / local torch fp32 fwd+bwd", headers, rows)
     rss = doc.get("peak_rss")
     if rss:
-        print("server peak private RSS over its warm baseline (2048x32000 fp32, payload "
+        print("server peak RSS over its warm baseline (shm: private; tcp: VmHWM) (2048x32000 fp32, payload "
               f"{next(iter(rss.values()))['payload_bytes'] / 1e6:.0f} MB): " + ", ".join(
                   f"{k} {v['peak_over_baseline_bytes'] / 1e6:.0f} MB ({v['peak_over_baseline_bytes'] / v['payload_bytes']:.2f}x)"
                   for k, v in rss.items())
