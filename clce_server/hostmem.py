@@ -88,7 +88,10 @@ class HostPool:
                 del self._owned[id(b)]      # let it go; the GC frees it
                 return
             free = self._free.setdefault(cls, [])
-            if any(f is b for f in free):   # already back (a gradient written over its body)
+            # Already back: a second release is ignored. Only a sequential one: a buffer handed out
+            # again in between cannot be told apart, so callers give each buffer back once
+            # (routes/loss.py skips a gradient that shares its body's buffer).
+            if any(f is b for f in free):
                 return
             free.append(b)
             self._cached += cls
