@@ -13,7 +13,6 @@ import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import pyopencl as cl
@@ -87,11 +86,8 @@ KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "re
 
 
 def kernel_source(name: str) -> str:
-    """The text of kernels/<name>: from the installed package, else from the source tree."""
-    try:
-        return importlib.resources.files("clce_server.kernels").joinpath(name).read_text()
-    except (ModuleNotFoundError, FileNotFoundError):
-        return (Path(__file__).resolve().parent.parent / "kernels" / name).read_text()
+    """The text of clce_server/kernels/<name>: package data, the same in a checkout and a wheel."""
+    return importlib.resources.files("clce_server").joinpath("kernels", name).read_text()
 
 
 def device_kind(dev: cl.Device) -> str:
