@@ -60,6 +60,8 @@ class ServerProcess:
         env: Mapping[str, str | None] | None = None,
         tenants: str | os.PathLike | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
+        command: Sequence[str] | None = None,
+        cwd: str | os.PathLike | None = None,
     ):
         self.host = "127.0.0.1"
         self.args = list(args)
@@ -67,6 +69,9 @@ class ServerProcess:
             self.args += ["--tenants", str(tenants)]
         self.env_overrides = dict(env or {})
         self.ready_timeout = ready_timeout
+        # what starts the server: this checkout's by default, or e.g. an installed `clce-server`
+        self.command = list(command) if command is not None else [sys.executable, "-m", "clce_server"]
+        self.cwd = cwd if cwd is not None else REPO
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self._log_file = None
@@ -104,10 +109,9 @@ class ServerProcess:
             self._log_file = tempfile.NamedTemporaryFile(
                 "w+", prefix=f"clce-server-{self.port}-", suffix=".log", delete=False
             )
-            cmd = [sys.executable, "-m", "clce_server", "--host", self.host,
-                   "--port", str(self.port), *self.args]  # fmt: skip
+            cmd = [*self.command, "--host", self.host, "--port", str(self.port), *self.args]
             self.proc = subprocess.Popen(
-                cmd, cwd=REPO, env=self._environ(), stdout=self._log_file,
+                cmd, cwd=self.cwd, env=self._environ(), stdout=self._log_file,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
             try:
