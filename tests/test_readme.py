@@ -35,7 +35,10 @@ def test_setup_commands_are_the_ones_ci_runs():
     assert len(cmds) == 2
     ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
     assert cmds[1].strip() in ci
+    # the run command, in its two parts (CI starts the server in the background and checks it)
     assert cmds[0].strip().startswith("scripts/setup.sh server")
+    for part in cmds[0].split("&&"):
+        assert part.strip() in ci
 
 
 def test_python_examples_run(server, tmp_path):
