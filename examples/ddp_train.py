@@ -10,6 +10,7 @@ reference: the losses and the all-reduced gradients must agree at every step.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -78,9 +79,9 @@ def worker(rank, port, url, out):
             loss.backward()                                       # DDP all-reduces here
             results[name] = (loss.detach(), [p.grad.clone() for p in ddp.parameters()])
             opt.step()
-        (lc, gc), (ll, gl) = results["clce"], results["local"]
+        (lc, grads_clce), (ll, grads_local) = results["clce"], results["local"]
         worst_loss = max(worst_loss, abs(lc.item() - ll.item()) / abs(ll.item()))
-        worst_grad = max(worst_grad, max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(gc, gl)))
+        worst_grad = max(worst_grad, max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads_clce, grads_local)))
     # the all-reduce left every rank with the same gradients: check it across ranks too
     flat = torch.cat([p.grad.reshape(-1) for p in runs["clce"][0].parameters()])
     gathered = [torch.empty_like(flat) for _ in range(WORLD)]
@@ -91,6 +92,13 @@ def worker(rank, port, url, out):
             json.dump({"integration": "ddp", "world_size": WORLD, "steps": STEPS, "max_rel_loss_dev": worst_loss,
                        "max_rel_grad_dev": worst_grad, "ranks_agree": same}, f)
     client.close()
+    # Teardown in this order, or a rank can hang for good: ProcessGroupGloo's destructor holds the
+    # GIL while it waits for its work queue to drain, and a gloo worker that still has to drop a
+    # Python tensor needs the GIL. The barrier drains every rank's queue; dropping the DDP models
+    # (their reducers hold the group and its buckets) lets the group go with nothing pending.
+    dist.barrier()
+    del runs, ddp, opt, results, gathered, flat
+    gc.collect()
     dist.destroy_process_group()
 
 

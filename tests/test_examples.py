@@ -13,6 +13,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+from processes import run_tree  # noqa: E402
 from serverproc import REPO, server_fixture  # noqa: E402
 
 server = server_fixture()
@@ -42,8 +43,8 @@ def test_example_runs_and_tracks_the_local_loss(server, name):
             pytest.skip(f"{module} is not installed")
     env = {**os.environ, "CLCE_URL": server.url, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / name)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    # its own process group, killed whole on a timeout: DDP's ranks must not outlive the test
+    proc = run_tree([sys.executable, str(REPO / "examples" / name)], cwd=REPO, env=env, timeout=240)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert len(lines) == 1, proc.stdout
