@@ -62,6 +62,7 @@ class ServerProcess:
         ready_timeout: float = READY_TIMEOUT_S,
         command: Sequence[str] | None = None,
         cwd: str | os.PathLike | None = None,
+        port: int | None = None,
     ):
         self.host = "127.0.0.1"
         self.args = list(args)
@@ -72,7 +73,9 @@ class ServerProcess:
         # what starts the server: this checkout's by default, or e.g. an installed `clce-server`
         self.command = list(command) if command is not None else [sys.executable, "-m", "clce_server"]
         self.cwd = cwd if cwd is not None else REPO
-        self.port: int | None = None
+        # a fixed port (a restart behind a load balancer keeps its address), else a free one
+        self.fixed_port = port
+        self.port: int | None = port
         self.proc: subprocess.Popen | None = None
         self._log_file = None
 
@@ -105,7 +108,7 @@ class ServerProcess:
         # The port is chosen before the server binds it; another process could take it in
         # between, which shows as an early exit ("address already in use"): try another one.
         for attempt in range(3):
-            self.port = free_port(self.host)
+            self.port = self.fixed_port or free_port(self.host)
             self._log_file = tempfile.NamedTemporaryFile(
                 "w+", prefix=f"clce-server-{self.port}-", suffix=".log", delete=False
             )
@@ -120,7 +123,7 @@ class ServerProcess:
             except ServerStartError:
                 log = self.log()
                 self.stop()
-                if attempt < 2 and "address already in use" in log.lower():
+                if attempt < 2 and self.fixed_port is None and "address already in use" in log.lower():
                     continue
                 raise
         raise AssertionError("unreachable")
