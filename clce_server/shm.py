@@ -388,7 +388,9 @@ def create_socket(path: str | None, *, group: int | None = None,
         except OSError as exc:
             os.unlink(path)
             raise ShmSocketError(f"--shm-socket {path}: cannot set its group or mode ({exc})") from None
-        sock.listen(128)
+        # a deep backlog: a flood of connections queues in the kernel (no descriptor of ours) instead
+        # of refusing a well-behaved client's connect with EAGAIN before the loop gets to it
+        sock.listen(1024)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -568,6 +570,8 @@ class ShmServer:
                 self._pause_accept()
                 return
             self._backoff = 0.0
+            if self._reserve is None:
+                self._take_reserve()
             self._admit(sock)
 
     def _pause_accept(self) -> None:
@@ -595,10 +599,13 @@ class ShmServer:
             self.refusals += 1
             _send_now(sock, _error("queue_full", "the server is out of descriptors; try again later"))
             sock.close()
+        self._take_reserve()
+
+    def _take_reserve(self) -> None:
         try:
             self._reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            self.descriptors.give(1)      # taken again on close; not counted meanwhile
+            pass                          # taken again after the next accept that succeeds
 
     def _admit(self, sock: socket.socket) -> None:
         try:
