@@ -505,10 +505,10 @@ def run_shm_session(path: str, key: str, session: dict, frame_timeout: float) ->
             finally:
                 for fd in fds:
                     os.close(fd)
-            if not ok:
-                res.answers["closed-after-error" if broke else "closed"] += 1
-                if not broke:
-                    res.findings.append("closed without an answer")
+            if not ok:     # closed: the answers not read yet must say why (an error frame among them)
+                for _ in range(unread + 1):
+                    if not expect(True):
+                        break
                 return res
             if framing == "short-length":
                 # the rest of its bytes start a frame of their own: whatever the answers, no hang
