@@ -62,7 +62,10 @@ class _Session:
 
     def call(self, msg: dict, fd: int | None = None) -> dict:
         with self.lock:
-            send_frame(self.sock, msg, fd)
+            try:
+                send_frame(self.sock, msg, fd)
+            except (BrokenPipeError, ConnectionResetError):
+                pass    # a server refusing this connection answered and closed it: read why below
             reply, fds = recv_frame(self.sock)
         for f in fds:
             os.close(f)

@@ -60,6 +60,30 @@ class Settings(BaseSettings):
                                    "(default: shm.sock in a new private directory).")
     shm_max_bytes: int = Field(8192 * MiB, gt=0, description="Shared-memory bytes one tenant may "
                                "register (413 above).")
+    # --- the registration socket on a shared host (clce_server/shm.py; docs/protocol.md) ---
+    shm_socket_group: str | None = Field(None, description="Group (name or gid) given the registration "
+                                         "socket, which is created 0660: its members may connect. Default: "
+                                         "the server's own group.")
+    shm_allowed_uids: str | None = Field(None, description="Comma-separated uids (or user names) allowed on "
+                                         "the registration socket, checked with SO_PEERCRED on every "
+                                         "connection. Without --shm-socket-group the socket is then created "
+                                         "0666 and this list is the gate.")
+    shm_max_total_bytes: int = Field(32768 * MiB, gt=0, description="Shared-memory bytes all tenants "
+                                     "together may register (429 above).")
+    shm_max_regions: int = Field(4096, ge=1, description="Regions all tenants together may register, "
+                                 "each one mapping and one descriptor (429 above).")
+    shm_max_regions_per_tenant: int = Field(256, ge=1, description="Regions one tenant may register (429 above).")
+    shm_max_connections: int = Field(256, ge=1, description="Connections to the registration socket at "
+                                     "once; one more is answered with an error frame and closed.")
+    shm_max_connections_per_uid: int = Field(64, ge=1, description="Connections to the registration socket "
+                                             "from one uid (SO_PEERCRED) at once.")
+    shm_max_descriptors: int = Field(1024, ge=16, description="Descriptors the registration service may "
+                                     "hold (connections and regions); it also keeps an eighth of the "
+                                     "process's RLIMIT_NOFILE free for everything else.")
+    shm_hello_timeout_s: float = Field(5.0, gt=0, description="A new registration connection must "
+                                       "authenticate (hello) within this time.")
+    shm_frame_timeout_s: float = Field(5.0, gt=0, description="A registration frame must arrive whole "
+                                       "this long after its first byte, and its answer be read within it.")
 
     @field_validator("log_level")
     @classmethod
@@ -91,6 +115,20 @@ class Settings(BaseSettings):
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         return self
 
+    @field_validator("shm_allowed_uids")
+    @classmethod
+    def _uids(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_uids(v)
+        return v
+
+    @field_validator("shm_socket_group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_gid(v)
+        return v
+
     @property
     def shm_enabled(self) -> bool:
         if self.allow_shm is not None:
@@ -102,3 +140,36 @@ class Settings(BaseSettings):
         if not self.device:
             return None
         return [s.strip() for s in self.device.split(",") if s.strip()] or None
+
+
+def parse_uids(text: str) -> frozenset[int]:
+    """The uids of a comma-separated list of uids and user names."""
+    import pwd
+
+    uids = set()
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item.isdigit():
+            uids.add(int(item))
+            continue
+        try:
+            uids.add(pwd.getpwnam(item).pw_uid)
+        except KeyError:
+            raise ValueError(f"no user {item!r}") from None
+    if not uids:
+        raise ValueError("expected uids or user names, comma-separated")
+    return frozenset(uids)
+
+
+def parse_gid(text: str) -> int:
+    """The gid of a group name or number."""
+    import grp
+
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"no group {text!r}") from None

@@ -7,7 +7,6 @@ readiness) or answered by an exception handler are recorded by the same one path
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -18,10 +17,12 @@ from .state import ServerState
 
 access_log = logging.getLogger("clce.access")
 
-# Request ids: unique per process start, cheap to make (uuid4 reads the OS's random source, a
-# measurable share of a small request).
-_ID_PREFIX = os.urandom(5).hex() + "-"
-_ids = itertools.count(1)
+
+def new_request_id() -> str:
+    """64 random bits from the OS, per request: a counter would tell a tenant how many requests
+    everyone else sent between two of its own."""
+    return os.urandom(8).hex()
+
 
 # outcome label by status, where the stages did not name one
 _OUTCOME_BY_STATUS = {200: "ok", 401: "unauthorized", 413: "too_large", 429: "rejected", 499: "cancelled",
@@ -57,7 +58,7 @@ class RecordRequests:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         state: ServerState = scope["app"].state.clce
-        record = RequestRecord(f"{_ID_PREFIX}{next(_ids):x}")
+        record = RequestRecord(new_request_id())
         scope.setdefault("state", {})["clce_request"] = record
         status, sent, send_started = 500, 0, None
 

@@ -50,10 +50,14 @@ class ServerState:
         """The shared-memory registration socket, when the settings allow it."""
         if not self.settings.shm_enabled:
             return
-        from .shm import ShmRegistry, ShmServer
+        from .config import parse_gid, parse_uids
+        from .shm import ShmLimits, ShmRegistry, ShmServer
 
-        self.shm_registry = ShmRegistry(self.settings.shm_max_bytes)
-        self.shm_server = ShmServer(self.shm_registry, self.registry, self.settings.shm_socket)
+        s = self.settings
+        self.shm_registry = ShmRegistry(ShmLimits.from_settings(s))
+        self.shm_server = ShmServer(self.shm_registry, self.registry, s.shm_socket,
+                                    group=parse_gid(s.shm_socket_group) if s.shm_socket_group else None,
+                                    allowed_uids=parse_uids(s.shm_allowed_uids) if s.shm_allowed_uids else None)
 
     def close_shm(self) -> None:
         if self.shm_server is not None:

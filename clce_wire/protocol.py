@@ -46,6 +46,7 @@ __all__ = [
     "aligned_body",
     "encode_tensor",
     "decode_tensor",
+    "check_tensor_shape",
     "encode_message",
     "message_nbytes",
     "decode_message",
@@ -256,6 +257,16 @@ def encode_tensor(array: Any) -> WireTensor:
     return WireTensor(name, shape, data)
 
 
+def check_tensor_shape(dtype: Any, shape: Any, name: str) -> tuple[int, ...]:
+    """The one check every tensor's dtype and shape passes before anything is allocated or
+    viewed, whether its bytes came inline or lie in shared memory (clce_wire.shm.parse_ref): a
+    known dtype; at most MAX_DIMS non-negative 64-bit sizes; a storage size that does not
+    overflow as PyTorch counts it; and, for an empty tensor, sizes numpy can still describe."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ProtocolError(f"{name}: unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    return _check_shape(shape, name, DTYPES[dtype])
+
+
 def _check_shape(shape: Any, name: str, itemsize: int = 1) -> tuple[int, ...]:
     if not isinstance(shape, (list, tuple)):
         raise ProtocolError(f"{name}: shape must be a list of integers, got {type(shape).__name__}")
@@ -265,6 +276,7 @@ def _check_shape(shape: Any, name: str, itemsize: int = 1) -> tuple[int, ...]:
         if type(d) is not int or d < 0 or d > INT64_MAX:
             raise ProtocolError(f"{name}: shape {list(shape)!r} must hold non-negative 64-bit integers")
     _check_storage_size(shape, itemsize)
+    _check_numpy_size(shape, itemsize, name)
     return tuple(shape)
 
 
@@ -282,14 +294,24 @@ def _check_storage_size(shape: Any, itemsize: int) -> None:
         raise RefusedArgument(RuntimeError(f"Storage size calculation overflowed with sizes={list(shape)}"))
 
 
+def _check_numpy_size(shape: Any, itemsize: int, name: str) -> None:
+    """numpy caps what an empty array may claim lower than torch does: the item size times the
+    product of the non-zero sizes must fit in its intp ("array is too big"). Only an empty tensor
+    can get here with such a shape (a non-empty one failed the storage check)."""
+    nbytes = itemsize
+    for d in shape:
+        if d:
+            nbytes *= d
+    if nbytes > INT64_MAX:
+        raise ProtocolError(f"{name}: empty tensor of shape {list(shape)} is too big for numpy")
+
+
 def decode_tensor(wt: Any, *, name: str = "tensor") -> np.ndarray:
     """A numpy array over the tensor's bytes (no copy; writable when the bytes are)."""
     if not isinstance(wt, tuple) or len(wt) != 3:
         raise ProtocolError(f"{name}: expected a tensor {{dtype, shape, data}}")
     dtype_str, shape, data = wt
-    if not isinstance(dtype_str, str) or dtype_str not in DTYPES:
-        raise ProtocolError(f"{name}: unknown dtype {dtype_str!r}; supported: {', '.join(DTYPES)}")
-    shape = _check_shape(shape, name, DTYPES[dtype_str])
+    shape = check_tensor_shape(dtype_str, shape, name)
     dtype = numpy_dtype(dtype_str)
     mv = _byte_view(data, name)
     need = math.prod(shape) * DTYPES[dtype_str]
@@ -303,11 +325,8 @@ def decode_tensor(wt: Any, *, name: str = "tensor") -> np.ndarray:
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray:
-    # numpy caps the product of the dimensions (zeros included) lower than torch does
-    try:
-        return np.empty(shape, dtype=dtype)
-    except ValueError:
-        raise ProtocolError(f"{name}: empty tensor of shape {list(shape)} is too big for numpy") from None
+    # the shape passed _check_numpy_size; a JSON tensor's inferred shape is small
+    return np.empty(shape, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,7 +760,10 @@ def tensor_from_json(
     elif math.prod(shape) != len(flat):
         raise ProtocolError(f"{name}: {len(flat)} values for shape {list(shape)}")
     arr = _json_array(flat, dtype, name)
-    return arr.reshape(shape) if arr.size else _empty(shape, arr.dtype, name)
+    if arr.size:
+        return arr.reshape(shape)
+    # the dtype may have been inferred only now: the shape is checked with its real item size
+    return _empty(check_tensor_shape(dtype_name(arr.dtype), shape, name), arr.dtype, name)
 
 
 def _json_floats(value: Any) -> Any:

@@ -23,15 +23,17 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from .protocol import DTYPES, MAX_DIMS, ProtocolError
+from .protocol import DTYPES, MAX_DIMS, ProtocolError, check_tensor_shape
 
 __all__ = ["RegionRef", "parse_ref", "ref_map", "is_ref_map", "check_region_name", "REGION_NAME",
-           "host_id", "send_frame", "recv_frame", "MAX_FRAME", "SEALS_REQUIRED"]
+           "host_id", "send_frame", "recv_frame", "encode_frame", "decode_frame", "FRAME_HEADER", "MAX_FRAME",
+           "SEALS_REQUIRED"]
 
 #: a region's name: a name, never a path
 REGION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_FRAME = 1 << 16
-_LEN = struct.Struct(">I")
+#: a frame's header: the length of the msgpack map that follows
+FRAME_HEADER = _LEN = struct.Struct(">I")
 _REF_KEYS = frozenset(("dtype", "shape", "region", "offset"))
 _U64_MAX = (1 << 64) - 1
 
@@ -39,9 +41,10 @@ try:
     import fcntl as _fcntl
 
     #: seals a region must carry before a server maps it: it can never shrink under the mapping
-    SEALS_REQUIRED = _fcntl.F_SEAL_SHRINK
+    #: (no SIGBUS), and never grow past the size the server charged its tenant for
+    SEALS_REQUIRED = _fcntl.F_SEAL_SHRINK | _fcntl.F_SEAL_GROW
 except (ImportError, AttributeError):   # not Linux
-    SEALS_REQUIRED = 0x0002
+    SEALS_REQUIRED = 0x0002 | 0x0004
 
 
 class RegionRef(NamedTuple):
@@ -71,19 +74,13 @@ def parse_ref(value: Any, *, name: str) -> RegionRef:
     """A RegionRef from its wire map, with every number checked (sizes are Python ints: no overflow)."""
     if not isinstance(value, Mapping) or value.keys() != _REF_KEYS:
         raise ProtocolError(f"{name}: a region reference has exactly the keys dtype, shape, region, offset")
-    dtype, shape, offset = value["dtype"], value["shape"], value["offset"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ProtocolError(f"{name}: unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
-        raise ProtocolError(f"{name}: shape must be a list of at most {MAX_DIMS} integers")
-    for d in shape:
-        if type(d) is not int or not 0 <= d <= _U64_MAX:
-            raise ProtocolError(f"{name}: shape {list(shape)!r} must hold non-negative integers")
+    dtype, offset = value["dtype"], value["offset"]
+    shape = check_tensor_shape(dtype, value["shape"], name)   # the same check as inline tensors
     if type(offset) is not int or not 0 <= offset <= _U64_MAX:
         raise ProtocolError(f"{name}: offset must be a non-negative integer, got {offset!r}")
     if offset % DTYPES[dtype]:
         raise ProtocolError(f"{name}: offset {offset} is not a multiple of the {dtype} item size")
-    return RegionRef(dtype, tuple(shape), check_region_name(value["region"], f"{name}.region"), offset)
+    return RegionRef(dtype, shape, check_region_name(value["region"], f"{name}.region"), offset)
 
 
 def ref_map(dtype: str, shape, region: str, offset: int) -> dict[str, Any]:
@@ -102,9 +99,26 @@ def host_id() -> str:
 
 # ---- the Unix socket's frames: a 4-byte big-endian length, a msgpack map, and maybe one fd ----
 
-def send_frame(sock: socket.socket, msg: Mapping[str, Any], fd: int | None = None) -> None:
+def encode_frame(msg: Mapping[str, Any]) -> bytes:
     data = msgpack.packb(dict(msg), use_bin_type=True)
-    frame = _LEN.pack(len(data)) + data
+    return _LEN.pack(len(data)) + data
+
+
+def decode_frame(body: bytes | bytearray) -> dict[str, Any]:
+    """The map a frame's body holds (without its header); ProtocolError if it is not one. Small
+    limits: a frame holds a few scalars, never a big container or any bin."""
+    try:
+        msg = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True, max_bin_len=0,
+                              max_array_len=MAX_DIMS, max_map_len=16)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable frame: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("a frame must be a map")
+    return msg
+
+
+def send_frame(sock: socket.socket, msg: Mapping[str, Any], fd: int | None = None) -> None:
+    frame = encode_frame(msg)
     if fd is None:
         sock.sendall(frame)
     else:
@@ -141,14 +155,7 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
         body = bytearray()
         if not _recv_exact(sock, n, body):
             raise ProtocolError("connection closed inside a frame")
-        try:
-            msg = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True, max_bin_len=0,
-                                  max_array_len=MAX_DIMS, max_map_len=16)
-        except Exception as exc:
-            raise ProtocolError(f"undecodable frame: {exc}") from None
-        if not isinstance(msg, dict):
-            raise ProtocolError("a frame must be a map")
-        return msg, fds
+        return decode_frame(body), fds
     except BaseException:
         for fd in fds:
             os.close(fd)

@@ -1,7 +1,9 @@
 """Grammar-aware fuzzing of the service: hypothesis strategies that build near-valid requests at
 three layers (the msgpack and JSON grammars of docs/protocol.md, and HTTP/1.1 framing), and the
 checks every answer must pass. Used by tests/test_service_fuzz.py (bounded) and by
-scripts/fuzz_service.py (for as long as you like).
+scripts/fuzz_service.py (for as long as you like); the shared-memory registration socket's
+sessions (`shm_sessions`, `run_shm_session`, at the end) by tests/test_shm_fuzz.py and
+scripts/fuzz_service.py --shm.
 
 The invariant: whatever arrives, the server answers it (never a dropped connection unless the
 framing itself is broken, and then with uvicorn's 400 first), never with a 5xx, always with the
@@ -10,9 +12,15 @@ framing itself is broken, and then with uvicorn's 400 first), never with a 5xx, 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import socket
 import struct
+import tempfile
+import time
+from collections import Counter
 
 import msgpack
 import numpy as np
@@ -260,3 +268,271 @@ def check_error_body(status: int, ctype: str, content: bytes) -> None:
     assert set(body) >= {"error"} and {"code", "message"} <= set(body["error"]), body
     assert body["error"]["code"] in protocol.ERROR_CODES, body
     assert protocol.ERROR_CODES[body["error"]["code"]][0] == status, (status, body)
+
+
+# --- the shared-memory registration socket (docs/protocol.md, "Shared memory") -------------------
+#
+# A session is a list of steps on one real connection: frames (ops and fields from the protocol,
+# values at the edges, the map sometimes damaged or its length lying) with 0, 1 or 2 real
+# descriptors attached (memfds of every seal set and size, read-only and write-only reopenings,
+# hugetlb, a pipe, a file, the session's own socket), sent whole, in pieces, or left unfinished
+# (the peer stalls past the frame deadline, or dies), answers read or not. The invariant: every
+# whole frame is answered ({"ok": true} or an error frame with a known code), a peer is closed only
+# after an error frame says why (or when it left a frame unfinished or its answers unread), and
+# the server goes on serving everyone else.
+
+SHM_OPS = ["register", "register", "register", "unregister", "ping", "hello", "nope", ""]
+SHM_NAMES = ["r0", "r1", "r2", "a.b-c_d", "", "../x", "x" * 65, None, 7]
+_SEAL_BITS = [fcntl.F_SEAL_SHRINK, fcntl.F_SEAL_GROW, fcntl.F_SEAL_WRITE, getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10),
+              fcntl.F_SEAL_SEAL]
+SHM_FD_KINDS = ["memfd", "memfd", "memfd", "memfd", "rdonly", "wronly", "hugetlb", "pipe", "file", "own-socket"]
+SHM_SIZES = [0, 1, 4095, 4096, 65536, 1 << 20]
+
+
+@st.composite
+def shm_descriptor(draw):
+    kind = draw(st.sampled_from(SHM_FD_KINDS))
+    seals = sum(b for b in _SEAL_BITS if draw(st.integers(0, 3)))    # each seal with probability 3/4
+    return {"kind": kind, "size": draw(st.sampled_from(SHM_SIZES)), "seals": seals}
+
+
+@st.composite
+def shm_frames(draw):
+    op = draw(st.sampled_from(SHM_OPS))
+    msg: dict = {"op": op} if draw(st.integers(0, 9)) else {}
+    fd = draw(st.lists(shm_descriptor(), max_size=2)) if op == "register" or not draw(st.integers(0, 7)) else []
+    if op in ("register", "unregister"):
+        msg["name"] = draw(st.sampled_from(SHM_NAMES))
+    if op == "register":
+        # the size: the memfd's own (usually), or a lie at an edge
+        msg["size"] = draw(st.one_of(st.just("actual"), st.just("actual"), st.just("actual+1"),
+                                     st.sampled_from([0, -1, 1, 2**63, 2**64 - 1, "4096", None, 1.5])))
+    if op == "hello":
+        msg["api_key"] = draw(st.sampled_from(["<key>", "<key>", "wrong-key", None, 7]))
+    for key in draw(st.lists(st.sampled_from(["extra", "api_key", "size"]), max_size=1)):
+        msg.setdefault(key, draw(msgpack_scalars))
+    return {"msg": msg, "fds": fd,
+            "framing": draw(st.sampled_from(["whole"] * 12 + ["pieces", "stall", "die", "damaged", "long-header",
+                                                              "short-length", "not-a-map"])),
+            "read": draw(st.integers(0, 7)) > 0}
+
+
+@st.composite
+def shm_sessions(draw):
+    """A session on the registration socket: usually a valid hello first, then frames."""
+    hello = draw(st.sampled_from(["valid"] * 6 + ["wrong", "none", "skip", "with-fd"]))
+    return {"hello": hello, "frames": draw(st.lists(shm_frames(), max_size=6)),
+            "end": draw(st.sampled_from(["close", "close", "shutdown", "linger"]))}
+
+
+def make_descriptor(spec: dict, own_socket: int) -> int:
+    """A real descriptor as `spec` describes it (the caller closes it)."""
+    kind, size, seals = spec["kind"], spec["size"], spec["seals"]
+    if kind == "pipe":
+        r, w = os.pipe()
+        os.close(w)
+        return r
+    if kind == "file":
+        f = tempfile.TemporaryFile()
+        f.write(b"x" * min(size, 4096))
+        fd = os.dup(f.fileno())
+        f.close()
+        return fd
+    if kind == "own-socket":
+        return os.dup(own_socket)
+    flags = os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC | (os.MFD_HUGETLB if kind == "hugetlb" else 0)
+    try:
+        fd = os.memfd_create("fuzz", flags)
+    except OSError:
+        fd = os.memfd_create("fuzz", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size if kind != "hugetlb" else max(size, 1) + (2 << 20) - 1 & ~((2 << 20) - 1))
+    except OSError:
+        pass
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except OSError:
+        pass
+    if kind in ("rdonly", "wronly"):
+        new = os.open(f"/proc/self/fd/{fd}", (os.O_RDONLY if kind == "rdonly" else os.O_WRONLY) | os.O_CLOEXEC)
+        os.close(fd)
+        fd = new
+    return fd
+
+
+class ShmSessionResult:
+    def __init__(self):
+        self.frames = 0
+        self.answers: Counter = Counter()   # "ok", error codes, "closed", "closed-after-error", ...
+        self.findings: list[str] = []
+
+
+def _read_frame(sock: socket.socket, timeout: float) -> dict | None | str:
+    """One answer frame, None at EOF, "timeout" if none came."""
+    sock.settimeout(timeout)
+    try:
+        head = b""
+        while len(head) < 4:
+            chunk = sock.recv(4 - len(head))
+            if not chunk:
+                return None
+            head += chunk
+        (n,) = struct.unpack(">I", head)
+        body = b""
+        while len(body) < n:
+            chunk = sock.recv(n - len(body))
+            if not chunk:
+                return None
+            body += chunk
+        return msgpack.unpackb(body, raw=False)
+    except socket.timeout:
+        return "timeout"
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+
+
+def check_shm_answer(reply) -> str | None:
+    """The answer's label, or None when it is not a well-formed answer."""
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        return None
+    if reply["ok"]:
+        return "ok"
+    err = reply.get("error")
+    if not isinstance(err, dict) or err.get("code") not in protocol.ERROR_CODES or not isinstance(err.get("message"), str):
+        return None
+    return err["code"]
+
+
+def run_shm_session(path: str, key: str, session: dict, frame_timeout: float) -> ShmSessionResult:
+    """Play `session` on a fresh connection to the socket at `path`; what came back, and findings."""
+    from clce_wire.shm import encode_frame
+
+    res = ShmSessionResult()
+    wait = frame_timeout + 3.0
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(wait)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        res.answers[f"connect:{errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+        return res
+    broke = False            # an error frame may end the connection from here on
+    unread = 0
+
+    def expect(after_whole_frame: bool) -> bool:
+        """Read one answer; False when the connection is over."""
+        nonlocal broke
+        reply = _read_frame(sock, wait)
+        if reply == "timeout":
+            res.findings.append("no answer to a whole frame" if after_whole_frame else "no answer to a stalled frame")
+            return False
+        if reply is None:
+            res.answers["closed-after-error" if broke else "closed"] += 1
+            if not broke:
+                res.findings.append("closed without an answer")
+            return False
+        label = check_shm_answer(reply)
+        if label is None:
+            res.findings.append(f"malformed answer {reply!r}"[:300])
+            return False
+        res.answers[label] += 1
+        if label != "ok":
+            broke = True     # an error may be a rule break: the server may close after it
+        return True
+
+    def send(data: bytes, fds: list[int]) -> bool:
+        try:
+            if fds:
+                n = socket.send_fds(sock, [data], fds)
+                if n < len(data):
+                    sock.sendall(data[n:])
+            else:
+                sock.sendall(data)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        except socket.timeout:
+            res.findings.append("the server stopped reading a peer that reads its answers")
+            return False
+
+    try:
+        hello = session["hello"]
+        if hello != "skip":
+            msg = {"op": "hello", "api_key": {"valid": key, "wrong": "wrong-key", "none": None}.get(hello, key)}
+            fds = [make_descriptor({"kind": "memfd", "size": 4096, "seals": 6}, sock.fileno())] if hello == "with-fd" else []
+            res.frames += 1
+            ok = send(encode_frame(msg), fds)
+            for fd in fds:
+                os.close(fd)
+            if not ok or not expect(True):
+                return res
+        for frame in session["frames"]:
+            msg = dict(frame["msg"])
+            if msg.get("api_key") == "<key>":
+                msg["api_key"] = key
+            fds = [make_descriptor(spec, sock.fileno()) for spec in frame["fds"]]
+            try:
+                actual = os.fstat(fds[0]).st_size if fds else 4096
+            except OSError:
+                actual = 4096
+            if msg.get("size") == "actual":
+                msg["size"] = actual
+            elif msg.get("size") == "actual+1":
+                msg["size"] = actual + 1
+            data = encode_frame(msg)
+            framing = frame["framing"]
+            if framing == "damaged":
+                data = data[:4] + bytes(b ^ 0x5A for b in data[4:])
+            elif framing == "long-header":
+                data = struct.pack(">I", 1 << 24) + data[4:]
+            elif framing == "short-length":
+                data = struct.pack(">I", max(0, len(data) - 5)) + data[4:]
+            elif framing == "not-a-map":
+                body = msgpack.packb([1, 2, 3])
+                data = struct.pack(">I", len(body)) + body
+            res.frames += 1
+            try:
+                if framing in ("stall", "die"):
+                    sent = send(data[: max(1, len(data) // 2)], fds)
+                    if framing == "die" or not sent:
+                        return res
+                    expect(False)              # the frame deadline: answered, then closed
+                    return res
+                if framing == "pieces":
+                    ok = send(data[:3], fds) and send(data[3:], [])
+                else:
+                    ok = send(data, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if not ok:     # closed: the answers not read yet must say why (an error frame among them)
+                for _ in range(unread + 1):
+                    if not expect(True):
+                        break
+                return res
+            if framing == "short-length":
+                # the rest of its bytes start a frame of their own: whatever the answers, no hang
+                if not expect(True):
+                    return res
+                broke = True
+                continue
+            if frame["read"]:
+                for _ in range(unread + 1):
+                    if not expect(True):
+                        return res
+                unread = 0
+            else:
+                unread += 1
+        for _ in range(unread):
+            if not expect(True):
+                return res
+        if session["end"] == "shutdown":
+            sock.shutdown(socket.SHUT_WR)
+            reply = _read_frame(sock, wait)
+            if reply not in (None,):
+                res.findings.append(f"an answer after the peer said it was done: {reply!r}"[:300])
+        elif session["end"] == "linger":
+            time.sleep(0.05)
+        return res
+    finally:
+        sock.close()
