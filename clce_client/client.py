@@ -17,6 +17,13 @@ their nature: the client tries another replica, or waits for Retry-After (with j
 turned away together do not return together), within ``retry_budget_s`` (env
 ``CLCE_RETRY_BUDGET_S``, default 30 s; 0 raises at once), then raises the last error. Resending is
 always safe: a request is a pure function of its body, so a retry can never count twice.
+
+A restart costs no call. A replica that has answered this client and then refuses connections is
+taken to be restarting, and is waited for (with backoff) within ``retry_budget_s``. Over shared
+memory, a new server instance (the registration socket closed, a region unknown to the server,
+or /v1/info naming another instance_id) gets the arena's regions registered again, under the same
+names and with the same memory, and the call is repeated; a region unknown to the same instance
+is a real NotFound.
 """
 
 from __future__ import annotations
@@ -262,6 +269,8 @@ class _Replicas:
         self.urls = urls
         self._next = itertools.count()
         self._down_until = [0.0] * len(urls)
+        #: replicas that have answered this client: one of them refusing connections is restarting
+        self.answered = [False] * len(urls)
 
     def order(self) -> list[int]:
         n = len(self.urls)
@@ -409,21 +418,30 @@ class _Attempts:
         self.pending = (self.order[0], delay)
 
     def connection_failed(self, i: int, exc: BaseException) -> None:
+        """A connection refused or dropped. Beyond ``retries`` such failures, the request goes on
+        only while a replica that has answered this client before is among the failed ones: that
+        server exists and is restarting, and is waited for with backoff within the budget (a URL
+        that never answered fails after ``retries``, as a typo should)."""
         self.replicas.mark_down(i)
         self.last = exc
         self.tried.append(i)
         self.connection_failures += 1
-        if self.connection_failures > self.client.retries:
+        over = self.connection_failures > self.client.retries
+        if over and not any(self.replicas.answered[j] for j in self.tried):
             return
         nxt = self._next_replica()
         if nxt is not None:
             self.pending = (nxt, 0.0)
-        else:
-            self._new_round(self.client._backoff(self.rounds + 1))
+            return
+        delay = self.client._backoff(self.rounds + 1)
+        if over and time.monotonic() + delay - self.started > self.client.retry_budget_s:
+            return
+        self._new_round(delay)
 
     def answered(self, resp: _Response, i: int) -> bool:
         """True when `resp` is the answer. Raises a non-transient error status (and a transient
         one once retrying is over); False when `next()` has another try."""
+        self.replicas.answered[i] = True
         if resp.status < 400:
             self.replicas.mark_up(i)
             return True
@@ -536,6 +554,7 @@ class _Base:
         self._shm_error: BaseException | None = None
         self._shm_decided = False
         self._shm_lock = threading.Lock()
+        self._instance_id: str | None = None   # /v1/info's instance_id, last seen (one replica)
         self._api_key = api_key if api_key is not None else (os.environ.get("CLCE_API_KEY") or None)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         if int(retries) < 0:
@@ -625,6 +644,46 @@ class _Base:
         if self.transport == "shm" and self._shm_error is not None:
             raise self._shm_error
         return None
+
+    def _arena_outdated(self, arena: Any) -> bool:
+        """The server holding the arena's registrations has gone: its socket closed, or /v1/info
+        (asked by anyone through this client) named another instance."""
+        return arena.lost() or (self._instance_id is not None and self._instance_id != arena.instance_id)
+
+    def _note_info(self, doc: Any) -> Any:
+        if isinstance(doc, dict) and isinstance(doc.get("instance_id"), str) and len(self._replicas.urls) == 1:
+            self._instance_id = doc["instance_id"]
+        return doc
+
+    def _move_arena(self, arena: Any, info: Any, cause: BaseException) -> None:
+        """After a call over shared memory met a closed registration socket or an unknown region:
+        re-register the arena with the instance that sent /v1/info `info`. When that instance is
+        the one already holding the registrations (same id, socket open), the region really is
+        unknown to it: `cause` is raised. When the new instance cannot share memory, "auto" goes
+        on over TCP and "shm" raises why. Does Unix-socket I/O (the async client runs it in a
+        thread)."""
+        from . import shm
+
+        if isinstance(info, dict) and info.get("instance_id") == arena.instance_id and not arena.lost():
+            raise cause
+        try:
+            shm.reconnect(arena, info)
+        except shm.SharedMemoryUnavailable as exc:
+            self._arena, self._shm_error = None, exc
+            arena.close()
+            if self.transport == "shm":
+                raise
+
+    def _renewal_due(self, exc: BaseException, call: Any, arena: Any, deadline: float) -> bool:
+        """Whether `exc`, raised by a call over `arena`, is the sign of a server restart that
+        moving the arena can repair (within the retry budget)."""
+        from . import shm
+
+        if arena is None or time.monotonic() > deadline:
+            return False
+        if isinstance(exc, shm.ArenaLost):
+            return True
+        return isinstance(exc, errors.NotFound) and call is not None and call.placement is not None
 
     def _close_arena(self) -> None:
         arena, self._arena = self._arena, None
@@ -729,7 +788,18 @@ class Client(_Base):
                             raise
                         info = exc
                     self._shm_choice(info)
-        return self._use_arena()
+        arena = self._use_arena()
+        if arena is not None and self._arena_outdated(arena):
+            from .shm import ArenaLost
+
+            self._renew_arena(arena, arena.generation, ArenaLost("the server restarted"))
+            arena = self._use_arena()
+        return arena
+
+    def _renew_arena(self, arena: Any, generation: int, cause: BaseException) -> None:
+        with self._shm_lock:
+            if arena is self._arena and arena.generation == generation:   # else another call did it
+                self._move_arena(arena, self.info(), cause)
 
     def __enter__(self) -> Client:
         return self
@@ -788,17 +858,28 @@ class Client(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
+        options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                       label_smoothing=label_smoothing, **options)
         nbytes = _nbytes(input)
-        arena = self._shm_ready(nbytes)
-        if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
-            arena = None
-        call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                         label_smoothing=label_smoothing, **options), arena)
-        pipe = self._pipeline(call, arena)
-        if pipe is not None:
-            return call.finish(self._send_chunks(pipe), {})
-        segments = encode_message(call.message)
-        return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments)))
+        deadline = time.monotonic() + self.retry_budget_s
+        while True:
+            arena = self._shm_ready(nbytes)
+            if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
+                arena = None
+            generation = arena.generation if arena is not None else 0
+            call = None
+            try:
+                call = _Call(input, target, dict(options), arena)
+                pipe = self._pipeline(call, arena)
+                if pipe is not None:
+                    return call.finish(self._send_chunks(pipe), {})
+                segments = encode_message(call.message)
+                resp = self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
+                return self._finish(call, resp)
+            except errors.ClceError as exc:
+                if not self._renewal_due(exc, call, arena, deadline):
+                    raise
+                self._renew_arena(arena, generation, exc)
 
     def _send_chunks(self, pipe: Any) -> dict[str, Any]:
         from concurrent.futures import ThreadPoolExecutor
@@ -823,7 +904,7 @@ class Client(_Base):
 
     def info(self) -> dict[str, Any]:
         """The server's /v1/info document (version, devices, limits)."""
-        return self._json_or_msgpack(self._request("GET", "/v1/info"))
+        return self._note_info(self._json_or_msgpack(self._request("GET", "/v1/info")))
 
     def _probe(self, path: str) -> bool:
         for i in self._replicas.order():
@@ -868,6 +949,7 @@ class AsyncClient(_Base):
         super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s, transport, pipeline_bytes,
                          connections, shm_min_bytes)
         self._http = httpx.AsyncClient(timeout=self.timeout, verify=_ssl_verify(verify))
+        self._renewing: asyncio.Lock | None = None
 
     async def aclose(self) -> None:
         self._close_arena()
@@ -888,7 +970,21 @@ class AsyncClient(_Base):
                 info = exc
             if not self._shm_decided:
                 self._shm_choice(info)
-        return self._use_arena()
+        arena = self._use_arena()
+        if arena is not None and self._arena_outdated(arena):
+            from .shm import ArenaLost
+
+            await self._renew_arena(arena, arena.generation, ArenaLost("the server restarted"))
+            arena = self._use_arena()
+        return arena
+
+    async def _renew_arena(self, arena: Any, generation: int, cause: BaseException) -> None:
+        if self._renewing is None:
+            self._renewing = asyncio.Lock()
+        async with self._renewing:
+            if arena is self._arena and arena.generation == generation:   # else another call did it
+                info = await self.info()
+                await asyncio.to_thread(self._move_arena, arena, info, cause)
 
     close = aclose
 
@@ -948,34 +1044,44 @@ class AsyncClient(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
+        options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                       label_smoothing=label_smoothing, **options)
         nbytes = _nbytes(input)
-        arena = await self._ashm_ready(nbytes)
-        if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
-            arena = None
-        call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                         label_smoothing=label_smoothing, **options), arena)
-        pipe = self._pipeline(call, arena)
-        if pipe is not None:
-            sem = asyncio.Semaphore(self.connections)
+        deadline = time.monotonic() + self.retry_budget_s
+        while True:
+            arena = await self._ashm_ready(nbytes)
+            if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
+                arena = None
+            generation = arena.generation if arena is not None else 0
+            call = None
+            try:
+                call = _Call(input, target, dict(options), arena)
+                pipe = self._pipeline(call, arena)
+                if pipe is not None:
+                    sem = asyncio.Semaphore(self.connections)
 
-            async def one(i, msg):
-                async with sem:
-                    segments = encode_message(msg)
-                    resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments),
-                                               into=pipe.grad_rows(i))
-                pipe.add(i, self._chunk_answer(resp))
+                    async def one(i, msg):
+                        async with sem:
+                            segments = encode_message(msg)
+                            resp = await self._request("POST", CROSS_ENTROPY_PATH, segments,
+                                                       message_nbytes(segments), into=pipe.grad_rows(i))
+                        pipe.add(i, self._chunk_answer(resp))
 
-            await asyncio.gather(*(one(i, m) for i, m in pipe.messages()))
-            return call.finish(pipe.result(), {})
-        segments = encode_message(call.message)
-        resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
-        return self._finish(call, resp)
+                    await asyncio.gather(*(one(i, m) for i, m in pipe.messages()))
+                    return call.finish(pipe.result(), {})
+                segments = encode_message(call.message)
+                resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
+                return self._finish(call, resp)
+            except errors.ClceError as exc:
+                if not self._renewal_due(exc, call, arena, deadline):
+                    raise
+                await self._renew_arena(arena, generation, exc)
 
     cross_entropy.__doc__ = _CE_DOC
 
     async def info(self) -> dict[str, Any]:
         """The server's /v1/info document (version, devices, limits)."""
-        return self._json_or_msgpack(await self._request("GET", "/v1/info"))
+        return self._note_info(self._json_or_msgpack(await self._request("GET", "/v1/info")))
 
     async def _probe(self, path: str) -> bool:
         for i in self._replicas.order():

@@ -18,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import select
 import socket
 import threading
 import weakref
@@ -30,7 +31,7 @@ from clce_wire.shm import host_id, recv_frame, ref_map, send_frame
 
 from . import errors
 
-__all__ = ["Arena", "SharedMemoryUnavailable", "connect"]
+__all__ = ["Arena", "ArenaLost", "SharedMemoryUnavailable", "connect", "reconnect", "socket_path"]
 
 MiB = 1 << 20
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -38,6 +39,11 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 class SharedMemoryUnavailable(errors.TransportError):
     """transport="shm" was asked for, and this client cannot share memory with the server."""
+
+
+class ArenaLost(errors.TransportError):
+    """The registration socket is closed: the server that held this arena's regions is gone (a
+    restart). The client re-registers the regions with the new instance and repeats the call."""
 
 
 def _server_error(err: Any) -> errors.ServerError:
@@ -62,15 +68,27 @@ class _Session:
 
     def call(self, msg: dict, fd: int | None = None) -> dict:
         with self.lock:
-            send_frame(self.sock, msg, fd)
-            reply, fds = recv_frame(self.sock)
+            try:
+                send_frame(self.sock, msg, fd)
+                reply, fds = recv_frame(self.sock)
+            except (BrokenPipeError, ConnectionError) as exc:
+                raise ArenaLost(f"the server closed the shared-memory socket ({exc})") from None
         for f in fds:
             os.close(f)
         if reply is None:
-            raise errors.TransportError("the server closed the shared-memory socket")
+            raise ArenaLost("the server closed the shared-memory socket")
         if not reply.get("ok"):
             raise _server_error(reply.get("error"))
         return reply
+
+    def closed(self) -> bool:
+        """True when the server has closed its end (it exited). The server never speaks first, so
+        anything readable between calls is the end of the stream; a poll costs a few microseconds."""
+        if self.sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         self.sock.close()
@@ -105,10 +123,19 @@ class _Region:
 class Arena:
     """Registered regions of this client, reused across calls (thread-safe)."""
 
-    def __init__(self, socket_path: str, api_key: str | None, *, max_cached_bytes: int = 4 << 30):
+    def __init__(self, socket_path: str, api_key: str | None, *, instance_id: str | None = None,
+                 max_cached_bytes: int = 4 << 30):
+        self._api_key = api_key
         self._session = _Session(socket_path, api_key)
+        #: the server instance (/v1/info's instance_id) that holds the registrations, and how many
+        #: times they were moved to a new one (`reconnect`)
+        self.instance_id = instance_id
+        self.generation = 0
         self.max_cached_bytes = max_cached_bytes
         self._lock = threading.Lock()
+        # held across every registration and across `reconnect`, so that a region registered while
+        # the arena moves to a new instance is never missed by the move
+        self._registering = threading.RLock()
         self._free: dict[int, list[_Region]] = {}
         self._cached = 0
         self._live: dict[str, _Region] = {}      # name -> region in use (arrays over it exist)
@@ -129,17 +156,58 @@ class Arena:
             name = f"{self._prefix}-{self._seq}"
         region = _Region(name, size)
         try:
-            try:
-                self._session.call({"op": "register", "name": name, "size": size}, region.fd)
-            except (errors.PayloadTooLarge, errors.Overloaded):
-                self.trim(0)           # give back what is cached, then try once more
-                self._session.call({"op": "register", "name": name, "size": size}, region.fd)
+            with self._registering:
+                try:
+                    self._session.call({"op": "register", "name": name, "size": size}, region.fd)
+                except (errors.PayloadTooLarge, errors.Overloaded):
+                    self.trim(0)           # give back what is cached, then try once more
+                    self._session.call({"op": "register", "name": name, "size": size}, region.fd)
+                with self._lock:
+                    self._all[name] = region
         except BaseException:
             region.close()
             raise
-        with self._lock:
-            self._all[name] = region
         return region
+
+    def lost(self) -> bool:
+        """True when the server holding the registrations has gone (its socket closed)."""
+        return self._session.closed()
+
+    def reconnect(self, socket_path: str, instance_id: str | None) -> None:
+        """Register every region of this arena with a new server instance (a restart), under the
+        same names and with the same memfds: the memory and everything callers hold in it are
+        unchanged, only the server's mapping is new, so a request built before the restart means
+        the same bytes after it. Cached regions the new server will not take (its cap) are let go;
+        a region in use that it will not take raises."""
+        with self._registering:
+            session = _Session(socket_path, self._api_key)
+            try:
+                with self._lock:
+                    regions = list(self._all.values())
+                for r in regions:
+                    try:
+                        session.call({"op": "register", "name": r.name, "size": r.size}, r.fd)
+                    except (errors.PayloadTooLarge, errors.Overloaded):
+                        if not self._forget_if_free(r):
+                            raise
+            except BaseException:
+                session.close()
+                raise
+            old, self._session = self._session, session
+            self.instance_id = instance_id
+            self.generation += 1
+        old.close()
+
+    def _forget_if_free(self, region: _Region) -> bool:
+        with self._lock:
+            free = self._free.get(region.size, [])
+            if region not in free:
+                return False
+            free.remove(region)
+            self._cached -= region.size
+            self._all.pop(region.name, None)
+        region.close()
+        return True
 
     def _acquire(self, nbytes: int) -> tuple[np.ndarray, str]:
         """A fresh uint8 array over a whole region of at least nbytes, and the region's name; the
@@ -299,8 +367,9 @@ def _aligned(n: int) -> int:
     return -(-max(n, 1) // ALIGN) * ALIGN
 
 
-def connect(info: dict, api_key: str | None) -> Arena:
-    """An Arena for the server that sent /v1/info `info`; SharedMemoryUnavailable says why not."""
+def socket_path(info: Any) -> str:
+    """The registration socket named by /v1/info `info`; SharedMemoryUnavailable says why there is
+    none this client can use."""
     shm = info.get("shm") if isinstance(info, dict) else None
     if not isinstance(shm, dict) or not shm.get("enabled"):
         raise SharedMemoryUnavailable("the server does not allow shared memory (start it with --allow-shm, "
@@ -310,9 +379,24 @@ def connect(info: dict, api_key: str | None) -> Arena:
     path = shm.get("socket")
     if not isinstance(path, str):
         raise SharedMemoryUnavailable("the server reported no shared-memory socket")
+    return path
+
+
+def connect(info: dict, api_key: str | None) -> Arena:
+    """An Arena for the server that sent /v1/info `info`; SharedMemoryUnavailable says why not."""
+    path = socket_path(info)
     try:
-        return Arena(path, api_key)
+        return Arena(path, api_key, instance_id=info.get("instance_id"))
     except errors.ServerError:
         raise
+    except OSError as exc:
+        raise SharedMemoryUnavailable(f"cannot reach the server's shared-memory socket {path}: {exc}") from None
+
+
+def reconnect(arena: Arena, info: dict) -> None:
+    """Move `arena`'s registrations to the server instance that sent `info` (Arena.reconnect)."""
+    path = socket_path(info)
+    try:
+        arena.reconnect(path, info.get("instance_id"))
     except OSError as exc:
         raise SharedMemoryUnavailable(f"cannot reach the server's shared-memory socket {path}: {exc}") from None

@@ -52,6 +52,7 @@ class ServerProcess:
     overrides (``CLCE_*`` and anything else); a value of None removes the variable. ``CLCE_*``
     variables of the test process itself are not inherited, so a developer's shell settings cannot
     change what the tests see. ``tenants``: path of a tenants TOML file (``--tenants``).
+    ``port``: this port rather than a free one (a new process where an old one was: a restart).
     """
 
     def __init__(
@@ -60,8 +61,10 @@ class ServerProcess:
         env: Mapping[str, str | None] | None = None,
         tenants: str | os.PathLike | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
+        port: int | None = None,
     ):
         self.host = "127.0.0.1"
+        self.fixed_port = port      # a restart: the new process takes the port of the old one
         self.args = list(args)
         if tenants is not None:
             self.args += ["--tenants", str(tenants)]
@@ -100,7 +103,7 @@ class ServerProcess:
         # The port is chosen before the server binds it; another process could take it in
         # between, which shows as an early exit ("address already in use"): try another one.
         for attempt in range(3):
-            self.port = free_port(self.host)
+            self.port = self.fixed_port or free_port(self.host)
             self._log_file = tempfile.NamedTemporaryFile(
                 "w+", prefix=f"clce-server-{self.port}-", suffix=".log", delete=False
             )
@@ -116,7 +119,7 @@ class ServerProcess:
             except ServerStartError:
                 log = self.log()
                 self.stop()
-                if attempt < 2 and "address already in use" in log.lower():
+                if attempt < 2 and "address already in use" in log.lower() and not self.fixed_port:
                     continue
                 raise
         raise AssertionError("unreachable")
