@@ -44,8 +44,10 @@ import httpx
 import numpy as np
 
 from . import errors, pipeline
+from .buffers import BufferPool
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
+    ALIGN,
     DTYPES,
     JSON,
     first_data_offset,
@@ -94,6 +96,7 @@ _DOWN_SECONDS = 5.0  # how long a replica that failed is tried only after the ot
 _BACKOFF_SECONDS = 0.05
 _MAX_BACKOFF_SECONDS = 2.0
 DEFAULT_RETRY_BUDGET_S = 30.0
+DEFAULT_MAX_CACHED_BYTES = 2 << 30
 _JITTER = 0.25          # waits are stretched by up to this fraction, at random
 _TRANSIENT_STATUS = (429, 503)
 
@@ -323,7 +326,8 @@ class _BodyReader:
 
     _HEAD = 512   # enough to see where the first tensor's bytes start
 
-    def __init__(self, resp: httpx.Response):
+    def __init__(self, resp: httpx.Response, pool: BufferPool):
+        self.pool = pool
         length = resp.headers.get("content-length")
         encoded = resp.headers.get("content-encoding", "identity").lower() not in ("", "identity")
         self.raw = not encoded  # with a content-encoding, Content-Length is the encoded size
@@ -338,7 +342,7 @@ class _BodyReader:
             self.head += chunk
             if self.size is None or len(self.head) < min(self.size, self._HEAD):
                 return
-            self.buf = aligned_body(self.size, self.head)
+            self.buf = aligned_body(self.size, self.head, self.pool.empty_bytes(self.size + ALIGN))
             self.view = memoryview(self.buf)
             chunk, self.head = self.head, bytearray()
         end = self.pos + len(chunk)
@@ -473,8 +477,8 @@ class _SplitReader(_BodyReader):
     message is kept with the gradient's bin header rewritten to an empty bin. Falls back to
     `_BodyReader` when the answer is not shaped so (an error, another size)."""
 
-    def __init__(self, resp: httpx.Response, into: np.ndarray):
-        super().__init__(resp)
+    def __init__(self, resp: httpx.Response, pool: BufferPool, into: np.ndarray):
+        super().__init__(resp, pool)
         self.into = memoryview(into).cast("B")
         self.split: int | None = None
         self.kept = bytearray()
@@ -537,8 +541,14 @@ class _Base:
         pipeline_bytes: int = pipeline.CHUNK_BYTES,
         connections: int = pipeline.CONNECTIONS,
         shm_min_bytes: int = _SHM_INLINE_BYTES,
+        max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES,
     ):
         self._replicas = _Replicas(_parse_urls(url))
+        #: memory kept for reuse between calls, at most (free shared-memory regions; apart from
+        #: them, free buffers for what TCP receives): a training loop's steps write into memory
+        #: already touched (clce_client.buffers)
+        self.max_cached_bytes = int(max_cached_bytes)
+        self._buffers = BufferPool(self.max_cached_bytes)
         #: over shared memory, calls whose input is smaller than this send their tensors inline (as
         #: over TCP): for a few KB the copy costs nothing and the references buy nothing
         self.shm_min_bytes = int(shm_min_bytes)
@@ -633,7 +643,7 @@ class _Base:
                 raise info
             if len(self._replicas.urls) > 1:
                 raise shm.SharedMemoryUnavailable("shared memory takes one server URL, not several replicas")
-            self._arena = shm.connect(info, self._api_key)
+            self._arena = shm.connect(info, self._api_key, max_cached_bytes=self.max_cached_bytes)
         except (shm.SharedMemoryUnavailable, errors.ClceError) as exc:
             self._shm_error = exc
         self._shm_decided = True
@@ -714,7 +724,7 @@ class _Base:
         if arena is not None or not self.pipeline_bytes:
             return None
         return pipeline.Pipeline.plan(call.values, min_bytes=max(pipeline.MIN_BYTES, 2 * self.pipeline_bytes),
-                                      chunk_bytes=self.pipeline_bytes)
+                                      chunk_bytes=self.pipeline_bytes, alloc=self._buffers.empty_bytes)
 
     def _chunk_answer(self, resp: _Response) -> dict[str, Any]:
         media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -762,9 +772,10 @@ class Client(_Base):
         pipeline_bytes: int = pipeline.CHUNK_BYTES,
         connections: int = pipeline.CONNECTIONS,
         shm_min_bytes: int = _SHM_INLINE_BYTES,
+        max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES,
     ):
         super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s, transport, pipeline_bytes,
-                         connections, shm_min_bytes)
+                         connections, shm_min_bytes, max_cached_bytes)
         self._http = httpx.Client(timeout=self.timeout, verify=_ssl_verify(verify))
         self._pool: Any = None     # threads that send the row chunks of big batches
 
@@ -821,7 +832,7 @@ class Client(_Base):
         headers = self._headers(nbytes if segments is not None else None)
         content = self._content(segments, nbytes)
         with self._http.stream(method, url, content=content, headers=headers) as resp:
-            reader = _BodyReader(resp) if into is None else _SplitReader(resp, into)
+            reader = _BodyReader(resp, self._buffers) if into is None else _SplitReader(resp, self._buffers, into)
             for chunk in resp.iter_raw() if reader.raw else resp.iter_bytes():
                 reader.add(chunk)
             return _Response(resp.status_code, resp.headers, reader.done())
@@ -945,9 +956,10 @@ class AsyncClient(_Base):
         pipeline_bytes: int = pipeline.CHUNK_BYTES,
         connections: int = pipeline.CONNECTIONS,
         shm_min_bytes: int = _SHM_INLINE_BYTES,
+        max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES,
     ):
         super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s, transport, pipeline_bytes,
-                         connections, shm_min_bytes)
+                         connections, shm_min_bytes, max_cached_bytes)
         self._http = httpx.AsyncClient(timeout=self.timeout, verify=_ssl_verify(verify))
         self._renewing: asyncio.Lock | None = None
 
@@ -1007,7 +1019,7 @@ class AsyncClient(_Base):
         headers = self._headers(nbytes if segments is not None else None)
         content = self._content(segments, nbytes)
         async with self._http.stream(method, url, content=content, headers=headers) as resp:
-            reader = _BodyReader(resp) if into is None else _SplitReader(resp, into)
+            reader = _BodyReader(resp, self._buffers) if into is None else _SplitReader(resp, self._buffers, into)
             async for chunk in resp.aiter_raw() if reader.raw else resp.aiter_bytes():
                 reader.add(chunk)
             return _Response(resp.status_code, resp.headers, reader.done())

@@ -15,6 +15,7 @@ The gradient of every chunk is copied into its rows of one buffer as it arrives.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,8 @@ class Pipeline:
     """One batch as row chunks. `values`: the request's option values, tensors in wire form (the
     whole batch's message before it is sent); None from `plan` when it should stay one request."""
 
-    def __init__(self, values: dict[str, Any], chunk_samples: int):
+    def __init__(self, values: dict[str, Any], chunk_samples: int,
+                 alloc: Callable[[int], np.ndarray] = _aligned_empty):
         self.values = values
         x: WireTensor = values["input"]
         self.x = x
@@ -68,11 +70,14 @@ class Pipeline:
         if self.return_grad:
             gdt = values.get("grad_dtype") or x.dtype
             self.grad_dtype = gdt
-            self.grad = _aligned_empty(math.prod(x.shape) * DTYPES[gdt])
+            self.grad = alloc(math.prod(x.shape) * DTYPES[gdt])
         self.answers: list[dict | None] = [None] * len(self.bounds)
 
     @staticmethod
-    def plan(values: dict[str, Any], *, min_bytes: int, chunk_bytes: int) -> "Pipeline | None":
+    def plan(values: dict[str, Any], *, min_bytes: int, chunk_bytes: int,
+             alloc: Callable[[int], np.ndarray] = _aligned_empty) -> "Pipeline | None":
+        """The row chunks for `values`, or None when it should stay one request. `alloc(nbytes)`
+        gives the gradient's buffer (64-byte aligned): the client's pool of received memory."""
         x = values["input"]
         t = values["target"]
         if not isinstance(x, WireTensor) or len(x.shape) < 2 or not isinstance(t, WireTensor) or not t.shape:
@@ -86,7 +91,7 @@ class Pipeline:
         samples = max(unit, (chunk_bytes // per_sample) // unit * unit)
         if samples >= x.shape[0]:
             return None
-        return Pipeline(values, samples)
+        return Pipeline(values, samples, alloc)
 
     def messages(self):
         """(index, message) per chunk."""

@@ -30,10 +30,10 @@ from clce_wire.protocol import ALIGN, ERROR_CODES, ProtocolError, WireTensor, nu
 from clce_wire.shm import host_id, recv_frame, ref_map, send_frame
 
 from . import errors
+from .buffers import FreeList, size_class
 
 __all__ = ["Arena", "ArenaLost", "SharedMemoryUnavailable", "connect", "reconnect", "socket_path"]
 
-MiB = 1 << 20
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -131,13 +131,13 @@ class Arena:
         #: times they were moved to a new one (`reconnect`)
         self.instance_id = instance_id
         self.generation = 0
-        self.max_cached_bytes = max_cached_bytes
-        self._lock = threading.Lock()
+        # free regions, reused across calls by size class and growth (clce_client.buffers); its
+        # lock guards all of the arena's bookkeeping
+        self._free: FreeList[_Region] = FreeList(max_cached_bytes)
+        self._lock = self._free.lock
         # held across every registration and across `reconnect`, so that a region registered while
         # the arena moves to a new instance is never missed by the move
         self._registering = threading.RLock()
-        self._free: dict[int, list[_Region]] = {}
-        self._cached = 0
         self._live: dict[str, _Region] = {}      # name -> region in use (arrays over it exist)
         self._all: dict[str, _Region] = {}
         self._seq = 0
@@ -146,10 +146,6 @@ class Arena:
         self._to_drop: list[_Region] = []   # released by the GC: unregistered on the next acquire
 
     # ---- regions ----
-    @staticmethod
-    def _size_class(nbytes: int) -> int:
-        return max(1, -(-nbytes // MiB)) * MiB if nbytes >= MiB else max(ALIGN, 1 << (max(nbytes, 1) - 1).bit_length())
-
     def _new_region(self, size: int) -> _Region:
         with self._lock:
             self._seq += 1
@@ -200,30 +196,29 @@ class Arena:
 
     def _forget_if_free(self, region: _Region) -> bool:
         with self._lock:
-            free = self._free.get(region.size, [])
-            if region not in free:
+            if not self._free.remove(region):
                 return False
-            free.remove(region)
-            self._cached -= region.size
             self._all.pop(region.name, None)
         region.close()
         return True
 
     def _acquire(self, nbytes: int) -> tuple[np.ndarray, str]:
         """A fresh uint8 array over a whole region of at least nbytes, and the region's name; the
-        region comes back to the arena when this array and every view of it are gone."""
-        size = self._size_class(nbytes)
+        region comes back to the arena when this array and every view of it are gone. A free
+        region is reused when one fits (clce_client.buffers: size classes and growth), so a loop
+        whose sizes vary writes into memory already touched."""
         with self._lock:
             drop, self._to_drop = self._to_drop, []
-        for r in drop:
-            self._drop(r)
-        with self._lock:
             if self._closed:
                 raise errors.TransportError("the client is closed")
-            free = self._free.get(size)
-            region = free.pop() if free else None
-            if region is not None:
-                self._cached -= size
+            region = self._free.take(nbytes)
+            if region is None:
+                size = size_class(nbytes)
+                for r in self._free.grow(size):
+                    self._all.pop(r.name, None)
+                    drop.append(r)
+        for r in drop:
+            self._drop(r)
         if region is None:
             region = self._new_region(size)
         with self._lock:
@@ -238,12 +233,9 @@ class Arena:
             self._live.pop(region.name, None)
             if self._closed:
                 return
-            if self._cached + region.size <= self.max_cached_bytes:
-                self._free.setdefault(region.size, []).append(region)
-                self._cached += region.size
-                return
-            self._all.pop(region.name, None)
-            self._to_drop.append(region)
+            for r in self._free.give(region.size, region):
+                self._all.pop(r.name, None)
+                self._to_drop.append(r)
 
     def _drop(self, region: _Region) -> None:
         try:
@@ -255,14 +247,10 @@ class Arena:
 
     def trim(self, keep_bytes: int = 0) -> None:
         """Unregister cached regions beyond keep_bytes."""
-        drop = []
         with self._lock:
-            for size in sorted(self._free, reverse=True):
-                while self._free[size] and self._cached > keep_bytes:
-                    r = self._free[size].pop()
-                    self._cached -= size
-                    self._all.pop(r.name, None)
-                    drop.append(r)
+            drop = self._free.clear(keep_bytes)
+            for r in drop:
+                self._all.pop(r.name, None)
         for r in drop:
             self._drop(r)
 
@@ -299,7 +287,7 @@ class Arena:
             self._closed = True
             regions = list(self._all.values()) + self._to_drop
             self._all.clear()
-            self._free.clear()
+            self._free.clear(0)
             self._to_drop = []
         self._session.close()   # the server reclaims every region of this session
         for r in regions:
@@ -308,7 +296,8 @@ class Arena:
     @property
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"regions": len(self._all), "live": len(self._live), "cached_bytes": self._cached}
+            return {"regions": len(self._all), "live": len(self._live), "cached_bytes": self._free.cached,
+                    "created": self._free.created, "reused": self._free.reused}
 
 
 class Placement:
@@ -382,11 +371,11 @@ def socket_path(info: Any) -> str:
     return path
 
 
-def connect(info: dict, api_key: str | None) -> Arena:
+def connect(info: dict, api_key: str | None, **arena_options: Any) -> Arena:
     """An Arena for the server that sent /v1/info `info`; SharedMemoryUnavailable says why not."""
     path = socket_path(info)
     try:
-        return Arena(path, api_key, instance_id=info.get("instance_id"))
+        return Arena(path, api_key, instance_id=info.get("instance_id"), **arena_options)
     except errors.ServerError:
         raise
     except OSError as exc:
