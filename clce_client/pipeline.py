@@ -9,7 +9,9 @@ request), chunks start on REDUCE_BLOCK_ROWS boundaries, and their per-block loss
 (`return_partials`) are added in order in float64, as the server adds the blocks of one request.
 The gradient of every chunk is copied into its rows of one buffer as it arrives.
 
-`Pipeline` does no I/O: `Client` and `AsyncClient` send its `messages()` and `add()` the answers.
+`Pipeline` does no I/O: the client's `_ChunkRun` hands its `messages()` to `connections` workers
+(threads of `Client`, tasks of `AsyncClient`), which `add()` the answers; the first failure stops
+the others before it is raised.
 """
 
 from __future__ import annotations

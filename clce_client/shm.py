@@ -117,7 +117,9 @@ class _Region:
             self.mm.close()
         except BufferError:   # arrays over it remain; the GC unmaps it with the last one
             pass
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Arena:
@@ -233,9 +235,12 @@ class Arena:
             self._live.pop(region.name, None)
             if self._closed:
                 return
-            for r in self._free.give(region.size, region):
+            gone = self._free.give(region.size, region)
+            for r in gone:
                 self._all.pop(r.name, None)
                 self._to_drop.append(r)
+        for r in gone:      # unmapped now; the server is told on the next acquire (no I/O here)
+            r.close()
 
     def _drop(self, region: _Region) -> None:
         try:
@@ -243,7 +248,7 @@ class Arena:
                 self._session.call({"op": "unregister", "name": region.name})
         except (errors.ClceError, OSError):
             pass
-        region.close()
+        region.close()     # a second close is harmless
 
     def trim(self, keep_bytes: int = 0) -> None:
         """Unregister cached regions beyond keep_bytes."""
