@@ -21,7 +21,9 @@ The policy (`FreeList`), one for both kinds of memory:
 * A bound: at most `max_cached_bytes` of free buffers are kept; beyond it the smallest go first.
 
 A buffer is handed out as a numpy array and comes back to its free list when that array and every
-view of it (numpy, torch, memoryview) are gone: memory a caller still holds is never reused.
+view of it (numpy, torch, memoryview) are gone: memory a caller still holds is never reused. (It is
+filed at the pool's next use: a finalizer may run from the garbage collector at any allocation,
+also inside the pool's own lock, so it takes no lock.)
 
 `BufferPool` is that for plain memory (TCP); `clce_client.shm.Arena` uses the same `FreeList`
 for its registered regions.
@@ -29,6 +31,7 @@ for its registered regions.
 
 from __future__ import annotations
 
+import collections
 import math
 import mmap
 import threading
@@ -142,6 +145,9 @@ class BufferPool:
     def __init__(self, max_cached_bytes: int = 1 << 30):
         self._free: FreeList[mmap.mmap] = FreeList(max_cached_bytes)
         self._out = 0           # bytes handed out and not yet back
+        # buffers whose last array is gone. The finalizer only appends here: it may run from the GC
+        # at any allocation, also while this thread holds the lock; `_take_back` files them.
+        self._returned: collections.deque[mmap.mmap] = collections.deque()
 
     def empty_bytes(self, nbytes: int) -> np.ndarray:
         """A uint8 array of nbytes (page-aligned start). Pooled from MIN_POOLED_BYTES up; it comes
@@ -149,12 +155,12 @@ class BufferPool:
         nbytes = int(nbytes)
         if nbytes < MIN_POOLED_BYTES:
             return np.empty(nbytes, np.uint8)
-        gone: list[mmap.mmap] = []
         with self._free.lock:
+            gone = self._take_back()
             mm = self._free.take(nbytes)
             size = len(mm) if mm is not None else size_class(nbytes, _PAGE)
             if mm is None:
-                gone = self._free.grow(size)
+                gone += self._free.grow(size)
             self._out += size
         for old in gone:
             _unmap(old)
@@ -184,17 +190,22 @@ class BufferPool:
         return self.empty_bytes(math.prod(shape) * dt.itemsize).view(dt).reshape(shape)
 
     def _give(self, mm: mmap.mmap) -> None:
-        # runs when the last view is gone (maybe from the GC): no I/O, only the lock
-        with self._free.lock:
+        # the finalizer of a buffer's last array: no lock (see _returned)
+        self._returned.append(mm)
+
+    def _take_back(self) -> list[mmap.mmap]:
+        """Under the lock: returned buffers become free; returns those beyond the bound."""
+        gone: list[mmap.mmap] = []
+        while self._returned:
+            mm = self._returned.popleft()
             self._out -= len(mm)
-            gone = self._free.give(len(mm), mm)
-        for old in gone:
-            _unmap(old)
+            gone += self._free.give(len(mm), mm)
+        return gone
 
     def trim(self, keep_bytes: int = 0) -> None:
         """Give cached buffers back to the system, keeping at most keep_bytes."""
         with self._free.lock:
-            gone = self._free.clear(keep_bytes)
+            gone = self._take_back() + self._free.clear(keep_bytes)
         for old in gone:
             _unmap(old)
 
@@ -202,6 +213,10 @@ class BufferPool:
     def stats(self) -> dict[str, int]:
         """created: buffers made (each one's pages are touched for the first time); reused:
         requests served by a free buffer; cached_bytes: free and kept; out_bytes: handed out."""
+        with self._free.lock:
+            gone = self._take_back()
+        for old in gone:
+            _unmap(old)
         with self._free.lock:
             return {"created": self._free.created, "reused": self._free.reused,
                     "cached_bytes": self._free.cached, "out_bytes": self._out, "free": len(self._free)}

@@ -190,6 +190,10 @@ class _Call:
             raise ValueError("inplace_grad=True needs the shared-memory transport")
         self.values = values
         self.message = request_message(values)
+        # how it is sent (`_BaseClient._prepare`): as row chunks, or as one request of these segments
+        self.pipe: pipeline.Pipeline | None = None
+        self.segments: list[Segment] | None = None
+        self.nbytes = 0
 
     def _place(self, arena: Any, values: dict[str, Any], inplace: bool) -> None:
         """Shared memory: the tensors become references into the arena's regions (copied there
@@ -669,14 +673,23 @@ class _BaseClient:
         self._shm_error: BaseException | None = None
         self._shm_decided = False
         self._instance_id: str | None = None   # /v1/info's instance_id, last seen (one replica)
-        self._http = self._open_http(self.timeout, _ssl_verify(verify))
+        self._http = self._open_io(self.timeout, _ssl_verify(verify))
 
-    def _open_http(self, timeout: httpx.Timeout, verify: Any) -> Any:
+    def _open_io(self, timeout: httpx.Timeout, verify: Any) -> Any:
+        """The subclass's I/O state (its locks, workers), and its HTTP client, which it returns."""
         raise NotImplementedError
 
     @property
     def urls(self) -> list[str]:
         return list(self._replicas.urls)
+
+    @property
+    def buffers(self) -> BufferPool:
+        """The pool that what this client receives over TCP lands in (gradients included): a
+        caller that needs a gradient-sized buffer for a short while (``buffers.empty(shape,
+        dtype)``) gets memory a training loop has already touched, and gives it back by dropping
+        it (clce_client.buffers)."""
+        return self._buffers
 
     def __repr__(self) -> str:  # never shows the key
         key = "'***'" if self._api_key else "None"
@@ -820,7 +833,6 @@ class _BaseClient:
         """The call's request: in shared memory (copied into a region unless already there) or
         encoded for TCP, as one request or as row chunks (`call.pipe`)."""
         call = _Call(input, target, dict(options), arena)
-        call.pipe = None
         if arena is None and self.pipeline_bytes:
             call.pipe = pipeline.Pipeline.plan(
                 call.values, min_bytes=max(pipeline.MIN_BYTES, 2 * self.pipeline_bytes),
@@ -918,7 +930,7 @@ _EMPTY_DOC = """An uninitialised array (numpy, or torch for a torch dtype) in me
 class Client(_BaseClient):
     __doc__ = "Synchronous client; thread-safe, with pooled keep-alive connections.\n" + _CLIENT_ARGS
 
-    def _open_http(self, timeout: httpx.Timeout, verify: Any) -> httpx.Client:
+    def _open_io(self, timeout: httpx.Timeout, verify: Any) -> httpx.Client:
         self._shm_lock = threading.Lock()
         self._pool: Any = None     # threads that send the row chunks of big batches
         return httpx.Client(timeout=timeout, verify=verify)
@@ -1083,7 +1095,7 @@ class AsyncClient(_BaseClient):
     run in a thread (asyncio.to_thread), never on the event loop.
 """ + _CLIENT_ARGS
 
-    def _open_http(self, timeout: httpx.Timeout, verify: Any) -> httpx.AsyncClient:
+    def _open_io(self, timeout: httpx.Timeout, verify: Any) -> httpx.AsyncClient:
         self._shm_alock: asyncio.Lock | None = None   # made on first use, in the client's loop
         return httpx.AsyncClient(timeout=timeout, verify=verify)
 

@@ -13,6 +13,7 @@ gradient over them (as Liger-Kernel does), halving the memory. Their contents ar
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import math
@@ -113,10 +114,12 @@ class _Region:
         del probe
 
     def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:   # arrays over it remain; the GC unmaps it with the last one
-            pass
+        mm, self.mm = self.mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:   # arrays over it remain (maybe the one being finalised): with no
+                pass              # reference left here, it is unmapped when the last one goes
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -145,7 +148,11 @@ class Arena:
         self._seq = 0
         self._prefix = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._closed = False
-        self._to_drop: list[_Region] = []   # released by the GC: unregistered on the next acquire
+        # regions whose last array is gone. The finalizer only appends here: it may run from the GC
+        # at any allocation, also while this thread holds the lock; the next call to the arena
+        # takes them back under the lock (`_take_back`).
+        self._returned: collections.deque[_Region] = collections.deque()
+        self._to_drop: list[_Region] = []   # let go of (unmapped): unregistered on the next acquire
 
     # ---- regions ----
     def _new_region(self, size: int) -> _Region:
@@ -210,6 +217,7 @@ class Arena:
         region is reused when one fits (clce_client.buffers: size classes and growth), so a loop
         whose sizes vary writes into memory already touched."""
         with self._lock:
+            self._take_back()
             drop, self._to_drop = self._to_drop, []
             if self._closed:
                 raise errors.TransportError("the client is closed")
@@ -230,17 +238,21 @@ class Arena:
         return root, region.name
 
     def _release(self, region: _Region) -> None:
-        # runs from the GC, maybe inside a socket call of this thread: no I/O here
-        with self._lock:
+        # the finalizer of a region's last array: no lock, no I/O (see _returned)
+        self._returned.append(region)
+
+    def _take_back(self) -> None:
+        """Under the lock: returned regions become free; those beyond the bound are unmapped now
+        and unregistered on the next acquire (this may run inside `stats`: no socket I/O)."""
+        while self._returned:
+            region = self._returned.popleft()
             self._live.pop(region.name, None)
             if self._closed:
-                return
-            gone = self._free.give(region.size, region)
-            for r in gone:
+                continue
+            for r in self._free.give(region.size, region):
                 self._all.pop(r.name, None)
                 self._to_drop.append(r)
-        for r in gone:      # unmapped now; the server is told on the next acquire (no I/O here)
-            r.close()
+                r.close()
 
     def _drop(self, region: _Region) -> None:
         try:
@@ -253,6 +265,7 @@ class Arena:
     def trim(self, keep_bytes: int = 0) -> None:
         """Unregister cached regions beyond keep_bytes."""
         with self._lock:
+            self._take_back()
             drop = self._free.clear(keep_bytes)
             for r in drop:
                 self._all.pop(r.name, None)
@@ -300,7 +313,11 @@ class Arena:
 
     @property
     def stats(self) -> dict[str, int]:
+        """regions: registered; live: with arrays over them; cached_bytes: free and kept; created:
+        regions made (each one's pages are touched for the first time); reused: acquisitions
+        served by a free region."""
         with self._lock:
+            self._take_back()
             return {"regions": len(self._all), "live": len(self._live), "cached_bytes": self._free.cached,
                     "created": self._free.created, "reused": self._free.reused}
 

@@ -12,6 +12,7 @@ steps. A rolling restart of two replicas behind one client loses nothing either.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -133,6 +134,7 @@ def local():
 
 TRANSPORTS = {
     "auto": dict(),
+    "async": dict(),                                            # AsyncClient, auto
     "shm": dict(transport="shm"),
     "tcp": dict(transport="tcp"),
     "pipelined": dict(transport="tcp", pipeline_bytes=128 << 10),   # 4 row chunks of 64 rows
@@ -144,22 +146,33 @@ def test_restarts_mid_loop_cost_no_step(transport, local, monkeypatch):
     if transport == "pipelined":
         monkeypatch.setattr(pipeline_mod, "MIN_BYTES", 0)
     restarts = Restarts([ServerProcess().start()], RESTART_AT)
+    loop = asyncio.new_event_loop()
     try:
-        with clce_client.Client(restarts.servers[0].url, retry_budget_s=60, **TRANSPORTS[transport]) as client:
-            remote = train(lambda x, y: client.cross_entropy(x, y), restarts)
+        if transport == "async":
+            client = clce_client.AsyncClient(restarts.servers[0].url, retry_budget_s=60)
+            loss_of = lambda x, y: loop.run_until_complete(client.cross_entropy(x, y))  # noqa: E731
+            info = lambda: loop.run_until_complete(client.info())                    # noqa: E731
+        else:
+            client = clce_client.Client(restarts.servers[0].url, retry_budget_s=60, **TRANSPORTS[transport])
+            loss_of, info = client.cross_entropy, client.info
+        try:
+            remote = train(loss_of, restarts)
             restarts.finish()
             arena = client._arena
-            if transport in ("auto", "shm"):
+            if transport in ("auto", "async", "shm"):
                 assert arena is not None and arena.generation == 2     # moved to each new instance
-                assert arena.instance_id == client.info()["instance_id"]
+                assert arena.instance_id == info()["instance_id"]
             else:
                 assert arena is None
+        finally:
+            loop.run_until_complete(client.aclose()) if transport == "async" else client.close()
         assert restarts.exit_codes == [0, -signal.SIGKILL]          # drained, then killed
         # the first instance computed the 6 steps before the first restart (4 chunks each when
         # pipelined); the second computed steps too, and so does the last
         assert restarts.served[0] == 6 * (4 if transport == "pipelined" else 1)
         assert restarts.served[1] > 0 and completed(restarts.servers[0]) > 0
     finally:
+        loop.close()
         restarts.cleanup()
     assert_same(remote, local)
 
