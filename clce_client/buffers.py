@@ -148,6 +148,7 @@ class BufferPool:
         # buffers whose last array is gone. The finalizer only appends here: it may run from the GC
         # at any allocation, also while this thread holds the lock; `_take_back` files them.
         self._returned: collections.deque[mmap.mmap] = collections.deque()
+        self._closed = False
 
     def empty_bytes(self, nbytes: int) -> np.ndarray:
         """A uint8 array of nbytes (page-aligned start). Pooled from MIN_POOLED_BYTES up; it comes
@@ -190,8 +191,10 @@ class BufferPool:
         return self.empty_bytes(math.prod(shape) * dt.itemsize).view(dt).reshape(shape)
 
     def _give(self, mm: mmap.mmap) -> None:
-        # the finalizer of a buffer's last array: no lock (see _returned)
-        self._returned.append(mm)
+        # the finalizer of a buffer's last array: no lock (see _returned). After close() the
+        # buffer is not kept: it is unmapped with that last array.
+        if not self._closed:
+            self._returned.append(mm)
 
     def _take_back(self) -> list[mmap.mmap]:
         """Under the lock: returned buffers become free; returns those beyond the bound."""
@@ -208,6 +211,12 @@ class BufferPool:
             gone = self._take_back() + self._free.clear(keep_bytes)
         for old in gone:
             _unmap(old)
+
+    def close(self) -> None:
+        """Keep nothing from now on; arrays still held stay valid (each buffer is unmapped with
+        its last array)."""
+        self._closed = True
+        self.trim(0)
 
     @property
     def stats(self) -> dict[str, int]:

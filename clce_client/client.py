@@ -939,7 +939,7 @@ class Client(_BaseClient):
         self._close_arena()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        self._buffers.trim(0)
+        self._buffers.close()
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -1101,7 +1101,7 @@ class AsyncClient(_BaseClient):
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._close_arena)     # unmapping big regions takes a while
-        self._buffers.trim(0)
+        self._buffers.close()
         await self._http.aclose()
 
     close = aclose

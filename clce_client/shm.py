@@ -239,7 +239,8 @@ class Arena:
 
     def _release(self, region: _Region) -> None:
         # the finalizer of a region's last array: no lock, no I/O (see _returned)
-        self._returned.append(region)
+        if not self._closed:
+            self._returned.append(region)
 
     def _take_back(self) -> None:
         """Under the lock: returned regions become free; those beyond the bound are unmapped now

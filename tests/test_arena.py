@@ -169,3 +169,16 @@ def test_fp32_and_bf16_steps_share_regions(server):
             F.cross_entropy(ref, y).backward()
             torch.testing.assert_close(x.grad.float(), ref.grad, rtol=2e-2, atol=1e-4)
         assert client._arena.stats["created"] <= 6, client._arena.stats
+
+
+def test_a_closed_pool_keeps_nothing_and_held_arrays_stay_valid():
+    pool = BufferPool(1 << 30)
+    kept = pool.empty_bytes(3 << 20)
+    kept[:] = 7
+    free = pool.empty_bytes(3 << 20)
+    del free
+    pool.close()
+    assert pool.stats["cached_bytes"] == 0 and pool.stats["free"] == 0
+    assert int(kept.sum()) == 7 * (3 << 20)          # still mapped while held
+    del kept
+    assert pool.stats["free"] == 0 and not pool._returned
