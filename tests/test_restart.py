@@ -214,3 +214,30 @@ def test_an_unknown_region_on_the_same_instance_is_a_real_not_found():
         with pytest.raises(clce_client.NotFound, match="no shared-memory region"):
             client.cross_entropy(x, t)
         assert arena.generation == 0 and client._arena is arena
+
+
+@pytest.mark.parametrize("notice", ["info", "not_found"])
+def test_a_new_instance_behind_the_same_url_while_the_old_one_lives(notice):
+    """What a load balancer switching backends looks like: the URL now reaches instance B while A,
+    holding the arena, is alive (its socket open). The client notices through /v1/info's
+    instance_id (asked by anyone through it) or through B's 404 for a region, moves the arena to B
+    and computes there; the result equals a plain TCP call."""
+    import numpy as np
+
+    with ServerProcess() as a, ServerProcess() as b:
+        x = np.random.default_rng(0).standard_normal((256, 1000)).astype(np.float32)
+        t = np.random.default_rng(1).integers(0, 1000, 256)
+        with clce_client.Client(a.url, transport="shm") as client, \
+                clce_client.Client(b.url, transport="tcp") as plain:
+            client.cross_entropy(x, t)
+            arena = client._arena
+            assert arena.instance_id == httpx.get(a.url + "/v1/info").json()["instance_id"]
+            client._replicas.urls[0] = b.url             # the balancer now sends us to B
+            if notice == "info":
+                assert client.info()["instance_id"] != arena.instance_id
+            r = client.cross_entropy(x, t, return_grad=True)
+            ref = plain.cross_entropy(x, t, return_grad=True)
+            assert arena.generation == 1 and client._arena is arena
+            assert arena.instance_id == httpx.get(b.url + "/v1/info").json()["instance_id"]
+            assert httpx.get(b.url + "/v1/info").json()["shm"]["regions"] >= 1
+        assert r.loss.tobytes() == ref.loss.tobytes() and r.grad.tobytes() == ref.grad.tobytes()
