@@ -16,7 +16,8 @@ the steps after the first (the first step touches its memory under either policy
 per call; the floor (the loop's largest step repeated 3 times on the reuse client: memory
 touched, the kernel's own speed here); the buffers made (`created`: first touches); and the client's resident memory: its peak
 during the client's own loop (VmHWM, reset before it; the other client is closed then) and what
-it still holds after it (VmRSS, incl. shared memory).
+it still holds after it (VmRSS, incl. shared memory); and the kernel time of that loop alone
+("median alone": no other client's memory churn in between).
 
     python bench/bench_arena.py                    # 20 steps, shm and tcp
     python bench/bench_arena.py --transports shm --steps 10 --mixed
@@ -120,24 +121,25 @@ def main() -> None:
                 big = max(steps)
                 floor = min(k / (n * args.classes) for n, k, _ in run_steps(a, [big] * 3, xs, t_full))
             # resident memory: each client alone, the same loop, peak and what it keeps
-            memory = {}
+            memory, alone = {}, {}
             for name, options in configs.items():
                 gc.collect()
                 base = _status("VmRSS")
                 _reset_peak()
                 with clce_client.Client(srv.url, transport=transport, **options) as c:
-                    run_steps(c, steps, xs, t_full)
+                    alone[name] = run_steps(c, steps, xs, t_full)
                     gc.collect()
                     pool_stats(c, transport)      # files what came back (beyond the bound: let go)
                     memory[name] = {"peak": _status("VmHWM") - base, "held": _status("VmRSS") - base}
-            doc["transports"][transport] = {"samples": samples, "created": created, "memory": memory,
+            doc["transports"][transport] = {"samples": samples, "alone": alone, "created": created, "memory": memory,
                                             "floor_s_per_logit": floor}
             for name in configs:
                 per = [k / (n * args.classes) * 1e9 for n, k, _ in samples[name][1:]]
                 wall = [w for _, _, w in samples[name][1:]]
                 first = samples[name][0]
+                per_alone = [k / (n * args.classes) * 1e9 for n, k, _ in alone[name][1:]]
                 rows.append([transport, name, f"{first[1] / (first[0] * args.classes) * 1e9:.2f}",
-                             f"{statistics.median(per):.2f}", f"{max(per):.2f}",
+                             f"{statistics.median(per):.2f}", f"{max(per):.2f}", f"{statistics.median(per_alone):.2f}",
                              common.fmt_ms(statistics.median(wall)), created[name],
                              f"{memory[name]['peak'] / 2**20:.0f}", f"{memory[name]['held'] / 2**20:.0f}"])
             med = {name: statistics.median(k / (n * args.classes) for n, k, _ in samples[name][1:])
@@ -150,7 +152,7 @@ def main() -> None:
                   f"no reuse / floor = {med['no reuse'] / floor:.2f}x; "
                   f"wall per call, no reuse / reuse = {walls['no reuse'] / walls['reuse']:.2f}x")
     common.print_table("dynamic padding: kernel time per logit (server), wall per call, memory (client)",
-                       ["transport", "client", "kernel ns/logit, 1st", "median after", "max after",
+                       ["transport", "client", "kernel ns/logit, 1st", "median after", "max after", "median alone",
                         "wall ms (median)", "buffers made", "peak RSS MiB", "held MiB"], rows)
     path = common.write_json(args.out / "arena.json", doc)
     print(f"wrote {path}; load average now {common.machine_info().get('loadavg')}")
