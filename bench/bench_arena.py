@@ -14,8 +14,8 @@ Per client: the server's kernel time per call (its Server-Timing "kernel" figure
 memory the kernel takes the page faults of a region's first touch), in ns per logit, median over
 the steps after the first (the first step touches its memory under either policy); the wall time
 per call; the floor (the loop's largest step repeated 3 times on the reuse client: memory
-touched, the kernel's own speed here); the buffers made (`created`: first touches); and the client's resident memory: its peak
-during the client's own loop (VmHWM, reset before it; the other client is closed then) and what
+touched, the kernel's own speed here); the buffers made (`created`: first touches); and the
+client's resident memory: its peak during the client's own loop (VmHWM, reset before it; the other client is closed then) and what
 it still holds after it (VmRSS, incl. shared memory); and the kernel time of that loop alone
 ("median alone": no other client's memory churn in between).
 

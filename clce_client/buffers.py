@@ -15,9 +15,9 @@ The policy (`FreeList`), one for both kinds of memory:
   size, whatever its class: a step with fewer rows or a narrower dtype reuses the buffer of a
   bigger step. A buffer is made only when no free one fits, and then the free buffers too small
   for it (within TAKE_RATIO: it serves what they served) are let go: a loop's largest step
-  replaces them, so what stays is a working set of the largest sizes, already touched. Over 20 random lengths a loop makes a buffer only at a new
-  maximum that crosses a class (a handful of times: the running maximum of random lengths
-  changes about ln(20) + 0.6 = 3.6 times).
+  replaces them, so what stays is a working set of the largest sizes, already touched. Over 20
+  random lengths a loop makes a buffer only at a new maximum that crosses a class (a handful of
+  times: the running maximum of 20 random lengths changes about ln(20) + 0.6 = 3.6 times).
 * A bound: at most `max_cached_bytes` of free buffers are kept; beyond it the smallest go first.
 
 A buffer is handed out as a numpy array and comes back to its free list when that array and every
