@@ -17,6 +17,18 @@ their nature: the client tries another replica, or waits for Retry-After (with j
 turned away together do not return together), within ``retry_budget_s`` (env
 ``CLCE_RETRY_BUDGET_S``, default 30 s; 0 raises at once), then raises the last error. Resending is
 always safe: a request is a pure function of its body, so a retry can never count twice.
+
+A restart costs no call. A replica that has answered this client and then refuses connections is
+taken to be restarting, and is waited for (with backoff) within ``retry_budget_s``. Over shared
+memory, a new server instance (the registration socket closed, a region unknown to the server,
+or /v1/info naming another instance_id) gets the arena's regions registered again, under the same
+names and with the same memory, and the call is repeated; a region unknown to the same instance
+is a real NotFound.
+
+Layout (as httpx): `_BaseClient` holds the one constructor and every step that does no I/O (the
+shared-memory decision, planning, encoding, the retry policy, pipelining, decoding); a call is a
+generator of the I/O it needs, which `Client` does in the calling thread and `AsyncClient` on its
+event loop, with blocking work (registration, big copies) in a thread.
 """
 
 from __future__ import annotations
@@ -37,8 +49,10 @@ import httpx
 import numpy as np
 
 from . import errors, pipeline
+from .buffers import BufferPool
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
+    ALIGN,
     DTYPES,
     JSON,
     first_data_offset,
@@ -87,6 +101,7 @@ _DOWN_SECONDS = 5.0  # how long a replica that failed is tried only after the ot
 _BACKOFF_SECONDS = 0.05
 _MAX_BACKOFF_SECONDS = 2.0
 DEFAULT_RETRY_BUDGET_S = 30.0
+DEFAULT_MAX_CACHED_BYTES = 2 << 30
 _JITTER = 0.25          # waits are stretched by up to this fraction, at random
 _TRANSIENT_STATUS = (429, 503)
 
@@ -175,6 +190,10 @@ class _Call:
             raise ValueError("inplace_grad=True needs the shared-memory transport")
         self.values = values
         self.message = request_message(values)
+        # how it is sent (`_BaseClient._prepare`): as row chunks, or as one request of these segments
+        self.pipe: pipeline.Pipeline | None = None
+        self.segments: list[Segment] | None = None
+        self.nbytes = 0
 
     def _place(self, arena: Any, values: dict[str, Any], inplace: bool) -> None:
         """Shared memory: the tensors become references into the arena's regions (copied there
@@ -262,6 +281,8 @@ class _Replicas:
         self.urls = urls
         self._next = itertools.count()
         self._down_until = [0.0] * len(urls)
+        #: replicas that have answered this client: one of them refusing connections is restarting
+        self.answered = [False] * len(urls)
 
     def order(self) -> list[int]:
         n = len(self.urls)
@@ -314,7 +335,8 @@ class _BodyReader:
 
     _HEAD = 512   # enough to see where the first tensor's bytes start
 
-    def __init__(self, resp: httpx.Response):
+    def __init__(self, resp: httpx.Response, pool: BufferPool):
+        self.pool = pool
         length = resp.headers.get("content-length")
         encoded = resp.headers.get("content-encoding", "identity").lower() not in ("", "identity")
         self.raw = not encoded  # with a content-encoding, Content-Length is the encoded size
@@ -329,7 +351,7 @@ class _BodyReader:
             self.head += chunk
             if self.size is None or len(self.head) < min(self.size, self._HEAD):
                 return
-            self.buf = aligned_body(self.size, self.head)
+            self.buf = aligned_body(self.size, self.head, self.pool.empty_bytes(self.size + ALIGN))
             self.view = memoryview(self.buf)
             chunk, self.head = self.head, bytearray()
         end = self.pos + len(chunk)
@@ -378,7 +400,7 @@ class _Attempts:
     replica not yet tried in this round, and once all were, waits for the shortest Retry-After
     (or a backoff when none was given), stretched by jitter, if that ends within the budget."""
 
-    def __init__(self, client: _Base):
+    def __init__(self, client: _BaseClient):
         self.client = client
         self.replicas = client._replicas
         self.order = self.replicas.order()
@@ -409,21 +431,30 @@ class _Attempts:
         self.pending = (self.order[0], delay)
 
     def connection_failed(self, i: int, exc: BaseException) -> None:
+        """A connection refused or dropped. Beyond ``retries`` such failures, the request goes on
+        only while a replica that has answered this client before is among the failed ones: that
+        server exists and is restarting, and is waited for with backoff within the budget (a URL
+        that never answered fails after ``retries``, as a typo should)."""
         self.replicas.mark_down(i)
         self.last = exc
         self.tried.append(i)
         self.connection_failures += 1
-        if self.connection_failures > self.client.retries:
+        over = self.connection_failures > self.client.retries
+        if over and not any(self.replicas.answered[j] for j in self.tried):
             return
         nxt = self._next_replica()
         if nxt is not None:
             self.pending = (nxt, 0.0)
-        else:
-            self._new_round(self.client._backoff(self.rounds + 1))
+            return
+        delay = self.client._backoff(self.rounds + 1)
+        if over and time.monotonic() + delay - self.started > self.client.retry_budget_s:
+            return
+        self._new_round(delay)
 
     def answered(self, resp: _Response, i: int) -> bool:
         """True when `resp` is the answer. Raises a non-transient error status (and a transient
         one once retrying is over); False when `next()` has another try."""
+        self.replicas.answered[i] = True
         if resp.status < 400:
             self.replicas.mark_up(i)
             return True
@@ -455,8 +486,8 @@ class _SplitReader(_BodyReader):
     message is kept with the gradient's bin header rewritten to an empty bin. Falls back to
     `_BodyReader` when the answer is not shaped so (an error, another size)."""
 
-    def __init__(self, resp: httpx.Response, into: np.ndarray):
-        super().__init__(resp)
+    def __init__(self, resp: httpx.Response, pool: BufferPool, into: np.ndarray):
+        super().__init__(resp, pool)
         self.into = memoryview(into).cast("B")
         self.split: int | None = None
         self.kept = bytearray()
@@ -506,7 +537,102 @@ def _bin_header_len(head: Union[bytes, bytearray], off: int, n: int) -> int | No
     return None
 
 
-class _Base:
+class _Cancelled(Exception):
+    """A pipelined chunk stopped because another chunk of its call failed (never raised to callers)."""
+
+
+class _ChunkRun:
+    """The row chunks of one pipelined call, in flight (pipeline.Pipeline planned them).
+
+    `workers` workers (threads of `Client`, tasks of `AsyncClient`) each `take()` the next chunk,
+    send it, and report `answered()` or `failed()`, until no chunk is left. The first failure
+    cancels the others: no chunk starts after it, a chunk being sent or received stops at its next
+    network read or write (`check()` raises `_Cancelled` there), and the client raises the error
+    only once every worker has stopped, so nothing writes into the gradient after the call ended.
+    The answers' Server-Timing phases are added up over the chunks."""
+
+    def __init__(self, pipe: pipeline.Pipeline, connections: int):
+        self.pipe = pipe
+        self._todo = pipe.messages()
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.timing: dict[str, float] = {}
+        self.workers = max(1, min(connections, len(pipe.bounds)))
+
+    def take(self) -> tuple[int, list[Segment], int, Any] | None:
+        """(chunk index, its request segments, their size, where its gradient goes), or None."""
+        with self._lock:
+            item = None if self.cancelled else next(self._todo, None)
+        if item is None:
+            return None
+        i, msg = item
+        segments = encode_message(msg)
+        return i, segments, message_nbytes(segments), self.pipe.grad_rows(i)
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise _Cancelled()
+
+    def answered(self, i: int, resp: _Response) -> None:
+        self.pipe.add(i, _BaseClient._decode(resp))
+        timing = parse_server_timing(resp.headers.get("server-timing"))
+        with self._lock:
+            for k, v in timing.items():
+                self.timing[k] = self.timing.get(k, 0.0) + v
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None and not isinstance(exc, _Cancelled):
+                self.error = exc
+            self.cancelled = True
+
+    def result(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """The whole batch's answer and timing, once every worker has stopped; or the first error."""
+        if self.error is not None:
+            raise self.error
+        return self.pipe.result(), self.timing
+
+
+# The I/O a call's flow asks its client for (see `_BaseClient._cross_entropy_flow`)
+_ARENA = "arena"        # (nbytes): the arena this call may use, or None (asks /v1/info once)
+_BLOCKING = "blocking"  # (fn, args): Unix-socket registration or a big copy: a thread for AsyncClient
+_SEND = "send"          # (call): POST the call's one request; the response
+_CHUNKS = "chunks"      # (pipe): send the row chunks; (message, timing) of the whole batch
+_RENEW = "renew"        # (arena, generation, cause): move the arena to a new server instance
+_OFFLOAD_BYTES = 1 << 20   # the async client prepares calls at least this big in a thread
+
+
+_CLIENT_ARGS = """
+    ``url``: a URL, a list of replica URLs, or a comma-separated string (default: env
+    ``CLCE_URL``, else http://127.0.0.1:8000). ``api_key`` (default: env ``CLCE_API_KEY``) is sent
+    as ``Authorization: Bearer``. ``retries`` bounds the re-sends after connection failures to
+    replicas that never answered (one that answered before and now refuses is restarting, and is
+    waited for); ``retry_budget_s`` (env ``CLCE_RETRY_BUDGET_S``, default 30; 0 disables) is how
+    long 429 and 503 answers and restarts are retried, honouring Retry-After. ``verify`` checks
+    https servers' certificates as httpx does: True (system CAs), False, a CA bundle path or an
+    ``ssl.SSLContext``. ``chunk_bytes`` is the upload chunk size. ``transport`` (default: env
+    ``CLCE_TRANSPORT``, else "auto"): "auto" uses shared memory when the server allows it and runs
+    on this host (its /v1/info says so), else TCP; "shm" insists on shared memory
+    (SharedMemoryUnavailable says why not); "tcp" never uses it. ``pipeline_bytes``: over TCP,
+    batches of at least twice this (and pipeline.MIN_BYTES) go as row chunks of about this size on
+    up to ``connections`` connections (0: one request). ``shm_min_bytes``: over shared memory,
+    smaller inputs travel inline. ``max_cached_bytes``: free memory kept for the next calls, at
+    most, by each of the two pools (shared-memory regions; buffers received over TCP), so that a
+    training loop's steps write into memory already touched (clce_client.buffers).
+"""
+
+
+class _BaseClient:
+    """What `Client` and `AsyncClient` share: the constructor and every step of a call that does no
+    I/O. The shared-memory decision, planning (one request or row chunks), encoding, the retry
+    policy (`_Attempts`), pipelining (`_ChunkRun`) and decoding live here; a call is a generator
+    (`_cross_entropy_flow`) that yields the I/O it needs. The subclasses only do that I/O: send
+    and receive, sleep, wait, lock, and run blocking work (in a thread, for AsyncClient).
+
+    The constructor's arguments are listed under `_CLIENT_ARGS` (clce_client.client).
+    """
+
     def __init__(
         self,
         url: Union[str, Sequence[str], None] = None,
@@ -515,14 +641,14 @@ class _Base:
         retries: int = 3,
         chunk_bytes: int = 1 << 20,
         retry_budget_s: float | None = None,
+        verify: Union[bool, str, os.PathLike, ssl.SSLContext] = True,
         transport: str | None = None,
         pipeline_bytes: int = pipeline.CHUNK_BYTES,
         connections: int = pipeline.CONNECTIONS,
         shm_min_bytes: int = _SHM_INLINE_BYTES,
+        max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES,
     ):
         self._replicas = _Replicas(_parse_urls(url))
-        #: over shared memory, calls whose input is smaller than this send their tensors inline (as
-        #: over TCP): for a few KB the copy costs nothing and the references buy nothing
         self.shm_min_bytes = int(shm_min_bytes)
         if int(pipeline_bytes) < 0 or int(connections) < 1:
             raise ValueError("pipeline_bytes must be >= 0 and connections >= 1")
@@ -532,10 +658,6 @@ class _Base:
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(_TRANSPORTS)}, got {transport!r}")
         self.transport = transport
-        self._arena: Any = None          # shm.Arena once shared memory is chosen
-        self._shm_error: BaseException | None = None
-        self._shm_decided = False
-        self._shm_lock = threading.Lock()
         self._api_key = api_key if api_key is not None else (os.environ.get("CLCE_API_KEY") or None)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         if int(retries) < 0:
@@ -545,15 +667,35 @@ class _Base:
         self.retries = int(retries)
         self.chunk_bytes = int(chunk_bytes)
         self.retry_budget_s = _retry_budget(retry_budget_s)
+        self.max_cached_bytes = int(max_cached_bytes)
+        self._buffers = BufferPool(self.max_cached_bytes)   # what TCP receives
+        self._arena: Any = None          # shm.Arena once shared memory is chosen
+        self._shm_error: BaseException | None = None
+        self._shm_decided = False
+        self._instance_id: str | None = None   # /v1/info's instance_id, last seen (one replica)
+        self._http = self._open_io(self.timeout, _ssl_verify(verify))
+
+    def _open_io(self, timeout: httpx.Timeout, verify: Any) -> Any:
+        """The subclass's I/O state (its locks, workers), and its HTTP client, which it returns."""
+        raise NotImplementedError
 
     @property
     def urls(self) -> list[str]:
         return list(self._replicas.urls)
 
+    @property
+    def buffers(self) -> BufferPool:
+        """The pool that what this client receives over TCP lands in (gradients included): a
+        caller that needs a gradient-sized buffer for a short while (``buffers.empty(shape,
+        dtype)``) gets memory a training loop has already touched, and gives it back by dropping
+        it (clce_client.buffers)."""
+        return self._buffers
+
     def __repr__(self) -> str:  # never shows the key
         key = "'***'" if self._api_key else "None"
         return f"{type(self).__name__}(url={self.urls!r}, api_key={key})"
 
+    # ---- requests: headers, bodies, errors, decoding ----
     def _headers(self, nbytes: int | None = None) -> dict[str, str]:
         headers = {
             "Accept": f"{MSGPACK}, {JSON};q=0.5",
@@ -567,6 +709,17 @@ class _Base:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         return headers
+
+    def _body_chunks(self, segments: list[Segment], cancel: Any) -> Iterator[Any]:
+        """A big body as chunks (an iterator: httpx re-copies the unsent rest of a bytes body
+        after every partial send); a cancelled pipelined chunk stops between two of them."""
+        for chunk in _chunks(segments, self.chunk_bytes):
+            if cancel is not None:
+                cancel()
+            yield chunk
+
+    def _reader(self, resp: httpx.Response, into: Any) -> _BodyReader:
+        return _BodyReader(resp, self._buffers) if into is None else _SplitReader(resp, self._buffers, into)
 
     def _backoff(self, cycle: int) -> float:
         return min(_BACKOFF_SECONDS * 2 ** (cycle - 1), _MAX_BACKOFF_SECONDS)
@@ -585,36 +738,51 @@ class _Base:
             + (f": {type(last).__name__}: {last}" if last is not None else "")
         )
 
-    @staticmethod
-    def _json_or_msgpack(resp: _Response) -> Any:
+    def _json_or_msgpack(self, resp: _Response) -> Any:
         media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             if media == MSGPACK:
-                return decode_message(memoryview(resp.body))
-            import json
+                doc = decode_message(memoryview(resp.body))
+            else:
+                import json
 
-            return json.loads(bytes(memoryview(resp.body)))
+                doc = json.loads(bytes(memoryview(resp.body)))
         except ValueError as exc:
             raise ProtocolError(f"undecodable response body: {exc}") from None
+        return self._note_info(doc)
 
     @staticmethod
-    def _finish(call: _Call, resp: _Response) -> Any:
+    def _decode(resp: _Response) -> dict[str, Any]:
         media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != MSGPACK:
             raise ProtocolError(f"expected a {MSGPACK} response, got {media or 'none'!r}")
-        timing = parse_server_timing(resp.headers.get("server-timing"))
-        return call.finish(decode_message(memoryview(resp.body)), timing)
+        return decode_message(memoryview(resp.body))
+
+    @classmethod
+    def _finish(cls, call: _Call, resp: _Response) -> Any:
+        return call.finish(cls._decode(resp), parse_server_timing(resp.headers.get("server-timing")))
+
+    # ---- shared memory: the decision ----
+    def _shm_wanted(self, nbytes: int | None) -> bool:
+        """Whether this call must first ask the server about shared memory (once per client; "auto"
+        asks on the first call at least _SHM_PROBE_BYTES big, or for empty())."""
+        if self.transport == "tcp" or self._shm_decided:
+            return False
+        return not (self.transport == "auto" and nbytes is not None and nbytes < _SHM_PROBE_BYTES)
 
     def _shm_choice(self, info: Any) -> None:
-        """Decide on shared memory from the server's /v1/info (once per client)."""
+        """Decide on shared memory from the server's /v1/info, or from the error asking for it
+        raised. Connects to the registration socket (the async client runs this in a thread)."""
         from . import shm
 
+        if isinstance(info, BaseException) and self.transport == "shm":
+            raise info              # undecided: the next call asks again
         try:
             if isinstance(info, BaseException):
                 raise info
             if len(self._replicas.urls) > 1:
                 raise shm.SharedMemoryUnavailable("shared memory takes one server URL, not several replicas")
-            self._arena = shm.connect(info, self._api_key)
+            self._arena = shm.connect(info, self._api_key, max_cached_bytes=self.max_cached_bytes)
         except (shm.SharedMemoryUnavailable, errors.ClceError) as exc:
             self._shm_error = exc
         self._shm_decided = True
@@ -626,42 +794,121 @@ class _Base:
             raise self._shm_error
         return None
 
+    def _arena_outdated(self, arena: Any) -> bool:
+        """The server holding the arena's registrations has gone: its socket closed, or /v1/info
+        (asked by anyone through this client) named another instance."""
+        return arena.lost() or (self._instance_id is not None and self._instance_id != arena.instance_id)
+
+    def _note_info(self, doc: Any) -> Any:
+        if isinstance(doc, dict) and isinstance(doc.get("instance_id"), str) and len(self._replicas.urls) == 1:
+            self._instance_id = doc["instance_id"]
+        return doc
+
+    def _move_arena(self, arena: Any, info: Any, cause: BaseException) -> None:
+        """After a call over shared memory met a closed registration socket or an unknown region:
+        re-register the arena with the instance that sent /v1/info `info`. When that instance is
+        the one already holding the registrations (same id, socket open), the region really is
+        unknown to it: `cause` is raised. When the new instance cannot share memory, "auto" goes
+        on over TCP and "shm" raises why. Does Unix-socket I/O (the async client runs it in a
+        thread)."""
+        from . import shm
+
+        if isinstance(info, dict) and info.get("instance_id") == arena.instance_id and not arena.lost():
+            raise cause
+        try:
+            shm.reconnect(arena, info)
+        except shm.SharedMemoryUnavailable as exc:
+            self._arena, self._shm_error = None, exc
+            arena.close()
+            if self.transport == "shm":
+                raise
+
     def _close_arena(self) -> None:
         arena, self._arena = self._arena, None
         if arena is not None:
             arena.close()
 
-    def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
-        """An uninitialised array (numpy, or torch for a torch dtype) in memory shared with the
-        server: logits computed into it travel without a copy, and ``inplace_grad=True`` writes the
-        gradient over them. Without shared memory (another host, transport="tcp"), an ordinary
-        array."""
-        arena = self._shm_ready()
-        if arena is not None:
-            return arena.empty(shape, dtype)
-        if type(dtype).__module__ == "torch":
-            import torch
+    # ---- a call, as a flow of I/O-free steps ----
+    def _prepare(self, input: Any, target: Any, options: dict[str, Any], arena: Any) -> _Call:
+        """The call's request: in shared memory (copied into a region unless already there) or
+        encoded for TCP, as one request or as row chunks (`call.pipe`)."""
+        call = _Call(input, target, dict(options), arena)
+        if arena is None and self.pipeline_bytes:
+            call.pipe = pipeline.Pipeline.plan(
+                call.values, min_bytes=max(pipeline.MIN_BYTES, 2 * self.pipeline_bytes),
+                chunk_bytes=self.pipeline_bytes, alloc=self._buffers.empty_bytes)
+        if call.pipe is None:
+            call.segments = encode_message(call.message)
+            call.nbytes = message_nbytes(call.segments)
+        return call
 
-            return torch.empty(shape, dtype=dtype)
-        return np.empty(shape, dtype)
+    def _cross_entropy_flow(self, input: Any, target: Any, options: dict[str, Any]) -> Any:
+        """One cross_entropy call. A generator: it yields the I/O it needs as (kind, args) and is
+        sent the result (or thrown the error); it returns the call's result. A call that meets a
+        new server instance over shared memory has the arena moved there and runs again, within
+        the retry budget."""
+        nbytes = _nbytes(input)
+        deadline = time.monotonic() + self.retry_budget_s
+        while True:
+            arena = yield _ARENA, (nbytes,)
+            if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
+                arena = None
+            generation = arena.generation if arena is not None else 0
+            call = None
+            try:
+                if arena is not None or nbytes >= _OFFLOAD_BYTES:
+                    call = yield _BLOCKING, (self._prepare, (input, target, options, arena))
+                else:
+                    call = self._prepare(input, target, options, arena)
+                if call.pipe is not None:
+                    msg, timing = yield _CHUNKS, (call.pipe,)
+                    return call.finish(msg, timing)
+                resp = yield _SEND, (call,)
+                return self._finish(call, resp)
+            except errors.ClceError as exc:
+                if not self._renewal_due(exc, call, arena, deadline):
+                    raise
+                yield _RENEW, (arena, generation, exc)
 
-    def _call(self, input: Any, target: Any, arena: Any = None, **options: Any) -> tuple[_Call, list[Segment], int]:
-        call = _Call(input, target, options, arena)
-        segments = encode_message(call.message)
-        return call, segments, message_nbytes(segments)
+    def _empty_flow(self, shape: Any, dtype: Any) -> Any:
+        while True:
+            arena = yield _ARENA, (None,)
+            if arena is None:
+                return _ordinary_empty(shape, dtype)
+            generation = arena.generation
+            try:
+                return (yield _BLOCKING, (arena.empty, (shape, dtype)))   # may register a region
+            except errors.ClceError as exc:
+                from .shm import ArenaLost
 
-    def _pipeline(self, call: _Call, arena: Any) -> Any:
-        """The row-chunk plan for a big batch over TCP, or None (one request)."""
-        if arena is not None or not self.pipeline_bytes:
-            return None
-        return pipeline.Pipeline.plan(call.values, min_bytes=max(pipeline.MIN_BYTES, 2 * self.pipeline_bytes),
-                                      chunk_bytes=self.pipeline_bytes)
+                if not isinstance(exc, ArenaLost):
+                    raise
+                yield _RENEW, (arena, generation, exc)
 
-    def _chunk_answer(self, resp: _Response) -> dict[str, Any]:
-        media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media != MSGPACK:
-            raise ProtocolError(f"expected a {MSGPACK} response, got {media or 'none'!r}")
-        return decode_message(memoryview(resp.body))
+    def _renewal_due(self, exc: BaseException, call: Any, arena: Any, deadline: float) -> bool:
+        """Whether `exc`, raised by a call over `arena`, is the sign of a server restart that
+        moving the arena can repair (within the retry budget)."""
+        from . import shm
+
+        if arena is None or time.monotonic() > deadline:
+            return False
+        if isinstance(exc, shm.ArenaLost):
+            return True
+        return isinstance(exc, errors.NotFound) and call is not None and call.placement is not None
+
+    @staticmethod
+    def _options(weight: Any, ignore_index: int, reduction: str, label_smoothing: float,
+                 options: dict[str, Any]) -> dict[str, Any]:
+        return dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                    label_smoothing=label_smoothing, **options)
+
+
+def _ordinary_empty(shape: Any, dtype: Any) -> Any:
+    if type(dtype).__module__ == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=dtype)
+    return np.empty(shape, dtype)
 
 
 _CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
@@ -674,62 +921,26 @@ _CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
         Options:
         """ + "\n".join("        " + line for line in options_doc(skip=("input", "target")).splitlines()) + "\n"
 
+_EMPTY_DOC = """An uninitialised array (numpy, or torch for a torch dtype) in memory shared with the
+        server: logits computed into it travel without a copy, and ``inplace_grad=True`` writes the
+        gradient over them. Without shared memory (another host, transport="tcp"), an ordinary
+        array. Asks the server about shared memory first, as a big call does."""
 
-class Client(_Base):
-    """Synchronous client; thread-safe, with pooled keep-alive connections.
 
-    ``url``: a URL, a list of replica URLs, or a comma-separated string (default: env
-    ``CLCE_URL``, else http://127.0.0.1:8000). ``api_key`` (default: env ``CLCE_API_KEY``) is sent
-    as ``Authorization: Bearer``. ``retries`` bounds the re-sends after connection failures;
-    ``retry_budget_s`` (env ``CLCE_RETRY_BUDGET_S``, default 30; 0 disables) is how long 429 and
-    503 answers are retried, honouring Retry-After. ``verify`` checks https servers' certificates
-    as httpx does: True (system CAs), False, a CA bundle path or an ``ssl.SSLContext``.
-    ``chunk_bytes`` is the upload chunk size. ``transport`` (default: env ``CLCE_TRANSPORT``, else
-    "auto"): "auto" uses shared memory when the server allows it and runs on this host (its
-    /v1/info says so), else TCP; "shm" insists on shared memory (SharedMemoryUnavailable says why
-    not); "tcp" never uses it.
-    """
+class Client(_BaseClient):
+    __doc__ = "Synchronous client; thread-safe, with pooled keep-alive connections.\n" + _CLIENT_ARGS
 
-    def __init__(
-        self,
-        url: Union[str, Sequence[str], None] = None,
-        api_key: str | None = None,
-        timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
-        retries: int = 3,
-        chunk_bytes: int = 1 << 20,
-        retry_budget_s: float | None = None,
-        verify: Union[bool, str, os.PathLike, ssl.SSLContext] = True,
-        transport: str | None = None,
-        pipeline_bytes: int = pipeline.CHUNK_BYTES,
-        connections: int = pipeline.CONNECTIONS,
-        shm_min_bytes: int = _SHM_INLINE_BYTES,
-    ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s, transport, pipeline_bytes,
-                         connections, shm_min_bytes)
-        self._http = httpx.Client(timeout=self.timeout, verify=_ssl_verify(verify))
+    def _open_io(self, timeout: httpx.Timeout, verify: Any) -> httpx.Client:
+        self._shm_lock = threading.Lock()
         self._pool: Any = None     # threads that send the row chunks of big batches
+        return httpx.Client(timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self._close_arena()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        self._buffers.close()
         self._http.close()
-
-    def _shm_ready(self, nbytes: int | None = None) -> Any:
-        """The arena when this call goes through shared memory, else None (TCP)."""
-        if self.transport == "auto" and nbytes is not None and nbytes < _SHM_PROBE_BYTES and not self._shm_decided:
-            return None
-        if self.transport != "tcp" and not self._shm_decided:
-            with self._shm_lock:
-                if not self._shm_decided:
-                    try:
-                        info = self.info() if len(self._replicas.urls) == 1 else {}
-                    except errors.ClceError as exc:
-                        if self.transport == "shm":
-                            raise
-                        info = exc
-                    self._shm_choice(info)
-        return self._use_arena()
 
     def __enter__(self) -> Client:
         return self
@@ -737,37 +948,81 @@ class Client(_Base):
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def _content(self, segments: list[Segment] | None, nbytes: int) -> Any:
-        if segments is None:
-            return None
-        if nbytes <= self.chunk_bytes:
-            return b"".join(segments)
-        # An iterator: httpx re-copies the unsent rest of a bytes body after every partial send.
-        return _chunks(segments, self.chunk_bytes)
+    # ---- the I/O the flows ask for ----
+    def _run(self, flow: Any) -> Any:
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                kind, args = flow.send(result) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            result, error = None, None
+            try:
+                if kind == _ARENA:
+                    result = self._shm_ready(*args)
+                elif kind == _BLOCKING:
+                    fn, fn_args = args
+                    result = fn(*fn_args)
+                elif kind == _SEND:
+                    (call,) = args
+                    result = self._request("POST", CROSS_ENTROPY_PATH, call.segments, call.nbytes)
+                elif kind == _CHUNKS:
+                    result = self._send_chunks(*args)
+                elif kind == _RENEW:
+                    self._renew_arena(*args)
+            except Exception as exc:     # thrown into the flow, which decides
+                error = exc
 
-    def _once(
-        self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None
-    ) -> _Response:
+    def _shm_ready(self, nbytes: int | None = None) -> Any:
+        """The arena when this call goes through shared memory, else None (TCP)."""
+        if self._shm_wanted(nbytes):
+            with self._shm_lock:
+                if self._shm_wanted(nbytes):
+                    try:
+                        info: Any = self.info() if len(self._replicas.urls) == 1 else {}
+                    except errors.ClceError as exc:
+                        info = exc
+                    self._shm_choice(info)
+        arena = self._use_arena()
+        if arena is not None and self._arena_outdated(arena):
+            from .shm import ArenaLost
+
+            self._renew_arena(arena, arena.generation, ArenaLost("the server restarted"))
+            arena = self._use_arena()
+        return arena
+
+    def _renew_arena(self, arena: Any, generation: int, cause: BaseException) -> None:
+        with self._shm_lock:
+            if arena is self._arena and arena.generation == generation:   # else another call did it
+                self._move_arena(arena, self.info(), cause)
+
+    def _once(self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None,
+              cancel: Any = None) -> _Response:
         headers = self._headers(nbytes if segments is not None else None)
-        content = self._content(segments, nbytes)
+        content = None
+        if segments is not None:
+            content = b"".join(segments) if nbytes <= self.chunk_bytes else self._body_chunks(segments, cancel)
         with self._http.stream(method, url, content=content, headers=headers) as resp:
-            reader = _BodyReader(resp) if into is None else _SplitReader(resp, into)
+            reader = self._reader(resp, into)
             for chunk in resp.iter_raw() if reader.raw else resp.iter_bytes():
+                if cancel is not None:
+                    cancel()
                 reader.add(chunk)
             return _Response(resp.status_code, resp.headers, reader.done())
 
-    def _request(
-        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
-        into: Any = None,
-    ) -> _Response:
+    def _request(self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
+                 into: Any = None, cancel: Any = None) -> _Response:
         attempts = _Attempts(self)
         while True:
             i, delay = attempts.next()
             if delay:
                 time.sleep(delay)
+            if cancel is not None:
+                cancel()
             url = self._replicas.urls[i] + path
             try:
-                resp = self._once(method, url, segments, nbytes, into)
+                resp = self._once(method, url, segments, nbytes, into, cancel)
             except _RETRYABLE as exc:
                 attempts.connection_failed(i, exc)
                 continue
@@ -778,51 +1033,42 @@ class Client(_Base):
             if attempts.answered(resp, i):
                 return resp
 
-    def cross_entropy(
-        self,
-        input: Any,
-        target: Any,
-        weight: Any = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        **options: Any,
-    ) -> Any:
-        nbytes = _nbytes(input)
-        arena = self._shm_ready(nbytes)
-        if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
-            arena = None
-        call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                         label_smoothing=label_smoothing, **options), arena)
-        pipe = self._pipeline(call, arena)
-        if pipe is not None:
-            return call.finish(self._send_chunks(pipe), {})
-        segments = encode_message(call.message)
-        return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments)))
+    def _send_chunks(self, pipe: pipeline.Pipeline) -> tuple[dict[str, Any], dict[str, float]]:
+        from concurrent.futures import ThreadPoolExecutor, wait
 
-    def _send_chunks(self, pipe: Any) -> dict[str, Any]:
-        from concurrent.futures import ThreadPoolExecutor
-
+        run = _ChunkRun(pipe, self.connections)
         if self._pool is None:
             with self._shm_lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.connections, thread_name_prefix="clce-chunk")
 
-        def one(item):
-            i, msg = item
-            segments = encode_message(msg)
-            resp = self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments),
-                                 into=pipe.grad_rows(i))
-            pipe.add(i, self._chunk_answer(resp))
+        def worker() -> None:
+            while (job := run.take()) is not None:
+                i, segments, nbytes, into = job
+                try:
+                    run.answered(i, self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes, into, run.check))
+                except BaseException as exc:   # noqa: BLE001  (recorded; raised by run.result())
+                    run.failed(exc)
+                    return
 
-        for f in [self._pool.submit(one, item) for item in pipe.messages()]:
-            f.result()
-        return pipe.result()
+        wait([self._pool.submit(worker) for _ in range(run.workers)])
+        return run.result()
+
+    # ---- the API ----
+    def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
+                      reduction: str = "mean", label_smoothing: float = 0.0, **options: Any) -> Any:
+        return self._run(self._cross_entropy_flow(
+            input, target, self._options(weight, ignore_index, reduction, label_smoothing, options)))
 
     cross_entropy.__doc__ = _CE_DOC
 
+    def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
+        return self._run(self._empty_flow(shape, dtype))
+
+    empty.__doc__ = _EMPTY_DOC
+
     def info(self) -> dict[str, Any]:
-        """The server's /v1/info document (version, devices, limits)."""
+        """The server's /v1/info document (version, devices, limits, instance_id)."""
         return self._json_or_msgpack(self._request("GET", "/v1/info"))
 
     def _probe(self, path: str) -> bool:
@@ -843,52 +1089,20 @@ class Client(_Base):
         return self._probe("/readyz")
 
 
-async def _achunks(segments: list[Segment], chunk_bytes: int) -> AsyncIterator[Any]:
-    for chunk in _chunks(segments, chunk_bytes):
-        yield chunk
+class AsyncClient(_BaseClient):
+    __doc__ = """`Client` for asyncio: the same constructor, and the same methods as coroutines (``empty``
+    included). Registration with the server's shared-memory socket and the copies of big inputs
+    run in a thread (asyncio.to_thread), never on the event loop.
+""" + _CLIENT_ARGS
 
-
-class AsyncClient(_Base):
-    """`Client` for asyncio: the same constructor, and the same methods as coroutines."""
-
-    def __init__(
-        self,
-        url: Union[str, Sequence[str], None] = None,
-        api_key: str | None = None,
-        timeout: Union[httpx.Timeout, float, None] = DEFAULT_TIMEOUT,
-        retries: int = 3,
-        chunk_bytes: int = 1 << 20,
-        retry_budget_s: float | None = None,
-        verify: Union[bool, str, os.PathLike, ssl.SSLContext] = True,
-        transport: str | None = None,
-        pipeline_bytes: int = pipeline.CHUNK_BYTES,
-        connections: int = pipeline.CONNECTIONS,
-        shm_min_bytes: int = _SHM_INLINE_BYTES,
-    ):
-        super().__init__(url, api_key, timeout, retries, chunk_bytes, retry_budget_s, transport, pipeline_bytes,
-                         connections, shm_min_bytes)
-        self._http = httpx.AsyncClient(timeout=self.timeout, verify=_ssl_verify(verify))
+    def _open_io(self, timeout: httpx.Timeout, verify: Any) -> httpx.AsyncClient:
+        self._shm_alock: asyncio.Lock | None = None   # made on first use, in the client's loop
+        return httpx.AsyncClient(timeout=timeout, verify=verify)
 
     async def aclose(self) -> None:
-        self._close_arena()
+        await asyncio.to_thread(self._close_arena)     # unmapping big regions takes a while
+        self._buffers.close()
         await self._http.aclose()
-
-    def _shm_ready(self) -> Any:   # for empty(): decided by the first call
-        return self._use_arena()
-
-    async def _ashm_ready(self, nbytes: int) -> Any:
-        if self.transport == "auto" and nbytes < _SHM_PROBE_BYTES and not self._shm_decided:
-            return None
-        if self.transport != "tcp" and not self._shm_decided:
-            try:
-                info = await self.info() if len(self._replicas.urls) == 1 else {}
-            except errors.ClceError as exc:
-                if self.transport == "shm":
-                    raise
-                info = exc
-            if not self._shm_decided:
-                self._shm_choice(info)
-        return self._use_arena()
 
     close = aclose
 
@@ -898,36 +1112,86 @@ class AsyncClient(_Base):
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
 
-    def _content(self, segments: list[Segment] | None, nbytes: int) -> Any:
-        if segments is None:
-            return None
-        if nbytes <= self.chunk_bytes:
-            return b"".join(segments)
-        return _achunks(segments, self.chunk_bytes)
+    def _lock(self) -> asyncio.Lock:
+        if self._shm_alock is None:
+            self._shm_alock = asyncio.Lock()
+        return self._shm_alock
 
-    async def _once(
-        self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None
-    ) -> _Response:
+    # ---- the I/O the flows ask for ----
+    async def _run(self, flow: Any) -> Any:
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                kind, args = flow.send(result) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            result, error = None, None
+            try:
+                if kind == _ARENA:
+                    result = await self._shm_ready(*args)
+                elif kind == _BLOCKING:
+                    fn, fn_args = args
+                    result = await asyncio.to_thread(fn, *fn_args)
+                elif kind == _SEND:
+                    (call,) = args
+                    result = await self._request("POST", CROSS_ENTROPY_PATH, call.segments, call.nbytes)
+                elif kind == _CHUNKS:
+                    result = await self._send_chunks(*args)
+                elif kind == _RENEW:
+                    await self._renew_arena(*args)
+            except Exception as exc:     # thrown into the flow, which decides
+                error = exc
+
+    async def _shm_ready(self, nbytes: int | None = None) -> Any:
+        if self._shm_wanted(nbytes):
+            async with self._lock():
+                if self._shm_wanted(nbytes):
+                    try:
+                        info: Any = await self.info() if len(self._replicas.urls) == 1 else {}
+                    except errors.ClceError as exc:
+                        info = exc
+                    await asyncio.to_thread(self._shm_choice, info)
+        arena = self._use_arena()
+        if arena is not None and self._arena_outdated(arena):
+            from .shm import ArenaLost
+
+            await self._renew_arena(arena, arena.generation, ArenaLost("the server restarted"))
+            arena = self._use_arena()
+        return arena
+
+    async def _renew_arena(self, arena: Any, generation: int, cause: BaseException) -> None:
+        async with self._lock():
+            if arena is self._arena and arena.generation == generation:   # else another call did it
+                info = await self.info()
+                await asyncio.to_thread(self._move_arena, arena, info, cause)
+
+    async def _once(self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None,
+                    cancel: Any = None) -> _Response:
         headers = self._headers(nbytes if segments is not None else None)
-        content = self._content(segments, nbytes)
+        content = None
+        if segments is not None:
+            content = b"".join(segments) if nbytes <= self.chunk_bytes else _aiter(self._body_chunks(segments, cancel))
         async with self._http.stream(method, url, content=content, headers=headers) as resp:
-            reader = _BodyReader(resp) if into is None else _SplitReader(resp, into)
+            reader = self._reader(resp, into)
             async for chunk in resp.aiter_raw() if reader.raw else resp.aiter_bytes():
+                if cancel is not None:
+                    cancel()
                 reader.add(chunk)
             return _Response(resp.status_code, resp.headers, reader.done())
 
-    async def _request(
-        self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
-        into: Any = None,
-    ) -> _Response:
+    async def _request(self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
+                       into: Any = None, cancel: Any = None) -> _Response:
         attempts = _Attempts(self)
         while True:
             i, delay = attempts.next()
             if delay:
                 await asyncio.sleep(delay)
+            if cancel is not None:
+                cancel()
             url = self._replicas.urls[i] + path
             try:
-                resp = await self._once(method, url, segments, nbytes, into)
+                resp = await self._once(method, url, segments, nbytes, into, cancel)
             except _RETRYABLE as exc:
                 attempts.connection_failed(i, exc)
                 continue
@@ -938,43 +1202,46 @@ class AsyncClient(_Base):
             if attempts.answered(resp, i):
                 return resp
 
-    async def cross_entropy(
-        self,
-        input: Any,
-        target: Any,
-        weight: Any = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        **options: Any,
-    ) -> Any:
-        nbytes = _nbytes(input)
-        arena = await self._ashm_ready(nbytes)
-        if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
-            arena = None
-        call = _Call(input, target, dict(weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                         label_smoothing=label_smoothing, **options), arena)
-        pipe = self._pipeline(call, arena)
-        if pipe is not None:
-            sem = asyncio.Semaphore(self.connections)
+    async def _send_chunks(self, pipe: pipeline.Pipeline) -> tuple[dict[str, Any], dict[str, float]]:
+        run = _ChunkRun(pipe, self.connections)
 
-            async def one(i, msg):
-                async with sem:
-                    segments = encode_message(msg)
-                    resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments),
-                                               into=pipe.grad_rows(i))
-                pipe.add(i, self._chunk_answer(resp))
+        async def worker() -> None:
+            while (job := run.take()) is not None:
+                i, segments, nbytes, into = job
+                try:
+                    run.answered(i, await self._request("POST", CROSS_ENTROPY_PATH, segments, nbytes, into,
+                                                        run.check))
+                except BaseException as exc:   # noqa: BLE001  (recorded; raised by run.result())
+                    run.failed(exc)
+                    return
 
-            await asyncio.gather(*(one(i, m) for i, m in pipe.messages()))
-            return call.finish(pipe.result(), {})
-        segments = encode_message(call.message)
-        resp = await self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments))
-        return self._finish(call, resp)
+        tasks = {asyncio.ensure_future(worker()) for _ in range(run.workers)}
+        try:
+            while tasks and not run.cancelled:
+                _, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # a failure (or our own cancellation) stops the others now; they are awaited, so that
+            # none is still writing into the gradient when the error is raised
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return run.result()
+
+    # ---- the API ----
+    async def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
+                            reduction: str = "mean", label_smoothing: float = 0.0, **options: Any) -> Any:
+        return await self._run(self._cross_entropy_flow(
+            input, target, self._options(weight, ignore_index, reduction, label_smoothing, options)))
 
     cross_entropy.__doc__ = _CE_DOC
 
+    async def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
+        return await self._run(self._empty_flow(shape, dtype))
+
+    empty.__doc__ = _EMPTY_DOC
+
     async def info(self) -> dict[str, Any]:
-        """The server's /v1/info document (version, devices, limits)."""
+        """The server's /v1/info document (version, devices, limits, instance_id)."""
         return self._json_or_msgpack(await self._request("GET", "/v1/info"))
 
     async def _probe(self, path: str) -> bool:
@@ -994,6 +1261,11 @@ class AsyncClient(_Base):
     async def readyz(self) -> bool:
         """True when some replica is ready to compute (GET /readyz answers 2xx)."""
         return await self._probe("/readyz")
+
+
+async def _aiter(chunks: Iterator[Any]) -> AsyncIterator[Any]:
+    for chunk in chunks:
+        yield chunk
 
 
 _default: Client | None = None

@@ -9,12 +9,15 @@ request), chunks start on REDUCE_BLOCK_ROWS boundaries, and their per-block loss
 (`return_partials`) are added in order in float64, as the server adds the blocks of one request.
 The gradient of every chunk is copied into its rows of one buffer as it arrives.
 
-`Pipeline` does no I/O: `Client` and `AsyncClient` send its `messages()` and `add()` the answers.
+`Pipeline` does no I/O: the client's `_ChunkRun` hands its `messages()` to `connections` workers
+(threads of `Client`, tasks of `AsyncClient`), which `add()` the answers; the first failure stops
+the others before it is raised.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,7 +51,8 @@ class Pipeline:
     """One batch as row chunks. `values`: the request's option values, tensors in wire form (the
     whole batch's message before it is sent); None from `plan` when it should stay one request."""
 
-    def __init__(self, values: dict[str, Any], chunk_samples: int):
+    def __init__(self, values: dict[str, Any], chunk_samples: int,
+                 alloc: Callable[[int], np.ndarray] = _aligned_empty):
         self.values = values
         x: WireTensor = values["input"]
         self.x = x
@@ -68,11 +72,14 @@ class Pipeline:
         if self.return_grad:
             gdt = values.get("grad_dtype") or x.dtype
             self.grad_dtype = gdt
-            self.grad = _aligned_empty(math.prod(x.shape) * DTYPES[gdt])
+            self.grad = alloc(math.prod(x.shape) * DTYPES[gdt])
         self.answers: list[dict | None] = [None] * len(self.bounds)
 
     @staticmethod
-    def plan(values: dict[str, Any], *, min_bytes: int, chunk_bytes: int) -> "Pipeline | None":
+    def plan(values: dict[str, Any], *, min_bytes: int, chunk_bytes: int,
+             alloc: Callable[[int], np.ndarray] = _aligned_empty) -> "Pipeline | None":
+        """The row chunks for `values`, or None when it should stay one request. `alloc(nbytes)`
+        gives the gradient's buffer (64-byte aligned): the client's pool of received memory."""
         x = values["input"]
         t = values["target"]
         if not isinstance(x, WireTensor) or len(x.shape) < 2 or not isinstance(t, WireTensor) or not t.shape:
@@ -86,7 +93,7 @@ class Pipeline:
         samples = max(unit, (chunk_bytes // per_sample) // unit * unit)
         if samples >= x.shape[0]:
             return None
-        return Pipeline(values, samples)
+        return Pipeline(values, samples, alloc)
 
     def messages(self):
         """(index, message) per chunk."""

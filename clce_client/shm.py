@@ -13,11 +13,13 @@ gradient over them (as Liger-Kernel does), halving the memory. Their contents ar
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import math
 import mmap
 import os
+import select
 import socket
 import threading
 import weakref
@@ -29,15 +31,20 @@ from clce_wire.protocol import ALIGN, ERROR_CODES, ProtocolError, WireTensor, nu
 from clce_wire.shm import host_id, recv_frame, ref_map, send_frame
 
 from . import errors
+from .buffers import FreeList, size_class
 
-__all__ = ["Arena", "SharedMemoryUnavailable", "connect"]
+__all__ = ["Arena", "ArenaLost", "SharedMemoryUnavailable", "connect", "reconnect", "socket_path"]
 
-MiB = 1 << 20
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class SharedMemoryUnavailable(errors.TransportError):
     """transport="shm" was asked for, and this client cannot share memory with the server."""
+
+
+class ArenaLost(errors.TransportError):
+    """The registration socket is closed: the server that held this arena's regions is gone (a
+    restart). The client re-registers the regions with the new instance and repeats the call."""
 
 
 def _server_error(err: Any) -> errors.ServerError:
@@ -65,15 +72,27 @@ class _Session:
             try:
                 send_frame(self.sock, msg, fd)
             except (BrokenPipeError, ConnectionResetError):
-                pass    # a server refusing this connection answered and closed it: read why below
-            reply, fds = recv_frame(self.sock)
+                pass    # a server refusing this connection may have answered before closing: read why below
+            try:
+                reply, fds = recv_frame(self.sock)
+            except ConnectionError as exc:
+                raise ArenaLost(f"the server closed the shared-memory socket ({exc})") from None
         for f in fds:
             os.close(f)
         if reply is None:
-            raise errors.TransportError("the server closed the shared-memory socket")
+            raise ArenaLost("the server closed the shared-memory socket")
         if not reply.get("ok"):
             raise _server_error(reply.get("error"))
         return reply
+
+    def closed(self) -> bool:
+        """True when the server has closed its end (it exited). The server never speaks first, so
+        anything readable between calls is the end of the stream; a poll costs a few microseconds."""
+        if self.sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         self.sock.close()
@@ -98,67 +117,121 @@ class _Region:
         del probe
 
     def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:   # arrays over it remain; the GC unmaps it with the last one
-            pass
-        os.close(self.fd)
+        mm, self.mm = self.mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:   # arrays over it remain (maybe the one being finalised): with no
+                pass              # reference left here, it is unmapped when the last one goes
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Arena:
     """Registered regions of this client, reused across calls (thread-safe)."""
 
-    def __init__(self, socket_path: str, api_key: str | None, *, max_cached_bytes: int = 4 << 30):
+    def __init__(self, socket_path: str, api_key: str | None, *, instance_id: str | None = None,
+                 max_cached_bytes: int = 4 << 30):
+        self._api_key = api_key
         self._session = _Session(socket_path, api_key)
-        self.max_cached_bytes = max_cached_bytes
-        self._lock = threading.Lock()
-        self._free: dict[int, list[_Region]] = {}
-        self._cached = 0
+        #: the server instance (/v1/info's instance_id) that holds the registrations, and how many
+        #: times they were moved to a new one (`reconnect`)
+        self.instance_id = instance_id
+        self.generation = 0
+        # free regions, reused across calls by size class and growth (clce_client.buffers); its
+        # lock guards all of the arena's bookkeeping
+        self._free: FreeList[_Region] = FreeList(max_cached_bytes)
+        self._lock = self._free.lock
+        # held across every registration and across `reconnect`, so that a region registered while
+        # the arena moves to a new instance is never missed by the move
+        self._registering = threading.RLock()
         self._live: dict[str, _Region] = {}      # name -> region in use (arrays over it exist)
         self._all: dict[str, _Region] = {}
         self._seq = 0
         self._prefix = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._closed = False
-        self._to_drop: list[_Region] = []   # released by the GC: unregistered on the next acquire
+        # regions whose last array is gone. The finalizer only appends here: it may run from the GC
+        # at any allocation, also while this thread holds the lock; the next call to the arena
+        # takes them back under the lock (`_take_back`).
+        self._returned: collections.deque[_Region] = collections.deque()
+        self._to_drop: list[_Region] = []   # let go of (unmapped): unregistered on the next acquire
 
     # ---- regions ----
-    @staticmethod
-    def _size_class(nbytes: int) -> int:
-        return max(1, -(-nbytes // MiB)) * MiB if nbytes >= MiB else max(ALIGN, 1 << (max(nbytes, 1) - 1).bit_length())
-
     def _new_region(self, size: int) -> _Region:
         with self._lock:
             self._seq += 1
             name = f"{self._prefix}-{self._seq}"
         region = _Region(name, size)
         try:
-            try:
-                self._session.call({"op": "register", "name": name, "size": size}, region.fd)
-            except (errors.PayloadTooLarge, errors.Overloaded):
-                self.trim(0)           # give back what is cached, then try once more
-                self._session.call({"op": "register", "name": name, "size": size}, region.fd)
+            with self._registering:
+                try:
+                    self._session.call({"op": "register", "name": name, "size": size}, region.fd)
+                except (errors.PayloadTooLarge, errors.Overloaded):
+                    self.trim(0)           # give back what is cached, then try once more
+                    self._session.call({"op": "register", "name": name, "size": size}, region.fd)
+                with self._lock:
+                    self._all[name] = region
         except BaseException:
             region.close()
             raise
-        with self._lock:
-            self._all[name] = region
         return region
+
+    def lost(self) -> bool:
+        """True when the server holding the registrations has gone (its socket closed)."""
+        return self._session.closed()
+
+    def reconnect(self, socket_path: str, instance_id: str | None) -> None:
+        """Register every region of this arena with a new server instance (a restart), under the
+        same names and with the same memfds: the memory and everything callers hold in it are
+        unchanged, only the server's mapping is new, so a request built before the restart means
+        the same bytes after it. Cached regions the new server will not take (its cap) are let go;
+        a region in use that it will not take raises."""
+        with self._registering:
+            session = _Session(socket_path, self._api_key)
+            try:
+                with self._lock:
+                    regions = list(self._all.values())
+                for r in regions:
+                    try:
+                        session.call({"op": "register", "name": r.name, "size": r.size}, r.fd)
+                    except (errors.PayloadTooLarge, errors.Overloaded):
+                        if not self._forget_if_free(r):
+                            raise
+            except BaseException:
+                session.close()
+                raise
+            old, self._session = self._session, session
+            self.instance_id = instance_id
+            self.generation += 1
+        old.close()
+
+    def _forget_if_free(self, region: _Region) -> bool:
+        with self._lock:
+            if not self._free.remove(region):
+                return False
+            self._all.pop(region.name, None)
+        region.close()
+        return True
 
     def _acquire(self, nbytes: int) -> tuple[np.ndarray, str]:
         """A fresh uint8 array over a whole region of at least nbytes, and the region's name; the
-        region comes back to the arena when this array and every view of it are gone."""
-        size = self._size_class(nbytes)
+        region comes back to the arena when this array and every view of it are gone. A free
+        region is reused when one fits (clce_client.buffers: size classes and growth), so a loop
+        whose sizes vary writes into memory already touched."""
         with self._lock:
+            self._take_back()
             drop, self._to_drop = self._to_drop, []
-        for r in drop:
-            self._drop(r)
-        with self._lock:
             if self._closed:
                 raise errors.TransportError("the client is closed")
-            free = self._free.get(size)
-            region = free.pop() if free else None
-            if region is not None:
-                self._cached -= size
+            region = self._free.take(nbytes)
+            if region is None:
+                size = size_class(nbytes)
+                for r in self._free.grow(size):
+                    self._all.pop(r.name, None)
+                    drop.append(r)
+        for r in drop:
+            self._drop(r)
         if region is None:
             region = self._new_region(size)
         with self._lock:
@@ -168,17 +241,22 @@ class Arena:
         return root, region.name
 
     def _release(self, region: _Region) -> None:
-        # runs from the GC, maybe inside a socket call of this thread: no I/O here
-        with self._lock:
+        # the finalizer of a region's last array: no lock, no I/O (see _returned)
+        if not self._closed:
+            self._returned.append(region)
+
+    def _take_back(self) -> None:
+        """Under the lock: returned regions become free; those beyond the bound are unmapped now
+        and unregistered on the next acquire (this may run inside `stats`: no socket I/O)."""
+        while self._returned:
+            region = self._returned.popleft()
             self._live.pop(region.name, None)
             if self._closed:
-                return
-            if self._cached + region.size <= self.max_cached_bytes:
-                self._free.setdefault(region.size, []).append(region)
-                self._cached += region.size
-                return
-            self._all.pop(region.name, None)
-            self._to_drop.append(region)
+                continue
+            for r in self._free.give(region.size, region):
+                self._all.pop(r.name, None)
+                self._to_drop.append(r)
+                r.close()
 
     def _drop(self, region: _Region) -> None:
         try:
@@ -186,18 +264,15 @@ class Arena:
                 self._session.call({"op": "unregister", "name": region.name})
         except (errors.ClceError, OSError):
             pass
-        region.close()
+        region.close()     # a second close is harmless
 
     def trim(self, keep_bytes: int = 0) -> None:
         """Unregister cached regions beyond keep_bytes."""
-        drop = []
         with self._lock:
-            for size in sorted(self._free, reverse=True):
-                while self._free[size] and self._cached > keep_bytes:
-                    r = self._free[size].pop()
-                    self._cached -= size
-                    self._all.pop(r.name, None)
-                    drop.append(r)
+            self._take_back()
+            drop = self._free.clear(keep_bytes)
+            for r in drop:
+                self._all.pop(r.name, None)
         for r in drop:
             self._drop(r)
 
@@ -234,7 +309,7 @@ class Arena:
             self._closed = True
             regions = list(self._all.values()) + self._to_drop
             self._all.clear()
-            self._free.clear()
+            self._free.clear(0)
             self._to_drop = []
         self._session.close()   # the server reclaims every region of this session
         for r in regions:
@@ -242,8 +317,13 @@ class Arena:
 
     @property
     def stats(self) -> dict[str, int]:
+        """regions: registered; live: with arrays over them; cached_bytes: free and kept; created:
+        regions made (each one's pages are touched for the first time); reused: acquisitions
+        served by a free region."""
         with self._lock:
-            return {"regions": len(self._all), "live": len(self._live), "cached_bytes": self._cached}
+            self._take_back()
+            return {"regions": len(self._all), "live": len(self._live), "cached_bytes": self._free.cached,
+                    "created": self._free.created, "reused": self._free.reused}
 
 
 class Placement:
@@ -302,8 +382,9 @@ def _aligned(n: int) -> int:
     return -(-max(n, 1) // ALIGN) * ALIGN
 
 
-def connect(info: dict, api_key: str | None) -> Arena:
-    """An Arena for the server that sent /v1/info `info`; SharedMemoryUnavailable says why not."""
+def socket_path(info: Any) -> str:
+    """The registration socket named by /v1/info `info`; SharedMemoryUnavailable says why there is
+    none this client can use."""
     shm = info.get("shm") if isinstance(info, dict) else None
     if not isinstance(shm, dict) or not shm.get("enabled"):
         raise SharedMemoryUnavailable("the server does not allow shared memory (start it with --allow-shm, "
@@ -313,9 +394,24 @@ def connect(info: dict, api_key: str | None) -> Arena:
     path = shm.get("socket")
     if not isinstance(path, str):
         raise SharedMemoryUnavailable("the server reported no shared-memory socket")
+    return path
+
+
+def connect(info: dict, api_key: str | None, **arena_options: Any) -> Arena:
+    """An Arena for the server that sent /v1/info `info`; SharedMemoryUnavailable says why not."""
+    path = socket_path(info)
     try:
-        return Arena(path, api_key)
+        return Arena(path, api_key, instance_id=info.get("instance_id"), **arena_options)
     except errors.ServerError:
         raise
+    except OSError as exc:
+        raise SharedMemoryUnavailable(f"cannot reach the server's shared-memory socket {path}: {exc}") from None
+
+
+def reconnect(arena: Arena, info: dict) -> None:
+    """Move `arena`'s registrations to the server instance that sent `info` (Arena.reconnect)."""
+    path = socket_path(info)
+    try:
+        arena.reconnect(path, info.get("instance_id"))
     except OSError as exc:
         raise SharedMemoryUnavailable(f"cannot reach the server's shared-memory socket {path}: {exc}") from None

@@ -52,6 +52,7 @@ class ServerProcess:
     overrides (``CLCE_*`` and anything else); a value of None removes the variable. ``CLCE_*``
     variables of the test process itself are not inherited, so a developer's shell settings cannot
     change what the tests see. ``tenants``: path of a tenants TOML file (``--tenants``).
+    ``port``: this port rather than a free one (a new process where an old one was: a restart).
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class ServerProcess:
         # what starts the server: this checkout's by default, or e.g. an installed `clce-server`
         self.command = list(command) if command is not None else [sys.executable, "-m", "clce_server"]
         self.cwd = cwd if cwd is not None else REPO
-        # a fixed port (a restart behind a load balancer keeps its address), else a free one
+        # a restart (here or behind a load balancer): the new process takes the old one's port
         self.fixed_port = port
         self.port: int | None = port
         self.proc: subprocess.Popen | None = None
