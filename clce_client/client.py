@@ -218,8 +218,8 @@ class _Call:
         if self.autograd:
             if grad is None:
                 raise ProtocolError("the response has no grad, which autograd needs")
-            loss = _torch_support().attach_grad(self.input, loss, grad, self.reduction,
-                                                classes_last=self.classes_last, shift=self.shift)
+            loss = _torch_support().attach_grad(self.input, loss, grad, self.reduction, classes_last=self.classes_last,
+                                                shift=self.shift, owned=not self.return_grad)
         if not self.want_result:
             return loss
         accuracy = msg.get("accuracy")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .client import Client, default_client
+from .torch_support import input_grad
 
 __all__ = ["cross_entropy", "client_key"]
 
@@ -105,20 +106,28 @@ def _fake(input, target, weight, ignore_index, reduction, label_smoothing, shift
 
 def _setup_context(ctx, inputs, output):
     input, target, weight, ignore_index, reduction, label_smoothing, shift, classes_last, client, need_grad = inputs
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1])   # freed by autograd right after backward, unless retain_graph
+    # autograd must not zero-fill a gradient for the gradient output (as big as the logits) to
+    # call backward with. (Not mark_non_differentiable: ctx would keep the output alive.)
+    ctx.set_materialize_grads(False)
+    # the op's second output is the server's gradient; backward may make it the input's gradient
+    # without a copy only if the caller let go of it (`cross_entropy` below always does)
+    ctx.returned_grad = weakref.ref(output[1])
     ctx.reduction, ctx.shift = reduction, shift
     ctx.class_dim = -1 if (classes_last or shift) else (0 if input.dim() == 1 else 1)
 
 
-def _backward(ctx, grad_loss, _grad_grad):
+def _backward(ctx, grad_loss, grad_grad):
     (grad,) = ctx.saved_tensors
+    if grad_grad is not None:
+        raise RuntimeError("clce::cross_entropy: its gradient output is not differentiable (no second derivative)")
+    if grad_loss is None:
+        return (None,) * 10
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError("clce::cross_entropy ran without need_grad; call it with input.requires_grad")
-    if ctx.reduction == "none":
-        if ctx.shift:   # the dropped positions' gradient rows are zero
-            grad_loss = torch.nn.functional.pad(grad_loss, (0, ctx.shift))
-        grad_loss = grad_loss.unsqueeze(ctx.class_dim)
-    return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None, None, None
+    grad_input = input_grad(grad, grad_loss, class_dim=ctx.class_dim if ctx.reduction == "none" else None,
+                            shift=ctx.shift, dtype=grad.dtype, owned=ctx.returned_grad() is None)
+    return grad_input, None, None, None, None, None, None, None, None, None
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
@@ -140,3 +149,4 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                            float(label_smoothing), int(shift), bool(classes_last),
                                            client_key(client), need_grad)
     return loss
+
