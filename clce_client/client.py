@@ -124,6 +124,13 @@ def _torch_support():
     return torch_support
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces the caller: torch tensors then go through the operator
+    clce::cross_entropy (clce_client.ops), one opaque node, instead of being traced into the client."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def _is_torch_tensor(x: Any) -> bool:
     torch = sys.modules.get("torch")  # a tensor exists only if torch was imported already
     return torch is not None and isinstance(x, torch.Tensor)
@@ -788,6 +795,10 @@ class Client(_Base):
         label_smoothing: float = 0.0,
         **options: Any,
     ) -> Any:
+        if _compiling():
+            from .ops import traced_cross_entropy
+
+            return traced_cross_entropy(self, input, target, weight, ignore_index, reduction, label_smoothing, options)
         nbytes = _nbytes(input)
         arena = self._shm_ready(nbytes)
         if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
@@ -1019,6 +1030,10 @@ def cross_entropy(
     **options: Any,
 ) -> Any:
     """`Client.cross_entropy` on the default client (CLCE_URL, CLCE_API_KEY)."""
+    if _compiling():
+        from .ops import traced_cross_entropy
+
+        return traced_cross_entropy(None, input, target, weight, ignore_index, reduction, label_smoothing, options)
     return default_client().cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, **options
     )

@@ -150,3 +150,32 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                            client_key(client), need_grad)
     return loss
 
+
+
+# what Client.cross_entropy takes that the operator computes too; the other options ask for more
+# than the loss (return_lse, ...) or for memory the client manages (inplace_grad)
+_OPERATOR_OPTIONS = frozenset({"shift", "classes_last", "return_grad"})
+
+
+@torch.compiler.disable
+def _eager_cross_entropy(client: Optional[Client], input, target, weight, ignore_index, reduction, label_smoothing,
+                         options: dict):
+    # outside the compiled graph (a graph break): the client as in eager mode
+    return (client or default_client()).cross_entropy(input, target, weight, ignore_index, reduction,
+                                                      label_smoothing, **options)
+
+
+def traced_cross_entropy(client: Optional[Client], input, target, weight, ignore_index, reduction,
+                         label_smoothing, options: dict):
+    """`Client.cross_entropy` (and clce_client.cross_entropy, CrossEntropyLoss) while
+    torch.compile traces it: the operator, so the graph holds one node and never the HTTP client.
+    What the operator does not compute (return_lse, return_grad=True, inplace_grad, ...; numpy
+    input) runs as in eager mode, after a graph break."""
+    if (not isinstance(input, Tensor) or options.get("return_grad")
+            or any(k not in _OPERATOR_OPTIONS and v not in (None, False) for k, v in options.items())):
+        return _eager_cross_entropy(client, input, target, weight, ignore_index, reduction, label_smoothing, options)
+    layout = dict(shift=options.get("shift") or 0, classes_last=bool(options.get("classes_last")), client=client)
+    if options.get("return_grad") is False:    # as in eager mode: a loss without a grad_fn, no gradient sent
+        with torch.no_grad():
+            return cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, **layout)
+    return cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, **layout)
