@@ -5,8 +5,12 @@ already lives:
 
 * torch.compile: the op is registered with `torch.library.custom_op`, with a fake (meta)
   implementation and `register_autograd`, so the compiler sees one opaque node and never traces
-  the HTTP client. The op returns the loss and the server's gradient (for grad_output = 1), as
-  Liger-Kernel does; backward multiplies that gradient by grad_output.
+  the HTTP client. ``Client.cross_entropy``, ``clce_client.cross_entropy`` and
+  ``CrossEntropyLoss`` come here while dynamo traces them (`traced_cross_entropy`). The op
+  returns the loss and the server's gradient (for grad_output = 1), as Liger-Kernel does;
+  backward scales that gradient by grad_output in place and hands it to autograd, without a copy
+  (`torch_support.input_grad` says when it may). A caller of ``torch.ops.clce.cross_entropy``
+  who keeps the gradient output gets a copy made instead; that output is not differentiable.
 * autocast: registered with `torch.library.register_autocast` as float32, which is torch's CPU
   and CUDA autocast policy for ``cross_entropy_loss`` (it is on the "fp32" list): under
   ``torch.autocast(..., dtype=torch.bfloat16)`` the logits are cast to float32 first and the loss
@@ -149,7 +153,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                            float(label_smoothing), int(shift), bool(classes_last),
                                            client_key(client), need_grad)
     return loss
-
 
 
 # what Client.cross_entropy takes that the operator computes too; the other options ask for more
