@@ -28,7 +28,11 @@ server = server_fixture()
 
 TRANSPORTS = ("shm", "tcp", "tcp-pipelined")
 ENTRIES = ("clce_client.cross_entropy", "Client.cross_entropy", "CrossEntropyLoss", "ops.cross_entropy",
-           "transformers.loss_function")
+           "transformers.loss_function", "transformers.causal_lm_loss")
+CAUSAL = ("transformers.loss_function", "transformers.causal_lm_loss")
+# the causal LM losses have their own reduction: a mean, or (Trainer, num_items_in_batch) a sum
+# divided by the batch's token count
+CASES = [(e, r) for e in ENTRIES for r in ("mean", "sum", "none") if e not in CAUSAL or r == "mean"]
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)
@@ -68,19 +72,28 @@ def loss_of(entry, client, reduction="mean", label_smoothing=0.0, weight=None):
         return clce_client.CrossEntropyLoss(client=client, **kw)
     if entry == "ops.cross_entropy":
         return lambda x, t: ops.cross_entropy(x, t, client=client, **kw)
-    assert entry == "transformers.loss_function" and reduction == "mean" and weight is None
-    return lambda x, t: clce_hf.loss_function(x, t, client=client)
+    assert entry in CAUSAL and reduction == "mean" and weight is None
+    if entry == "transformers.loss_function":
+        return lambda x, t: clce_hf.loss_function(x, t, client=client)
+    return lambda x, t: clce_hf.causal_lm_loss({"logits": x}, t, num_items_in_batch=items(t), client=client)
+
+
+def items(labels):
+    """The Trainer's num_items_in_batch: the labels scored (a tensor, as the Trainer passes it)."""
+    return (labels[:, 1:] != -100).sum()
 
 
 def torch_loss(entry, x, t, reduction="mean", label_smoothing=0.0, weight=None):
     if entry == "transformers.loss_function":
         return F.cross_entropy(x[:, :-1].reshape(-1, V), t[:, 1:].reshape(-1))
+    if entry == "transformers.causal_lm_loss":
+        return F.cross_entropy(x[:, :-1].reshape(-1, V), t[:, 1:].reshape(-1), reduction="sum") / items(t)
     return F.cross_entropy(x, t, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
 
 
 def batch(entry, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    shape = (2, N // 2 + 1, V) if entry == "transformers.loss_function" else (N, V)
+    shape = (2, N // 2 + 1, V) if entry in CAUSAL else (N, V)
     x = (torch.randn(shape, generator=g) * 2).to(dtype)
     t = torch.randint(0, V, shape[:-1], generator=g)
     t.view(-1)[::7] = -100
@@ -94,15 +107,12 @@ def biggest_allocation(fn) -> int:
     return max((e.cpu_memory_usage for e in prof.events()), default=0)
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("entry,reduction", CASES)
 def test_backward_equals_torch_for_any_grad_output(client, entry, reduction):
-    if entry == "transformers.loss_function" and reduction != "mean":
-        pytest.skip("the causal LM loss is a mean (or a sum divided by num_items_in_batch)")
     x, t = batch(entry)
     w = torch.rand(V, generator=torch.Generator().manual_seed(3)) + 0.5
-    weight = None if entry == "transformers.loss_function" else w
-    smoothing = 0.0 if entry == "transformers.loss_function" else 0.1
+    weight = None if entry in CAUSAL else w
+    smoothing = 0.0 if entry in CAUSAL else 0.1
     xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = loss_of(entry, client, reduction, smoothing, weight)(xc, t)
     ref = torch_loss(entry, xr, t, reduction, smoothing, weight)
