@@ -103,6 +103,8 @@ def input_grad(grad: Any, grad_output: Any, *, class_dim: Any, shift: int, dtype
     if (not owned or grad.dtype != dtype or torch.compiler.is_compiling()
             or torch._C._autograd._get_current_graph_task_keep_graph()):
         return (grad * grad_output).to(dtype)
+    if grad_output.numel() > 1 and not any(grad_output.stride()):
+        grad_output = grad_output.as_strided((), ())    # an expanded scalar: loss.sum() of reduction='none'
     if grad_output.numel() != 1 or grad_output.item() != 1:
         grad.mul_(grad_output)
     return grad
