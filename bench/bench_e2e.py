@@ -1,41 +1,40 @@
-"""End to end: loss + gradient from a real clce server against local PyTorch on the same data.
+"""End to end: what users call, against local PyTorch forward+backward on the same data.
 
-Starts ``python -m clce_server`` on a free loopback port (waits for /readyz), then, per shape, runs
-round-robin (best of --repeat, wall clock):
+Starts ``python -m clce_server`` on a free loopback port (waits for /readyz), then, at each of
+--call-shapes (default 2048x32000 and 64x10), every way of calling it side by side, in blocks
+(bench/common.py `blocks`: a few calls per method in a row, the first dropped, the blocks of all
+methods taking turns; each figure is the median of its blocks), with local torch in the same run:
 
-  remote fp32   Client.cross_entropy(x_fp32, t, return_grad=True): encode, HTTP, server, the
-                gradient back as a torch tensor
-  remote bf16   the same with a torch bfloat16 input: bf16 on the wire both ways (grad in bf16)
-  torch fp32    local F.cross_entropy + backward on the CPU (default threads)
-  torch bf16    the same in bfloat16
+  torch fp32             local F.cross_entropy(x, t) + backward() on the CPU: the baseline
+  headline: the README's autograd call, ``loss = loss_fn(logits, t); loss.backward()``
+  autograd shm           clce_client.cross_entropy(x, t) with the default client (CLCE_URL, transport
+                         "auto": shared memory on this host), then backward()
+  autograd tcp           CrossEntropyLoss(client=Client(transport="tcp", pipeline_bytes=0)): one request
+  autograd tcp pipe      the same with TCP's default for big batches (row chunks on 4 connections)
+  autograd tcp bf16      the same, pipelined, with bfloat16 logits: bf16 on the wire both ways
+  Trainer loss shm       clce_client.transformers.causal_lm_loss (Trainer's compute_loss_func) on
+                         (1, N+1, C) logits (N rows scored after the shift), default client
+  Trainer loss tcp pipe  the same over pipelined TCP
+  diagnostic: Client.cross_entropy(x, t, return_grad=True), the gradient handed back, no autograd
+  return_grad shm / shm born / shm inplace / tcp / tcp pipe / tcp bf16
+                         born: logits made by Client.empty (in shared memory, no copy); inplace:
+                         born + inplace_grad=True (the gradient written over the logits)
 
-The server's Server-Timing header (decode / queue / kernel / total, ms) of each remote call is kept;
-the table shows it for the fastest call, and "client+wire" = wall - server total (encoding, the
-HTTP transfer both ways, decoding the response). Client, server and torch share this machine's
-cores; on a real deployment the server has its own device.
+Every autograd row's gradient (and the Trainer rows' loss and gradient) is checked against torch
+before timing. Then the server's peak RSS per transport (a fresh server each), and, with
+--shapes, the diagnostic per shape: return_grad in fp32 and bf16 against torch in that dtype, with
+the server's Server-Timing breakdown. Client, server and torch share this machine's cores.
 
-Then every transport side by side, in one interleaved run (issue 9), at --transport-shapes
-(default 2048x32000 and 64x10), against local torch fp32 forward+backward:
-
-  shm          transport="shm": the torch logits copied into the client's shared-memory arena,
-               the gradient written by the server into shared memory, used without a copy
-  shm born     logits created by Client.empty() (born in shared memory): no copy at all
-  shm inplace  the same with inplace_grad=True (the gradient replaces the logits)
-  tcp          transport="tcp", one request (what "remote" above measures)
-  tcp pipe     transport="tcp", row chunks on several connections (the default for big batches)
-  tcp bf16     transport="tcp" pipelined, bfloat16 on the wire both ways
-
-and the server's peak RSS per transport (a fresh server each, VmHWM over 3 calls, minus its RSS
-after one small warm-up call), with a plot in bench/results/e2e-transports.png.
-
-    python bench/bench_e2e.py            # 256x1000, 4096x1000, 2048x32000, then transports
-    python bench/bench_e2e.py --quick    # small shapes, 2 repetitions
-    python bench/bench_e2e.py --shapes 256x1000 --repeat 2 --transport-repeat 7
+    python bench/bench_e2e.py                          # 2048x32000 and 64x10, 3 blocks of 3 calls
+    python bench/bench_e2e.py --blocks 5 --calls 3 --no-rss
+    python bench/bench_e2e.py --shapes 256x1000,4096x1000 --call-shapes ''   # the per-shape diagnostic only
+    python bench/bench_e2e.py --quick                  # small shapes: a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,17 +44,193 @@ import common  # noqa: E402  (puts the repo on sys.path)
 
 import numpy as np  # noqa: E402
 
-DEFAULT_SHAPES = "256x1000,4096x1000,2048x32000"
-TRANSPORT_SHAPES = "2048x32000,64x10"
+CALL_SHAPES = "2048x32000,64x10"
+QUICK_CALL_SHAPES = "256x4000,64x10"
 QUICK_SHAPES = "256x1000,1024x8000"
 PHASES = ("decode", "queue", "kernel", "total")
+BASELINE = "torch fp32"
+HEADLINE = ("autograd shm", "autograd tcp", "autograd tcp pipe", "autograd tcp bf16", "Trainer loss shm",
+            "Trainer loss tcp pipe")
+DIAGNOSTIC = ("return_grad shm", "return_grad shm born", "return_grad shm inplace", "return_grad tcp",
+              "return_grad tcp pipe", "return_grad tcp bf16")
+ROWS = (BASELINE, *HEADLINE, *DIAGNOSTIC)
+# targets of issue 21 (autograd) and issue 9 (bf16 on the wire), at 2048x32000 against torch fp32
+TARGETS = (("autograd shm", 0.15, "the autograd call over shared memory <= 0.15x local torch fp32 fwd+bwd"),
+           ("autograd tcp pipe", 0.8, "the autograd call over TCP (its default, pipelined) <= 0.8x local torch"),
+           ("autograd tcp bf16", 0.5, "the autograd call over TCP, bf16 on the wire, <= 0.5x local torch fp32"))
 
 
 def parse_shapes(spec: str) -> list[tuple[int, ...]]:
     return [tuple(int(d) for d in p.strip().lower().split("x")) for p in spec.split(",") if p.strip()]
 
 
-def bench_shape(client, shape, repeat, bar, verify=True) -> dict:
+# ---- what users call, side by side (issue 21) ----------------------------------------------------
+
+def bench_calls(url: str, shapes, n_blocks: int, calls: int) -> dict:
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    import clce_client
+    import clce_client.transformers as clce_hf
+    from clce_client import Client, CrossEntropyLoss
+
+    os.environ["CLCE_URL"] = url       # the default client: what clce_client.cross_entropy uses
+    os.environ.pop("CLCE_TRANSPORT", None)
+    shm = Client(url, timeout=600, transport="shm")
+    tcp = Client(url, timeout=600, transport="tcp", pipeline_bytes=0)
+    pipe = Client(url, timeout=600, transport="tcp")
+    loss_tcp, loss_pipe = CrossEntropyLoss(client=tcp), CrossEntropyLoss(client=pipe)
+    trainer_pipe = functools.partial(clce_hf.causal_lm_loss, client=pipe)
+    out: dict = {"blocks": n_blocks, "calls": calls, "shapes": {}}
+    try:
+        for shape in shapes:
+            label = "x".join(map(str, shape))
+            n, v = shape
+            rng = np.random.default_rng(0)
+            x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 2.0)
+            t = torch.from_numpy(rng.integers(0, v, n, dtype=np.int64))
+            # causal LM: (1, N+1, C) logits, N rows scored against the next label
+            x3 = torch.from_numpy(rng.standard_normal((1, n + 1, v), dtype=np.float32) * 2.0)
+            labels = torch.from_numpy(rng.integers(0, v, (1, n + 1), dtype=np.int64))
+            xb = x.to(torch.bfloat16)
+            born = shm.empty(shape, torch.float32)
+            born.copy_(x)
+            scratch = shm.empty(shape, torch.float32)
+            # leaves whose .grad is dropped before each call, as a training step's logits are
+            leaf = {"fp32": x.clone().requires_grad_(True), "bf16": xb.clone().requires_grad_(True),
+                    "lm": x3.clone().requires_grad_(True)}
+
+            def autograd(loss_fn, key="fp32", target=t):
+                xr = leaf[key]
+
+                def fn():
+                    xr.grad = None
+                    loss_fn(xr, target).backward()
+                return fn
+
+            def trainer(loss_fn):
+                xr = leaf["lm"]
+
+                def fn():
+                    xr.grad = None
+                    loss_fn({"logits": xr}, labels).backward()
+                return fn
+
+            def return_grad(client, inp, **kw):
+                def fn():
+                    client.cross_entropy(inp, t, return_grad=True, **kw)   # the result is dropped
+                return fn
+
+            methods = {
+                BASELINE: autograd(F.cross_entropy),
+                "autograd shm": autograd(clce_client.cross_entropy),
+                "autograd tcp": autograd(loss_tcp),
+                "autograd tcp pipe": autograd(loss_pipe),
+                "autograd tcp bf16": autograd(loss_pipe, "bf16"),
+                "Trainer loss shm": trainer(clce_hf.causal_lm_loss),
+                "Trainer loss tcp pipe": trainer(trainer_pipe),
+                "return_grad shm": return_grad(shm, x),
+                "return_grad shm born": return_grad(shm, born),
+                # the logits are gone afterwards; the values do not change the cost, so each
+                # call's gradient serves as the next call's logits
+                "return_grad shm inplace": return_grad(shm, scratch, inplace_grad=True),
+                "return_grad tcp": return_grad(tcp, x),
+                "return_grad tcp pipe": return_grad(pipe, x),
+                "return_grad tcp bf16": return_grad(pipe, xb),
+            }
+            check = check_calls(methods, leaf, x, t, x3, labels)
+            leaf["fp32"].grad = leaf["bf16"].grad = leaf["lm"].grad = None
+            with tqdm(total=n_blocks * calls * len(methods), desc=f"calls {label}", unit="call",
+                      dynamic_ncols=True) as bar:
+                samples = common.blocks(methods, n_blocks, calls, progress=bar)
+            med = {k: common.stats(vs)["median"] for k, vs in samples.items()}
+            out["shapes"][label] = {"block_s": samples, "median_s": med, "check": check,
+                                    "ratio_vs_torch_fp32": {k: med[k] / med[BASELINE] for k in med},
+                                    "payload_bytes": int(x.numel()) * 4}
+    finally:
+        shm.close()
+        tcp.close()
+        pipe.close()
+    return out
+
+
+def check_calls(methods, leaf, x, t, x3, labels) -> dict:
+    """Each headline row once, its gradient (and loss) against torch's in fp32 math: max |diff| /
+    max |torch's|. Raises if one is off."""
+    import torch
+    import torch.nn.functional as F
+
+    ref = x.clone().requires_grad_(True)
+    F.cross_entropy(ref, t).backward()
+    ref3 = x3.clone().requires_grad_(True)
+    v = x3.shape[-1]
+    loss3 = F.cross_entropy(ref3[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
+    loss3.backward()
+    errs = {}
+    for name in HEADLINE:
+        key = "lm" if name.startswith("Trainer") else ("bf16" if name.endswith("bf16") else "fp32")
+        leaf[key].grad = None
+        methods[name]()
+        want = ref3.grad if key == "lm" else ref.grad
+        errs[name] = float((leaf[key].grad.float() - want).abs().max() / want.abs().max())
+        if errs[name] > (2e-2 if key == "bf16" else 1e-5):
+            raise AssertionError(f"{name}: gradient off torch's by {errs[name]:.2e} (relative to its max)")
+    return errs
+
+
+def report_calls(doc: dict, out_dir: Path, targets: list) -> None:
+    for label, r in doc["shapes"].items():
+        rows = []
+        for k in ROWS:
+            kind = "baseline" if k == BASELINE else ("headline" if k in HEADLINE else "diagnostic")
+            rows.append([k, kind, common.fmt_ms(r["median_s"][k]), f"{r['ratio_vs_torch_fp32'][k]:.2f}x",
+                         " ".join(common.fmt_ms(s) for s in r["block_s"][k])])
+        common.print_table(f"{label}: median of {doc['blocks']} blocks of {doc['calls']} calls (first dropped), "
+                           "wall clock; ratio = time / local torch fp32 fwd+bwd",
+                           ["call", "", "ms", "vs torch", "blocks (ms)"], rows)
+    rss = doc.get("peak_rss")
+    if rss:
+        print("server peak RSS over its warm baseline (shm: private; tcp: VmHWM) (2048x32000 fp32, payload "
+              f"{next(iter(rss.values()))['payload_bytes'] / 1e6:.0f} MB): " + ", ".join(
+                  f"{k} {v['peak_over_baseline_bytes'] / 1e6:.0f} MB ({v['peak_over_baseline_bytes'] / v['payload_bytes']:.2f}x)"
+                  for k, v in rss.items())
+              + "; VmHWM over baseline (shared pages included): " + ", ".join(
+                  f"{k} {v['vmhwm_over_baseline_bytes'] / 1e6:.0f} MB" for k, v in rss.items()))
+        for k, v in rss.items():
+            targets.append({"target": f"peak_rss_{k}", "result": common.verdict(
+                v["peak_over_baseline_bytes"] <= (0.1 if k == "shm" else 1.5) * v["payload_bytes"]),
+                "description": f"server memory, {k}: <= {'0.1' if k == 'shm' else '1.5'}x the payload "
+                               f"(measured {v['peak_over_baseline_bytes'] / v['payload_bytes']:.2f}x)"})
+    big = doc["shapes"].get("2048x32000")
+    small = doc["shapes"].get("64x10")
+    if big:
+        r = big["ratio_vs_torch_fp32"]
+        for key, limit, what in TARGETS:
+            targets.append({"target": f"{key}_2048x32000", "result": common.verdict(r[key] <= limit),
+                            "ratio": r[key], "description": f"{what} (measured {r[key]:.2f}x)",
+                            "remote_s": big["median_s"][key], "torch_s": big["median_s"][BASELINE]})
+    if small:
+        m = small["median_s"]
+        targets.append({"target": "shm_not_slower_64x10",
+                        "result": common.verdict(m["autograd shm"] <= m["autograd tcp"] * 1.05),
+                        "description": "64x10: the autograd call over shared memory no slower than over TCP "
+                                       "(5% noise allowance)",
+                        "remote_s": m["autograd shm"], "torch_s": m["autograd tcp"]})
+    groups = list(doc["shapes"])
+    shown = (BASELINE, *HEADLINE, "return_grad shm", "return_grad tcp pipe")
+    series = {k: [doc["shapes"][g]["median_s"][k] * 1e3 for g in groups] for k in shown}
+    annotate = {k: [f"{doc['shapes'][g]['ratio_vs_torch_fp32'][k]:.2f}x" for g in groups] for k in shown}
+    doc["plot"] = str(common.bar_plot(out_dir / "e2e-calls.png", groups, series, annotate=annotate,
+                                      title=f"what users call vs local torch fp32 fwd+bwd (median of "
+                                            f"{doc['blocks']} blocks; labels: time / torch)"))
+
+
+# ---- diagnostic per shape: return_grad in fp32 and bf16 with the server's timing ------------------
+
+def bench_shape(client, shape, n_blocks, calls, bar, verify=True) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -102,22 +277,20 @@ def bench_shape(client, shape, repeat, bar, verify=True) -> dict:
                "torch_float32": local("float32"), "torch_bfloat16": local("bfloat16")}
     for v in timings.values():
         v.clear()
-    samples = common.round_robin(methods, repeat, progress=bar)
+    samples = common.blocks(methods, n_blocks, calls, progress=bar)
     rec["seconds"] = {k: common.stats(v) for k, v in samples.items()}
     rec["samples"] = samples
-    # server timing: of the fastest call, and the minimum of each phase over the timed calls
+    # the server's timing: the median of each phase over the calls that were kept (not the first
+    # of a block)
     rec["server_timing_ms"] = {}
     for dt in ("float32", "bfloat16"):
-        key = f"remote_{dt}"
-        timed = timings[key][-repeat:]          # the warm-up call came first
-        i = int(np.argmin(samples[key]))
+        kept = [tm for i, tm in enumerate(timings[f"remote_{dt}"]) if i % calls]
         rec["server_timing_ms"][dt] = {
-            "fastest_call": timed[i] if i < len(timed) else {},
-            "min_per_phase": {p: min((tm.get(p, float("nan")) for tm in timed), default=float("nan"))
-                              for p in PHASES},
-            "all": timed,
+            "median_per_phase": {p: float(np.median([tm.get(p, float("nan")) for tm in kept])) if kept
+                                 else float("nan") for p in PHASES},
+            "all": timings[f"remote_{dt}"],
         }
-    b = {k: v["min"] for k, v in rec["seconds"].items()}
+    b = {k: v["median"] for k, v in rec["seconds"].items()}
     rec["ratio_torch_over_remote"] = {dt: b[f"torch_{dt}"] / b[f"remote_{dt}"] for dt in ("float32", "bfloat16")}
     rec["ratio_torch_fp32_over_remote_bf16"] = b["torch_float32"] / b["remote_bfloat16"]
     itemsize = {"float32": 4, "bfloat16": 2}
@@ -127,27 +300,33 @@ def bench_shape(client, shape, repeat, bar, verify=True) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", help=f"comma-separated NxC (default {DEFAULT_SHAPES})")
-    ap.add_argument("--repeat", type=int, help="timed repetitions per method, round-robin (default 5; --quick 2)")
+    ap.add_argument("--call-shapes", default=None,
+                    help=f"NxC shapes for the calls side by side (default {CALL_SHAPES}; '' skips them)")
+    ap.add_argument("--shapes", default="", help="NxC shapes for the per-shape return_grad diagnostic (default none)")
+    ap.add_argument("--blocks", type=int, default=3, help="blocks per method (default 3)")
+    ap.add_argument("--calls", type=int, default=3, help="calls per block, the first dropped (default 3)")
     ap.add_argument("--device", help="OpenCL device selector for the server (CLCE_DEVICE)")
     ap.add_argument("--url", help="use a running server instead of starting one")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="output directory (default bench/results)")
-    ap.add_argument("--quick", action="store_true", help="small shapes, 2 repetitions: a smoke run")
-    ap.add_argument("--no-verify", action="store_true", help="skip the correctness checks against torch")
-    ap.add_argument("--transport-shapes", default=TRANSPORT_SHAPES,
-                    help=f"shapes for the transport comparison (default {TRANSPORT_SHAPES}; '' skips it)")
-    ap.add_argument("--transport-repeat", type=int, help="repetitions of the transport comparison (default --repeat)")
+    ap.add_argument("--quick", action="store_true", help="small shapes, 2 blocks, no RSS: a smoke run")
+    ap.add_argument("--no-verify", action="store_true", help="skip the per-shape diagnostic's checks against torch")
     ap.add_argument("--no-rss", action="store_true", help="skip the per-transport peak RSS (3 server starts)")
     args = ap.parse_args(argv)
-    shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES))
-    repeat = args.repeat or (2 if args.quick else 5)
+    call_shapes = parse_shapes(args.call_shapes if args.call_shapes is not None
+                               else (QUICK_CALL_SHAPES if args.quick else CALL_SHAPES))
+    shapes = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else ""))
+    n_blocks = 2 if args.quick else args.blocks
+    if args.quick:
+        args.no_rss = True
 
     from tqdm import tqdm
 
     from clce_client import Client
 
     t0 = time.perf_counter()
-    biggest = max(int(np.prod(s)) * 4 + 8 * int(np.prod(s)) // s[1] for s in shapes)
+    machine = common.machine_info()
+    every = shapes + call_shapes
+    biggest = max((int(np.prod(s)) * 4 + 8 * int(np.prod(s)) // s[1] for s in every), default=0)
     server_args = ["--max-request-bytes", str(max(biggest * 2, 256 << 20)),
                    "--max-inflight-bytes", str(max(biggest * 8, 2048 << 20))]
     if args.device:
@@ -160,155 +339,70 @@ def main(argv=None) -> int:
         url = server.url
         print(f"server ready at {url} after {server.startup_seconds:.1f}s", flush=True)
     records = []
+    calls_doc = None
     try:
-        with Client(url, timeout=600, transport="tcp", pipeline_bytes=0) as client:
+        with Client(url, timeout=600) as client:
             info = client.info()
-            total = len(shapes) * (repeat + 1) * 4
-            with tqdm(total=total, desc="e2e", unit="call", dynamic_ncols=True) as bar:
+        if call_shapes:
+            calls_doc = bench_calls(url, call_shapes, n_blocks, args.calls)
+        if shapes:
+            with Client(url, timeout=600, transport="tcp", pipeline_bytes=0) as client, \
+                    tqdm(total=len(shapes) * n_blocks * args.calls * 4, desc="per shape", unit="call",
+                         dynamic_ncols=True) as bar:
                 for shape in shapes:
                     bar.set_postfix_str("x".join(map(str, shape)))
-                    records.append(bench_shape(client, shape, repeat, bar, verify=not args.no_verify))
-        transport_doc = None
-        if args.transport_shapes:
-            transport_doc = bench_transports(url, parse_shapes(args.transport_shapes),
-                                             args.transport_repeat or repeat)
+                    records.append(bench_shape(client, shape, n_blocks, args.calls, bar, verify=not args.no_verify))
     finally:
         if server is not None:
             server.stop()
-    if transport_doc is not None and not args.no_rss:
-        transport_doc["peak_rss"] = bench_rss(server_args, args.out)
+    if calls_doc is not None and not args.no_rss:
+        calls_doc["peak_rss"] = bench_rss(server_args, args.out)
 
-    headers = ["shape", "wire", "remote ms", "torch same-dtype ms", "torch fp32 ms", "torch/remote",
+    targets: list = []
+    if calls_doc is not None:
+        report_calls(calls_doc, args.out, targets)
+    if records:
+        report_shapes(records, n_blocks, args.calls)
+    print(f"\nload average at the start: {machine.get('loadavg')}, at the end: {os.getloadavg()}")
+    print("targets (reported, not asserted):")
+    for tg in targets:
+        print(f"  {tg['result']:4}  {tg['description']}")
+
+    doc = {"benchmark": "e2e", "calls": calls_doc, "quick": args.quick, "url": url, "server_info": info,
+           "server_startup_s": server.startup_seconds if server else None, "machine": machine,
+           "loadavg_end": os.getloadavg(), "per_shape": records, "targets": targets,
+           "elapsed_s": time.perf_counter() - t0}
+    jp = common.write_json(args.out / "e2e.json", doc)
+    print(f"\nwrote {jp} ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def report_shapes(records: list, n_blocks: int, calls: int) -> None:
+    headers = ["shape", "wire", "return_grad ms", "torch same-dtype ms", "torch fp32 ms", "torch/remote",
                "decode", "queue", "kernel", "srv other", "srv total", "client+wire", "MB moved", "check"]
     rows = []
     for r in records:
-        b = {k: v["min"] for k, v in r["seconds"].items()}
+        b = {k: v["median"] for k, v in r["seconds"].items()}
         for dt, w in (("float32", "fp32"), ("bfloat16", "bf16")):
-            st = r["server_timing_ms"][dt]["fastest_call"]
+            st = r["server_timing_ms"][dt]["median_per_phase"]
             rem = b[f"remote_{dt}"]
             chk = r.get("check", {}).get(dt)
             rows.append([
                 r["label"], w, common.fmt_ms(rem), common.fmt_ms(b[f"torch_{dt}"]), common.fmt_ms(b["torch_float32"]),
                 common.fmt_ratio(r["ratio_torch_over_remote"][dt]),
-                *(f"{st.get(p, float('nan')):.2f}" for p in PHASES[:3]),
-                f"{st.get('total', float('nan')) - sum(st.get(p, float('nan')) for p in PHASES[:3]):.2f}",
-                f"{st.get('total', float('nan')):.2f}",
-                common.fmt_ms(rem - st.get("total", float("nan")) / 1e3),
-                f"{r['wire_bytes'][dt] / 1e6:.0f}",
+                *(f"{st[p]:.2f}" for p in PHASES[:3]),
+                f"{st['total'] - sum(st[p] for p in PHASES[:3]):.2f}", f"{st['total']:.2f}",
+                common.fmt_ms(rem - st["total"] / 1e3), f"{r['wire_bytes'][dt] / 1e6:.0f}",
                 "-" if chk is None else ("ok" if chk["ok"] else "BAD"),
             ])
-    common.print_table(f"remote loss+grad vs local torch fwd+bwd, best of {repeat} (interleaved), wall clock",
-                       headers, rows)
-    print("decode/queue/kernel/srv total: the server's Server-Timing (ms) of the fastest remote call; srv other = "
-          "total - decode - queue - kernel (reading the body, validation, buffers, read-back, encoding); "
-          "client+wire = remote - srv total (ms).\ntorch/remote > 1: the remote call is faster than local "
-          "torch in the same dtype.")
-
-    targets = []
-    big = [r for r in records if r["label"] == "2048x32000"]
-    if big:
-        b = {k: v["min"] for k, v in big[0]["seconds"].items()}
-        ok = b["remote_float32"] <= b["torch_float32"]
-        targets.append({"target": "remote_fp32_2048x32000", "result": common.verdict(ok),
-                        "remote_s": b["remote_float32"], "torch_s": b["torch_float32"],
-                        "description": "remote fp32 loss+grad at 2048x32000 takes no longer than local torch fwd+bwd"})
-    else:
-        targets.append({"target": "remote_fp32_2048x32000", "result": "n/a",
-                        "description": "remote fp32 loss+grad at 2048x32000 takes no longer than local torch fwd+bwd"})
-    if transport_doc is not None:
-        report_transports(transport_doc, args.out, targets)
-    print("\ntargets (reported, not asserted):")
-    for tg in targets:
-        detail = (f": remote {common.fmt_ms(tg['remote_s'])} ms vs torch {common.fmt_ms(tg['torch_s'])} ms"
-                  if "remote_s" in tg else "")
-        print(f"  {tg['result']:4}  {tg['description']}{detail}")
-
-    doc = {"benchmark": "e2e", "repeat": repeat, "transports": transport_doc, "quick": args.quick, "url": url,
-           "server_info": info, "server_startup_s": server.startup_seconds if server else None,
-           "machine": common.machine_info(), "results": records, "targets": targets,
-           "elapsed_s": time.perf_counter() - t0}
-    jp = common.write_json(args.out / "e2e.json", doc)
-    groups = [r["label"] for r in records]
-    series = {
-        "remote fp32": [r["seconds"]["remote_float32"]["min"] * 1e3 for r in records],
-        "torch fp32": [r["seconds"]["torch_float32"]["min"] * 1e3 for r in records],
-        "remote bf16": [r["seconds"]["remote_bfloat16"]["min"] * 1e3 for r in records],
-        "torch bf16": [r["seconds"]["torch_bfloat16"]["min"] * 1e3 for r in records],
-        "server kernel (fp32)": [r["server_timing_ms"]["float32"]["fastest_call"].get("kernel") for r in records],
-    }
-    annotate = {"remote fp32": [f"{r['ratio_torch_over_remote']['float32']:.2f}x" for r in records],
-                "remote bf16": [f"{r['ratio_torch_over_remote']['bfloat16']:.2f}x" for r in records]}
-    pp = common.bar_plot(args.out / "e2e.png", groups, series, annotate=annotate,
-                         title=f"remote loss+grad vs local torch (best of {repeat}; labels: torch/remote)")
-    print(f"\nwrote {jp} and {pp} ({time.perf_counter() - t0:.0f}s)")
-    return 0
+    common.print_table(f"diagnostic: return_grad (TCP, one request) vs local torch fwd+bwd, median of {n_blocks} "
+                       f"blocks of {calls} calls, wall clock", headers, rows)
+    print("decode/queue/kernel/srv total: the server's Server-Timing (ms), median over the kept calls; srv other = "
+          "total - decode - queue - kernel; client+wire = return_grad - srv total (ms). torch/remote > 1: the "
+          "remote call is faster than local torch in the same dtype.")
 
 
-
-# ---- every transport side by side (issue 9) ------------------------------------------------------
-
-TRANSPORTS = ("torch fp32", "shm", "shm born", "shm inplace", "tcp", "tcp pipe", "tcp bf16")
-
-
-def bench_transports(url: str, shapes, repeat: int) -> dict:
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    from clce_client import Client
-
-    shm = Client(url, timeout=600, transport="shm")
-    tcp = Client(url, timeout=600, transport="tcp", pipeline_bytes=0)
-    pipe = Client(url, timeout=600, transport="tcp")
-    out: dict = {"repeat": repeat, "shapes": {}}
-    try:
-        for shape in shapes:
-            label = "x".join(map(str, shape))
-            rng = np.random.default_rng(0)
-            x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 2.0)
-            t = torch.from_numpy(rng.integers(0, shape[1], (shape[0], *shape[2:]), dtype=np.int64))
-            xb = x.to(torch.bfloat16)
-            born = shm.empty(shape, torch.float32)
-            born.copy_(x)
-            scratch = shm.empty(shape, torch.float32)
-            xr = x.clone().requires_grad_(True)
-
-            def local():
-                xr.grad = None
-                F.cross_entropy(xr, t).backward()
-
-            def inplace():   # the logits are gone afterwards; the values do not change the cost,
-                # so each call's gradient serves as the next call's logits
-                shm.cross_entropy(scratch, t, return_grad=True, inplace_grad=True)
-
-            def call(client, inp):
-                def fn():
-                    client.cross_entropy(inp, t, return_grad=True)   # the result is dropped: None
-                return fn
-
-            methods = {"torch fp32": local, "shm": call(shm, x), "shm born": call(shm, born),
-                       "shm inplace": inplace, "tcp": call(tcp, x), "tcp pipe": call(pipe, x),
-                       "tcp bf16": call(pipe, xb)}
-            # every transport gives torch's answer (the grad of one call, checked once)
-            ref = x.clone().requires_grad_(True)
-            F.cross_entropy(ref, t).backward()
-            check = {}
-            for name, cl in (("shm", shm), ("tcp", tcp), ("tcp pipe", pipe)):
-                res = cl.cross_entropy(x, t, return_grad=True)
-                check[name] = float((res.grad - ref.grad).abs().max() / ref.grad.abs().max())
-            with tqdm(total=(repeat + 1) * len(methods), desc=f"transports {label}", unit="call",
-                      dynamic_ncols=True) as bar:
-                samples = common.round_robin(methods, repeat, progress=bar)
-            best = {k: min(v) for k, v in samples.items()}
-            out["shapes"][label] = {"samples": samples, "best_s": best, "grad_max_rel_err": check,
-                                    "ratio_vs_torch_fp32": {k: best[k] / best["torch fp32"] for k in best},
-                                    "payload_bytes": int(x.numel()) * 4}
-    finally:
-        shm.close()
-        tcp.close()
-        pipe.close()
-    return out
-
+# ---- the server's memory per transport ---------------------------------------------------------
 
 def _vm(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
@@ -366,50 +460,6 @@ def bench_rss(server_args, out_dir: Path, shape=(2048, 32000), calls: int = 3) -
                      "peak_over_baseline_bytes": peak[0] - base_anon if name == "shm" else hwm - base_rss,
                      "vmhwm_over_baseline_bytes": hwm - base_rss, "payload_bytes": int(x.numel()) * 4}
     return res
-
-
-def report_transports(doc: dict, out_dir: Path, targets: list) -> None:
-    headers = ["shape", *TRANSPORTS]
-    rows = []
-    for label, r in doc["shapes"].items():
-        rows.append([label + " ms", *(common.fmt_ms(r["best_s"][k]) for k in TRANSPORTS)])
-        rows.append([label + " vs torch", *(f"{r['ratio_vs_torch_fp32'][k]:.2f}x" for k in TRANSPORTS)])
-    common.print_table(f"transports side by side, best of {doc['repeat']} (interleaved), wall clock; "
-                       "ratio = time / local torch fp32 fwd+bwd", headers, rows)
-    rss = doc.get("peak_rss")
-    if rss:
-        print("server peak RSS over its warm baseline (shm: private; tcp: VmHWM) (2048x32000 fp32, payload "
-              f"{next(iter(rss.values()))['payload_bytes'] / 1e6:.0f} MB): " + ", ".join(
-                  f"{k} {v['peak_over_baseline_bytes'] / 1e6:.0f} MB ({v['peak_over_baseline_bytes'] / v['payload_bytes']:.2f}x)"
-                  for k, v in rss.items())
-              + "; VmHWM over baseline (shared pages included): " + ", ".join(
-                  f"{k} {v['vmhwm_over_baseline_bytes'] / 1e6:.0f} MB" for k, v in rss.items()))
-        for k, v in rss.items():
-            targets.append({"target": f"peak_rss_{k}", "result": common.verdict(
-                v["peak_over_baseline_bytes"] <= (0.1 if k == "shm" else 1.5) * v["payload_bytes"]),
-                "description": f"server memory, {k}: <= {'0.1' if k == 'shm' else '1.5'}x the payload "
-                               f"(measured {v['peak_over_baseline_bytes'] / v['payload_bytes']:.2f}x)"})
-    big = doc["shapes"].get("2048x32000")
-    small = doc["shapes"].get("64x10")
-    if big:
-        r = big["ratio_vs_torch_fp32"]
-        for key, limit, what in (("shm", 0.25, "shared memory <= 0.25x local torch fp32 at 2048x32000"),
-                                 ("tcp pipe", 0.8, "TCP (pipelined) <= 0.8x local torch fp32 at 2048x32000"),
-                                 ("tcp bf16", 0.5, "TCP bf16 on the wire <= 0.5x local torch fp32 at 2048x32000")):
-            targets.append({"target": f"{key}_2048x32000", "result": common.verdict(r[key] <= limit),
-                            "ratio": r[key], "description": what,
-                            "remote_s": big["best_s"][key], "torch_s": big["best_s"]["torch fp32"]})
-    if small:
-        b = small["best_s"]
-        targets.append({"target": "shm_not_slower_64x10", "result": common.verdict(b["shm"] <= b["tcp"] * 1.05),
-                        "description": "64x10: shared memory no slower than TCP (5% noise allowance)",
-                        "remote_s": b["shm"], "torch_s": b["tcp"]})
-    groups = list(doc["shapes"])
-    series = {k: [doc["shapes"][g]["best_s"][k] * 1e3 for g in groups] for k in TRANSPORTS}
-    annotate = {k: [f"{doc['shapes'][g]['ratio_vs_torch_fp32'][k]:.2f}x" for g in groups] for k in TRANSPORTS}
-    doc["plot"] = str(common.bar_plot(out_dir / "e2e-transports.png", groups, series, annotate=annotate,
-                                      title=f"every transport vs local torch fp32 fwd+bwd (best of {doc['repeat']}; "
-                                            "labels: time / torch)"))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""Small requests: clce's per-request overhead against a trivial FastAPI endpoint.
+"""Small requests: clce's per-request overhead against the framework's floor.
 
 16 concurrent keep-alive connections send 64x10 loss+grad msgpack requests as fast as they are
 answered (closed loop) to
 
   clce      ``python -m clce_server`` (open, no tenants file): decode, schedule, compute, answer
-  trivial   a FastAPI app served by uvicorn the same way (this file with --serve-trivial) that only
-            decodes the same body with clce_wire.protocol.decode_message + parse_request and
-            answers a tiny msgpack body
+  trivial   the floor: a FastAPI app served by uvicorn the same way (this file with
+            --serve-trivial) whose endpoint does only ``msgpack.unpackb(await request.body())``
+            and answers a tiny msgpack body. Nothing of clce is in it (not its decoder, not its
+            validation): it is what FastAPI, uvicorn and msgpack cost per request, the least any
+            msgpack service on this stack can spend
 
 Both servers run from the start; the phases alternate (clce, trivial, clce, trivial, ...) so a
 slow phase of this shared machine hits both alike, and each target keeps its best phase.
@@ -48,24 +50,22 @@ PATH = "/v1/cross_entropy"
 # the trivial endpoint
 
 def serve_trivial(port: int) -> None:
+    """The floor: FastAPI + uvicorn + msgpack and nothing else (no clce module is imported)."""
     import msgpack
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
 
-    from clce_wire import options, protocol
-
     # this module has `from __future__ import annotations`: FastAPI resolves the endpoint's
     # annotation "Request" in the module globals
     globals()["Request"] = Request
     app = FastAPI()
-    reply = msgpack.packb({"v": protocol.PROTOCOL_VERSION, "loss": 0.0})
+    reply = msgpack.packb({"v": 1, "loss": 0.0})
 
     @app.post(PATH)
     async def ce(request: Request):
-        body = bytearray(await request.body())
-        options.parse_request(protocol.decode_message(body))
-        return Response(reply, media_type=protocol.MSGPACK)
+        msgpack.unpackb(await request.body())
+        return Response(reply, media_type="application/msgpack")
 
     @app.get("/healthz")
     async def healthz():

@@ -1,10 +1,16 @@
 """Shared helpers for the clce benchmarks: timing, a server subprocess, tables, JSON and plots.
 
-Timing policy (this is often run on shared, noisy machines): every method is run once untimed
-(warm-up), then the methods are run round-robin ``repeat`` times -- A B C A B C ... -- and each
-method keeps the *best* (minimum) of its repetitions. Interleaving makes slow phases of the machine
-hit all methods alike; the minimum is the least noisy estimate of what the code itself costs.
-Compare methods by the ratios of one run, not absolute numbers across runs.
+Two timing policies (this is often run on shared, noisy machines); compare methods by the ratios
+of one run, not absolute numbers across runs:
+
+* `blocks` (service calls, bench_e2e): each method runs a block of a few calls in a row, the first
+  call of each block dropped, and the blocks of all methods take turns; a method's figure is the
+  median of its blocks. Calls that move hundreds of MB leave the allocator and the page cache in a
+  state the next call pays for: a local torch call right after remote ones paid up to 4x its
+  steady time. Strict alternation (A B A B) charges that transition to whoever comes second; a
+  block lets each method reach its own steady state, as it would in a training loop.
+* `round_robin` (kernels, device time): every method once untimed, then A B C A B C ... and the
+  best (minimum) of each.
 """
 
 from __future__ import annotations
@@ -53,6 +59,33 @@ def round_robin(methods: dict[str, Callable[[], float | None]], repeat: int, *,
             samples[name].append(float(got) if got is not None else wall)
             if progress is not None:
                 progress.update(1)
+    return samples
+
+
+def blocks(methods: dict[str, Callable[[], float | None]], n_blocks: int = 3, calls: int = 3, *,
+           progress: Any = None) -> dict[str, list[float]]:
+    """Time each method in `n_blocks` blocks of `calls` calls in a row; the first call of a block is
+    dropped (it pays for the method before it) and the block's figure is the mean of the rest.
+    The order of the methods rotates from block to block. Returns each method's block figures
+    (seconds); report their median (`stats`). A method may return the seconds it measured itself
+    (else wall clock around the call). ``progress`` (a tqdm bar) advances once per call."""
+    if calls < 2:
+        raise ValueError("a block needs at least 2 calls (the first is dropped)")
+    names = list(methods)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for b in range(n_blocks):
+        k = b % len(names)
+        for name in names[k:] + names[:k]:
+            fn = methods[name]
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                got = fn()
+                wall = time.perf_counter() - t0
+                times.append(float(got) if got is not None else wall)
+                if progress is not None:
+                    progress.update(1)
+            samples[name].append(sum(times[1:]) / (calls - 1))
     return samples
 
 

@@ -139,6 +139,13 @@ def _torch_support():
     return torch_support
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces the caller: torch tensors then go through the operator
+    clce::cross_entropy (clce_client.ops), one opaque node, instead of being traced into the client."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def _is_torch_tensor(x: Any) -> bool:
     torch = sys.modules.get("torch")  # a tensor exists only if torch was imported already
     return torch is not None and isinstance(x, torch.Tensor)
@@ -237,8 +244,8 @@ class _Call:
         if self.autograd:
             if grad is None:
                 raise ProtocolError("the response has no grad, which autograd needs")
-            loss = _torch_support().attach_grad(self.input, loss, grad, self.reduction,
-                                                classes_last=self.classes_last, shift=self.shift)
+            loss = _torch_support().attach_grad(self.input, loss, grad, self.reduction, classes_last=self.classes_last,
+                                                shift=self.shift, owned=not self.return_grad)
         if not self.want_result:
             return loss
         accuracy = msg.get("accuracy")
@@ -1057,6 +1064,10 @@ class Client(_BaseClient):
     # ---- the API ----
     def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
                       reduction: str = "mean", label_smoothing: float = 0.0, **options: Any) -> Any:
+        if _compiling():
+            from .ops import traced_cross_entropy
+
+            return traced_cross_entropy(self, input, target, weight, ignore_index, reduction, label_smoothing, options)
         return self._run(self._cross_entropy_flow(
             input, target, self._options(weight, ignore_index, reduction, label_smoothing, options)))
 
@@ -1291,6 +1302,10 @@ def cross_entropy(
     **options: Any,
 ) -> Any:
     """`Client.cross_entropy` on the default client (CLCE_URL, CLCE_API_KEY)."""
+    if _compiling():
+        from .ops import traced_cross_entropy
+
+        return traced_cross_entropy(None, input, target, weight, ignore_index, reduction, label_smoothing, options)
     return default_client().cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, **options
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .client import default_client
+from .client import cross_entropy
 
 try:
     import torch
@@ -21,8 +21,10 @@ class _CrossEntropyCall:
     """The call both CrossEntropyLoss flavours share."""
 
     def forward(self, input: Any, target: Any) -> Any:
-        client = self.client if self.client is not None else default_client()
-        return client.cross_entropy(
+        # the module-level function when no client was given: it picks the default client
+        # without being traced by torch.compile (which then sees the operator)
+        call = self.client.cross_entropy if self.client is not None else cross_entropy
+        return call(
             input,
             target,
             weight=self.weight,

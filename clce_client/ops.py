@@ -5,8 +5,12 @@ already lives:
 
 * torch.compile: the op is registered with `torch.library.custom_op`, with a fake (meta)
   implementation and `register_autograd`, so the compiler sees one opaque node and never traces
-  the HTTP client. The op returns the loss and the server's gradient (for grad_output = 1), as
-  Liger-Kernel does; backward multiplies that gradient by grad_output.
+  the HTTP client. ``Client.cross_entropy``, ``clce_client.cross_entropy`` and
+  ``CrossEntropyLoss`` come here while dynamo traces them (`traced_cross_entropy`). The op
+  returns the loss and the server's gradient (for grad_output = 1), as Liger-Kernel does;
+  backward scales that gradient by grad_output in place and hands it to autograd, without a copy
+  (`torch_support.input_grad` says when it may). A caller of ``torch.ops.clce.cross_entropy``
+  who keeps the gradient output gets a copy made instead; that output is not differentiable.
 * autocast: registered with `torch.library.register_autocast` as float32, which is torch's CPU
   and CUDA autocast policy for ``cross_entropy_loss`` (it is on the "fp32" list): under
   ``torch.autocast(..., dtype=torch.bfloat16)`` the logits are cast to float32 first and the loss
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .client import Client, default_client
+from .torch_support import input_grad
 
 __all__ = ["cross_entropy", "client_key"]
 
@@ -105,20 +110,28 @@ def _fake(input, target, weight, ignore_index, reduction, label_smoothing, shift
 
 def _setup_context(ctx, inputs, output):
     input, target, weight, ignore_index, reduction, label_smoothing, shift, classes_last, client, need_grad = inputs
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1])   # freed by autograd right after backward, unless retain_graph
+    # autograd must not zero-fill a gradient for the gradient output (as big as the logits) to
+    # call backward with. (Not mark_non_differentiable: ctx would keep the output alive.)
+    ctx.set_materialize_grads(False)
+    # the op's second output is the server's gradient; backward may make it the input's gradient
+    # without a copy only if the caller let go of it (`cross_entropy` below always does)
+    ctx.returned_grad = weakref.ref(output[1])
     ctx.reduction, ctx.shift = reduction, shift
     ctx.class_dim = -1 if (classes_last or shift) else (0 if input.dim() == 1 else 1)
 
 
-def _backward(ctx, grad_loss, _grad_grad):
+def _backward(ctx, grad_loss, grad_grad):
     (grad,) = ctx.saved_tensors
+    if grad_grad is not None:
+        raise RuntimeError("clce::cross_entropy: its gradient output is not differentiable (no second derivative)")
+    if grad_loss is None:
+        return (None,) * 10
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError("clce::cross_entropy ran without need_grad; call it with input.requires_grad")
-    if ctx.reduction == "none":
-        if ctx.shift:   # the dropped positions' gradient rows are zero
-            grad_loss = torch.nn.functional.pad(grad_loss, (0, ctx.shift))
-        grad_loss = grad_loss.unsqueeze(ctx.class_dim)
-    return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None, None, None
+    grad_input = input_grad(grad, grad_loss, class_dim=ctx.class_dim if ctx.reduction == "none" else None,
+                            shift=ctx.shift, dtype=grad.dtype, owned=ctx.returned_grad() is None)
+    return grad_input, None, None, None, None, None, None, None, None, None
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
@@ -140,3 +153,32 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                            float(label_smoothing), int(shift), bool(classes_last),
                                            client_key(client), need_grad)
     return loss
+
+
+# what Client.cross_entropy takes that the operator computes too; the other options ask for more
+# than the loss (return_lse, ...) or for memory the client manages (inplace_grad)
+_OPERATOR_OPTIONS = frozenset({"shift", "classes_last", "return_grad"})
+
+
+@torch.compiler.disable
+def _eager_cross_entropy(client: Optional[Client], input, target, weight, ignore_index, reduction, label_smoothing,
+                         options: dict):
+    # outside the compiled graph (a graph break): the client as in eager mode
+    return (client or default_client()).cross_entropy(input, target, weight, ignore_index, reduction,
+                                                      label_smoothing, **options)
+
+
+def traced_cross_entropy(client: Optional[Client], input, target, weight, ignore_index, reduction,
+                         label_smoothing, options: dict):
+    """`Client.cross_entropy` (and clce_client.cross_entropy, CrossEntropyLoss) while
+    torch.compile traces it: the operator, so the graph holds one node and never the HTTP client.
+    What the operator does not compute (return_lse, return_grad=True, inplace_grad, ...; numpy
+    input) runs as in eager mode, after a graph break."""
+    if (not isinstance(input, Tensor) or options.get("return_grad")
+            or any(k not in _OPERATOR_OPTIONS and v not in (None, False) for k, v in options.items())):
+        return _eager_cross_entropy(client, input, target, weight, ignore_index, reduction, label_smoothing, options)
+    layout = dict(shift=options.get("shift") or 0, classes_last=bool(options.get("classes_last")), client=client)
+    if options.get("return_grad") is False:    # as in eager mode: a loss without a grad_fn, no gradient sent
+        with torch.no_grad():
+            return cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, **layout)
+    return cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, **layout)

@@ -17,7 +17,7 @@ try:
 except ImportError:
     torch = None
 
-__all__ = ["to_wire", "from_wire", "wire_dtype", "attach_grad"]
+__all__ = ["to_wire", "from_wire", "wire_dtype", "attach_grad", "input_grad"]
 
 if torch is not None:
     _WIRE_BY_TORCH = {
@@ -74,16 +74,55 @@ def from_wire(wt: Any, *, name: str, device: Any = None) -> Any:
     return t
 
 
+def input_grad(grad: Any, grad_output: Any, *, class_dim: Any, shift: int, dtype: Any, owned: bool) -> Any:
+    """The input's gradient, ``grad * grad_output``, from the server's gradient ``grad`` (which is
+    for grad_output = 1). The one place where backward meets the server's buffer.
+
+    The server's gradient is as big as the logits (262 MB at 2048x32000 fp32), and on these hosts a
+    fresh buffer that size costs more in page faults than the whole remote call. So when `owned`
+    (nobody but this graph holds the buffer: not the caller, not another call) and the graph is not
+    kept for another backward, the buffer itself becomes the gradient: scaled in place when
+    grad_output is not 1, handed over as it is when it is. Autograd then owns it: AccumulateGrad
+    adopts a gradient that nothing else references as ``.grad`` (no copy) when ``.grad`` is None,
+    and adds it into an existing ``.grad`` otherwise. The memory stays the buffer's: a shared-memory
+    region (or a pooled receive buffer) comes back to its pool only when the last tensor over it is
+    gone, so a later call can never write into a ``.grad`` that is still held.
+
+    Out of place (a new tensor, the buffer left untouched) when the buffer is not ours alone, when
+    retain_graph/create_graph keeps the graph (a later backward reads the buffer again), when the
+    dtype changes, and while torch.compile traces the backward (its graph owns its buffers).
+
+    reduction='none': grad_output has the loss's shape, the input's without the class dimension
+    (`class_dim`); with `shift`, the loss covers positions 0..T-shift-1 of dim -2 and the dropped
+    positions' gradient rows are zero, so grad_output is padded with zeros to T.
+    """
+    if class_dim is not None:
+        if shift:
+            grad_output = torch.nn.functional.pad(grad_output, (0, shift))
+        grad_output = grad_output.unsqueeze(class_dim)
+    if (not owned or grad.dtype != dtype or torch.compiler.is_compiling()
+            or torch._C._autograd._get_current_graph_task_keep_graph()):
+        return (grad * grad_output).to(dtype)
+    if grad_output.numel() > 1 and not any(grad_output.stride()):
+        grad_output = grad_output.as_strided((), ())    # an expanded scalar: loss.sum() of reduction='none'
+    if grad_output.numel() != 1 or grad_output.item() != 1:
+        grad.mul_(grad_output)
+    return grad
+
+
 if torch is not None:
 
     class _RemoteCrossEntropy(torch.autograd.Function):
         """Gives a server-computed loss a grad_fn whose backward uses the server's gradient."""
 
         @staticmethod
-        def forward(ctx, input, loss, grad, class_dim, shift=0):
-            ctx.grad = grad
+        def forward(ctx, input, loss, grad, class_dim, shift=0, owned=True):
+            # saved as a tensor, not an attribute: autograd frees it right after backward (before
+            # AccumulateGrad runs, so the buffer can be adopted as .grad), unless retain_graph
+            ctx.save_for_backward(grad)
             ctx.class_dim = class_dim
             ctx.shift = shift
+            ctx.owned = owned
             ctx.input_dtype = input.dtype
             # a fresh tensor, not a view of an input: views returned by a Function cannot be
             # modified in place (loss /= accumulation_steps). The loss is tiny next to the grad.
@@ -91,24 +130,25 @@ if torch is not None:
 
         @staticmethod
         def backward(ctx, grad_output):
-            # The server's gradient is for grad_output = 1. For reduction='none' grad_output has
-            # the loss shape, which is the input shape without the class dimension.
-            # With shift, the loss covers positions 0..T-shift-1 of dim -2: the dropped positions'
-            # gradient rows are zero, so pad grad_output with zeros to T.
-            if ctx.class_dim is not None:
-                if ctx.shift:
-                    grad_output = torch.nn.functional.pad(grad_output, (0, ctx.shift))
-                grad_output = grad_output.unsqueeze(ctx.class_dim)
-            grad = ctx.grad * grad_output
-            return grad.to(ctx.input_dtype), None, None, None, None
+            (grad,) = ctx.saved_tensors
+            return (input_grad(grad, grad_output, class_dim=ctx.class_dim, shift=ctx.shift,
+                               dtype=ctx.input_dtype, owned=ctx.owned), None, None, None, None, None)
 
 
 def attach_grad(input: Any, loss: Any, grad: Any, reduction: str, *, classes_last: bool = False,
-                shift: int = 0) -> Any:
+                shift: int = 0, owned: bool = True) -> Any:
     """`loss` with a grad_fn: backward() puts grad * grad_output into input.grad. `classes_last`
-    and `shift` describe the request's layout (the server's gradient has the input's shape)."""
+    and `shift` describe the request's layout (the server's gradient has the input's shape).
+    `owned`: `grad` is this call's alone (the caller did not ask for it too), so backward may
+    make it the input's gradient without a copy (`input_grad`)."""
+    if input.is_leaf and input.grad is not None and input.grad.data_ptr() == grad.data_ptr():
+        # inplace_grad=True over logits whose .grad is their own memory (a previous call's adopted
+        # gradient): the server has just written over that .grad, and accumulating into it would
+        # double this call's gradient
+        raise RuntimeError("inplace_grad=True wrote over the input's own .grad (the previous call's gradient, "
+                           "which lives in the input's memory); set input.grad = None before the next call")
     class_dim = None
     if reduction == "none":
         class_dim = -1 if classes_last else (0 if input.dim() == 1 else 1)
     with torch.enable_grad():
-        return _RemoteCrossEntropy.apply(input, loss, grad, class_dim, shift)
+        return _RemoteCrossEntropy.apply(input, loss, grad, class_dim, shift, owned)
