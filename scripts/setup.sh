@@ -19,7 +19,7 @@ install_system() {
     # CPUs ("unknown target CPU 'generic'"), Debian's works. ocl-icd-libopencl1 is the ICD loader.
     # dev adds chromium: the status page is tested in a real headless browser.
     local extra=""
-    if [ "$mode" = dev ]; then extra="chromium"; fi
+    if [ "$mode" = dev ]; then extra="chromium oclgrind"; fi
     $SUDO apt-get update
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
         python3 python3-venv python3-pip ocl-icd-libopencl1 pocl-opencl-icd clinfo ca-certificates $extra
