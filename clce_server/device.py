@@ -40,7 +40,7 @@ INSTALL_HINT = (
 class LaunchShape:
     """How the engine launches the kernels on a device (the host side of the tuning)."""
 
-    rows: str = "item"            # "item": a work-item per row (ce_rows_item, ce_spatial8 for spatial
+    rows: str = "item"            # "item": a work-item per row (ce_rows_item; ce_spatial8/16 for spatial
                                   # rows); "group": a work-group per row (ce_rows_group)
     local_size: int = 1           # work-group size: work-items per group ("item"), per row ("group")
     reduce_local_size: int = 16   # reduce_rows's work-group size (power of two)
@@ -113,15 +113,30 @@ TUNING: list[tuple[str, str, Tuning]] = [
     ("*", "*", _CPU),
 ]
 
-#: the files of each program, concatenated in order (the shared preamble first)
-PROGRAM_SOURCES = {"ce": ("common.cl", "cross_entropy.cl"), "reduce": ("reduce_rows.cl",)}
+#: the files of each program, concatenated in order (the shared preamble first); a (file, defines)
+#: pair instantiates a template file with those defines (set before it, undefined after it)
+PROGRAM_SOURCES = {"ce": ("common.cl", "cross_entropy.cl", ("ce_spatial.cl", {"SPW": 8}),
+                          ("ce_spatial.cl", {"SPW": 16})),
+                   "reduce": ("reduce_rows.cl",)}
 #: kernel name -> the program that holds it
-KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "reduce_rows": "reduce"}
+KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "ce_spatial16": "ce",
+           "reduce_rows": "reduce"}
 
 
 def kernel_source(name: str) -> str:
     """The text of clce_server/kernels/<name>: package data, the same in a checkout and a wheel."""
     return importlib.resources.files("clce_server").joinpath("kernels", name).read_text()
+
+
+def program_source(kind: str) -> str:
+    """The text of one program (a key of PROGRAM_SOURCES), templates instantiated."""
+    parts = []
+    for entry in PROGRAM_SOURCES[kind]:
+        name, defines = (entry, {}) if isinstance(entry, str) else entry
+        parts += [f"#define {k} {v}" for k, v in defines.items()]
+        parts.append(kernel_source(name))
+        parts += [f"#undef {k}" for k in defines]
+    return "\n".join(parts)
 
 
 def device_kind(dev: cl.Device) -> str:
@@ -262,7 +277,7 @@ class Device:
             defines.update(GRAD_DTYPE=DTYPE_CODES[grad_dtype], CE_SOFTCAP=int(softcap))
         else:
             defines.update(RED_FP64=int(self.has_fp64))
-        src = "\n".join(kernel_source(name) for name in PROGRAM_SOURCES[kind])
+        src = program_source(kind)
         options = [f"-D{k}={v}" for k, v in sorted(defines.items())]
         # PoCL's on-disk kernel cache is shared by every process of the user; a build racing another
         # process's write of the same entry can fail once (seen with several servers starting

@@ -195,6 +195,11 @@ def cases(row_kind: str, full: bool = True):
         return out
     x, t = make((3, 600), "bfloat16", rng)
     add("bf16 600 classes (two blocks, 16-wide)", x, t)
+    for dt, gd in (("float64", "float16"), ("float16", "bfloat16")):   # spatial rows, 16 and 8 lanes
+        x, t = make((2, 4, 16), dt, rng, ignore_every=5)
+        add(f"spatial {dt}->{gd} 2x4x16", x, t, grad_dtype=gd)
+        x, t = make((2, 4, 8), dt, rng, ignore_every=5)
+        add(f"spatial {dt}->{gd} 2x4x8", x, t, grad_dtype=gd)
     # options
     x, t = make((4, 45), "float32", rng, ignore_every=3)
     w = (rng.random(45) + 0.25).astype(np.float32)
@@ -214,7 +219,7 @@ def cases(row_kind: str, full: bool = True):
     x, t = make((7, 33), "float32", rng, ignore_every=3)
     add("chunked rows 7x33 by 3", x, t, chunk=3)
     x, t = make((2, 9, 16), "bfloat16", rng)
-    add("chunked spatial 2x9x16 by 8", x, t, chunk=8)
+    add("chunked spatial 2x9x16 by 16", x, t, chunk=16)
     if row_kind == "item":
         for dt in ("float32", "bfloat16", "float16", "float64"):
             x, t = make((5, 70), dt, rng, ignore_every=4)

@@ -1,5 +1,6 @@
 """Device discovery and selection: chosen by building, selectors, tuning table, per-thread kernels."""
 
+import re
 import threading
 
 import numpy as np
@@ -14,8 +15,8 @@ from clce_server.device import (
     LaunchShape,
     describe_devices,
     group_size,
-    kernel_source,
     native_defines,
+    program_source,
     open_devices,
     tuning_for,
 )
@@ -90,15 +91,16 @@ def test_launch_shapes_reach_the_kernels_as_work_group_sizes():
     assert "CE_WG_SIZE" not in tuning_for("pocl", "cpu").build_defines()
 
 
-def test_every_tunable_has_a_default_in_the_kernel_source():
-    src = "".join(kernel_source(f) for files in PROGRAM_SOURCES.values() for f in files)
+def test_every_tunable_has_a_default_in_the_kernel_source(cpu_device):
+    src = "".join(program_source(kind) for kind in PROGRAM_SOURCES)
     for _, _, row in TUNING:
         for name in row.build_defines():
             assert f"#ifndef {name}" in src, name
-    ce = "".join(kernel_source(f) for f in PROGRAM_SOURCES["ce"])
-    for name, prog in KERNELS.items():   # every kernel the engine launches exists under its name
-        src = ce if prog == "ce" else kernel_source("reduce_rows.cl")
-        assert f"void {name}(" in src, name
+    for name, prog in KERNELS.items():   # every kernel the engine launches is built under its name
+        assert cpu_device.kernel(name, "float32").function_name == name
+        assert name in cpu_device.program(prog, "float32").kernel_names.split(";")
+    # the spatial template, at both widths
+    assert re.findall(r"^#define SPW (\d+)$", program_source("ce"), re.M) == ["8", "16"]
 
 
 def test_kernel_objects_are_per_thread(cpu_device):
