@@ -284,7 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="bench shapes (default: bench_cross_entropy.py's, fp32 and bf16)")
     ap.add_argument("--repeat", type=int, help="bench repetitions (default: the bench's)")
     ap.add_argument("--compare-repeat", type=int, default=7, help="CUDA comparison rounds (median)")
-    ap.add_argument("--step-timeout", type=int, default=420, help="seconds per step")
+    ap.add_argument("--step-timeout", type=int, default=200,
+                    help="seconds per step (default 200: tests and bench fit a 480 s call)")
     args = ap.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
