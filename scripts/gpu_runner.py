@@ -65,6 +65,16 @@ def find_driver_library(dirs: list[str], name: str = ICD_LIBRARY) -> str | None:
     return None
 
 
+def loader_dirs() -> list[str]:
+    """The folders of the libraries the dynamic loader knows (`ldconfig -p`), where it runs."""
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({str(Path(line.rsplit("=>", 1)[1].strip()).parent)
+                   for line in out.splitlines() if ICD_LIBRARY in line and "=>" in line})
+
+
 def register_icd(vendors_dir: Path, library_dirs: list[str], env: dict) -> dict:
     """Write vendors_dir/nvidia.icd naming the driver's OpenCL library, if missing. Where
     vendors_dir cannot be written, use a private folder and point OCL_ICD_VENDORS at it (in `env`,
@@ -277,8 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wheels", type=Path, default=REPO / ".whl", help="carried wheels (default .whl)")
     ap.add_argument("--site", type=Path, default=Path("/tmp/site"), help="where the wheels go")
     ap.add_argument("--icd-dir", type=Path, default=Path("/etc/OpenCL/vendors"))
-    ap.add_argument("--driver-dirs", default=os.pathsep.join(DRIVER_DIRS),
-                    help="folders searched for libnvidia-opencl.so.1")
+    ap.add_argument("--driver-dirs", default="",
+                    help="folders searched for libnvidia-opencl.so.1 (default: the loader's, then DRIVER_DIRS)")
     ap.add_argument("--tests", default=",".join(KERNEL_TESTS), help="comma-separated test files ('' for none)")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments, space-separated (e.g. '-k float32')")
     ap.add_argument("--shapes", help="bench shapes (default: bench_cross_entropy.py's, fp32 and bf16)")
@@ -309,7 +319,8 @@ def main(argv=None) -> int:
               f"{res.get('summary') or res.get('reason') or res.get('error') or ''}", flush=True)
         return res
 
-    step("icd", register_icd, args.icd_dir, args.driver_dirs.split(os.pathsep), env)
+    driver_dirs = args.driver_dirs.split(os.pathsep) if args.driver_dirs else loader_dirs() + DRIVER_DIRS
+    step("icd", register_icd, args.icd_dir, driver_dirs, env)
     step("wheels", install_wheels, args.wheels, args.site, env)
     dev = step("device", lambda: {"status": "opened", **describe_device(args.device, env)})
     if dev["status"] == "opened" and dev["selected"]["name"] != dev["default"]["name"]:

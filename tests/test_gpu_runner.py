@@ -116,3 +116,22 @@ def test_runner_end_to_end_under_oclgrind(tmp_path):
     sel = doc["steps"]["device"]["selected"]
     assert sel["name"] == "Oclgrind Simulator" and sel["tuning"]["launch"]["rows"] == "group"
     assert sel["tuning"]["read_off_device"]["local_size"]["chosen"] == sel["tuning"]["launch"]["local_size"]
+
+
+def test_runner_fails_and_says_why_when_the_device_is_not_there(tmp_path):
+    """A lent machine whose driver the loader does not see must give a failed run that says so,
+    not an empty success."""
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    r = subprocess.run([sys.executable, str(RUNNER), "--device", "no-such-gpu", "--out", str(out),
+                        "--wheels", str(tmp_path / "none"), "--icd-dir", str(tmp_path / "vendors"),
+                        "--driver-dirs", str(tmp_path), "--tests", ""],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads((out / "runner.json").read_text())
+    assert doc["steps"]["wheels"]["status"] == "skipped"
+    assert doc["steps"]["device"]["status"] == "error"
+    assert "no OpenCL device matches" in doc["steps"]["device"]["error"]
+    assert doc["steps"]["bench"]["status"] == "error" and "tests" not in doc["steps"]
+    assert "failed steps: ['device', 'bench']" in r.stdout
