@@ -54,11 +54,11 @@ class Tuning:
     """One row of the tuning table: build defines (the kernels' #ifndef tunables), launch shape,
     and where the row's figures come from.
 
-    `group_target`: rows of kind "group" take their work-group size from the device, not from
-    `launch`: the largest power-of-two multiple of ce_rows_group's preferred work-group size
-    multiple (the warp or wavefront) that is at most `group_target` and what the kernel and the
-    device's local memory allow (`group_size`). `launch.local_size` is then only the size the
-    first build uses to read those limits."""
+    `group_target`: rows of kind "group" take their work-group sizes from the device, not from
+    `launch`: a power of two, `group_target` or the kernel's preferred work-group size multiple
+    (the warp or wavefront) where that is larger, capped by the kernel's maximum work-group size
+    and the device's local memory (`group_size`, `read_group_sizes`). `launch`'s sizes are then
+    only those of the first build, which the limits are read from."""
 
     defines: dict[str, int]
     launch: LaunchShape
