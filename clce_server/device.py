@@ -40,7 +40,7 @@ INSTALL_HINT = (
 class LaunchShape:
     """How the engine launches the kernels on a device (the host side of the tuning)."""
 
-    rows: str = "item"            # "item": a work-item per row (ce_rows_item, ce_spatial8 for spatial
+    rows: str = "item"            # "item": a work-item per row (ce_rows_item; ce_spatial8/16 for spatial
                                   # rows); "group": a work-group per row (ce_rows_group)
     local_size: int = 1           # work-group size: work-items per group ("item"), per row ("group")
     reduce_local_size: int = 16   # reduce_rows's work-group size (power of two)
@@ -51,10 +51,20 @@ class LaunchShape:
 
 @dataclass(frozen=True)
 class Tuning:
-    """One row of the tuning table: build defines (the kernels' #ifndef tunables) and launch shape."""
+    """One row of the tuning table: build defines (the kernels' #ifndef tunables), launch shape,
+    and where the row's figures come from.
+
+    `group_target`: rows of kind "group" take their work-group sizes from the device, not from
+    `launch`: a power of two, `group_target` or the kernel's preferred work-group size multiple
+    (the warp or wavefront) where that is larger, capped by the kernel's maximum work-group size
+    and the device's local memory (`group_size`, `read_group_sizes`). `launch`'s sizes are then
+    only those of the first build, which the limits are read from."""
 
     defines: dict[str, int]
     launch: LaunchShape
+    source: str = ""                       # "measured: <where>" or "guess: <why>"
+    group_target: int | None = None
+    read_off_device: dict | None = None    # the kernel limits the work-group size came from
 
     def build_defines(self) -> dict[str, int]:
         """The defines a build gets: the table's, plus the work-group sizes the kernels must know
@@ -65,29 +75,68 @@ class Tuning:
         return {**self.defines, **sizes}
 
     def describe(self) -> dict:
-        return {"defines": dict(self.defines), "launch": asdict(self.launch)}
+        out = {"defines": dict(self.defines), "launch": asdict(self.launch), "source": self.source}
+        if self.read_off_device is not None:
+            out["read_off_device"] = dict(self.read_off_device)
+        return out
 
 
-# Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build defines and launch
-# shape. First match wins. On PoCL's CPU device one work-item per row with vector loads measured
-# about 6x faster than a work-group striding a row; on GPUs a work-group per row is the usual shape.
-_CPU = Tuning(defines={"CE_FAST_EXP": 1}, launch=LaunchShape("item", 1, 16))
+def group_size(target: int, multiple: int, kernel_max: int, local_mem_limit: int) -> int:
+    """A work-group size for the tree-reducing kernels: a power of two (their reductions halve),
+    at most what the kernel and local memory allow, and `target` or, when the device's preferred
+    multiple (a warp, a wavefront) is larger, that multiple: a group narrower than one warp idles
+    lanes. A power of two at least the (power-of-two) multiple is a multiple of it."""
+    want = max(target, multiple) if multiple > 0 and multiple & (multiple - 1) == 0 else target
+    cap = max(1, min(want, kernel_max, local_mem_limit))
+    return 1 << (cap.bit_length() - 1)
+
+
+# Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build defines, launch
+# shape and the provenance of its figures. First match wins.
+_CPU = Tuning(
+    defines={"CE_FAST_EXP": 1}, launch=LaunchShape("item", 1, 16),
+    source="measured: PoCL 3.1 CPU device, 2-core Xeon with AVX-512 (this project's CI machine): "
+           "a work-item per row ~6x faster than a work-group striding a row; CE_FAST_EXP 1.4x cheaper "
+           "than PoCL's exp2; CE_VW read off the device (native_defines); reduce_local_size 16 a guess "
+           "(the reduction is < 1% of a launch)")
 TUNING: list[tuple[str, str, Tuning]] = [
     ("*", "cpu", _CPU),
-    ("NVIDIA", "gpu", Tuning(defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 256, 256))),
-    ("*", "gpu", Tuning(defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 128, 128))),
+    ("NVIDIA", "gpu", Tuning(
+        defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 256, 256), group_target=256,
+        source="guess: never run on an NVIDIA device; 8 warps per row is the usual shape of a row "
+               "reduction; the size is read off the device (group_size); checked for races and "
+               "values under Oclgrind at 256 (tests/test_oclgrind.py)")),
+    ("*", "gpu", Tuning(
+        defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 128, 128), group_target=128,
+        source="guess: never run on a GPU; 2 wavefronts (AMD) or 4-8 sub-groups (Intel); the size is "
+               "read off the device (group_size); checked under Oclgrind at 128")),
     ("*", "*", _CPU),
 ]
 
-#: the files of each program, concatenated in order (the shared preamble first)
-PROGRAM_SOURCES = {"ce": ("common.cl", "cross_entropy.cl"), "reduce": ("reduce_rows.cl",)}
+#: the files of each program, concatenated in order (the shared preamble first); a (file, defines)
+#: pair instantiates a template file with those defines (set before it, undefined after it)
+PROGRAM_SOURCES = {"ce": ("common.cl", "cross_entropy.cl", ("ce_spatial.cl", {"SPW": 8}),
+                          ("ce_spatial.cl", {"SPW": 16})),
+                   "reduce": ("reduce_rows.cl",)}
 #: kernel name -> the program that holds it
-KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "reduce_rows": "reduce"}
+KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "ce_spatial16": "ce",
+           "reduce_rows": "reduce"}
 
 
 def kernel_source(name: str) -> str:
     """The text of clce_server/kernels/<name>: package data, the same in a checkout and a wheel."""
     return importlib.resources.files("clce_server").joinpath("kernels", name).read_text()
+
+
+def program_source(kind: str) -> str:
+    """The text of one program (a key of PROGRAM_SOURCES), templates instantiated."""
+    parts = []
+    for entry in PROGRAM_SOURCES[kind]:
+        name, defines = (entry, {}) if isinstance(entry, str) else entry
+        parts += [f"#define {k} {v}" for k, v in defines.items()]
+        parts.append(kernel_source(name))
+        parts += [f"#undef {k}" for k in defines]
+    return "\n".join(parts)
 
 
 def device_kind(dev: cl.Device) -> str:
@@ -100,7 +149,8 @@ def device_kind(dev: cl.Device) -> str:
 
 
 def tuning_for(vendor: str, kind: str, overrides: dict | None = None) -> Tuning:
-    """The table's row for a device. `overrides` names build defines or LaunchShape fields."""
+    """The table's row for a device. `overrides` names build defines or LaunchShape fields; a
+    work-group size named there is used as given, not read off the device."""
     for v, k, row in TUNING:
         if (v == "*" or v.lower() in vendor.lower()) and (k == "*" or k == kind):
             break
@@ -113,7 +163,31 @@ def tuning_for(vendor: str, kind: str, overrides: dict | None = None) -> Tuning:
             launch[name] = value
         else:
             defines[name] = value
-    return Tuning(defines, replace(row.launch, **launch))
+    fixed = {"local_size", "reduce_local_size", "rows"} & set(launch)
+    target = row.group_target if not fixed else None
+    return Tuning(defines, replace(row.launch, **launch), row.source, target)
+
+
+def read_group_sizes(tuning: Tuning, dev: cl.Device, ce_kernel: cl.Kernel, reduce_kernel: cl.Kernel) -> Tuning:
+    """A "group" row's work-group sizes read off the built kernels (`group_size`): each kernel's
+    preferred work-group size multiple and maximum work-group size, and the device's local memory
+    over what one work-item of it uses there (pass the widest build: fp64's where the device has
+    it). Rows without a group_target come back unchanged."""
+    if tuning.group_target is None or tuning.launch.rows != "group":
+        return tuning
+    info = cl.kernel_work_group_info
+    read, sizes = {}, {}
+    for field_name, kernel, built in (("local_size", ce_kernel, tuning.launch.local_size),
+                                      ("reduce_local_size", reduce_kernel, tuning.launch.reduce_local_size)):
+        multiple = int(kernel.get_work_group_info(info.PREFERRED_WORK_GROUP_SIZE_MULTIPLE, dev))
+        kmax = int(kernel.get_work_group_info(info.WORK_GROUP_SIZE, dev))
+        local_per_item = int(kernel.get_work_group_info(info.LOCAL_MEM_SIZE, dev)) / built
+        mem_limit = int(dev.local_mem_size // local_per_item) if local_per_item > 0 else kmax
+        sizes[field_name] = group_size(tuning.group_target, multiple, kmax, mem_limit)
+        read[field_name] = {"preferred_multiple": multiple, "kernel_max": kmax,
+                            "local_mem_bytes": int(dev.local_mem_size), "local_mem_limit": mem_limit,
+                            "chosen": sizes[field_name]}
+    return replace(tuning, launch=replace(tuning.launch, **sizes), group_target=None, read_off_device=read)
 
 
 @dataclass
@@ -203,7 +277,7 @@ class Device:
             defines.update(GRAD_DTYPE=DTYPE_CODES[grad_dtype], CE_SOFTCAP=int(softcap))
         else:
             defines.update(RED_FP64=int(self.has_fp64))
-        src = "\n".join(kernel_source(name) for name in PROGRAM_SOURCES[kind])
+        src = program_source(kind)
         options = [f"-D{k}={v}" for k, v in sorted(defines.items())]
         # PoCL's on-disk kernel cache is shared by every process of the user; a build racing another
         # process's write of the same entry can fail once (seen with several servers starting
@@ -276,24 +350,38 @@ def native_defines(dev: cl.Device) -> dict[str, int]:
     return {"CE_VW": 16 if dev.preferred_vector_width_float >= 16 else 8}
 
 
-def _try_open(index: int, dev: cl.Device, overrides: dict | None) -> Device:
+def _try_open(index: int, dev: cl.Device, overrides: dict | None, tuning_row: tuple[str, str] | None = None) -> Device:
     ctx = cl.Context([dev])
     queue = cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
     fp64 = "cl_khr_fp64" in dev.extensions or dev.double_fp_config != 0
-    d = Device(index, dev, ctx, queue, tuning_for(dev.vendor, device_kind(dev), {**native_defines(dev), **(overrides or {})}),
-               fp64)
+    vendor, kind = tuning_row or (dev.vendor, device_kind(dev))
+    tuning = tuning_for(vendor, kind, {**native_defines(dev), **(overrides or {})})
+    d = Device(index, dev, ctx, queue, tuning, fp64)
     d.program("ce", "float32")   # the proof that this device can serve
     d.program("reduce", "float32")
+    if tuning.group_target is None or tuning.launch.rows != "group":
+        return d
+    # the widest accumulators' build uses the most local memory per work-item: its limits bind
+    widest = "float64" if fp64 else "float32"
+    read = read_group_sizes(tuning, dev, d.kernel("ce_rows_group", widest), d.kernel("reduce_rows", widest))
+    if read.launch != tuning.launch:   # built at the table's size: build again at the device's
+        d = Device(index, dev, ctx, queue, read, fp64)
+        d.program("ce", "float32")
+        d.program("reduce", "float32")
+    else:
+        d.tuning = read
     return d
 
 
 def open_devices(selectors: list[str] | str | None = None, *,
-                 tuning_overrides: dict | None = None) -> list[Device]:
+                 tuning_overrides: dict | None = None, tuning_row: tuple[str, str] | None = None) -> list[Device]:
     """Open the devices named by the selectors (all that match and build), or the best one.
 
     A selector is a global index ("0"), a "platform:device" pair ("1:0"), a kind ("gpu", "cpu"),
     or a case-insensitive substring of the device, platform or vendor name ("nvidia", "pocl").
     Without selectors, GPUs are preferred, and the first device that builds is used.
+    `tuning_row` (vendor, kind) picks a row of TUNING instead of the device's own (to run one
+    device's shapes on another, e.g. the NVIDIA row under Oclgrind).
     """
     if isinstance(selectors, str):
         selectors = [s for s in selectors.split(",") if s.strip()]
@@ -320,7 +408,7 @@ def open_devices(selectors: list[str] | str | None = None, *,
     opened: list[Device] = []
     for i, dev in chosen:
         try:
-            opened.append(_try_open(len(opened), dev, tuning_overrides))
+            opened.append(_try_open(len(opened), dev, tuning_overrides, tuning_row))
         except Exception as exc:   # any build or context failure: try the next candidate
             msg = str(exc).strip().splitlines()
             failures.append(f"{dev.name.strip()} ({dev.platform.name.strip()}): {msg[-1] if msg else exc!r}")

@@ -222,7 +222,7 @@ class PreparedLoss:
         """(block, start, count) row ranges, each expected to take about target_seconds."""
         per_row = max(self.problem.classes, 1) / self.engine.elements_per_second
         step = max(1, int(target_seconds / per_row)) if target_seconds else None
-        if step is not None and self.rows_per_item > 1:   # ce_spatial8 takes rows eight at a time
+        if step is not None and self.rows_per_item > 1:   # ce_spatial8/16 take rows 8 or 16 at a time
             step = -(-step // self.rows_per_item) * self.rows_per_item
         for bi, blk in enumerate(self.blocks):
             if step is None:
@@ -480,8 +480,12 @@ class LossEngine:
         return p
 
     def rows_per_item(self, p: semantics.Problem) -> int:
-        """8 when the spatial-rows kernel runs (rows of one sample are adjacent per class)."""
-        return 8 if (self.device.launch.rows == "item" and p.spatial > 1 and p.spatial % 8 == 0) else 1
+        """16 or 8 when a spatial-rows kernel runs (rows of one sample are adjacent per class):
+        16 on devices with 16-wide vectors (CE_VW, AVX-512) when the rows allow it, else 1."""
+        if self.device.launch.rows != "item" or p.spatial <= 1:
+            return 1
+        widths = (16, 8) if self.device.tuning.defines.get("CE_VW") == 16 else (8,)
+        return next((w for w in widths if p.spatial % w == 0), 1)
 
     @staticmethod
     def _scalars(p: semantics.Problem, shared: bool = False) -> dict:
@@ -497,7 +501,7 @@ class LossEngine:
         """The fused kernel over rows [start, start + count) of `blk`, in the device's launch shape."""
         dev, launch = self.device, self.device.launch
         per_item = self.rows_per_item(p)
-        name = "ce_spatial8" if per_item == 8 else ("ce_rows_group" if launch.rows == "group" else "ce_rows_item")
+        name = f"ce_spatial{per_item}" if per_item > 1 else ("ce_rows_group" if launch.rows == "group" else "ce_rows_item")
         k = dev.kernel(name, p.compute_dtype, grad_dtype, p.softcap > 0)
         items = count // per_item
         scratch = None

@@ -18,9 +18,10 @@ install_system() {
     # pocl-opencl-icd: the CPU OpenCL device. The PoCL bundled in pyopencl's wheel fails on some
     # CPUs ("unknown target CPU 'generic'"), Debian's works. ocl-icd-libopencl1 is the ICD loader.
     # dev adds chromium: the status page is tested in a real headless browser; haproxy and
-    # prometheus (promtool): the compose stack's configs are checked by the real parsers.
+    # prometheus (promtool): the compose stack's configs are checked by the real parsers; oclgrind:
+    # the kernels run on a simulated device that reports races and uninitialised reads.
     local extra=""
-    if [ "$mode" = dev ]; then extra="chromium haproxy prometheus"; fi
+    if [ "$mode" = dev ]; then extra="chromium haproxy prometheus oclgrind"; fi
     $SUDO apt-get update
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
         python3 python3-venv python3-pip ocl-icd-libopencl1 pocl-opencl-icd clinfo ca-certificates $extra

@@ -1,5 +1,6 @@
 """Device discovery and selection: chosen by building, selectors, tuning table, per-thread kernels."""
 
+import re
 import threading
 
 import numpy as np
@@ -13,8 +14,9 @@ from clce_server.device import (
     TUNING,
     LaunchShape,
     describe_devices,
-    kernel_source,
+    group_size,
     native_defines,
+    program_source,
     open_devices,
     tuning_for,
 )
@@ -28,7 +30,7 @@ def test_default_device_builds_and_serves():
     row = tuning_for(dev.vendor, dev.kind)
     assert info["tuning"]["launch"] == row.describe()["launch"]
     assert info["tuning"]["defines"] == {**row.defines, **native_defines(dev.cl_device)}
-    assert set(info["tuning"]) == {"defines", "launch"}
+    assert set(info["tuning"]) == {"defines", "launch", "source"} and info["tuning"]["source"] == row.source
 
 
 @pytest.mark.parametrize("selector", ["0", "cpu", "pocl", "PORTABLE", "0:0"])
@@ -57,7 +59,7 @@ def test_a_device_that_cannot_build_is_skipped_and_reported(monkeypatch):
     generic'): listing proves nothing, building decides."""
     import clce_server.device as device
 
-    def broken(index, dev, overrides):
+    def broken(index, dev, *config):
         raise cl.RuntimeError("clBuildProgram failed: unknown target CPU 'generic'")
 
     monkeypatch.setattr(device, "_try_open", broken)
@@ -89,15 +91,16 @@ def test_launch_shapes_reach_the_kernels_as_work_group_sizes():
     assert "CE_WG_SIZE" not in tuning_for("pocl", "cpu").build_defines()
 
 
-def test_every_tunable_has_a_default_in_the_kernel_source():
-    src = "".join(kernel_source(f) for files in PROGRAM_SOURCES.values() for f in files)
+def test_every_tunable_has_a_default_in_the_kernel_source(cpu_device):
+    src = "".join(program_source(kind) for kind in PROGRAM_SOURCES)
     for _, _, row in TUNING:
         for name in row.build_defines():
             assert f"#ifndef {name}" in src, name
-    ce = "".join(kernel_source(f) for f in PROGRAM_SOURCES["ce"])
-    for name, prog in KERNELS.items():   # every kernel the engine launches exists under its name
-        src = ce if prog == "ce" else kernel_source("reduce_rows.cl")
-        assert f"void {name}(" in src, name
+    for name, prog in KERNELS.items():   # every kernel the engine launches is built under its name
+        assert cpu_device.kernel(name, "float32").function_name == name
+        assert name in cpu_device.program(prog, "float32").kernel_names.split(";")
+    # the spatial template, at both widths
+    assert re.findall(r"^#define SPW (\d+)$", program_source("ce"), re.M) == ["8", "16"]
 
 
 def test_kernel_objects_are_per_thread(cpu_device):
@@ -133,3 +136,39 @@ def test_concurrent_engines_on_one_device_agree(engine):
         th.join()
     for r in out:
         assert r.loss.tobytes() == ref.loss.tobytes() and r.grad.tobytes() == ref.grad.tobytes()
+
+
+def test_group_size_rule():
+    """Power of two (the tree reductions halve), at most the kernel's and local memory's limits,
+    at least one warp or wavefront where those allow it."""
+    assert group_size(256, 32, 1024, 1365) == 256           # NVIDIA: 8 warps
+    assert group_size(128, 64, 256, 10_000) == 128          # AMD: 2 wavefronts
+    assert group_size(128, 256, 1024, 10_000) == 256        # a multiple wider than the target wins
+    assert group_size(1024, 32, 1024, 819) == 512           # fp64 local arrays bind first
+    assert group_size(256, 1, 200, 10_000) == 128           # a kernel limit that is no power of two
+    assert group_size(256, 12, 1024, 10_000) == 256         # a multiple that is no power of two: ignored
+
+
+def test_every_tuning_row_says_where_its_figures_come_from():
+    for vendor, kind, row in TUNING:
+        assert row.source.startswith(("measured: ", "guess: ")), (vendor, kind)
+        assert (row.group_target is not None) == (row.launch.rows == "group"), (vendor, kind)
+
+
+def test_group_rows_read_their_work_group_size_off_the_device():
+    """The NVIDIA row on this device: its size comes from ce_rows_group's own limits as the device
+    reports them (PoCL: a preferred multiple of 8, thousands of work-items), not from the table."""
+    dev = open_devices(tuning_row=("NVIDIA", "gpu"))[0]
+    read = dev.tuning.describe()["read_off_device"]
+    k = dev.kernel("ce_rows_group", "float32")
+    info = cl.kernel_work_group_info
+    multiple = k.get_work_group_info(info.PREFERRED_WORK_GROUP_SIZE_MULTIPLE, dev.cl_device)
+    assert read["local_size"]["preferred_multiple"] == multiple
+    assert read["local_size"]["kernel_max"] >= dev.launch.local_size
+    assert dev.launch.local_size == group_size(256, multiple, read["local_size"]["kernel_max"],
+                                               read["local_size"]["local_mem_limit"])
+    assert dev.tuning.build_defines()["CE_WG_SIZE"] == dev.launch.local_size
+    # a size named by the caller is used as given
+    fixed = open_devices(tuning_row=("NVIDIA", "gpu"), tuning_overrides={"local_size": 64, "reduce_local_size": 32})[0]
+    assert (fixed.launch.local_size, fixed.launch.reduce_local_size) == (64, 32)
+    assert "read_off_device" not in fixed.tuning.describe()

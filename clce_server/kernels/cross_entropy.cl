@@ -43,7 +43,8 @@
  * Kernel shapes (the engine picks one per launch from the device's LaunchShape):
  *   ce_rows_item   one work-item per row, CE_VW-wide vectors, blocked softmax (CPU devices;
  *                  PoCL measured ~6x faster than a work-group striding a row)
- *   ce_spatial8    eight spatial rows per work-item, lanes are rows (CPU, (N, C, d..) input)
+ *   ce_spatial8/16 eight or sixteen spatial rows per work-item, lanes are rows (CPU, (N, C, d..)
+ *                  input): ce_spatial.cl, instantiated at both widths after this file
  *   ce_rows_group  one work-group of CE_WG_SIZE work-items per row (GPUs)
  * ============================================================================================ */
 
@@ -417,121 +418,6 @@ __kernel void ce_rows_item(__global const in_t *x,        /* logits */
         ce_row_item(r, stash, x, tgt, ysoft, weight, grad, row_loss, row_zloss, row_lse, row_amax,
                     C, S, eps, wsum, loss_scale, z_scale, zcoef, cap);
     }
-}
-
-/* ======================= spatial rows, eight per work-item (CPU, S % 8 == 0) =======================
- * For (N, C, d1..dk) input the rows s, s+1, ... of one sample sit next to each other for every
- * class (class stride S), so eight adjacent rows load as one vector per class: the lanes are rows.
- * Same math as ce_rows_item, vectorised across rows instead of across classes (one work-item per row
- * had to run it scalar, two scalar exps per element). */
-#if IN_DTYPE == 3
-typedef long8 mask8_t;
-#else
-typedef int8 mask8_t;
-#endif
-
-__kernel void ce_spatial8(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
-                       __global const acc_t *weight, __global grad_t *grad,
-                       __global acc_t *row_loss, __global acc_t *row_zloss,
-                       __global float *row_lse, __global int *row_amax,
-                       __global acc_t *scratch,   /* unused: the signature is the three shapes' */
-                       const ulong row0, const ulong nrows, const uint C, const ulong S,
-                       const acc_t eps, const acc_t wsum, const acc_t loss_scale,
-                       const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
-    const ulong r = row0 + 8 * get_global_id(0);
-    if (r >= row0 + nrows) return;
-    ROW_POINTERS(r)
-    int tl[8];
-    for (int l = 0; l < 8; ++l) tl[l] = tgt ? tgt[r + l] : 0;
-    const mask8_t t8 = (mask8_t)(tl[0], tl[1], tl[2], tl[3], tl[4], tl[5], tl[6], tl[7]);
-    const mask8_t valid = tgt ? t8 >= (mask8_t)0 : (mask8_t)(-1);
-    const acc_t soft_lo = eps / (acc_t)C, soft_hi = (acc_t)1 - eps;
-    const bool smooth = eps > (acc_t)0;
-
-    /* pass 1a: the max per lane, and the argmax of the raw logits. A NaN is not the max (fmax),
-     * but it makes its exp NaN below and so poisons the row, as in PyTorch; +inf makes m = +inf
-     * and (inf - inf) poisons it too. */
-    acc8_t m = (acc8_t)(-ACC_INF), best = (acc8_t)(-ACC_INF);
-    mask8_t amax = (mask8_t)0, nan_seen = (mask8_t)0;
-    for (uint j = 0; j < C; ++j) {
-        const acc8_t raw = LOAD8(xr, (ulong)j * S);
-        m = fmax(m, capv(raw, cap));
-        if (row_amax) {
-            const mask8_t isn = isnan(raw) & ~nan_seen;
-            amax = select(amax, (mask8_t)j, isn);
-            nan_seen |= isn;
-            const mask8_t gt = (raw > best) & ~nan_seen;
-            amax = select(amax, (mask8_t)j, gt);
-            best = select(best, raw, gt);
-        }
-    }
-    /* pass 1b: s = sum_j exp(z_j - m), one exp per element, each parked in the gradient when it
-     * has the accumulation type (pass 2 then needs none); soft targets' A. The second read of
-     * the logits comes from cache (C lines per work-item). -inf contributes exp(-inf) = 0 (an
-     * all -inf row then has s = 0 and lse = -inf, as torch.logsumexp). */
-#if CAN_STASH
-    __global acc_t *stash = (__global acc_t *)gr;
-#else
-    __global acc_t *stash = 0;
-#endif
-    acc8_t s = (acc8_t)0, A = (acc8_t)0;
-    const acc8_t m0 = select(m, (acc8_t)0, m == (acc8_t)(-ACC_INF));   /* -inf - m0 = -inf, not NaN */
-    for (uint j = 0; j < C; ++j) {
-        const acc8_t v = capv(LOAD8(xr, (ulong)j * S), cap);
-        const acc8_t e = EXP(v - m0);
-        s += e;
-        if (stash) vstore8(e, 0, stash + (ulong)j * S);
-        if (yr) A += (weight ? weight[j] : (acc_t)1) * (LOAD8(yr, (ulong)j * S) * soft_hi + soft_lo);
-    }
-    const acc8_t lsum = LOG(s), lse = m + lsum;
-
-    /* per-lane constants: the target's weight and capped logit */
-    acc_t wtl[8], ztl[8];
-    for (int l = 0; l < 8; ++l) {
-        const int t = tl[l];
-        wtl[l] = (yr || t < 0) ? (acc_t)0 : (weight ? weight[t] : (acc_t)1);
-        ztl[l] = (yr || t < 0) ? (acc_t)0 : cap1(LOAD1(xr, (ulong)t * S + l), cap);
-    }
-    const acc8_t wt = vload8(0, wtl), zt = vload8(0, ztl);
-    const acc8_t zterm = zcoef != (acc_t)0 ? (acc8_t)(z_scale * (acc_t)2 * zcoef) * lse : (acc8_t)0;
-    const acc8_t K = yr ? (acc8_t)loss_scale * A + zterm
-                        : (acc8_t)loss_scale * (soft_hi * wt + (acc8_t)(soft_lo * wsum)) + zterm;
-    const acc8_t b_true = (acc8_t)(loss_scale * soft_hi) * wt;
-
-    /* pass 2: g_j = p_j K - b_j, p_j = e_j / s from the stash, else exp(z_j - lse) */
-    acc8_t sum2 = (acc8_t)0;
-    const acc8_t Ks = K / s;
-    const bool need_x = yr || smooth || cap > (acc_t)0 || !stash;
-    if (gr || yr || smooth) {
-        for (uint j = 0; j < C; ++j) {
-            const acc8_t v = need_x ? capv(LOAD8(xr, (ulong)j * S), cap) : (acc8_t)0;
-            const acc_t w = weight ? weight[j] : (acc_t)1;
-            acc8_t bj;
-            if (yr) {
-                const acc8_t wy = w * (LOAD8(yr, (ulong)j * S) * soft_hi + soft_lo);
-                sum2 += wy * ((m - v) + lsum);
-                bj = (acc8_t)loss_scale * wy;
-            } else {
-                if (smooth) sum2 += w * ((m - v) + lsum);
-                /* the true class's term in full precision; the smoothing term when there is one */
-                bj = select((acc8_t)0, b_true, t8 == (mask8_t)j);
-                if (smooth) bj += (acc8_t)(loss_scale * soft_lo * w);
-            }
-            if (gr) {
-                const acc8_t pK = stash ? vload8(0, stash + (ulong)j * S) * Ks : EXP((v - m) - lsum) * K;
-                acc8_t g = pK - bj;
-                if (cap > (acc_t)0) g *= dcapv(v, cap);
-                STORE8(gr, (ulong)j * S, select((acc8_t)0, g, valid));
-            }
-        }
-    }
-    const acc8_t loss = yr ? sum2 : soft_hi * wt * ((m - zt) + lsum) + (smooth ? (acc8_t)soft_lo * sum2 : (acc8_t)0);
-    acc_t ll[8], lz[8];
-    vstore8(select((acc8_t)0, loss, valid), 0, ll);
-    vstore8(select((acc8_t)0, (acc8_t)zcoef * lse * lse, valid & (mask8_t)(zcoef != (acc_t)0 ? -1 : 0)), 0, lz);
-    for (int l = 0; l < 8; ++l) { row_loss[r + l] = ll[l]; row_zloss[r + l] = lz[l]; }
-    if (row_lse) vstore8(convert_float8(select(lse, m, m == (acc8_t)ACC_INF)), 0, row_lse + r);
-    if (row_amax) vstore8(convert_int8(amax), 0, row_amax + r);
 }
 
 /* ============================== one work-group per row (GPU) ============================== */
