@@ -23,7 +23,7 @@ import uvicorn  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client import errors  # noqa: E402
-from clce_server.app import create_app  # noqa: E402
+from clce_server.app import build_app  # noqa: E402
 from clce_server.config import Settings  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -31,7 +31,7 @@ torch = pytest.importorskip("torch")
 
 class InProcessServer:
     def __init__(self, **settings):
-        self.app = create_app(Settings(port=0, warmup=False, **settings))
+        self.app = build_app(Settings(port=0, warmup=False, **settings))
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

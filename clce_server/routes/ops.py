@@ -13,7 +13,6 @@ from clce_wire.shm import host_id
 
 from .. import __version__
 from ..deps import admin_only, ready_state, server_state, status_viewer
-from ..hostmem import POOL
 from ..state import ServerState
 
 router = APIRouter()
@@ -52,7 +51,7 @@ def _shm_info(state: ServerState) -> dict:
     if state.shm_server is None:
         return {"enabled": False}
     return {"enabled": True, "host_id": host_id(), "socket": state.shm_server.path,
-            **state.shm_registry.stats(), "pool_held_bytes": POOL.held_bytes()}
+            **state.shm_registry.stats(), "pool_held_bytes": state.pool.held_bytes()}
 
 
 @router.get("/v1/status", summary="Live scheduler state: devices, tenants, queues, throughput "
