@@ -25,12 +25,6 @@ from typing import Any
 
 log = logging.getLogger("clce.server")
 
-try:  # Python 3.11+: a timer on the current task, no extra task per receive()
-    _timeout = asyncio.timeout
-except AttributeError:  # pragma: no cover - Python 3.10
-    _timeout = None
-
-
 def _error_bytes(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
@@ -125,12 +119,9 @@ class ClientGuard:
                 # after the body, receive() only reports a disconnect: the app may wait on it
                 return await receive() if not state["stalled"] else {"type": "http.disconnect"}
             try:
-                if _timeout is not None:
-                    async with _timeout(timeout_s):
-                        msg = await receive()
-                else:  # pragma: no cover
-                    msg = await asyncio.wait_for(receive(), timeout_s)
-            except (asyncio.TimeoutError, TimeoutError):
+                async with asyncio.timeout(timeout_s):   # a timer on this task: no task per receive()
+                    msg = await receive()
+            except TimeoutError:
                 state["stalled"] = True
                 log.info("request body stalled for %.1f s: cutting the client off", timeout_s)
                 return {"type": "http.disconnect"}

@@ -557,7 +557,7 @@ class Scheduler:
         try:
             await asyncio.wait_for(waiter, timeout)
             return True
-        except asyncio.TimeoutError:   # not the built-in TimeoutError before Python 3.11
+        except TimeoutError:   # asyncio's since Python 3.11 (pyproject.toml requires it)
             return False
         finally:
             with self._lock:
