@@ -34,14 +34,15 @@ class PoolError(RuntimeError):
 
 class HostPool:
     """Buffers of at least `min_bytes` are pooled by size class (MiB multiples) up to
-    `max_cached_bytes` of free ones; smaller ones are plain numpy arrays, counted while out."""
+    `max_cached_bytes` of free ones. Smaller requests get plain numpy arrays, not tracked: their
+    memory goes with their last reference, and a pool would save them nothing."""
 
     def __init__(self, max_cached_bytes: int = 1 << 30, min_bytes: int = MiB):
         self.max_cached_bytes = max_cached_bytes
         self.min_bytes = min_bytes
         self._free: dict[int, list[np.ndarray]] = {}
-        # id(handed out) -> (it, its pooled backing or None, bytes it holds)
-        self._out: dict[int, tuple[np.ndarray, np.ndarray | None, int]] = {}
+        # id(handed out) -> (it, its backing, bytes it holds)
+        self._out: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
         self._cached = 0
         self._lock = threading.Lock()
 
@@ -51,7 +52,7 @@ class HostPool:
     def backing(self, nbytes: int) -> np.ndarray:
         """A uint8 buffer of at least nbytes + ALIGN bytes; give it back with `release`."""
         if nbytes < self.min_bytes:
-            return self._hand_out(np.empty(nbytes + ALIGN, np.uint8), None, nbytes + ALIGN)
+            return np.empty(nbytes + ALIGN, np.uint8)
         cls = self._size_class(nbytes)
         with self._lock:
             free = self._free.get(cls)
@@ -76,10 +77,15 @@ class HostPool:
         buf = self.backing(nbytes)
         start = (-buf.ctypes.data) % ALIGN
         arr = buf[start:start + nbytes].view(dtype).reshape(shape)
-        with self._lock:   # the array is the handle now, in place of its backing
-            _, backing, held = self._out.pop(id(buf))
-            self._out[id(arr)] = (arr, backing, held)
+        if nbytes >= self.min_bytes:
+            with self._lock:   # the array is the handle now, in place of its backing
+                _, backing, held = self._out.pop(id(buf))
+                self._out[id(arr)] = (arr, backing, held)
         return arr
+
+    def pooled(self, nbytes: int) -> bool:
+        """Whether a buffer of nbytes comes from the pool (and must be given back)."""
+        return nbytes >= self.min_bytes
 
     def held_bytes(self) -> int:
         """Bytes of buffers handed out and not given back."""
@@ -92,14 +98,14 @@ class HostPool:
             return self._cached
 
     def release(self, handle: np.ndarray) -> None:
-        """Give back what `backing` or `empty` returned: that very object, once."""
+        """Give back what `backing` or `empty` returned for a pooled size: that very object, once."""
         with self._lock:
             entry = self._out.get(id(handle))
             if entry is None or entry[0] is not handle:
                 raise PoolError("released a buffer the pool has not handed out (or took back already)")
             del self._out[id(handle)]
             _, backing, cls = entry
-            if backing is None or self._cached + cls > self.max_cached_bytes:
+            if self._cached + cls > self.max_cached_bytes:
                 return                         # dropped here: freed (unmapped) with its last array
             self._free.setdefault(cls, []).append(backing)
             self._cached += cls

@@ -52,23 +52,20 @@ class RequestLease:
         self.reservation = reservation
 
     def buffer(self, nbytes: int) -> np.ndarray:
-        """A pooled uint8 buffer of at least nbytes + ALIGN bytes (the body)."""
+        """A uint8 buffer of at least nbytes + ALIGN bytes (the body), pooled when large."""
         self._check_open()
         buf = self.pool.backing(nbytes)
-        self._buffers.append(buf)
+        if self.pool.pooled(nbytes):
+            self._buffers.append(buf)
         return buf
 
     def array(self, shape, dtype) -> np.ndarray:
-        """An aligned pooled array (the gradient)."""
+        """An aligned array (the gradient), pooled when large."""
         self._check_open()
         arr = self.pool.empty(shape, dtype)
-        self._buffers.append(arr)
+        if self.pool.pooled(arr.nbytes):
+            self._buffers.append(arr)
         return arr
-
-    def give_back(self, buf: np.ndarray) -> None:
-        """Return one buffer early (a body that failed to arrive): nothing has seen it yet."""
-        self._buffers.remove(buf)
-        self.pool.release(buf)
 
     def pin(self, tenant: str, region_name: str) -> "Region":
         """A shared-memory region pinned (not unmapped) until the job is over."""

@@ -159,10 +159,11 @@ class _Job:
 
 
 class _TenantState:
-    __slots__ = ("name", "active", "inflight_bytes", "outcomes")
+    __slots__ = ("name", "active", "inflight_bytes", "outcomes", "gauges")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.gauges = None  # (queue depth, in-flight bytes) metric children: label lookups, once
         self.active: dict[int, _Job] = {}  # admitted, not finished; insertion = submission order
         self.inflight_bytes = 0
         self.outcomes = {"ok": 0, "error": 0, "cancelled": 0, "deadline": 0, "shutdown": 0}
@@ -346,11 +347,13 @@ class _Worker:
             self.steps += 1
             if metrics is not None:
                 metrics.device_busy(self.name, wall)
+        pending: list = []
         for j, r in zip(jobs, results):
             if isinstance(r, BaseException):
-                self.sched._finish(j, "error", exc=r)
+                self.sched._finish(j, "error", exc=r, pending=pending)
             else:
-                self.sched._finish(j, "ok", result=r)
+                self.sched._finish(j, "ok", result=r, pending=pending)
+        self.sched._deliver(pending)
 
     def _step(self, job: _Job) -> None:
         done = False
@@ -767,8 +770,11 @@ class Scheduler:
         _run_all(after)
 
     def _finish(
-        self, job: _Job, outcome: str, *, result: Any = None, exc: BaseException | None = None
+        self, job: _Job, outcome: str, *, result: Any = None, exc: BaseException | None = None,
+        pending: list | None = None,
     ) -> None:
+        """End a job and hand its caller the result or the exception. `pending`: collect the
+        deliveries for `_deliver` instead (a batch's, one wake-up of each event loop)."""
         with self._lock:
             if job.state is _DONE:
                 return
@@ -784,9 +790,27 @@ class Scheduler:
                 else:
                     job.future.set_result(result)
 
-            _call_soon(job.loop, resolve)
+            if pending is None:
+                _call_soon(job.loop, resolve)
+            else:
+                pending.append((job.loop, resolve))
         # Signalled after the result, so drain() returns after the callers have their results.
-        _run_all(after)
+        if pending is None:
+            _run_all(after)
+        else:
+            pending.extend((None, callback) for callback in after)
+
+    @staticmethod
+    def _deliver(pending: list) -> None:
+        """Run what `_finish(pending=...)` collected: the results as one callback per event loop
+        (one thread-safe wake-up each, not one per job), then the rest, in order."""
+        by_loop: dict = {}
+        for loop, callback in pending:
+            if loop is not None:
+                by_loop.setdefault(loop, []).append(callback)
+        for loop, callbacks in by_loop.items():
+            _call_soon(loop, _run_all, callbacks)
+        _run_all([callback for loop, callback in pending if loop is None])
 
     def _finish_locked(self, job: _Job, outcome: str) -> list[Callable[[], None]]:
         """Release the job's accounting; returns what to call once the lock is let go: the
@@ -831,12 +855,14 @@ class Scheduler:
             state = self._tenants[name] = _TenantState(name)
             if self.metrics is not None:
                 self.metrics.add_tenant(name)
+                state.gauges = (self.metrics.queue_depth(name), self.metrics.inflight_bytes(name))
         return state
 
     def _publish(self, state: _TenantState) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth(state.name).set(len(state.active))
-            self.metrics.inflight_bytes(state.name).set(state.inflight_bytes)
+        if state.gauges is not None:
+            depth, inflight = state.gauges
+            depth.set(len(state.active))
+            inflight.set(state.inflight_bytes)
 
     def _timings(self, job: _Job) -> dict:
         with self._lock:

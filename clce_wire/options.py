@@ -115,6 +115,8 @@ OPTIONS: tuple[Option, ...] = (
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 REQUIRED = frozenset(o.name for o in OPTIONS if o.required)
 _BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+#: what a request that leaves an option out gets (each default is a valid parsed value)
+_DEFAULTS: Mapping[str, Any] = {o.name: o.default for o in OPTIONS}
 
 
 def _parse_value(opt: Option, value: Any, json: bool) -> Any:
@@ -166,7 +168,11 @@ def parse_request(msg: Any, *, json: bool = False) -> dict[str, Any]:
         raise ProtocolError(f"v: expected an integer, got {kind_of(v)}")
     if v != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {v}; this server speaks version {PROTOCOL_VERSION}")
-    return {o.name: _parse_value(o, msg.get(o.name, o.default), json) for o in OPTIONS}
+    out = dict(_DEFAULTS)
+    for o in OPTIONS:   # in declaration order: the first bad field named is the same whatever the message's order
+        if o.name in msg:
+            out[o.name] = _parse_value(o, msg[o.name], json)
+    return out
 
 
 def request_message(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -264,12 +264,17 @@ def gradient_over_body(args: dict[str, Any], body: np.ndarray) -> np.ndarray | N
 
 def gradient_buffer(args: dict[str, Any], lease: RequestLease) -> np.ndarray | None:
     """A pooled buffer of the request's lease for its gradient: the input's shape in the gradient's
-    dtype (None for an input that is not floating point: the engine refuses it as PyTorch would)."""
+    dtype. None, for the engine to allocate an array of its own, when the pool would not pool it
+    (small: a coalesced launch computes it elsewhere anyway) or the input is not floating point
+    (the engine refuses it as PyTorch would)."""
     x = args["input"]
     name = args["grad_dtype"] or protocol.dtype_name(x.dtype)
     if not isinstance(x, np.ndarray) or name not in _GRAD_DTYPES:
         return None
-    return lease.array(x.shape, protocol.numpy_dtype(name))
+    dtype = protocol.numpy_dtype(name)
+    if x.size * dtype.itemsize < lease.pool.min_bytes:
+        return None
+    return lease.array(x.shape, dtype)
 
 
 _GRAD_DTYPES = frozenset(("float32", "float64", "float16", "bfloat16"))
