@@ -25,6 +25,9 @@ from typing import Any
 
 log = logging.getLogger("clce.server")
 
+# Python 3.11+: a timer on the current task, no extra task per receive(); 3.10: wait_for
+_timeout = getattr(asyncio, "timeout", None)
+
 def _error_bytes(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
@@ -119,9 +122,12 @@ class ClientGuard:
                 # after the body, receive() only reports a disconnect: the app may wait on it
                 return await receive() if not state["stalled"] else {"type": "http.disconnect"}
             try:
-                async with asyncio.timeout(timeout_s):   # a timer on this task: no task per receive()
-                    msg = await receive()
-            except TimeoutError:
+                if _timeout is not None:
+                    async with _timeout(timeout_s):
+                        msg = await receive()
+                else:
+                    msg = await asyncio.wait_for(receive(), timeout_s)
+            except asyncio.TimeoutError:   # the built-in TimeoutError since Python 3.11, not before
                 state["stalled"] = True
                 log.info("request body stalled for %.1f s: cutting the client off", timeout_s)
                 return {"type": "http.disconnect"}

@@ -560,7 +560,7 @@ class Scheduler:
         try:
             await asyncio.wait_for(waiter, timeout)
             return True
-        except TimeoutError:   # asyncio's since Python 3.11 (pyproject.toml requires it)
+        except asyncio.TimeoutError:   # wait_for's; not the built-in TimeoutError before Python 3.11
             return False
         finally:
             with self._lock:
