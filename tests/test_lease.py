@@ -212,3 +212,28 @@ def _wrap_finish(server, alter):
     wrapped.finish = lambda prep: alter(real.finish(prep))
     server.state.engines[index] = wrapped
     return lambda: server.state.engines.__setitem__(index, real)
+
+
+# ---- build_app is the whole server ------------------------------------------------------------
+
+def test_build_app_brings_the_pool_size_the_metrics_listener_and_the_body_timeout():
+    """Served by a bare uvicorn (no clce_server.__main__): what build_app returns sizes its pool
+    from the settings, opens the private metrics listener and cuts off a stalled body."""
+    from serverproc import free_port
+
+    metrics_port = free_port()
+    with InProcessServer(host_pool_bytes=8 << 20, metrics_bind=f"127.0.0.1:{metrics_port}",
+                         body_timeout_s=0.5) as srv:
+        assert srv.state.pool.max_cached_bytes == 8 << 20
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert scraped.status_code == 200 and "clce_build_info" in scraped.text
+        url = urlparse(srv.url)
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/cross_entropy HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b"\x80" * 10)   # and then nothing
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        _assert_all_given_back(srv.state)
+    # the lifespan closed the listener with the app
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)

@@ -622,6 +622,22 @@ def test_least_loaded_device_by_bytes(make):
 # -- drain and shutdown -----------------------------------------------------------------------
 
 
+def test_check_health_names_a_stopped_device_worker(make):
+    sched = make(devices=["gpu0", "gpu1"])
+    sched.check_health()                      # not started yet: nothing to say
+    sched.start()
+    sched.check_health()
+    worker = sched._workers[1]
+    with worker.cond:                         # its thread exits, the scheduler still runs
+        worker.stopping = True
+        worker.cond.notify()
+    worker.thread.join(GATE_TIMEOUT)
+    with pytest.raises(RuntimeError, match="gpu1"):
+        sched.check_health()
+    sched.shutdown(5.0)
+    sched.check_health()                      # shut down on purpose: healthy enough to say nothing
+
+
 def test_drain_waits_for_running_jobs(make):
     sched = make()
     t = sched.registry.tenants[0]
