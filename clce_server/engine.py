@@ -410,7 +410,12 @@ class LossEngine:
             except Exception as exc:   # a device failure hits the whole launch
                 for i, _, _ in members:
                     out[i] = exc
-        return out
+        try:
+            return out
+        finally:
+            # the exceptions in `out` have this frame in their tracebacks: without the local,
+            # that is no reference cycle (their requests' arrays are freed with them)
+            out = groups = None
 
     def _run_merged(self, problems: list[semantics.Problem], want_grad: bool, want_lse: bool,
                     want_argmax: bool) -> list[LossResult]:

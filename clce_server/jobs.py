@@ -65,7 +65,7 @@ class LossJob(Job):
         try:
             prep = engine.prepare(**self.request, grad_out=self._rows_grad_out)
         except Exception as exc:
-            raise classify(exc) from exc
+            raise _classified(exc)
         if self.mean_of is not None:
             prep.problem = whole_batch_mean(prep.problem, *self.mean_of)
         try:
@@ -74,7 +74,7 @@ class LossJob(Job):
             result = engine.finish(prep)
             return self._deliver(result if self.restore is None else self.restore(result))
         except Exception as exc:
-            raise classify(exc) from exc
+            raise _classified(exc)
         finally:
             prep.release()
 
@@ -83,6 +83,16 @@ class LossJob(Job):
         engine = jobs[0].engines[device.index]
         return [classify(r) if isinstance(r, BaseException) else j._deliver(r)
                 for j, r in zip(jobs, engine.cross_entropy_many([j.request for j in jobs]))]
+
+
+def _classified(exc: Exception) -> Exception:
+    """What to raise for `exc`: itself when it is already an ArgumentError or a DeviceError (never
+    "raise exc from exc": an exception that is its own cause is a reference cycle, and would keep
+    its traceback's frames, the request's arrays among them, until the garbage collector ran)."""
+    raised = classify(exc)
+    if raised is not exc:
+        raised.__cause__ = exc
+    return raised
 
 
 def whole_batch_mean(p, denominator: float | None, rows: int | None):

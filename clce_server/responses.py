@@ -63,7 +63,8 @@ def error_for(exc: Exception, request: Request, record=None) -> Response:
     if isinstance(exc, DeviceError):
         if record is not None:
             record.outcome = "error"
-        log.error("device failure (request %s): %s", request_id, exc)
+        # the message, not the exception: a kept log record must not keep the request's arrays
+        log.error("device failure (request %s): %s", request_id, str(exc))
         return error_response("device_unavailable", str(exc), as_msgpack=as_msgpack, retry_after=exc.retry_after)
     if isinstance(exc, StarletteHTTPException):
         code = _CODE_FOR_STATUS.get(exc.status_code, "bad_request")

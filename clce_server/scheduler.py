@@ -319,6 +319,9 @@ class _Worker:
                 for j in jobs:
                     _close(j)
                     self.sched._finish(j, "error", exc=error)
+            # Not kept while waiting for the next work: a finished job's future holds its result
+            # (the request's gradient) until the caller is done with it, not until the next job.
+            job = jobs = j = None
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         """One step for several jobs: `run_batch(device, works)` returns a result or an exception per
@@ -354,6 +357,8 @@ class _Worker:
             else:
                 self.sched._finish(j, "ok", result=r, pending=pending)
         self.sched._deliver(pending)
+        # an exception raised here has this frame in its traceback: no cycle through the jobs
+        results = r = j = jobs = works = None
 
     def _step(self, job: _Job) -> None:
         done = False
@@ -404,6 +409,10 @@ class _Worker:
             self.sched._finish(job, "ok" if exc is None else "error", result=result, exc=exc)
         elif stop_action is not None:
             self._stop(job, stop_action)
+        # A failed job's exception has this frame in its traceback, and its job's future holds the
+        # exception: without these locals, that is no reference cycle (the request's arrays are
+        # freed with the exception, not by the garbage collector).
+        exc = result = job = None
 
     def _stop(self, job: _Job, action: str) -> None:
         _close(job)
@@ -628,6 +637,10 @@ class Scheduler:
                 timer.cancel()
             if timings is not None:
                 timings.update(self._timings(j))
+            # A failed job's exception has this frame in its traceback, and the frame the job
+            # whose future holds the exception: dropped here, that is no cycle (the request's
+            # arrays are freed with the exception, not by the garbage collector).
+            j = job = timers = None
 
     def reserve(self, tenant: Tenant, nbytes: int) -> Reservation:
         """Hold `nbytes` (a request body, from its Content-Length) against the in-flight budgets

@@ -10,6 +10,7 @@ so a test can put a failing engine behind a worker):
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -69,7 +70,9 @@ class FailingEngine:
         def failing(*args, **kwargs):
             if self.left:
                 self.left -= 1
-                raise self.error
+                # a fresh copy each time: one instance, raised again and again, would keep the
+                # frames (and arrays) of the last call in its traceback
+                raise copy.copy(self.error)
             return real(*args, **kwargs)
         return failing
 

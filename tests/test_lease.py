@@ -10,6 +10,7 @@ still computing into a request's buffers keeps them until it ends, even after it
 from __future__ import annotations
 
 import socket
+import weakref
 import threading
 import time
 from urllib.parse import urlparse
@@ -237,3 +238,56 @@ def test_build_app_brings_the_pool_size_the_metrics_listener_and_the_body_timeou
     # the lifespan closed the listener with the app
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
+
+
+# ---- nothing left to the collector ---------------------------------------------------------------
+
+class WatchedPool(HostPool):
+    """The server's pool, keeping a weak reference to every buffer it hands out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handed_out: list = []
+
+    def backing(self, nbytes):
+        buf = super().backing(nbytes)
+        self.handed_out.append(weakref.ref(buf))
+        return buf
+
+
+@pytest.mark.parametrize("case", ["answered", "argument_error", "device_fault", "bad_body"])
+def test_a_request_s_buffers_are_freed_without_the_garbage_collector(server, case):
+    """With the collector off and a pool that keeps nothing, every buffer of a request, answered or
+    failed, is gone once the request is over: no reference cycle holds it (its memory would stay
+    mapped until a collection ran)."""
+    import gc
+
+    import pyopencl as cl
+
+    state = server.state
+    pool, state.pool = state.pool, WatchedPool(max_cached_bytes=0)
+    x, t = _batch(7)
+    body = _body(x, t)
+    restore = lambda: None   # noqa: E731
+    if case == "argument_error":
+        t[0] = CLASSES
+        body = _body(x, t)
+    elif case == "device_fault":
+        restore = _inject(server, cl.MemoryError("MEM_OBJECT_ALLOCATION_FAILURE"), where="run_chunk")
+    elif case == "bad_body":
+        body = b"\xc1" + body[1:]
+    gc.collect()
+    gc.disable()
+    try:
+        resp = _post(server.url, body)
+        _assert_all_given_back(state)
+        # the endpoint's last frames unwind a moment after the lease is closed; a cycle never would
+        deadline = time.monotonic() + 10
+        while (alive := [r for r in state.pool.handed_out if r() is not None]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gc.enable()
+        restore()
+        watched, state.pool = state.pool, pool
+    assert resp.status_code == {"answered": 200, "argument_error": 400, "device_fault": 503, "bad_body": 400}[case]
+    assert len(watched.handed_out) >= 1 and alive == [], f"{len(alive)} buffer(s) still referenced"
