@@ -46,33 +46,23 @@ class RequestRecord:
     body_bytes: int = 0
     rows: int = 0
     status: int = 500                   # what went out (500 until a response starts)
-    bytes_out: int = 0
+    bytes_out: int = 0                  # the answer's body, once it has gone out whole
 
     def stage(self, name: str, seconds: float) -> None:
         self.timings[name] = seconds
 
-    def recording(self, send):
-        """`send`, also noting the status, the bytes and the send time, and adding X-Request-ID."""
-        send_started = None
-        request_id = self.request_id.encode()
-
-        async def send_recorded(message):
-            nonlocal send_started
-            if message["type"] == "http.response.start":
-                send_started = time.perf_counter()
-                self.status = message["status"]
-                headers = list(message.get("headers", []))
-                if not any(k.lower() == b"x-request-id" for k, _ in headers):
-                    headers.append((b"x-request-id", request_id))
-                message = {**message, "headers": headers}
-                await send(message)
-                return
-            self.bytes_out += len(message.get("body", b""))
-            await send(message)
-            if not message.get("more_body") and send_started is not None:
-                self.stage("send", time.perf_counter() - send_started)
-
-        return send_recorded
+    async def send(self, response, scope, receive, send) -> None:
+        """Send `response` (a starlette Response, or routes/loss.py's SlicedResponse) with
+        X-Request-ID, noting its status, its size and how long it took to go out."""
+        self.status = response.status_code
+        headers = response.raw_headers
+        if not any(k == b"x-request-id" for k, _ in headers):   # a 500's error body names it already
+            headers.append((b"x-request-id", self.request_id.encode()))
+        t0 = time.perf_counter()
+        await response(scope, receive, send)
+        self.stage("send", time.perf_counter() - t0)
+        body = getattr(response, "body", None)
+        self.bytes_out = len(body) if body is not None else response.size
 
     def publish(self, state: ServerState, client: tuple | None) -> None:
         """The metrics and one JSON access-log line, once the response is out (or failed)."""

@@ -86,14 +86,13 @@ class LossEndpoint:
         lease = RequestLease(RequestRecord(new_request_id()), state.pool, state.shm_registry)
         record = lease.record
         request = Request(scope, receive, send)
-        send = record.recording(send)
         state.inflight_http += 1
         try:
             try:
                 response = await cross_entropy(admit(request, state, lease))
             except Exception as exc:
                 response = error_for(exc, request, record)
-            await response(scope, receive, send)
+            await record.send(response, scope, receive, send)
         finally:
             state.inflight_http -= 1
             lease.close()
@@ -462,13 +461,16 @@ class SlicedResponse:
     whose traceback would keep a slice of the buffer, and with it the buffer, until the garbage
     collector ran."""
 
+    status_code = 200
+
     def __init__(self, segments: list, size: int, headers: dict[str, str]):
         self.segments = segments
-        self.headers = [(b"content-type", protocol.MSGPACK.encode()), (b"content-length", str(size).encode()),
-                        *((k.lower().encode(), v.encode()) for k, v in headers.items())]
+        self.size = size
+        self.raw_headers = [(b"content-type", protocol.MSGPACK.encode()), (b"content-length", str(size).encode()),
+                            *((k.lower().encode(), v.encode()) for k, v in headers.items())]
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         for seg in self.segments:
             mv = memoryview(seg).cast("B")
             for i in range(0, len(mv), STREAM_CHUNK):
