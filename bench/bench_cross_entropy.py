@@ -343,7 +343,9 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
     import torch.nn.functional as F
 
     from clce_server.device import as_storage
-    from clce_server.hostmem import POOL
+    from clce_server.hostmem import HostPool
+
+    pool = HostPool()   # as the server's: gradient buffers reused with their pages mapped
 
     x_np, t_np, x_t, t_t = make_data(shape, dt)
     itemsize = x_np.dtype.itemsize
@@ -355,12 +357,14 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
     def fused():
         # as the server does: the gradient buffer goes back to the pool once used, so steady-state
         # calls reuse mapped pages (fused* below touches them explicitly, as a cross-check)
-        res = engine.cross_entropy(x_np, t_np, return_grad=True)
-        POOL.release(res.grad)
+        grad = pool.empty(x_np.shape, x_np.dtype)
+        res = engine.cross_entropy(x_np, t_np, return_grad=True, grad_out=grad)
+        pool.release(grad)
         return res.kernel_seconds
 
     def fused_prefaulted():
-        prep = engine.prepare(x_np, t_np, return_grad=True)
+        grad = pool.empty(x_np.shape, x_np.dtype)
+        prep = engine.prepare(x_np, t_np, return_grad=True, grad_out=grad)
         try:
             prep.grad.reshape(-1).view(np.uint8).fill(0)   # touch the gradient's pages first
             secs = 0.0
@@ -369,7 +373,7 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
             res = engine.finish(prep)
         finally:
             prep.release()
-        POOL.release(res.grad)   # else this call keeps the pooled buffer and `fused` pays fresh pages
+        pool.release(grad)   # else `fused` pays fresh pages
         return res.kernel_seconds
 
     xr = x_t.detach().clone().requires_grad_(True)
@@ -408,8 +412,9 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
 
         def fused_fp32():
             # the same values in float32, interleaved: half-precision kernel time against fp32's
-            res = engine.cross_entropy(x32, t_np, return_grad=True)
-            POOL.release(res.grad)
+            grad = pool.empty(x32.shape, x32.dtype)
+            res = engine.cross_entropy(x32, t_np, return_grad=True, grad_out=grad)
+            pool.release(grad)
             return res.kernel_seconds
 
         methods["fused_fp32"] = fused_fp32

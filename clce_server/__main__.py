@@ -57,11 +57,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that the first exit signal drains the app before uvicorn shuts down."""
+    """uvicorn, except that the first exit signal drains the app (`ServerState.drain`: /readyz
+    and new requests answer 503 at once, so load balancers stop sending, and work in flight
+    finishes) before uvicorn stops listening and shuts down."""
 
-    def __init__(self, config: uvicorn.Config, settings: Settings, app):
+    def __init__(self, config: uvicorn.Config, app):
         super().__init__(config)
-        self.settings = settings
         self.app = app            # the FastAPI app itself: config.loaded_app is wrapped in middleware
         self._draining = False
 
@@ -75,29 +76,8 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(state)))
 
-    async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        address = self.settings.metrics_address
-        state = getattr(self.app.state, "clce", None)
-        if (state is not None and state.registry.auth_required and not state.registry.has_admin
-                and not self.settings.public_metrics and address is None):
-            logging.getLogger("clce.server").warning(
-                "the tenants file declares no [admin] key: /metrics and other tenants' status rows "
-                "are unreachable (add [admin], --metrics-bind or --public-metrics)")
-        if address is not None and state is not None and not self.should_exit:
-            # Prometheus's own little server, in a thread: /metrics without a key, on an address
-            # the operator keeps private, so the main port needs no key for scraping
-            from prometheus_client import start_http_server
-
-            start_http_server(address[1], address[0], registry=state.metrics.registry)
-            logging.getLogger("clce.server").info("metrics on http://%s:%d/metrics", *address)
-
     async def _drain_then_exit(self, state) -> None:
-        if state.scheduler is not None:
-            await state.scheduler.drain(self.settings.drain_timeout_s)
-        # responses of finished jobs may still be streaming out
-        while state.inflight_http > 0:
-            await asyncio.sleep(0.02)
+        await state.drain(state.settings.drain_timeout_s)
         self.should_exit = True
 
 
@@ -114,23 +94,27 @@ def main(argv: list[str] | None = None) -> None:
     if settings.tenants is not None and settings.ssl_certfile is None and settings.host not in _LOOPBACK:
         logging.getLogger("clce.server").warning(
             "serving tenants on %s without --ssl-certfile: API keys cross the network in clear text", settings.host)
-    from .app import create_app
-    from .hostmem import POOL
+    from .app import build_app
 
-    POOL.max_cached_bytes = settings.host_pool_bytes
-    app = create_app(settings)
-    DrainingServer(uvicorn_config(app, settings), settings, app).run()
+    serve(build_app(settings), settings)
+
+
+def serve(app, settings: Settings) -> None:
+    """Serve `build_app(settings)` with uvicorn, adding what only the HTTP server can do: the
+    header timeout and connection limit (limits.http_protocol), TLS, and the first SIGTERM
+    starting the drain."""
+    DrainingServer(uvicorn_config(app, settings), app).run()
 
 
 def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
     """uvicorn serving `app` with the limits on slow and vanishing clients, and TLS when asked."""
-    from .limits import ClientGuard, http_protocol
+    from .limits import http_protocol
 
     ssl = {}
     if settings.ssl_certfile is not None:
         ssl = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile),
                "ssl_keyfile_password": settings.ssl_keyfile_password}
-    return uvicorn.Config(ClientGuard(app, settings.body_timeout_s), host=settings.host, port=settings.port,
+    return uvicorn.Config(app, host=settings.host, port=settings.port,
                           http=http_protocol(settings.header_timeout_s, settings.max_connections),
                           log_level=settings.log_level, access_log=False, timeout_keep_alive=30,
                           timeout_graceful_shutdown=max(settings.drain_timeout_s, 1.0), **ssl)

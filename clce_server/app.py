@@ -1,14 +1,21 @@
-"""The FastAPI service, assembled: lifespan, routers, exception handlers, request records.
+"""The whole server as one ASGI app: `build_app(settings)`.
 
-Long-lived resources (devices, engines, scheduler, metrics: `state.ServerState`) are created in
-the lifespan; devices open in a background thread, so /healthz answers at once and /readyz turns
-200 when the kernels are built and warmed. All OpenCL work runs on the scheduler's device threads;
-the event loop only moves bytes. A request's path through the code is in docs/architecture.md.
+Everything a deployment needs is wired here, whoever serves the app (`python -m clce_server`
+with uvicorn, the Ray Serve deployment, the tests): the lifespan creates a `state.ServerState`
+(devices, engines, tenants, metrics, the scheduler, the host buffer pool), opens the devices in a
+background thread (so /healthz answers at once and /readyz turns 200 when the kernels are built
+and warmed), starts the private metrics listener when one is configured, and on shutdown drains:
+new requests get 503, admitted work finishes (up to drain_timeout_s), then the workers stop.
+`limits.ClientGuard` cuts off clients that stall mid-body. Only what needs the HTTP server itself
+(header timeout, connection limit, the first SIGTERM starting the drain) is added by
+`__main__.serve`. All OpenCL work runs on the scheduler's device threads; the event loop only
+moves bytes. A request's path through the code is in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -21,15 +28,16 @@ from clce_wire import options
 
 from . import __version__
 from .config import Settings
-from .recording import RecordRequests
+from .limits import ClientGuard
 from .responses import install_exception_handlers
 from .routes import loss, ops
 from .state import ServerState
 
-LOSS_PATH = "/v1/cross_entropy"
+LOSS_PATH = loss.PATH
+log = logging.getLogger("clce.server")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def build_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -37,28 +45,47 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = ServerState(settings)
         app.state.clce = state
         state.open_shm()
+        metrics_server = _metrics_listener(state)
         threading.Thread(target=state.open_devices, name="clce-init", daemon=True).start()
         try:
             yield
         finally:
-            state.draining = True
+            await state.drain(settings.drain_timeout_s)
             if state.scheduler is not None:
-                await state.scheduler.drain(settings.drain_timeout_s)
                 await asyncio.to_thread(state.scheduler.shutdown, 10.0)
             state.close_shm()
+            if metrics_server is not None:
+                metrics_server.shutdown()
 
     app = FastAPI(title="clce", version=__version__, lifespan=lifespan,
                   description="Remote fused cross-entropy: loss and input gradient of "
                               "torch.nn.functional.cross_entropy, computed by OpenCL kernels. "
                               "The fast path is application/msgpack (docs/protocol.md); the JSON "
                               "form below is for curl.")
+    app.router.routes.insert(0, loss.route())   # matched first: the path nearly every request takes
     app.include_router(ops.router)
-    app.include_router(loss.router)
     install_exception_handlers(app)
-    app.add_middleware(loss.LossLane, path=LOSS_PATH)
-    app.add_middleware(RecordRequests, paths=frozenset({LOSS_PATH}))
+    app.add_middleware(ClientGuard, body_timeout_s=settings.body_timeout_s)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _metrics_listener(state: ServerState):
+    """Prometheus's own little server, in a thread: /metrics without a key, on an address the
+    operator keeps private, so the main port needs no key for scraping (None when not asked)."""
+    settings = state.settings
+    address = settings.metrics_address
+    if (state.registry.auth_required and not state.registry.has_admin and not settings.public_metrics
+            and address is None):
+        log.warning("the tenants file declares no [admin] key: /metrics and other tenants' status rows "
+                    "are unreachable (add [admin], --metrics-bind or --public-metrics)")
+    if address is None:
+        return None
+    from prometheus_client import start_http_server
+
+    started = start_http_server(address[1], address[0], registry=state.metrics.registry)
+    log.info("metrics on http://%s:%d/metrics", *address)
+    return started[0] if isinstance(started, tuple) else None   # (server, thread) since 0.19
 
 
 # ---- OpenAPI: the JSON request body, derived from the options ------------------------------------

@@ -1,8 +1,8 @@
-"""FastAPI dependencies: the server state, the caller's tenant (auth), readiness.
+"""Who may use the server and when: the caller's tenant (auth) and readiness, defined once.
 
-All `async def` and one level deep: FastAPI runs a plain `def` dependency in its thread pool (a
-thread hop per request), and each node of a dependency tree costs microseconds that small
-requests feel."""
+`tenant_for` and `check_ready` are what the loss endpoint calls; the `async def` functions are
+the same checks as FastAPI dependencies for the other routes (a plain `def` dependency would cost
+a thread hop per request)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,13 @@ async def server_state(request: Request) -> ServerState:
     return request.app.state.clce
 
 
-async def authenticated_tenant(request: Request) -> Tenant:
+def tenant_for(state: ServerState, authorization: str | None) -> Tenant:
     """The tenant whose API key the request carries (the open tenant when no tenants file is set)."""
-    tenant = request.app.state.clce.registry.authenticate(request.headers.get("authorization"))
-    ctx = request.scope.get("state", {}).get("clce_request")
+    tenant = state.registry.authenticate(authorization)
     if tenant is None:
         raise ApiError("unauthorized", "missing or invalid API key (send Authorization: Bearer <key>)")
-    if ctx is not None:
-        ctx.tenant = tenant.name
     return tenant
+
 
 
 async def status_viewer(request: Request) -> str | None:
@@ -51,9 +49,12 @@ async def admin_only(request: Request) -> None:
 
 
 async def ready_state(request: Request) -> ServerState:
+    return check_ready(request.app.state.clce)
+
+
+def check_ready(state: ServerState) -> ServerState:
     """The state of a server that takes work now; 503 (with Retry-After when it is transient) while
     starting, draining or after a failed start."""
-    state: ServerState = request.app.state.clce
     if state.draining:
         raise ApiError("not_ready", "draining: this server takes no new work", retry_after=1)
     if state.init_error:

@@ -28,12 +28,12 @@ from typing import Iterator
 import numpy as np
 import pyopencl as cl
 
-from clce_wire.options import REDUCE_BLOCK_ROWS, sum_blocks
+from clce_wire import reduction
+from clce_wire.options import coalescing_key
 
 from . import semantics
 from .device import Device, as_storage
 from .errors import ArgumentError, DeviceError, is_opencl_error
-from .hostmem import POOL
 
 MF = cl.mem_flags
 
@@ -64,13 +64,6 @@ class LossResult:
     kernel_seconds: float = 0.0            # device time, from profiling events
     rows: int = 0
     block_sums: np.ndarray | None = None   # (blocks, 4) float64 row sums per REDUCE_BLOCK_ROWS rows (finish)
-
-
-def _block_starts(row0: int, rows: int) -> np.ndarray:
-    """reduce_rows segment starts for rows [row0, row0 + rows): boundaries at whole-problem
-    multiples of REDUCE_BLOCK_ROWS, so row chunks of a batch reduce exactly as the whole batch."""
-    b = REDUCE_BLOCK_ROWS
-    return np.array([0, *range(b - row0 % b, rows, b), rows])
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -281,8 +274,9 @@ class LossEngine:
                 return_argmax: bool = False, lse_square_scale: float = 0.0,
                 softcap: float | None = None, grad_out: np.ndarray | None = None) -> PreparedLoss:
         """`grad_out`: where the gradient goes (the input's shape, the gradient's dtype, C-contiguous
-        and writable: e.g. shared memory, or the received body), instead of a pooled buffer. It
-        may be the input itself (in place, as Liger-Kernel does: the input is then gone)."""
+        and writable: the server's pooled buffer, shared memory, or the received body), instead of
+        a new array. It may be the input itself (in place, as Liger-Kernel does: the input is then
+        gone). The engine owns no host memory beyond the call: whoever passes grad_out keeps it."""
         p = self._check(input, target, weight, ignore_index, reduction, label_smoothing,
                         grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
         prep = PreparedLoss(p, self, bool(return_grad), bool(return_lse), bool(return_argmax))
@@ -315,9 +309,9 @@ class LossEngine:
             # (a device with its own memory has copied the logits before the gradient comes back)
         with _device_errors():
             try:
-                if return_grad:   # pooled: a fresh 256 MB buffer pays a page fault per 4 KB in the kernel
+                if return_grad:   # the server passes a pooled grad_out: fresh pages cost the kernel faults
                     prep.grad = (grad_out if grad_out is not None
-                                 else POOL.empty(p.input.shape, _np_dtype(p.grad_dtype)))
+                                 else np.empty(p.input.shape, _np_dtype(p.grad_dtype)))
                 grad = as_storage(prep.grad.reshape(p.batch, -1)) if return_grad else None
                 y = as_storage(p.soft_target.reshape(p.batch, -1)) if p.soft else None
                 for n0 in range(0, p.batch, per_block):
@@ -331,8 +325,6 @@ class LossEngine:
                         _acc_dtype(p.compute_dtype), prep.want_lse, prep.want_argmax, in_place))
             except BaseException:
                 prep.release()
-                if grad_out is None:
-                    POOL.release(prep.grad)
                 raise
         return prep
 
@@ -368,31 +360,20 @@ class LossEngine:
         blocks = []
         with _device_errors():
             for blk in prep.blocks:
-                seg, red_secs = self._reduce(p.compute_dtype, blk, _block_starts(blk.row0, blk.rows))
+                seg, red_secs = self._reduce(p.compute_dtype, blk, reduction.block_starts(blk.row0, blk.rows))
                 blocks.append(seg)
                 secs += red_secs
                 self._read_rows(blk, out)
         if prep.copy_to is not None:
             np.copyto(prep.copy_to, prep.grad, casting="no")
-            POOL.release(prep.grad)
             prep.grad = prep.copy_to
         # the block sums added in order: row chunks of a batch combine to exactly these bits
         block_sums = np.concatenate(blocks)
-        res = _assemble(p, sum_blocks(block_sums), out, prep.grad, secs, prep.want_argmax)
+        res = _assemble(p, reduction.sum_blocks(block_sums), out, prep.grad, secs, prep.want_argmax)
         res.block_sums = block_sums
         return res
 
     # ---- many small requests, one launch ----
-    @staticmethod
-    def batch_key(p: semantics.Problem, want_grad: bool, want_lse: bool, want_argmax: bool):
-        """Requests with equal keys can share one launch; None: this one runs alone. A shared
-        launch has one set of kernel scalars, so everything they depend on is in the key."""
-        if p.spatial != 1 or p.rows == 0 or p.classes == 0 or p.lse_square_scale:
-            return None
-        w = None if p.weight is None else p.weight.tobytes()
-        return (p.classes, p.compute_dtype, p.soft, p.label_smoothing, p.softcap, w,
-                want_grad, want_lse, want_argmax)
-
     def cross_entropy_many(self, requests: list[dict]) -> list:
         """Run several requests, coalescing the compatible ones into one launch each. `requests`
         are keyword dicts for `cross_entropy`; returns a LossResult or the exception, per request.
@@ -410,7 +391,8 @@ class LossEngine:
                 out[i] = exc
                 continue
             flags = (bool(kw.get("return_grad")), bool(kw.get("return_lse")), bool(kw.get("return_argmax")))
-            key = self.batch_key(p, *flags)
+            # the scheduler's key: equal keys give equal kernel scalars (clce_wire.options)
+            key = coalescing_key(kw)
             groups.setdefault(key if key is not None else ("alone", i), []).append((i, p, flags))
         for key, members in groups.items():
             if key[0] == "alone" or len(members) == 1:
@@ -428,7 +410,12 @@ class LossEngine:
             except Exception as exc:   # a device failure hits the whole launch
                 for i, _, _ in members:
                     out[i] = exc
-        return out
+        try:
+            return out
+        finally:
+            # the exceptions in `out` have this frame in their tracebacks: without the local,
+            # that is no reference cycle (their requests' arrays are freed with them)
+            out = groups = None
 
     def _run_merged(self, problems: list[semantics.Problem], want_grad: bool, want_lse: bool,
                     want_argmax: bool) -> list[LossResult]:
@@ -446,11 +433,11 @@ class LossEngine:
             ev = self._launch_rows(p0, blk, 0, R, grad_dtype=np.dtype(acc).name,
                                    scalars=self._scalars(p0, shared=True))
             # each request's rows in blocks, as if it ran alone: the same bits either way
-            seg = [_block_starts(0, int(starts[g + 1] - starts[g]))[:-1] + int(starts[g])
+            seg = [reduction.block_starts(0, int(starts[g + 1] - starts[g]))[:-1] + int(starts[g])
                    for g in range(len(problems))]
             block_sums, red_secs = self._reduce(dt, blk, np.concatenate([*seg, [R]]), wait_for=[ev])
             first = np.cumsum([0] + [len(b) for b in seg])
-            sums = np.array([sum_blocks(block_sums[first[g]:first[g + 1]]) for g in range(len(problems))])
+            sums = np.array([reduction.sum_blocks(block_sums[first[g]:first[g + 1]]) for g in range(len(problems))])
             self._read_rows(blk, out)
         finally:
             blk.release()
@@ -604,28 +591,20 @@ def _assemble(p: semantics.Problem, sums: np.ndarray, rows: _RowOutputs, grad: n
     """One request's result: `sums` are its (loss, z-loss, correct argmaxes) row sums, `rows` its
     per-row outputs, `grad` its finished gradient."""
     loss_dt = _np_dtype(p.compute_dtype)
-    res = LossResult(loss=np.array(0, loss_dt), grad=grad, kernel_seconds=kernel_seconds, rows=p.rows)
+    loss, z_loss, accuracy = reduction.finish(sums, p.reduction, p.denominator, p.valid_rows,
+                                              bool(p.lse_square_scale), loss_dt,
+                                              want_accuracy=want_argmax and not p.soft)
+    res = LossResult(loss=loss, grad=grad, z_loss=z_loss, accuracy=accuracy, kernel_seconds=kernel_seconds,
+                     rows=p.rows)
     if p.reduction == "none":
         total = rows.row_loss + rows.row_zloss if p.lse_square_scale else rows.row_loss
         res.loss = total.astype(loss_dt).reshape(p.row_shape)
         if p.lse_square_scale:
             res.z_loss = rows.row_zloss.astype(np.float32).reshape(p.row_shape)
-    else:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if p.reduction == "mean":
-                main = sums[0] / np.float64(p.denominator)
-                z = sums[1] / np.float64(p.valid_rows) if p.lse_square_scale else 0.0
-            else:
-                main, z = sums[0], sums[1]
-        res.loss = np.array(main + z).astype(loss_dt)
-        if p.lse_square_scale:
-            res.z_loss = np.array(z, np.float32)
     if rows.lse is not None:
         res.lse = rows.lse.reshape(p.row_shape)
     if want_argmax:
         res.argmax = rows.argmax.astype(np.int64).reshape(p.row_shape)
-        if not p.soft:
-            res.accuracy = float(sums[2]) / p.valid_rows if p.valid_rows else float("nan")
     return res
 
 

@@ -1,5 +1,6 @@
 """The loss as scheduler work: `LossJob` carries one request to an engine, in row chunks, and small
-compatible requests share one launch through `run_batch`."""
+compatible requests share one launch through `run_batch`. A pipelined batch's chunks are scaled
+by the whole batch's 'mean' (`whole_batch_mean`, from `clce_wire.reduction`)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,12 @@ from typing import Any, Generator
 
 import numpy as np
 
-from clce_wire import options
+from clce_wire import options, reduction
 from clce_wire.protocol import DTYPES, dtype_name
 
 from . import layouts
 from .errors import classify
-from .hostmem import POOL
 from .scheduler import Job
-
-# weights of more classes than this are not worth comparing byte for byte to coalesce
-_BATCH_MAX_WEIGHT = 4096
 
 
 class LossJob(Job):
@@ -26,7 +23,9 @@ class LossJob(Job):
 
     ``engines`` maps a device index to its LossEngine. ``chunk_s`` is the device time per step
     (None: the whole request in one step, FIFO's baseline). A small 2-D request gets a batch key
-    (see `batch_key_for`), so the scheduler may coalesce it with others into one launch.
+    (`clce_wire.options.coalescing_key`), so the scheduler may coalesce it with others into one
+    launch. The job owns no memory: ``args["grad_out"]``, where the gradient goes, belongs to the
+    request (its lease's pooled buffer, its body, or the client's shared memory).
     """
 
     def __init__(self, args: Mapping[str, Any], engines: Mapping[int, Any], *, chunk_s: float | None,
@@ -36,14 +35,16 @@ class LossJob(Job):
         self.request = options.engine_kwargs(args)
         self.engines = engines
         self.chunk_s = chunk_s
-        self.batch_key = batch_key_for(args, max_batch_elements) if self.restore is None else None
+        self.batch_key = (options.coalescing_key(args, max_batch_elements)
+                          if self.restore is None and max_batch_elements else None)
         self.cost = float(args["input"].size)
-        #: where the gradient goes (the client's shared memory), else None: a pooled buffer
+        #: where the gradient goes, in the request's layout (None: the engine allocates it)
         self.grad_out = args.get("grad_out")
         # The kernels write it there directly, also when it is the input's own memory (in place:
-        # the engine reads each logit before writing its gradient). A layout rewrite
-        # (classes_last / shift) computes rows of another shape: delivered after.
-        self._direct = self.grad_out is not None and self.restore is None
+        # the engine reads each logit before writing its gradient); a layout rewrite computes the
+        # same memory viewed as rows.
+        self._rows_grad_out = (None if self.grad_out is None
+                               else self.grad_out.reshape(args["input"].shape))
         #: row chunks of a bigger batch: its normaliser for 'mean' (the kernel scales by it)
         self.mean_of = ((args["mean_denominator"], args["mean_rows"])
                         if args.get("mean_denominator") is not None or args.get("mean_rows") is not None else None)
@@ -51,20 +52,20 @@ class LossJob(Job):
             self.batch_key = None      # one problem's scales: never coalesced
 
     def _deliver(self, result):
-        """Put the gradient where it was asked for, when the engine computed it elsewhere (a
-        coalesced launch)."""
-        if self.grad_out is not None and result.grad is not None and result.grad is not self.grad_out:
-            np.copyto(self.grad_out, result.grad.reshape(self.grad_out.shape), casting="no")
-            POOL.release(result.grad)
+        """The gradient where it was asked for: already there (written directly, maybe viewed
+        as rows), or copied there from a coalesced launch's own array."""
+        if self.grad_out is not None and result.grad is not None:
+            if result.grad.ctypes.data != self.grad_out.ctypes.data:
+                np.copyto(self.grad_out, result.grad.reshape(self.grad_out.shape), casting="no")
             result.grad = self.grad_out
         return result
 
     def run(self, device) -> Generator[float, None, Any]:
         engine = self.engines[device.index]
         try:
-            prep = engine.prepare(**self.request, grad_out=self.grad_out if self._direct else None)
+            prep = engine.prepare(**self.request, grad_out=self._rows_grad_out)
         except Exception as exc:
-            raise classify(exc) from exc
+            raise _classified(exc)
         if self.mean_of is not None:
             prep.problem = whole_batch_mean(prep.problem, *self.mean_of)
         try:
@@ -73,7 +74,7 @@ class LossJob(Job):
             result = engine.finish(prep)
             return self._deliver(result if self.restore is None else self.restore(result))
         except Exception as exc:
-            raise classify(exc) from exc
+            raise _classified(exc)
         finally:
             prep.release()
 
@@ -84,28 +85,23 @@ class LossJob(Job):
                 for j, r in zip(jobs, engine.cross_entropy_many([j.request for j in jobs]))]
 
 
+def _classified(exc: Exception) -> Exception:
+    """What to raise for `exc`: itself when it is already an ArgumentError or a DeviceError (never
+    "raise exc from exc": an exception that is its own cause is a reference cycle, and would keep
+    its traceback's frames, the request's arrays among them, until the garbage collector ran)."""
+    raised = classify(exc)
+    if raised is not exc:
+        raised.__cause__ = exc
+    return raised
+
+
 def whole_batch_mean(p, denominator: float | None, rows: int | None):
     """`p` (a chunk of rows) with the whole batch's 'mean' normaliser, so its gradient and loss
-    partials are the whole batch's (semantics.check computes the same from a whole batch)."""
+    partials are the whole batch's (clce_wire.reduction, as for the whole batch in one request)."""
     d = float(p.denominator if denominator is None else denominator)
     n = int(p.valid_rows if rows is None else rows)
-    mean = p.reduction == "mean"
-    with np.errstate(divide="ignore"):
-        return dataclasses.replace(p, denominator=d, valid_rows=n,
-                                   loss_scale=float(np.float64(1.0) / d) if mean else 1.0,
-                                   z_scale=float(np.float64(1.0) / n) if mean else 1.0)
-
-
-def batch_key_for(args: Mapping[str, Any], max_elements: int) -> tuple | None:
-    """What requests sharing one launch must agree on, or None when this one runs alone: the shape
-    of the work (classes, dtypes, hard or soft targets) and every option declared `shared`. The
-    engine regroups by the exact validated problem anyway; this key only decides who waits together."""
-    x, w = args["input"], args["weight"]
-    if not (max_elements and x.ndim == 2 and 0 < x.size <= max_elements and not args["lse_square_scale"]
-            and (w is None or w.size <= _BATCH_MAX_WEIGHT)):
-        return None
-    t = args["target"]
-    return (x.shape[1], x.dtype.str, t.shape == x.shape, t.dtype.kind, *options.shared_values(args))
+    loss_scale, z_scale = reduction.scales(p.reduction, d, n)
+    return dataclasses.replace(p, denominator=d, valid_rows=n, loss_scale=loss_scale, z_scale=z_scale)
 
 
 def inflight_bytes(args: Mapping[str, Any], body_len: int) -> int:

@@ -6,31 +6,27 @@
   `max_connections` is answered 503 with Retry-After and closed at once). uvicorn has neither:
   its keep-alive timeout only runs between requests, and limit_concurrency answers per request
   while the connection stays open.
-* `ClientGuard`: ASGI middleware. A client that stalls mid-body for `body_timeout_s` (no
-  further chunk arrives) is answered 408 and its connection closed, whatever the app was doing.
-  A client that vanishes mid-download leaves its body and gradient referenced only from
-  reference cycles (the cancelled response's exception and frames), which CPython frees at its
-  next full collection: possibly never on a quiet server. So after such a response a full
-  collection is scheduled, at most one per `_COLLECT_INTERVAL_S` (a collection takes tens of ms
-  of the event loop; a client cannot make the server spend more than a few % on it).
+* `ClientGuard`: ASGI middleware (app.build_app adds it). A client that stalls mid-body for
+  `body_timeout_s` (no further chunk arrives) is answered 408 and its connection closed, whatever
+  the app was doing. (A client that vanishes mid-download costs nothing more: the request's lease
+  gives its buffers back when the endpoint returns, lease.py.)
+
+`http_protocol` builds on uvicorn's private protocol attributes (`connections`, `cycle`,
+`cycle.response_complete`, `transport`, `loop`); pyproject.toml bounds uvicorn to the versions
+tests/test_hardening_limits.py checks them on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
-import time
 from typing import Any
 
 log = logging.getLogger("clce.server")
 
-try:  # Python 3.11+: a timer on the current task, no extra task per receive()
-    _timeout = asyncio.timeout
-except AttributeError:  # pragma: no cover - Python 3.10
-    _timeout = None
-
+# Python 3.11+: a timer on the current task, no extra task per receive(); 3.10: wait_for
+_timeout = getattr(asyncio, "timeout", None)
 
 def _error_bytes(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
@@ -102,42 +98,19 @@ def http_protocol(header_timeout_s: float | None, max_connections: int | None, b
     return LimitedHTTPProtocol
 
 
-_COLLECT_INTERVAL_S = 1.0
-
-
 class ClientGuard:
     """ASGI middleware: each wait for the next piece of a request body is limited to
     `body_timeout_s` (a stalled client is answered 408 with ``Connection: close``, so uvicorn
-    closes the connection; the app sees a disconnect, as if the client had gone), and what a
-    client that vanished mid-response leaves in reference cycles is collected soon."""
+    closes the connection; the app sees a disconnect, as if the client had gone)."""
 
     def __init__(self, app: Any, body_timeout_s: float | None):
         self.app = app
         self.timeout_s = body_timeout_s
-        self._collect_pending = False
-        self._last_collect = 0.0
-
-    def _collect_soon(self) -> None:
-        if self._collect_pending:
-            return
-        self._collect_pending = True
-        delay = max(0.0, self._last_collect + _COLLECT_INTERVAL_S - time.monotonic())
-        asyncio.get_running_loop().call_later(delay, self._collect)
-
-    def _collect(self) -> None:
-        self._collect_pending = False
-        self._last_collect = time.monotonic()
-        gc.collect()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        state = {"body_done": False, "stalled": False, "started": False, "finished": False}
-        try:
-            await self._guarded(scope, receive, send, state)
-        finally:
-            if state["started"] and not state["finished"]:
-                self._collect_soon()      # the client left mid-response
+        await self._guarded(scope, receive, send, {"body_done": False, "stalled": False, "started": False})
 
     async def _guarded(self, scope, receive, send, state) -> None:
         timeout_s = self.timeout_s
@@ -152,9 +125,9 @@ class ClientGuard:
                 if _timeout is not None:
                     async with _timeout(timeout_s):
                         msg = await receive()
-                else:  # pragma: no cover
+                else:
                     msg = await asyncio.wait_for(receive(), timeout_s)
-            except (asyncio.TimeoutError, TimeoutError):
+            except asyncio.TimeoutError:   # the built-in TimeoutError since Python 3.11, not before
                 state["stalled"] = True
                 log.info("request body stalled for %.1f s: cutting the client off", timeout_s)
                 return {"type": "http.disconnect"}
@@ -168,8 +141,6 @@ class ClientGuard:
             if msg["type"] == "http.response.start":
                 state["started"] = True
             await send(msg)
-            if msg["type"] == "http.response.body" and not msg.get("more_body", False):
-                state["finished"] = True
 
         try:
             await self.app(scope, timed_receive, guarded_send)

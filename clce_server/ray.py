@@ -7,8 +7,10 @@
 
 Clients point at Serve's HTTP proxy (http://HOST:8000 by default) exactly as at one server; the
 proxy load-balances the replicas. Each replica is one Ray actor running the app from
-`clce_server.app.create_app`, with its own devices, scheduler and metrics (`instance_id` in
-/v1/info and /v1/status tells which replica answered).
+`clce_server.app.build_app` (the whole server: its body timeout, host pool, metrics listener and
+draining at shutdown), with its own devices, scheduler and metrics (`instance_id` in /v1/info and
+/v1/status tells which replica answered). Serve's proxy is the HTTP server, so its own limits
+apply in place of `clce-server`'s header timeout and connection limit.
 
 Environment (read where the application is built, i.e. by `serve run`; each replica builds its
 `Settings` from its own environment, which Ray inherits from the cluster's processes):
@@ -28,7 +30,8 @@ Lifespan: Serve runs the FastAPI lifespan when a replica starts. The app's lifes
 devices in a background thread; here it is wrapped so that start-up also waits until the kernels
 are built and warm, so Serve marks a replica RUNNING (and routes to it) only once it can compute,
 and a device that cannot be opened fails the replica with the error instead of serving 503s.
-Serve's health check (`check_health`) fails a replica whose initialisation failed or that drains.
+Serve's health check (`check_health`) fails a replica whose initialisation failed or whose
+scheduler reports a stopped device worker (`Scheduler.check_health`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 
 from ray import serve
 
-from .app import create_app
+from .app import build_app as build_server_app
 from .config import Settings
 
 __all__ = ["app", "build_app", "ClceDeployment", "deployment_options", "fastapi_app"]
@@ -112,8 +115,8 @@ class BytesBodies:
         await self.app(scope, receive, send_bytes)
 
 
-# The app every replica serves: exactly create_app's (same routes, errors, metrics, status page).
-fastapi_app = create_app(Settings())
+# The app every replica serves: exactly build_app's (same routes, errors, metrics, status page).
+fastapi_app = build_server_app(Settings())
 _wait_ready_on_startup(fastapi_app)
 fastapi_app.add_middleware(BytesBodies)
 
@@ -138,12 +141,8 @@ class ClceDeployment:
             return   # lifespan not started yet: Serve does not health-check before start-up ends
         if state.init_error:
             raise RuntimeError(f"OpenCL initialisation failed: {state.init_error}")
-        if state.ready.is_set() and state.scheduler is not None and not state.draining:
-            workers = getattr(state.scheduler, "_workers", None) or []
-            for w in workers:
-                thread = getattr(w, "thread", None) or getattr(w, "_thread", None)
-                if thread is not None and not thread.is_alive():
-                    raise RuntimeError(f"device worker {getattr(w, 'name', '?')} has stopped")
+        if state.scheduler is not None and not state.draining:
+            state.scheduler.check_health()
 
 
 def _supported(params: dict[str, Any]) -> dict[str, Any]:

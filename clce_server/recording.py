@@ -1,8 +1,8 @@
 """One record per loss request: its id, outcome, timings and sizes, taken once when the response
 has gone out (or failed) and sent to the metrics and the access log.
 
-An ASGI middleware rather than code in the endpoint, so requests refused by a dependency (auth,
-readiness) or answered by an exception handler are recorded by the same one path.
+The loss endpoint (routes/loss.py) makes the record first, so requests refused by auth or
+readiness, or answered with an error, are recorded by the same one path as answered ones.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _OUTCOME_BY_STATUS = {200: "ok", 401: "unauthorized", 413: "too_large", 429: "re
 
 @dataclass
 class RequestRecord:
-    """What one request did; stages fill it in, `RecordRequests` publishes it."""
+    """What one request did; the stages fill it in, `publish` sends it once."""
 
     request_id: str
     started: float = field(default_factory=time.perf_counter)   # headers parsed: the app sees the request
@@ -40,65 +40,39 @@ class RequestRecord:
     timings: dict[str, float] = field(default_factory=dict)   # stage -> seconds
     body_bytes: int = 0
     rows: int = 0
-    on_done: list = field(default_factory=list)   # called once the response is out (or failed)
+    status: int = 500                   # what went out (500 until a response starts)
+    bytes_out: int = 0                  # the answer's body, once it has gone out whole
 
     def stage(self, name: str, seconds: float) -> None:
         self.timings[name] = seconds
 
+    async def send(self, response, scope, receive, send) -> None:
+        """Send `response` (a starlette Response, or routes/loss.py's SlicedResponse) with
+        X-Request-ID, noting its status, its size and how long it took to go out."""
+        self.status = response.status_code
+        headers = response.raw_headers
+        if not any(k == b"x-request-id" for k, _ in headers):   # a 500's error body names it already
+            headers.append((b"x-request-id", self.request_id.encode()))
+        t0 = time.perf_counter()
+        await response(scope, receive, send)
+        self.stage("send", time.perf_counter() - t0)
+        body = getattr(response, "body", None)
+        self.bytes_out = len(body) if body is not None else response.size
 
-class RecordRequests:
-    """ASGI middleware over the loss path: a request id (X-Request-ID) for every response, and one
-    record per request in the metrics and the access log."""
-
-    def __init__(self, app, *, paths: frozenset[str]):
-        self.app = app
-        self.paths = paths
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.paths:
-            return await self.app(scope, receive, send)
-        state: ServerState = scope["app"].state.clce
-        record = RequestRecord(new_request_id())
-        scope.setdefault("state", {})["clce_request"] = record
-        status, sent, send_started = 500, 0, None
-
-        async def send_recorded(message):
-            nonlocal status, sent, send_started
-            if message["type"] == "http.response.start":
-                send_started = time.perf_counter()
-                status = message["status"]
-                headers = list(message.get("headers", []))
-                if not any(k.lower() == b"x-request-id" for k, _ in headers):
-                    headers.append((b"x-request-id", record.request_id.encode()))
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body") and send_started:
-                record.stage("send", time.perf_counter() - send_started)
-
-        state.inflight_http += 1
-        try:
-            await self.app(scope, receive, send_recorded)
-        finally:
-            state.inflight_http -= 1
-            for done in record.on_done:
-                done()
-            _publish(state, scope, record, status, sent)
-
-
-def _publish(state: ServerState, scope, record: RequestRecord, status: int, sent: int) -> None:
-    total = time.perf_counter() - record.started
-    outcome = record.outcome or _OUTCOME_BY_STATUS.get(status) or ("client_error" if status < 500 else "error")
-    tenant = record.tenant or "unknown"
-    t = record.timings
-    state.metrics.observe_request(tenant, outcome, total, t.get("queue"), t.get("kernel"), record.body_bytes,
-                                  sent, record.rows)
-    if state.settings.access_log and access_log.isEnabledFor(logging.INFO):
-        client = scope.get("client")
-        access_log.info(json.dumps({
-            "request_id": record.request_id, "tenant": tenant, "outcome": outcome, "status": status,
-            "t_arrive": record.started,
-            "bytes_in": record.body_bytes, "bytes_out": sent, "rows": record.rows, "ms": round(total * 1000, 3),
-            **{f"{k}_ms": round(v * 1000, 3) for k, v in t.items() if k != "total"},
-            "client": client[0] if client else None}))
+    def publish(self, state: ServerState, client: tuple | None) -> None:
+        """The metrics and one JSON access-log line, once the response is out (or failed)."""
+        total = time.perf_counter() - self.started
+        status = self.status
+        outcome = self.outcome or _OUTCOME_BY_STATUS.get(status) or ("client_error" if status < 500 else "error")
+        tenant = self.tenant or "unknown"
+        t = self.timings
+        state.metrics.observe_request(tenant, outcome, total, t.get("queue"), t.get("kernel"), self.body_bytes,
+                                      self.bytes_out, self.rows)
+        if state.settings.access_log and access_log.isEnabledFor(logging.INFO):
+            access_log.info(json.dumps({
+                "request_id": self.request_id, "tenant": tenant, "outcome": outcome, "status": status,
+                "t_arrive": self.started,
+                "bytes_in": self.body_bytes, "bytes_out": self.bytes_out, "rows": self.rows,
+                "ms": round(total * 1000, 3),
+                **{f"{k}_ms": round(v * 1000, 3) for k, v in t.items() if k != "total"},
+                "client": client[0] if client else None}))

@@ -46,55 +46,42 @@ def error_response(code: str, message: str, *, as_msgpack: bool = False, retry_a
                     media_type=protocol.MSGPACK, headers=headers)
 
 
-def _request_id(request: Request) -> str | None:
-    ctx = request.scope.get("state", {}).get("clce_request")
-    return ctx.request_id if ctx is not None else None
-
-
-def _note_outcome(request: Request, outcome: str) -> None:
-    ctx = request.scope.get("state", {}).get("clce_request")
-    if ctx is not None:
-        ctx.outcome = outcome
+def error_for(exc: Exception, request: Request, record=None) -> Response:
+    """The answer to a failure, by who caused it: the client's arguments (4xx, PyTorch's type and
+    message), admission and deadlines (413/429/503/504), the device (503 + Retry-After), or us
+    (500, logged with the request id the response carries). `record`: the loss request's
+    RequestRecord (its outcome and id), None on other routes. The one place errors are rendered:
+    the loss endpoint calls it, and the exception handlers below for every other route."""
+    as_msgpack = wants_msgpack(request)
+    if isinstance(exc, ApiError):
+        return error_response(exc.code, str(exc), as_msgpack=as_msgpack, retry_after=exc.retry_after)
+    if isinstance(exc, ArgumentError):
+        return error_response(protocol.code_for_exception(exc.error), str(exc.error), as_msgpack=as_msgpack)
+    if isinstance(exc, SchedulerError):
+        return error_response(exc.code, str(exc), as_msgpack=as_msgpack, retry_after=getattr(exc, "retry_after", None))
+    request_id = record.request_id if record is not None else None
+    if isinstance(exc, DeviceError):
+        if record is not None:
+            record.outcome = "error"
+        # the message, not the exception: a kept log record must not keep the request's arrays
+        log.error("device failure (request %s): %s", request_id, str(exc))
+        return error_response("device_unavailable", str(exc), as_msgpack=as_msgpack, retry_after=exc.retry_after)
+    if isinstance(exc, StarletteHTTPException):
+        code = _CODE_FOR_STATUS.get(exc.status_code, "bad_request")
+        return error_response(code, str(exc.detail), as_msgpack=as_msgpack)
+    if isinstance(exc, RequestValidationError):
+        return error_response("bad_request", str(exc.errors()), as_msgpack=as_msgpack)
+    log.error("request %s failed: %s", request_id, exc, exc_info=exc)
+    return error_response("internal", f"internal error (request id {request_id}): {type(exc).__name__}",
+                          as_msgpack=as_msgpack, request_id=request_id)
 
 
 def install_exception_handlers(app: FastAPI) -> None:
-    """Who caused it decides the answer: the client's arguments (4xx, PyTorch's type and message),
-    admission and deadlines (413/429/503/504), the device (503 + Retry-After), or us (500, logged
-    with the request id the response carries)."""
+    """Every route but the loss endpoint raises into FastAPI: rendered by `error_for` too."""
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.code, str(exc), as_msgpack=wants_msgpack(request), retry_after=exc.retry_after)
+    async def handler(request: Request, exc: Exception) -> Response:
+        return error_for(exc, request)
 
-    @app.exception_handler(ArgumentError)
-    async def _argument_error(request: Request, exc: ArgumentError):
-        return error_response(protocol.code_for_exception(exc.error), str(exc.error),
-                              as_msgpack=wants_msgpack(request))
-
-    @app.exception_handler(SchedulerError)
-    async def _scheduler_error(request: Request, exc: SchedulerError):
-        return error_response(exc.code, str(exc), as_msgpack=wants_msgpack(request),
-                              retry_after=getattr(exc, "retry_after", None))
-
-    @app.exception_handler(DeviceError)
-    async def _device_error(request: Request, exc: DeviceError):
-        _note_outcome(request, "error")
-        log.error("device failure (request %s): %s", _request_id(request), exc)
-        return error_response("device_unavailable", str(exc), as_msgpack=wants_msgpack(request),
-                              retry_after=exc.retry_after)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        code = _CODE_FOR_STATUS.get(exc.status_code, "bad_request")
-        return error_response(code, str(exc.detail), as_msgpack=wants_msgpack(request))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response("bad_request", str(exc.errors()), as_msgpack=wants_msgpack(request))
-
-    @app.exception_handler(Exception)
-    async def _server_bug(request: Request, exc: Exception):
-        request_id = _request_id(request)
-        log.error("request %s failed: %s", request_id, exc, exc_info=exc)
-        return error_response("internal", f"internal error (request id {request_id}): {type(exc).__name__}",
-                              as_msgpack=wants_msgpack(request), request_id=request_id)
+    for cls in (ApiError, ArgumentError, SchedulerError, DeviceError, StarletteHTTPException,
+                RequestValidationError, Exception):
+        app.add_exception_handler(cls, handler)

@@ -20,6 +20,7 @@ with the same batch key (dynamic batching), head-first in every tenant's queue.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
@@ -128,7 +129,7 @@ class _Job:
         "steps", "keep",
     )  # fmt: skip
 
-    def __init__(self, seq, tenant, nbytes, work, deadline, loop, worker) -> None:
+    def __init__(self, seq, tenant, nbytes, work, deadline, loop, worker, now: float) -> None:
         self.seq: int = seq
         self.tenant: Tenant = tenant
         self.nbytes: int = nbytes
@@ -141,7 +142,7 @@ class _Job:
         self.gen: Generator | None = None
         self.abandoned = False  # the caller is gone (cancelled or past its deadline)
         self.abandon_outcome = "cancelled"
-        self.submitted_at = time.monotonic()
+        self.submitted_at = now
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.compute_s = 0.0
@@ -158,10 +159,11 @@ class _Job:
 
 
 class _TenantState:
-    __slots__ = ("name", "active", "inflight_bytes", "outcomes")
+    __slots__ = ("name", "active", "inflight_bytes", "outcomes", "gauges")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.gauges = None  # (queue depth, in-flight bytes) metric children: label lookups, once
         self.active: dict[int, _Job] = {}  # admitted, not finished; insertion = submission order
         self.inflight_bytes = 0
         self.outcomes = {"ok": 0, "error": 0, "cancelled": 0, "deadline": 0, "shutdown": 0}
@@ -259,7 +261,7 @@ class _Worker:
                 job = self.queues[name][0]
                 if job.abandoned:
                     return "close", job
-                now = time.monotonic()
+                now = self.sched.clock()
                 if job.expired(now):
                     return "deadline", job
                 if job.queued_too_long(now):   # the loop's timer may be late; never start it
@@ -317,6 +319,9 @@ class _Worker:
                 for j in jobs:
                     _close(j)
                     self.sched._finish(j, "error", exc=error)
+            # Not kept while waiting for the next work: a finished job's future holds its result
+            # (the request's gradient) until the caller is done with it, not until the next job.
+            job = jobs = j = None
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         """One step for several jobs: `run_batch(device, works)` returns a result or an exception per
@@ -345,11 +350,15 @@ class _Worker:
             self.steps += 1
             if metrics is not None:
                 metrics.device_busy(self.name, wall)
+        pending: list = []
         for j, r in zip(jobs, results):
             if isinstance(r, BaseException):
-                self.sched._finish(j, "error", exc=r)
+                self.sched._finish(j, "error", exc=r, pending=pending)
             else:
-                self.sched._finish(j, "ok", result=r)
+                self.sched._finish(j, "ok", result=r, pending=pending)
+        self.sched._deliver(pending)
+        # an exception raised here has this frame in its traceback: no cycle through the jobs
+        results = r = j = jobs = works = None
 
     def _step(self, job: _Job) -> None:
         done = False
@@ -394,12 +403,16 @@ class _Worker:
             if not done:
                 if job.abandoned:
                     stop_action = "close"
-                elif job.expired(time.monotonic()):
+                elif job.expired(self.sched.clock()):
                     stop_action = "deadline"
         if done:
             self.sched._finish(job, "ok" if exc is None else "error", result=result, exc=exc)
         elif stop_action is not None:
             self._stop(job, stop_action)
+        # A failed job's exception has this frame in its traceback, and its job's future holds the
+        # exception: without these locals, that is no reference cycle (the request's arrays are
+        # freed with the exception, not by the garbage collector).
+        exc = result = job = None
 
     def _stop(self, job: _Job, action: str) -> None:
         _close(job)
@@ -427,18 +440,25 @@ class Reservation:
     """Bytes held against a tenant's and the server's in-flight budgets outside a job's run: the
     request's body while it is read and decoded (`reserve`), then, once the job it was handed to
     (`submit(reservation=...)`) is over, the job's bytes until the response has gone out (the
-    body and gradient are still in memory while they stream). `release()` gives back all of it,
-    once; bytes of a job that ends after the release are given back by the job."""
+    body and gradient are still in memory while they stream).
 
-    __slots__ = ("scheduler", "tenant", "nbytes", "closed")
+    `release()` gives back all of it, once. When the job is still running then (the caller gave
+    up on it), its bytes are given back when it ends, and so is the memory behind them:
+    `release(after_job=f)` returns True and the scheduler calls `f` once the job is over, on
+    whichever thread ends it."""
+
+    __slots__ = ("scheduler", "tenant", "nbytes", "closed", "job_active", "after_job")
 
     def __init__(self, scheduler: "Scheduler", tenant: Tenant, nbytes: int):
         self.scheduler, self.tenant, self.nbytes = scheduler, tenant, nbytes
         self.closed = False
+        self.job_active = False        # a job admitted with it has not ended (scheduler's lock)
+        self.after_job: Callable[[], None] | None = None
 
-    def release(self) -> None:
-        if not self.closed:
-            self.scheduler._unreserve(self)
+    def release(self, after_job: Callable[[], None] | None = None) -> bool:
+        """Give the bytes back; True when a job is still running and `after_job` will be called
+        when it ends."""
+        return self.scheduler._unreserve(self, after_job)
 
 
 class Scheduler:
@@ -447,6 +467,7 @@ class Scheduler:
     `devices` are opaque objects handed to jobs (named by str()); `max_inflight_bytes` bounds the
     bytes of all admitted, unfinished jobs; `max_batch` bounds how many jobs share one step;
     `host_bytes_per_s` prices a job's bytes in the virtual time of fair queueing (0: device time only).
+    `clock` (seconds, monotonic) is what deadlines and queue-time limits are measured on.
     """
 
     def __init__(
@@ -459,6 +480,7 @@ class Scheduler:
         policy: str = "fair",
         max_batch: int = 64,
         host_bytes_per_s: float = HOST_BYTES_PER_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not devices:
             raise ValueError("at least one device is required")
@@ -473,6 +495,8 @@ class Scheduler:
         if policy not in ("fair", "fifo"):
             raise ValueError(f"policy must be 'fair' or 'fifo', got {policy!r}")
         self.policy = policy
+        #: the time deadlines, queue limits and queue durations are read on (tests pass their own)
+        self.clock = clock
         self.max_batch = int(max_batch)
         self.host_bytes_per_s = float(host_bytes_per_s)
         self.registry = registry
@@ -520,6 +544,16 @@ class Scheduler:
     def accepting(self) -> bool:
         return self._accepting
 
+    def check_health(self) -> None:
+        """Raise RuntimeError when a started device worker has stopped (its thread died): jobs
+        sent to it would wait forever. Returns quietly while starting and after shutdown."""
+        with self._lock:
+            if not self._started or self._closed:
+                return
+            dead = [w.name for w in self._workers if w.thread is not None and not w.thread.is_alive()]
+        if dead:
+            raise RuntimeError(f"device worker(s) stopped: {', '.join(dead)}")
+
     async def drain(self, timeout: float | None = None) -> bool:
         """Stop admitting (new submits raise ShuttingDown) and wait for admitted jobs to finish.
 
@@ -535,7 +569,7 @@ class Scheduler:
         try:
             await asyncio.wait_for(waiter, timeout)
             return True
-        except TimeoutError:
+        except asyncio.TimeoutError:   # wait_for's; not the built-in TimeoutError before Python 3.11
             return False
         finally:
             with self._lock:
@@ -577,20 +611,20 @@ class Scheduler:
         `nbytes` is what the request holds in memory until it finishes (body plus buffers);
         `request_bytes`, when given, is the request's own size, checked against max_request_bytes
         (default: nbytes).
-        `deadline` is an absolute time.monotonic() value. `timings`, when given, is filled with
+        `deadline` is an absolute time on the scheduler's `clock`. `timings`, when given, is filled with
         queue_s (submit to first step), compute_s (device seconds), steps and device.
         `reservation` (from `reserve`) holds part of `nbytes` already; only the rest is admitted.
         Raises PayloadTooLarge, QueueFull, ShuttingDown (before queueing) or DeadlineExceeded.
         """
         loop = asyncio.get_running_loop()
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and self.clock() >= deadline:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
         if not self._started:
             self.start()
         j = self._admit(tenant, nbytes, as_job(job), deadline, loop, request_bytes, reservation)
         timers = []
         if deadline is not None:
-            timers.append(loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, j))
+            timers.append(loop.call_later(max(0.0, deadline - self.clock()), self._expire, j))
         if tenant.max_queue_time_ms is not None:
             timers.append(loop.call_later(tenant.max_queue_time_ms / 1000.0, self._queue_timeout, j))
         try:
@@ -603,6 +637,10 @@ class Scheduler:
                 timer.cancel()
             if timings is not None:
                 timings.update(self._timings(j))
+            # A failed job's exception has this frame in its traceback, and the frame the job
+            # whose future holds the exception: dropped here, that is no cycle (the request's
+            # arrays are freed with the exception, not by the garbage collector).
+            j = job = timers = None
 
     def reserve(self, tenant: Tenant, nbytes: int) -> Reservation:
         """Hold `nbytes` (a request body, from its Content-Length) against the in-flight budgets
@@ -618,15 +656,18 @@ class Scheduler:
             self._publish(state)
         return Reservation(self, tenant, nbytes)
 
-    def _unreserve(self, r: Reservation) -> None:
+    def _unreserve(self, r: Reservation, after_job: Callable[[], None] | None) -> bool:
         with self._lock:
             if r.closed:
-                return
+                return False
             state = self._tenants[r.tenant.name]
             state.inflight_bytes -= r.nbytes
             self._inflight_bytes -= r.nbytes
             r.nbytes, r.closed = 0, True
             self._publish(state)
+            if r.job_active:
+                r.after_job = after_job
+            return r.job_active
 
     def _check_budgets(self, tenant: Tenant, state: _TenantState, nbytes: int) -> None:
         excess = state.inflight_bytes + nbytes - tenant.max_inflight_bytes
@@ -679,13 +720,14 @@ class Scheduler:
                 held = min(reservation.nbytes, nbytes)
             self._check_budgets(tenant, state, nbytes - held)
             worker = min(self._workers, key=lambda w: (w.queued_bytes, w.queued_jobs, w.index))
-            job = _Job(next(self._counter), tenant, nbytes, fn, deadline, loop, worker)
+            job = _Job(next(self._counter), tenant, nbytes, fn, deadline, loop, worker, self.clock())
             self._jobs[job.seq] = job
             state.active[job.seq] = job
             state.inflight_bytes += nbytes - held
             self._inflight_bytes += nbytes - held
             if reservation is not None:
                 reservation.nbytes -= held     # now the job's, back to the reservation at its end
+                reservation.job_active = True
                 job.keep = reservation
             worker.enqueue(job)
             self._publish(state)
@@ -719,11 +761,10 @@ class Scheduler:
                 return
             job.abandoned = True
             job.abandon_outcome = "deadline"
-            idle_waiters = self._finish_locked(job, "deadline")
+            after = self._finish_locked(job, "deadline")
         if not job.future.done():
             job.future.set_exception(_queue_timeout_error(job))
-        for loop, waiter in idle_waiters:
-            _call_soon(loop, _set_done, waiter)
+        _run_all(after)
 
     def _abandon(self, job: _Job, outcome: str) -> None:
         """The caller is gone: drop the job if queued, else have its worker close it."""
@@ -738,17 +779,19 @@ class Scheduler:
                 job.worker.reap.append(job)
                 job.worker.cond.notify()
                 return
-            idle_waiters = self._finish_locked(job, outcome)
-        for loop, waiter in idle_waiters:
-            _call_soon(loop, _set_done, waiter)
+            after = self._finish_locked(job, outcome)
+        _run_all(after)
 
     def _finish(
-        self, job: _Job, outcome: str, *, result: Any = None, exc: BaseException | None = None
+        self, job: _Job, outcome: str, *, result: Any = None, exc: BaseException | None = None,
+        pending: list | None = None,
     ) -> None:
+        """End a job and hand its caller the result or the exception. `pending`: collect the
+        deliveries for `_deliver` instead (a batch's, one wake-up of each event loop)."""
         with self._lock:
             if job.state is _DONE:
                 return
-            idle_waiters = self._finish_locked(job, outcome)
+            after = self._finish_locked(job, outcome)
             deliver = not job.abandoned  # else nobody is waiting and the result is dropped
         if deliver:
 
@@ -760,14 +803,32 @@ class Scheduler:
                 else:
                     job.future.set_result(result)
 
-            _call_soon(job.loop, resolve)
+            if pending is None:
+                _call_soon(job.loop, resolve)
+            else:
+                pending.append((job.loop, resolve))
         # Signalled after the result, so drain() returns after the callers have their results.
-        for loop, waiter in idle_waiters:
-            _call_soon(loop, _set_done, waiter)
+        if pending is None:
+            _run_all(after)
+        else:
+            pending.extend((None, callback) for callback in after)
 
-    def _finish_locked(self, job: _Job, outcome: str) -> list:
-        """Release the job's accounting; returns drain() waiters to wake if now idle."""
-        now = time.monotonic()
+    @staticmethod
+    def _deliver(pending: list) -> None:
+        """Run what `_finish(pending=...)` collected: the results as one callback per event loop
+        (one thread-safe wake-up each, not one per job), then the rest, in order."""
+        by_loop: dict = {}
+        for loop, callback in pending:
+            if loop is not None:
+                by_loop.setdefault(loop, []).append(callback)
+        for loop, callbacks in by_loop.items():
+            _call_soon(loop, _run_all, callbacks)
+        _run_all([callback for loop, callback in pending if loop is None])
+
+    def _finish_locked(self, job: _Job, outcome: str) -> list[Callable[[], None]]:
+        """Release the job's accounting; returns what to call once the lock is let go: the
+        reservation's after-job callback, and the drain() waiters to wake if now idle."""
+        now = self.clock()
         ran_to_end = job.started_at is not None and outcome in ("ok", "error")
         if ran_to_end:
             service = now - job.started_at
@@ -780,14 +841,24 @@ class Scheduler:
         state = self._tenants[job.tenant.name]
         del state.active[job.seq]
         del self._jobs[job.seq]
-        if job.keep is not None and not job.keep.closed:
-            job.keep.nbytes += job.nbytes      # still in memory until the response is out
+        after: list[Callable[[], None]] = []
+        keep = job.keep
+        if keep is not None:
+            keep.job_active = False
+        if keep is not None and not keep.closed:
+            keep.nbytes += job.nbytes      # still in memory until the response is out
         else:
             state.inflight_bytes -= job.nbytes
             self._inflight_bytes -= job.nbytes
+            if keep is not None and keep.after_job is not None:
+                after.append(keep.after_job)    # the response went first: the request's memory now
+                keep.after_job = None
         state.outcomes[outcome] += 1
         self._publish(state)
-        return [] if self._jobs else list(self._idle_waiters)
+        if not self._jobs:
+            after.extend(functools.partial(_call_soon, loop, _set_done, waiter)
+                         for loop, waiter in self._idle_waiters)
+        return after
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -797,19 +868,21 @@ class Scheduler:
             state = self._tenants[name] = _TenantState(name)
             if self.metrics is not None:
                 self.metrics.add_tenant(name)
+                state.gauges = (self.metrics.queue_depth(name), self.metrics.inflight_bytes(name))
         return state
 
     def _publish(self, state: _TenantState) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth(state.name).set(len(state.active))
-            self.metrics.inflight_bytes(state.name).set(state.inflight_bytes)
+        if state.gauges is not None:
+            depth, inflight = state.gauges
+            depth.set(len(state.active))
+            inflight.set(state.inflight_bytes)
 
     def _timings(self, job: _Job) -> dict:
         with self._lock:
             if job.started_at is not None:
                 queue_s = job.started_at - job.submitted_at
             else:
-                queue_s = (job.finished_at or time.monotonic()) - job.submitted_at
+                queue_s = (job.finished_at or self.clock()) - job.submitted_at
             return {
                 "queue_s": queue_s,
                 "compute_s": job.compute_s,
@@ -858,6 +931,14 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable, *args: Any) 
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:  # that loop is closed: nobody left to tell
         pass
+
+
+def _run_all(callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:   # one owner's failure must not keep the others (or drain) waiting
+            log.exception("callback at the end of a job failed")
 
 
 def _set_done(fut: asyncio.Future) -> None:

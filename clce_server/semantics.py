@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clce_wire.reduction import mean_denominator
+from clce_wire.reduction import scales as reduction_scales   # check()'s argument is named reduction
+
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 INDEX_DTYPES = ("int64", "int32", "int16", "uint8")
 REDUCTIONS = ("none", "mean", "sum")
@@ -160,10 +163,9 @@ def check(input: np.ndarray, target: np.ndarray, weight: np.ndarray | None = Non
         x = np.ascontiguousarray(_cast(input, compute))
         y = np.ascontiguousarray(_cast(target, compute))
         w, wsum = _weights(weight, compute, C)
-        with np.errstate(divide="ignore"):
-            inv_rows = float(np.float64(1.0) / rows) if reduction == "mean" else 1.0
+        loss_scale, z_scale = reduction_scales(reduction, float(rows), rows)   # every row counts
         return Problem(x, compute, grad_dtype or in_dt, C, batch, spatial, True, None, y, w, wsum,
-                       reduction, label_smoothing, inv_rows, inv_rows, float(rows), rows, row_shape,
+                       reduction, label_smoothing, loss_scale, z_scale, float(rows), rows, row_shape,
                        float(lse_square_scale), float(softcap or 0.0))
 
     # ---- class indices ----
@@ -219,11 +221,8 @@ def check(input: np.ndarray, target: np.ndarray, weight: np.ndarray | None = Non
         t32 = np.where(ignored, -1, t).astype(np.int32)
         n_valid = int(valid.sum())
     w, wsum = _weights(weight, in_dt, C)
-    denom = (float(np.sum(w[t if valid is None else t[valid]], dtype=np.float64)) if w is not None
-             else float(n_valid))
-    with np.errstate(divide="ignore"):
-        loss_scale = float(np.float64(1.0) / denom) if reduction == "mean" else 1.0
-        z_scale = float(np.float64(1.0) / n_valid) if reduction == "mean" else 1.0
+    denom = mean_denominator(t if valid is None else t[valid], w)
+    loss_scale, z_scale = reduction_scales(reduction, denom, n_valid)
     return Problem(np.ascontiguousarray(input), in_dt, grad_dtype or in_dt, C, batch, spatial, False,
                    t32, None, w, wsum, reduction, label_smoothing, loss_scale, z_scale, denom, n_valid,
                    row_shape, float(lse_square_scale), float(softcap or 0.0))

@@ -1,7 +1,9 @@
-"""What the lifespan creates and the endpoints use: devices, engines, tenants, metrics, scheduler."""
+"""What the lifespan creates and the endpoints use: devices, engines, tenants, metrics, scheduler,
+the host buffer pool."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -10,6 +12,7 @@ import uuid
 
 from . import __version__
 from .config import Settings
+from .hostmem import HostPool
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .tenants import TenantRegistry
@@ -34,7 +37,9 @@ class ServerState:
         self.ready = threading.Event()
         self.draining = False
         self.init_error: str | None = None
-        self.inflight_http = 0
+        self.inflight_http = 0                   # loss requests the endpoint is serving
+        #: bodies and gradients, reused with their pages mapped (taken and given back by the leases)
+        self.pool = HostPool(settings.host_pool_bytes)
         self.shm_registry = None                 # shared memory (shm.py), when settings allow it
         self.shm_server = None
 
@@ -62,6 +67,18 @@ class ServerState:
     def close_shm(self) -> None:
         if self.shm_server is not None:
             self.shm_server.close()
+
+    async def drain(self, timeout_s: float | None) -> bool:
+        """Take no new work (503), let admitted jobs finish (up to `timeout_s`), then wait for
+        the answers still streaming out. True when every job finished in time."""
+        self.draining = True
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        finished = True
+        if self.scheduler is not None:
+            finished = await self.scheduler.drain(timeout_s)
+        while self.inflight_http > 0 and (end is None or time.monotonic() < end):
+            await asyncio.sleep(0.02)
+        return finished and self.inflight_http == 0
 
     @property
     def serving(self) -> bool:

@@ -26,10 +26,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import tomllib
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Iterable, Iterator, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10 (pyproject.toml: tomli there)
+    import tomli as tomllib
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -30,18 +30,13 @@ from .protocol import (
     special_float,
     tensor_from_json,
 )
+from .reduction import REDUCE_BLOCK_ROWS, combine_partials, mean_normaliser  # noqa: F401  (clce_client.pipeline)
 from .shm import is_ref_map, parse_ref
 
-__all__ = ["REDUCE_BLOCK_ROWS", "mean_normaliser", "combine_partials", "Option", "OPTIONS", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
-           "engine_kwargs", "shared_values", "options_doc"]
+__all__ = ["Option", "OPTIONS", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
+           "engine_kwargs", "shared_values", "coalescing_key", "options_doc"]
 
 _KINDS = ("tensor", "int", "float", "bool", "str")
-
-#: the loss of 'mean'/'sum' is reduced in blocks of this many rows (each summed in a fixed order
-#: on the device), the block sums then added in order in float64. Row chunks that start on a
-#: block boundary therefore combine to exactly the bits of the whole batch in one request.
-REDUCE_BLOCK_ROWS = 64
-
 
 @dataclass(frozen=True)
 class Option:
@@ -120,6 +115,8 @@ OPTIONS: tuple[Option, ...] = (
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 REQUIRED = frozenset(o.name for o in OPTIONS if o.required)
 _BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+#: what a request that leaves an option out gets (each default is a valid parsed value)
+_DEFAULTS: Mapping[str, Any] = {o.name: o.default for o in OPTIONS}
 
 
 def _parse_value(opt: Option, value: Any, json: bool) -> Any:
@@ -171,7 +168,11 @@ def parse_request(msg: Any, *, json: bool = False) -> dict[str, Any]:
         raise ProtocolError(f"v: expected an integer, got {kind_of(v)}")
     if v != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {v}; this server speaks version {PROTOCOL_VERSION}")
-    return {o.name: _parse_value(o, msg.get(o.name, o.default), json) for o in OPTIONS}
+    out = dict(_DEFAULTS)
+    for o in OPTIONS:   # in declaration order: the first bad field named is the same whatever the message's order
+        if o.name in msg:
+            out[o.name] = _parse_value(o, msg[o.name], json)
+    return out
 
 
 def request_message(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,12 +198,12 @@ def engine_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
 
 def shared_values(args: Mapping[str, Any]) -> tuple:
     """What requests sharing one launch must agree on, from the options marked `shared`
-    (tensors by dtype and bytes)."""
+    (tensors by dtype and bytes; options a request leaves out take their defaults)."""
     out = []
     for o in OPTIONS:
         if not o.shared:
             continue
-        value = args[o.name]
+        value = args.get(o.name, o.default)
         if o.kind == "tensor" and value is not None:
             value = (value.dtype.str, value.shape, value.tobytes())
         out.append(value)
@@ -219,51 +220,20 @@ def options_doc(skip: tuple[str, ...] = ("input", "target")) -> str:
     return "\n".join(lines)
 
 
-# ---- pipelining: what row chunks of one batch must agree on -------------------------------------
+# ---- coalescing: who may share one launch -----------------------------------------------------
 
-def mean_normaliser(input_dtype: str, input_shape, target, weight, ignore_index: int) -> tuple[float, int]:
-    """The whole batch's (denominator, non-ignored rows) for 'mean', computed exactly as the
-    server does for one request (the same float64 sum of the same float32/64 weights)."""
-    import numpy as np
-
-    if tuple(target.shape) == tuple(input_shape):   # probabilities: every row counts
-        shape = tuple(input_shape)
-        rows = 1 if len(shape) == 1 else int(np.prod(shape[:1] + shape[2:], dtype=np.int64))
-        return float(rows), rows
-    t = target.reshape(-1).astype(np.int64, copy=False)
-    valid = t != ignore_index
-    n_valid = int(valid.sum())
-    if weight is None:
-        return float(n_valid), n_valid
-    w = weight.astype(np.float64 if input_dtype == "float64" else np.float32)
-    return float(np.sum(w[t[valid]], dtype=np.float64)), n_valid
+#: weights of more classes than this are not worth comparing byte for byte to coalesce
+_BATCH_MAX_WEIGHT = 4096
 
 
-def sum_blocks(partials):
-    """The sums of block partials (blocks, k), added in order in float64 (sequentially: cumsum
-    never reorders, unlike np.sum's pairwise summation)."""
-    import numpy as np
-
-    p = np.asarray(partials, np.float64)
-    if not len(p):
-        return np.zeros(p.shape[1] if p.ndim == 2 else 3, np.float64)
-    return np.cumsum(np.vstack([np.zeros((1, p.shape[1])), p]), axis=0)[-1]
-
-
-def combine_partials(partials, reduction: str, denominator: float, rows: int, z_scale: bool,
-                     loss_dtype, *, want_accuracy: bool):
-    """loss, z_loss (or None) and accuracy (or None) from the partials of all chunks, exactly as
-    the server assembles them for one request."""
-    import numpy as np
-
-    sums = sum_blocks(partials)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if reduction == "mean":
-            main = sums[0] / np.float64(denominator)
-            z = sums[1] / np.float64(rows) if z_scale else 0.0
-        else:
-            main, z = sums[0], sums[1]
-    loss = np.array(main + z).astype(loss_dtype)
-    z_loss = np.array(z, np.float32) if z_scale else None
-    accuracy = (float(sums[2]) / rows if rows else float("nan")) if want_accuracy else None
-    return loss, z_loss, accuracy
+def coalescing_key(args: Mapping[str, Any], max_elements: int | None = None) -> tuple | None:
+    """What requests sharing one launch must agree on, or None when this one runs alone: the
+    shape of the work (classes, the input's and the target's exact dtypes, hard or soft targets)
+    and every option declared `shared`. Equal keys mean equal kernel scalars once validated (the
+    compute dtype follows from the dtypes), so the scheduler's batches are the engine's launches.
+    `max_elements`: bigger inputs run alone (None: no bound)."""
+    x, w, t = args["input"], args.get("weight"), args["target"]
+    if not (x.ndim == 2 and 0 < x.size and (max_elements is None or x.size <= max_elements)
+            and not args.get("lse_square_scale") and (w is None or w.size <= _BATCH_MAX_WEIGHT)):
+        return None
+    return (x.shape[1], x.dtype.str, t.dtype.str, t.shape == x.shape, *shared_values(args))

@@ -42,7 +42,7 @@ def documented() -> dict[tuple[str, str], str]:
 
 
 def app_routes() -> set[tuple[str, str]]:
-    from clce_server.app import create_app
+    from clce_server.app import build_app
 
     found = set()
 
@@ -54,7 +54,7 @@ def app_routes() -> set[tuple[str, str]]:
             elif hasattr(r, "path"):
                 found.update((m, r.path) for m in (getattr(r, "methods", None) or ()) if m != "HEAD")
 
-    walk(create_app().routes)
+    walk(build_app().routes)
     return found
 
 

@@ -10,6 +10,7 @@ so a test can put a failing engine behind a worker):
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ import uvicorn  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client import errors  # noqa: E402
-from clce_server.app import create_app  # noqa: E402
+from clce_server.app import build_app  # noqa: E402
 from clce_server.config import Settings  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -31,7 +32,7 @@ torch = pytest.importorskip("torch")
 
 class InProcessServer:
     def __init__(self, **settings):
-        self.app = create_app(Settings(port=0, warmup=False, **settings))
+        self.app = build_app(Settings(port=0, warmup=False, **settings))
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -69,7 +70,9 @@ class FailingEngine:
         def failing(*args, **kwargs):
             if self.left:
                 self.left -= 1
-                raise self.error
+                # a fresh copy each time: one instance, raised again and again, would keep the
+                # frames (and arrays) of the last call in its traceback
+                raise copy.copy(self.error)
             return real(*args, **kwargs)
         return failing
 

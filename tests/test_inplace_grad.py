@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from clce_server.hostmem import POOL
+from clce_server.hostmem import HostPool, PoolError
 from test_cross_entropy import DTYPES, assert_close, make, np_dtype, reference
 
 
@@ -88,14 +88,25 @@ def test_an_overlap_that_is_not_the_input_is_computed_aside(engine):
     np.testing.assert_array_equal(r.loss, aside.loss)
 
 
-def test_pooled_body_released_once_when_its_gradient_is_written_over_it():
-    """The server gives back a TCP body and the gradient written over it: the buffer must enter the
-    pool's free list once, or two later requests would share it."""
-    body = POOL.empty((300, 1024), np.float32)   # >= 1 MiB: pooled
-    POOL.release(body)
-    POOL.release(body[10:])                      # the gradient, a view of the same backing
-    first = POOL.empty((300, 1024), np.float32)
-    second = POOL.empty((300, 1024), np.float32)
+def test_a_pooled_buffer_is_given_back_once_by_the_object_handed_out():
+    """A TCP body with its gradient written over it is one buffer: the pool takes it back once,
+    by the very array it handed out. A second release, or a view of it, raises instead of putting
+    it on the free list twice (two later requests would then share it)."""
+    pool = HostPool()
+    body = pool.empty((300, 1024), np.float32)   # >= 1 MiB: pooled
+    assert pool.held_bytes() >= body.nbytes
+    with pytest.raises(PoolError):
+        pool.release(body[10:])                  # the gradient, a view of the same buffer
+    pool.release(body)
+    with pytest.raises(PoolError):
+        pool.release(body)                       # back already
+    assert pool.held_bytes() == 0 and pool.cached_bytes() > 0
+    first = pool.empty((300, 1024), np.float32)
+    second = pool.empty((300, 1024), np.float32)
     assert not np.shares_memory(first, second)
-    POOL.release(first)
-    POOL.release(second)
+    assert np.shares_memory(first, body)         # reused: its pages are mapped already
+    with pytest.raises(PoolError):
+        HostPool().release(first)                # another pool's buffer
+    pool.release(first)
+    pool.release(second)
+    assert pool.held_bytes() == 0

@@ -185,7 +185,9 @@ def test_fifo_within_tenant(make):
 # -- fairness ---------------------------------------------------------------------------------
 
 
-def test_small_jobs_are_not_stuck_behind_a_flood(make):
+def _flood_then_small_jobs(make):
+    """Tenant A floods the device (12 jobs of 10 steps, queued first), tenant B then sends 10
+    one-step jobs. Returns the step log, the completion times and the start time."""
     sched = make(tenants=[tenant("a"), tenant("b")])
     a, b = sched.registry.get("a"), sched.registry.get("b")
     n_a, steps_a, n_b, step_s = 12, 10, 10, 0.002
@@ -214,7 +216,12 @@ def test_small_jobs_are_not_stuck_behind_a_flood(make):
         await asyncio.gather(*tasks)
         return start
 
-    start = run(main())
+    return log, done, run(main())
+
+
+def test_small_jobs_are_not_stuck_behind_a_flood(make):
+    log, _, _ = _flood_then_small_jobs(make)
+    n_a, steps_a, n_b = 12, 10, 10
     # Step order: B was queued behind all of A's work, yet its steps alternate with A's.
     order = [tag for tag, _, _ in log]
     last_b = max(i for i, tag in enumerate(order) if tag == "b")
@@ -222,6 +229,11 @@ def test_small_jobs_are_not_stuck_behind_a_flood(make):
     # FIFO would have run all of A's steps first.
     assert last_b < n_a * steps_a / 2
 
+
+@pytest.mark.slow   # wall-clock latencies on a shared machine: the step order above is the proof
+def test_small_jobs_wait_a_fraction_of_a_flood(make):
+    log, done, start = _flood_then_small_jobs(make)
+    n_a, steps_a, n_b = 12, 10, 10
     a_drain = max(v for (who, _), v in done.items() if who == "a") - start
     b_latencies = [v - start for (who, _), v in done.items() if who == "b"]
     b_mean = statistics.mean(b_latencies)
@@ -610,6 +622,22 @@ def test_least_loaded_device_by_bytes(make):
 # -- drain and shutdown -----------------------------------------------------------------------
 
 
+def test_check_health_names_a_stopped_device_worker(make):
+    sched = make(devices=["gpu0", "gpu1"])
+    sched.check_health()                      # not started yet: nothing to say
+    sched.start()
+    sched.check_health()
+    worker = sched._workers[1]
+    with worker.cond:                         # its thread exits, the scheduler still runs
+        worker.stopping = True
+        worker.cond.notify()
+    worker.thread.join(GATE_TIMEOUT)
+    with pytest.raises(RuntimeError, match="gpu1"):
+        sched.check_health()
+    sched.shutdown(5.0)
+    sched.check_health()                      # shut down on purpose: healthy enough to say nothing
+
+
 def test_drain_waits_for_running_jobs(make):
     sched = make()
     t = sched.registry.tenants[0]
@@ -841,25 +869,68 @@ def test_tenant_priority_and_queue_time_are_validated():
     assert tenant("x").priority == 1 and tenant("x").max_queue_time_ms is None
 
 
+class FakeClock:
+    """A scheduler clock the test moves by hand: deadlines and queue limits without waiting."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_queue_policy_holds_even_when_the_event_loop_is_late(make):
-    """The worker never starts work past its queue time, though the loop's timer has not fired."""
-    patient, hasty = tenant("patient"), tenant("hasty", max_queue_time_ms=30)
-    sched = make(tenants=[patient, hasty])
+    """The worker never starts work past its queue time, though the loop's timer has not fired:
+    the queue limit is a minute of loop time, but a minute and more has passed on the scheduler's
+    clock when the device frees up."""
+    clock = FakeClock()
+    patient, hasty = tenant("patient"), tenant("hasty", max_queue_time_ms=60_000)
+    sched = make(tenants=[patient, hasty], clock=clock)
     gate, started, log = threading.Event(), threading.Event(), []
 
     async def main():
         blocker = asyncio.create_task(sched.submit(patient, 0, holding(gate, started)))
         await wait_until(started.is_set)
         late = asyncio.create_task(sched.submit(hasty, 0, steps_job(1, log=log, tag="late")))
-        await asyncio.sleep(0)                        # admitted and queued
-        threading.Timer(0.06, gate.set).start()       # the device frees up after 60 ms ...
-        time.sleep(0.2)                               # ... while the event loop is busy
+        await wait_until(lambda: queued(sched) == 2)  # admitted and queued
+        clock.now += 61.0
+        gate.set()                                    # the device frees up
         await blocker
         with pytest.raises(QueueTimeout):
             await late
 
     run(main())
     assert log == []
+
+
+def test_deadlines_are_read_on_the_scheduler_clock(make):
+    clock = FakeClock()
+    sched = make(tenants=[tenant("a"), tenant("b")], clock=clock)
+    a, b = sched.registry.get("a"), sched.registry.get("b")
+    gate, started, ran = threading.Event(), threading.Event(), []
+
+    def never(device):
+        ran.append(1)
+        yield 0.0
+
+    async def main():
+        blocker = asyncio.create_task(sched.submit(a, 0, holding(gate, started)))
+        await wait_until(started.is_set)
+        timings = {}
+        doomed = asyncio.create_task(sched.submit(b, 0, never, deadline=clock() + 60.0, timings=timings))
+        await wait_until(lambda: queued(sched) == 2)
+        clock.now += 120.0                            # past its deadline, long before the loop's timer
+        gate.set()
+        await blocker
+        with pytest.raises(DeadlineExceeded, match="before it started"):
+            await doomed
+        assert timings["queue_s"] == pytest.approx(120.0)   # measured on the same clock
+        with pytest.raises(DeadlineExceeded):         # already past on that clock: refused outright
+            await sched.submit(b, 0, never, deadline=clock() - 1.0)
+
+    run(main())
+    assert ran == []
+    assert sched.stats()["tenants"]["b"]["deadline_exceeded"] == 1
 
 
 @pytest.mark.parametrize("host_rate, big_first_of_4", [(0.0, 2), (1e9, 0)])

@@ -571,6 +571,7 @@ def test_api_keys_never_in_the_log_or_metrics(server):
 # =============================================================================================
 # fair vs FIFO: a small tenant's latency under another tenant's flood
 
+@pytest.mark.slow   # latency ratios between two server runs (bench/bench_tenants.py measures the same)
 def test_fair_scheduling_protects_a_small_tenant(tmp_path):
     tenants = write_tenants(tmp_path / "t.toml", {"alpha": {"api_key": KEYS["alpha"], "weight": 1},
                                                   "beta": {"api_key": KEYS["beta"], "weight": 1}})

@@ -1,43 +1,47 @@
-"""POST /v1/cross_entropy, as named stages:
+"""POST /v1/cross_entropy: one endpoint, as named stages.
 
-    admit   (dependencies)  the tenant's API key, a server that takes work, a format we speak
-    read    read_body       the body into one aligned, pooled buffer, within the size limits
-    decode  decode          msgpack or JSON into the request's options (clce_wire.options)
-    schedule schedule       a LossJob through the tenant's fair queue to a device; cancelled if
-                            the client goes
-    encode  encode          loss, gradient and extras in the request's format, streamed
+    admit    the tenant's API key, a server that takes work, a format we speak (deps.py)
+    read     read_body: the body into one aligned, pooled buffer, within the size limits
+    decode   decode: msgpack or JSON into the request's options (clce_wire.options)
+    schedule schedule: a LossJob through the tenant's fair queue to a device; cancelled if the
+             client goes
+    encode   encode: loss, gradient and extras in the request's format, streamed
 
-Failures raise; the exception handlers (responses.py) render them, and RecordRequests
-(recording.py) records the outcome and the stage timings once per request.
+`LossEndpoint` is the route's ASGI app: it makes the request's record and lease, runs the stages
+with a typed context (`LossRequest`), renders any failure through `responses.error_for`, sends
+the answer, then closes the lease and publishes the record, once. `route()` declares it to
+FastAPI for the OpenAPI document only: FastAPI's request handling (dependency solving, body
+parsing) is not on this path, which a small request would pay for in CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from starlette.background import BackgroundTask
 
 from clce_wire import fastpath, options, protocol
 from clce_wire.shm import RegionRef, parse_ref, ref_map
 
-from ..deps import authenticated_tenant, ready_state
-from ..errors import ApiError, ArgumentError
 from .. import layouts
-from ..hostmem import POOL
+from ..deps import check_ready, tenant_for
+from ..errors import ApiError, ArgumentError
 from ..jobs import LossJob, inflight_bytes
+from ..lease import RequestLease
+from ..recording import RequestRecord, new_request_id
+from ..responses import error_for
 from ..shm import view as region_view
-from ..recording import RequestRecord
 from ..state import ServerState
 from ..tenants import Tenant
 
-router = APIRouter()
+PATH = "/v1/cross_entropy"
 
 
 class CrossEntropyResponse(BaseModel):
@@ -58,138 +62,122 @@ JSON_OUT_THREAD_ROWS = 4096     # and JSON answers with more rows are rendered o
 
 
 @dataclass
-class Admission:
-    """What the admit stage established about a request."""
+class LossRequest:
+    """One loss request as the stages see it: established by `admit`."""
 
+    request: Request
     state: ServerState
     tenant: Tenant
+    lease: RequestLease            # owns what the request holds; closed by the endpoint
     as_msgpack: bool
     body_limit: int
-    record: RequestRecord
-    pins: list = field(default_factory=list)   # shared-memory regions this request uses
-    shm_bytes: int = 0                          # bytes of the tensors it references there
+    shm_bytes: int = 0             # bytes of the tensors it references in shared memory
+
+    @property
+    def record(self) -> RequestRecord:
+        return self.lease.record
 
 
-def unpin_all(adm: Admission) -> None:
-    pins, adm.pins = adm.pins, []
-    for region in pins:
-        adm.state.shm_registry.unpin(region)
+class LossEndpoint:
+    """The ASGI app of POST /v1/cross_entropy."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        state: ServerState = scope["app"].state.clce
+        lease = RequestLease(RequestRecord(new_request_id()), state.pool, state.shm_registry)
+        record = lease.record
+        request = Request(scope, receive, send)
+        state.inflight_http += 1
+        try:
+            try:
+                response = await cross_entropy(admit(request, state, lease))
+            except Exception as exc:
+                response = error_for(exc, request, record)
+            await record.send(response, scope, receive, send)
+        finally:
+            state.inflight_http -= 1
+            lease.close()
+            record.publish(state, scope.get("client"))
 
 
-async def admit(request: Request, tenant: Tenant = Depends(authenticated_tenant),
-          state: ServerState = Depends(ready_state)) -> Admission:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def route() -> APIRoute:
+    """The endpoint as FastAPI's router and OpenAPI document know it."""
+
+    async def cross_entropy_operation() -> CrossEntropyResponse:   # pragma: no cover  (never called)
+        """Loss and gradient of torch.nn.functional.cross_entropy (msgpack or JSON body)."""
+
+    r = APIRoute(
+        PATH, cross_entropy_operation, methods=["POST"], name="cross_entropy",
+        summary="Cross-entropy loss (and gradient) of a batch",
+        response_model=CrossEntropyResponse,
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {}},   # filled in by app.openapi() from clce_wire.options
+            "application/msgpack": {"schema": {"type": "string", "format": "binary",
+                                               "description": "the same fields, msgpack-encoded (docs/protocol.md)"}},
+        }}},
+        responses={400: {"description": "bad arguments: the message PyTorch would give"},
+                   401: {"description": "missing or invalid API key"}, 413: {"description": "body too large"},
+                   415: {"description": "not msgpack or JSON"}, 429: {"description": "queue or byte budget full"},
+                   500: {"description": "a server bug; the body and X-Request-ID carry the request id"},
+                   503: {"description": "starting, draining, or the device failed (Retry-After)"},
+                   504: {"description": "deadline exceeded"}},
+    )
+    r.app = LossEndpoint()
+    return r
+
+
+# ---- admit ---------------------------------------------------------------------------------------
+
+def admit(request: Request, state: ServerState, lease: RequestLease) -> LossRequest:
+    headers = request.headers
+    tenant = tenant_for(state, headers.get("authorization"))
+    lease.record.tenant = tenant.name
+    check_ready(state)
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in (protocol.MSGPACK, protocol.JSON):
         raise ApiError("unsupported_media_type",
                        f"Content-Type must be {protocol.MSGPACK} or {protocol.JSON}, got {ctype or 'none'!r}")
-    return Admission(state, tenant, ctype == protocol.MSGPACK,
-                     min(state.settings.max_request_bytes, tenant.max_request_bytes),
-                     request.scope["state"]["clce_request"])
+    return LossRequest(request, state, tenant, lease, ctype == protocol.MSGPACK,
+                       min(state.settings.max_request_bytes, tenant.max_request_bytes))
 
 
-@router.post(
-    "/v1/cross_entropy",
-    summary="Cross-entropy loss (and gradient) of a batch",
-    response_model=CrossEntropyResponse,
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {}},   # filled in by app.openapi() from clce_wire.options
-        "application/msgpack": {"schema": {"type": "string", "format": "binary",
-                                           "description": "the same fields, msgpack-encoded (docs/protocol.md)"}},
-    }}},
-    responses={400: {"description": "bad arguments: the message PyTorch would give"},
-               401: {"description": "missing or invalid API key"}, 413: {"description": "body too large"},
-               415: {"description": "not msgpack or JSON"}, 429: {"description": "queue or byte budget full"},
-               500: {"description": "a server bug; the body and X-Request-ID carry the request id"},
-               503: {"description": "starting, draining, or the device failed (Retry-After)"},
-               504: {"description": "deadline exceeded"}},
-)
-async def cross_entropy(request: Request, adm: Admission = Depends(admit)) -> Response:
+async def cross_entropy(req: LossRequest) -> Response:
+    record = req.record
     # The body's bytes count against the in-flight budgets from before it is read until the
-    # response has gone out (released by RecordRequests): a burst is answered 429 before its bodies
-    # are in memory, and peak memory stays near max_inflight_bytes + the host pool.
-    reservation = reserve_body(request, adm)
-    if reservation is not None:
-        adm.record.on_done.append(reservation.release)
+    # response has gone out (the lease gives them back): a burst is answered 429 before its
+    # bodies are in memory, and peak memory stays near max_inflight_bytes + the host pool.
+    req.lease.hold(req.state.scheduler.reserve(req.tenant, announced_length(req)))
     t0 = time.perf_counter()
-    body, backing = await read_body(request, adm.body_limit)
-    adm.record.stage("body", time.perf_counter() - t0)
-    adm.record.body_bytes = body.nbytes
+    body = await read_body(req)
+    record.stage("body", time.perf_counter() - t0)
+    record.body_bytes = body.nbytes
+    args = await decode(body, req)
+    # referenced tensors count as the request's bytes (budgets and fair shares do not depend
+    # on the transport)
+    result = await schedule(req, args, body.nbytes + req.shm_bytes)
+    if result is None:                     # the client left; nobody to answer
+        record.outcome = "cancelled"
+        return Response(status_code=499)
+    return await encode(result, args, req)
+
+
+def announced_length(req: LossRequest) -> int:
+    """The body's size from Content-Length, to reserve before reading it (0 without one, or when
+    it is over the size limit: read_body answers 413 for that)."""
     try:
-        args = await decode(body, adm)
-    except BaseException:
-        POOL.release(backing)
-        unpin_all(adm)
-        raise
-    # From here a device thread may read the body until the job is over: it is given back to the
-    # pool only with the response (a failed or abandoned job's body is left to the collector).
-    # Shared-memory regions are unpinned on every path; an abandoned job's arrays still keep the
-    # mapping alive (a mapped region cannot be unmapped while arrays over it exist).
-    try:
-        # referenced tensors count as the request's bytes (budgets and fair shares do not depend
-        # on the transport)
-        result = await schedule(request, adm, args, body.nbytes + adm.shm_bytes, reservation)
-        if result is None:                     # the client left; nobody to answer
-            adm.record.outcome = "cancelled"
-            unpin_all(adm)
-            return Response(status_code=499)
-        return await encode(result, args, adm, backing)
-    except BaseException:
-        unpin_all(adm)
-        raise
-
-
-class LossLane:
-    """ASGI middleware that serves POST /v1/cross_entropy itself: the route above, its two
-    dependencies called directly, and its failures rendered by the app's own exception handlers.
-
-    The route stays declared (OpenAPI, and the one definition of the stages); only FastAPI's
-    router, dependency solver and its inner middleware are skipped, which cost a small request
-    more CPU than all of its stages (bench/bench_small_requests.py). Every other method and
-    path goes on to the app unchanged."""
-
-    def __init__(self, app, *, path: str):
-        self.app = app
-        self.path = path
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        request = Request(scope, receive, send)
-        try:
-            adm = await admit(request, await authenticated_tenant(request), await ready_state(request))
-            response = await cross_entropy(request, adm)
-        except Exception as exc:
-            response = await self._handled(request, exc)
-        await response(scope, receive, send)
-
-    @staticmethod
-    async def _handled(request: Request, exc: Exception) -> Response:
-        handlers = request.app.exception_handlers
-        for cls in type(exc).__mro__:
-            if cls in handlers:
-                return await handlers[cls](request, exc)
-        raise exc   # pragma: no cover  (Exception itself has a handler)
-
-
-def reserve_body(request: Request, adm: Admission):
-    """A scheduler reservation for the body announced by Content-Length (None without one, or
-    when it is over the size limit: read_body answers 413 for that)."""
-    try:
-        n = int(request.headers.get("content-length", ""))
+        n = int(req.request.headers.get("content-length", ""))
     except ValueError:
-        return None
-    if not 0 < n <= adm.body_limit:
-        return None
-    return adm.state.scheduler.reserve(adm.tenant, n)
+        return 0
+    return n if 0 < n <= req.body_limit else 0
 
 
 # ---- read ----------------------------------------------------------------------------------------
 
-async def read_body(request: Request, limit: int) -> tuple[np.ndarray, np.ndarray | None]:
+async def read_body(req: LossRequest) -> np.ndarray:
     """The body in one writable buffer, placed so its first tensor is aligned (it is decoded in
-    place: tensors are views into it, and the CPU device computes on them directly). The limit
-    is checked from Content-Length before anything is read, and while streaming when there is
-    none. Returns (body, pooled backing to give back after the response, or None)."""
+    place: tensors are views into it, and the CPU device computes on them directly); a pooled
+    buffer of the request's lease when Content-Length says how big. The limit is checked from
+    Content-Length before anything is read, and while streaming when there is none."""
+    request, limit = req.request, req.body_limit
     length = request.headers.get("content-length")
     if length is None:
         buf = bytearray()
@@ -197,7 +185,7 @@ async def read_body(request: Request, limit: int) -> tuple[np.ndarray, np.ndarra
             buf += chunk
             if len(buf) > limit:
                 raise ApiError("payload_too_large", f"request body exceeds the limit of {limit} bytes")
-        return np.frombuffer(buf, np.uint8), None
+        return np.frombuffer(buf, np.uint8)
     try:
         n = int(length)
     except ValueError:
@@ -208,42 +196,36 @@ async def read_body(request: Request, limit: int) -> tuple[np.ndarray, np.ndarra
         raise ApiError("payload_too_large", f"request body of {n} bytes exceeds the limit of {limit} bytes")
     head = bytearray()
     body: np.ndarray | None = None
-    backing = view = None
+    view = None
     pos = 0
-    try:
-        async for chunk in request.stream():
-            if body is None:
-                head += chunk
-                if len(head) < min(n, 512):
-                    continue
-                backing = POOL.backing(n)
-                body = protocol.aligned_body(n, head, backing)
-                view = memoryview(body)
-                chunk, head = head, None
-            end = pos + len(chunk)
-            if end > n:
-                raise ApiError("bad_request", "body longer than its Content-Length")
-            view[pos:end] = chunk
-            pos = end
-    except BaseException:
-        POOL.release(backing)
-        raise
+    async for chunk in request.stream():
+        if body is None:
+            head += chunk
+            if len(head) < min(n, 512):
+                continue
+            body = protocol.aligned_body(n, head, req.lease.buffer(n))
+            view = memoryview(body)
+            chunk, head = head, None
+        end = pos + len(chunk)
+        if end > n:
+            raise ApiError("bad_request", "body longer than its Content-Length")
+        view[pos:end] = chunk
+        pos = end
     if body is None:                       # shorter than the head we wait for: all in `head`
         if len(head) != n:
             raise ApiError("bad_request", f"body ended after {len(head)} of {n} bytes")
-        return np.frombuffer(head, np.uint8), None
+        return np.frombuffer(head, np.uint8)
     if pos != n:
-        POOL.release(backing)
         raise ApiError("bad_request", f"body ended after {pos} of {n} bytes")
-    return body, backing
+    return body
 
 
 # ---- decode --------------------------------------------------------------------------------------
 
-async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
+async def decode(body: np.ndarray, req: LossRequest) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        if adm.as_msgpack:
+        if req.as_msgpack:
             args = options.parse_request(fastpath.decode_small(memoryview(body)))
         elif body.nbytes > JSON_IN_THREAD_BYTES:
             args = await asyncio.to_thread(lambda: options.parse_request(protocol.loads_json(body), json=True))
@@ -253,10 +235,12 @@ async def decode(body: np.ndarray, adm: Admission) -> dict[str, Any]:
         raise ArgumentError(exc.error) from None
     except protocol.ProtocolError as exc:     # loads_json and decode_message raise only this
         raise ApiError("bad_request", f"malformed request: {exc}") from None
-    resolve_regions(args, adm)
-    if adm.as_msgpack and args.get("grad_out") is None:
-        args["grad_out"] = gradient_over_body(args, body)
-    adm.record.stage("decode", time.perf_counter() - t0)
+    resolve_regions(args, req)
+    if args["return_grad"] and args.get("grad_out") is None:
+        args["grad_out"] = gradient_over_body(args, body) if req.as_msgpack else None
+        if args["grad_out"] is None:
+            args["grad_out"] = gradient_buffer(args, req.lease)
+    req.record.stage("decode", time.perf_counter() - t0)
     return args
 
 
@@ -277,35 +261,51 @@ def gradient_over_body(args: dict[str, Any], body: np.ndarray) -> np.ndarray | N
     return x
 
 
+def gradient_buffer(args: dict[str, Any], lease: RequestLease) -> np.ndarray | None:
+    """A pooled buffer of the request's lease for its gradient: the input's shape in the gradient's
+    dtype. None, for the engine to allocate an array of its own, when the pool would not pool it
+    (small: a coalesced launch computes it elsewhere anyway) or the input is not floating point
+    (the engine refuses it as PyTorch would)."""
+    x = args["input"]
+    name = args["grad_dtype"] or protocol.dtype_name(x.dtype)
+    if not isinstance(x, np.ndarray) or name not in _GRAD_DTYPES:
+        return None
+    dtype = protocol.numpy_dtype(name)
+    if x.size * dtype.itemsize < lease.pool.min_bytes:
+        return None
+    return lease.array(x.shape, dtype)
+
+
+_GRAD_DTYPES = frozenset(("float32", "float64", "float16", "bfloat16"))
+
+
 # Tensors used where they lie in shared memory (the client may keep writing them: garbage in,
 # garbage out, never out of bounds). Class indices and weights are copied out first: they are
 # bounds-checked and then used as indices, and a client must not change them in between.
 _IN_PLACE = frozenset(("input",))
 
 
-def resolve_regions(args: dict[str, Any], adm: Admission) -> None:
+def resolve_regions(args: dict[str, Any], req: LossRequest) -> None:
     """Replace region references (clce_wire.shm.RegionRef) by arrays over the tenant's regions,
     checked and pinned until the response is out; map `grad_region` to `args["grad_out"]`."""
     refs = [o.name for o in options.OPTIONS if isinstance(args.get(o.name), RegionRef)]
     if not refs and args["grad_region"] is None:
         return
-    registry = adm.state.shm_registry
-    if registry is None:
+    if req.state.shm_registry is None:
         raise ApiError("bad_request", "this server does not allow shared memory (see /v1/info)")
-    if not adm.as_msgpack:
+    if not req.as_msgpack:
         raise ApiError("bad_request", "shared-memory references need application/msgpack")
     # the request's size limit holds whatever the transport: what it references counts as its body
-    adm.shm_bytes = sum(args[name].nbytes for name in refs)
-    size = adm.record.body_bytes + adm.shm_bytes
-    if size > adm.body_limit:
+    req.shm_bytes = sum(args[name].nbytes for name in refs)
+    size = req.record.body_bytes + req.shm_bytes
+    if size > req.body_limit:
         raise ApiError("payload_too_large", f"request of {size} bytes (with its shared-memory tensors) "
-                       f"exceeds the limit of {adm.body_limit} bytes")
+                       f"exceeds the limit of {req.body_limit} bytes")
     pinned: dict[str, Any] = {}
 
     def region(name: str):
         if name not in pinned:
-            pinned[name] = registry.pin(adm.tenant.name, name)
-            adm.pins.append(pinned[name])
+            pinned[name] = req.lease.pin(req.tenant.name, name)
         return pinned[name]
 
     for name in refs:
@@ -333,48 +333,61 @@ def resolve_regions(args: dict[str, Any], adm: Admission) -> None:
 
 # ---- schedule ------------------------------------------------------------------------------------
 
-async def schedule(request: Request, adm: Admission, args: dict[str, Any], body_len: int, reservation=None):
+async def schedule(req: LossRequest, args: dict[str, Any], body_len: int):
     """The engine's LossResult, or None when the client disconnected first (the job is dropped)."""
-    state, settings = adm.state, adm.state.settings
+    state, settings, record = req.state, req.state.settings, req.record
+    scheduler = state.scheduler
     deadline = None
     if args["deadline_ms"] is not None:
         if not args["deadline_ms"] > 0:
             raise ApiError("bad_request", "deadline_ms must be positive")
-        deadline = time.monotonic() + args["deadline_ms"] / 1000.0
+        deadline = scheduler.clock() + args["deadline_ms"] / 1000.0
     # FIFO runs whole requests: the baseline that chunked fair queueing is measured against
     chunk_s = settings.chunk_ms / 1000.0 if settings.scheduling == "fair" else None
     job = LossJob(args, state.engines, chunk_s=chunk_s,
                   max_batch_elements=settings.batch_max_elements if settings.max_batch > 1 else 0)
-    sched_timings: dict = {}
-    submit = asyncio.ensure_future(state.scheduler.submit(
-        adm.tenant, inflight_bytes(args, body_len), job, deadline=deadline, timings=sched_timings,
-        request_bytes=body_len, reservation=reservation))
-    if body_len >= WATCH_DISCONNECT_BYTES:
-        # Worth cancelling: watch the connection, and drop the job if the client goes. A small
-        # job is cheaper to finish than to watch; its result is then dropped harmlessly.
-        watcher = asyncio.ensure_future(_disconnected(request))
-        try:
-            done, _ = await asyncio.wait({submit, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if submit not in done:
-            submit.cancel()
-            try:
-                await submit
-            except BaseException:
-                pass
-            return None
-    try:
+    timings: dict = {}
+    submit = scheduler.submit(req.tenant, inflight_bytes(args, body_len), job, deadline=deadline,
+                              timings=timings, request_bytes=body_len, reservation=req.lease.reservation)
+    if body_len < WATCH_DISCONNECT_BYTES:
+        # A small job is cheaper to finish than to watch; if its client went, the answer is
+        # dropped harmlessly.
         result = await submit
-    finally:
-        # A failed task holds its exception, whose traceback holds this frame and so the task:
-        # a cycle that would keep the request's body alive until the collector ran.
-        submit = watcher = done = None
-    adm.record.stage("queue", sched_timings.get("queue_s", 0.0))
-    adm.record.stage("run", sched_timings.get("compute_s", 0.0))   # the job on its worker thread
-    adm.record.stage("kernel", result.kernel_seconds)              # of which device time
-    adm.record.rows = result.rows
+    else:
+        result = await _unless_disconnected(submit, req.request)
+        if result is None:
+            return None
+    record.stage("queue", timings.get("queue_s", 0.0))
+    record.stage("run", timings.get("compute_s", 0.0))   # the job on its worker thread
+    record.stage("kernel", result.kernel_seconds)        # of which device time
+    record.rows = result.rows
     return result
+
+
+async def _unless_disconnected(submit, request: Request):
+    """`submit`'s result, or None when the client goes first (the job is then cancelled: the
+    scheduler drops it, or closes it after its current chunk)."""
+    task = asyncio.ensure_future(submit)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:            # this request is cancelled itself (shutdown)
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait((task,))
+        return None
+    if task.exception() is None:
+        return task.result()
+    # Raised without a local holding the task: a failed task keeps its exception, whose
+    # traceback would hold this frame and so the task, a cycle freed only by the collector.
+    try:
+        raise task.exception()
+    finally:
+        task = None
 
 
 async def _disconnected(request: Request) -> None:
@@ -408,55 +421,58 @@ def result_message(result, args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def encode(result, args: dict[str, Any], adm: Admission, backing) -> Response:
-    record = adm.record
+async def encode(result, args: dict[str, Any], req: LossRequest) -> Response:
+    record = req.record
     t0 = time.perf_counter()
     # The answer carries no bytes of a shared-memory region (the gradient is already in it, the
     # answer names it), so the regions are let go before it is sent.
-    unpin_all(adm)
+    req.lease.unpin()
     msg = result_message(result, args)
-    response = await _encoded(msg, result, adm, backing)
+    response = await _encoded(msg, result, req)
     record.stage("encode", time.perf_counter() - t0)
     return response
 
 
-async def _encoded(msg: dict[str, Any], result, adm: Admission, backing) -> Response:
-    record = adm.record
+async def _encoded(msg: dict[str, Any], result, req: LossRequest) -> Response:
+    record = req.record
     record.stage("total", time.perf_counter() - record.started)
     headers = {"Server-Timing": protocol.format_server_timing({k: v * 1000 for k, v in record.timings.items()})}
-    # Once the response is out, nothing refers to the body or the gradient: back to the pool.
-    # (A gradient written over the body is the body's buffer: given back once, with the body.)
-    grad = result.grad
-    if grad is not None and backing is not None and np.may_share_memory(grad, backing):
-        grad = None
-    recycle = BackgroundTask(_recycle, backing, grad) if backing is not None or grad is not None else None
-
-    if adm.as_msgpack:
+    # The body and the gradient stay the lease's until the response is out (LossEndpoint).
+    if req.as_msgpack:
         if sum(v.nbytes for v in msg.values() if isinstance(v, np.ndarray)) <= fastpath.SMALL_BYTES:
-            return Response(fastpath.encode_small(msg), media_type=protocol.MSGPACK, headers=headers,
-                            background=recycle)
+            return Response(fastpath.encode_small(msg), media_type=protocol.MSGPACK, headers=headers)
         segments = protocol.encode_message(msg)
         size = protocol.message_nbytes(segments)
         if size <= STREAM_CHUNK:   # one write, no per-chunk threadpool hop
-            return Response(b"".join(segments), media_type=protocol.MSGPACK, headers=headers, background=recycle)
-        headers["Content-Length"] = str(size)
-        return StreamingResponse(_slices(segments), media_type=protocol.MSGPACK, headers=headers,
-                                 background=recycle)
+            return Response(b"".join(segments), media_type=protocol.MSGPACK, headers=headers)
+        return SlicedResponse(segments, size, headers)
     if result.rows > JSON_OUT_THREAD_ROWS:
         payload = await asyncio.to_thread(protocol.message_to_json, msg)
     else:
         payload = protocol.message_to_json(msg)
-    return JSONResponse(payload, headers=headers, background=recycle)
+    return JSONResponse(payload, headers=headers)
 
 
-def _slices(segments):
-    for seg in segments:
-        mv = memoryview(seg).cast("B")
-        for i in range(0, len(mv), STREAM_CHUNK):
-            yield mv[i:i + STREAM_CHUNK]
+class SlicedResponse:
+    """A msgpack answer sent from its segments (the gradient is one: a view of the lease's buffer)
+    in 1 MiB memoryview slices: no copy, flow control per slice, no thread hop per slice. Unlike
+    starlette's StreamingResponse, no task group watches for a disconnect (uvicorn drops what is
+    sent to a client that left), so a client that goes mid-download leaves no cancelled task
+    whose traceback would keep a slice of the buffer, and with it the buffer, until the garbage
+    collector ran."""
 
+    status_code = 200
 
-async def _recycle(*arrays) -> None:
-    # async: a sync background task would cost a threadpool hop per response
-    for a in arrays:
-        POOL.release(a)
+    def __init__(self, segments: list, size: int, headers: dict[str, str]):
+        self.segments = segments
+        self.size = size
+        self.raw_headers = [(b"content-type", protocol.MSGPACK.encode()), (b"content-length", str(size).encode()),
+                            *((k.lower().encode(), v.encode()) for k, v in headers.items())]
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        for seg in self.segments:
+            mv = memoryview(seg).cast("B")
+            for i in range(0, len(mv), STREAM_CHUNK):
+                await send({"type": "http.response.body", "body": mv[i:i + STREAM_CHUNK], "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

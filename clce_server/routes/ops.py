@@ -14,7 +14,6 @@ from clce_wire.shm import host_id
 from .. import __version__
 from ..deps import admin_only, ready_state, server_state, status_viewer
 from ..errors import ApiError
-from ..hostmem import POOL
 from ..state import ServerState
 
 router = APIRouter()
@@ -82,7 +81,7 @@ def _shm_info(state: ServerState, viewer) -> dict:
     if viewer is not None:
         return {**doc, "scope": "tenant", **state.shm_registry.stats(viewer)}
     return {**doc, "scope": "server", **state.shm_registry.stats(), **state.shm_server.stats(),
-            "pool_held_bytes": POOL.held_bytes()}
+            "pool_held_bytes": state.pool.held_bytes()}
 
 
 @router.get("/v1/status", summary="Live scheduler state: devices, tenants, queues, throughput "
