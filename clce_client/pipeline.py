@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from clce_wire.options import REDUCE_BLOCK_ROWS, combine_partials, mean_normaliser, request_message
+from clce_wire.options import request_message
+from clce_wire.reduction import REDUCE_BLOCK_ROWS, combine_partials, mean_normaliser
 from clce_wire.protocol import DTYPES, ProtocolError, WireTensor, decode_tensor, encode_tensor
 
 #: default chunk size and connections

@@ -30,7 +30,7 @@ from .protocol import (
     special_float,
     tensor_from_json,
 )
-from .reduction import REDUCE_BLOCK_ROWS, combine_partials, mean_normaliser  # noqa: F401  (clce_client.pipeline)
+from .reduction import REDUCE_BLOCK_ROWS
 from .shm import is_ref_map, parse_ref
 
 __all__ = ["Option", "OPTIONS", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
