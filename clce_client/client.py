@@ -139,6 +139,13 @@ def _torch_support():
     return torch_support
 
 
+def traced_route(*args: Any) -> Any:
+    """Where torch tensors go while torch.compile traces a call: the operator clce::cross_entropy
+    (clce_client.ops.traced_cross_entropy). The package sets it (clce_client/__init__.py): the
+    operator is built on this module, so this module reaches it by injection, not by an import."""
+    raise RuntimeError("clce_client.client.traced_route is unset: import clce_client, not its modules alone")
+
+
 def _compiling() -> bool:
     """True while torch.compile traces the caller: torch tensors then go through the operator
     clce::cross_entropy (clce_client.ops), one opaque node, instead of being traced into the client."""
@@ -1065,9 +1072,7 @@ class Client(_BaseClient):
     def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
                       reduction: str = "mean", label_smoothing: float = 0.0, **options: Any) -> Any:
         if _compiling():
-            from .ops import traced_cross_entropy
-
-            return traced_cross_entropy(self, input, target, weight, ignore_index, reduction, label_smoothing, options)
+            return traced_route(self, input, target, weight, ignore_index, reduction, label_smoothing, options)
         return self._run(self._cross_entropy_flow(
             input, target, self._options(weight, ignore_index, reduction, label_smoothing, options)))
 
@@ -1303,9 +1308,7 @@ def cross_entropy(
 ) -> Any:
     """`Client.cross_entropy` on the default client (CLCE_URL, CLCE_API_KEY)."""
     if _compiling():
-        from .ops import traced_cross_entropy
-
-        return traced_cross_entropy(None, input, target, weight, ignore_index, reduction, label_smoothing, options)
+        return traced_route(None, input, target, weight, ignore_index, reduction, label_smoothing, options)
     return default_client().cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, **options
     )
