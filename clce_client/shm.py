@@ -88,11 +88,19 @@ class _Session:
     def closed(self) -> bool:
         """True when the server has closed its end (it exited). The server never speaks first, so
         anything readable between calls is the end of the stream; a poll costs a few microseconds."""
-        if self.sock.fileno() < 0:
-            return True
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        return bool(poller.poll(0))
+        # A call in flight on another thread makes the socket readable with its answer: that is
+        # not the end of the stream, so poll only between calls (a call that finds the socket
+        # closed raises ArenaLost itself).
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if self.sock.fileno() < 0:
+                return True
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+            return bool(poller.poll(0))
+        finally:
+            self.lock.release()
 
     def close(self) -> None:
         self.sock.close()

@@ -230,3 +230,38 @@ def test_the_error_is_clce_s_and_names_the_chunk_s_problem(server, monkeypatch):
         with pytest.raises(clce_client.ClceIndexError) as single:
             one.cross_entropy(x, t, return_grad=True)
     assert str(chunked.value) == str(single.value)
+
+
+def test_threads_sharing_one_shm_client_never_see_a_false_restart(server):
+    """A registration answer arriving while another thread checks whether the socket closed is not
+    a restart: 8 threads calling one client with sizes that keep registering new regions all get
+    their losses (before the check took the session's lock, some got ArenaLost('the server
+    restarted') from a server that never stopped)."""
+    import torch
+    import torch.nn.functional as F
+
+    client = Client(server.url, transport="shm", shm_min_bytes=0)
+    errors, checked = [], []
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(30):
+            rows = int(rng.integers(1, 64)) * 16
+            x = rng.standard_normal((rows, 1000)).astype(np.float32)
+            t = rng.integers(0, 1000, rows)
+            try:
+                loss = client.cross_entropy(x, t)
+            except Exception as exc:      # what this test counts
+                errors.append(repr(exc))
+                continue
+            want = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t)).item()
+            checked.append(abs(float(loss) - want) <= 1e-5 * abs(want))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    client.close()
+    assert not errors, errors[:3]
+    assert len(checked) == 8 * 30 and all(checked)
