@@ -55,13 +55,13 @@ STAGES = ("accept", "headers", "body", "decode", "queue", "run", "kernel", "enco
 
 
 def request_bytes(shape, key: str, port: int, seed: int = 0) -> bytes:
-    from clce_client.client import Client
+    from clce_wire.protocol import message_nbytes
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32)
     t = rng.integers(0, shape[1], shape[0])
-    _, segments, n = Client._call(None, x, t, weight=None, ignore_index=-100, reduction="mean",
-                                  label_smoothing=0.0, return_grad=True)
+    segments = common.request_segments(x, t, return_grad=True)
+    n = message_nbytes(segments)
     head = (f"POST /v1/cross_entropy HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/msgpack\r\n"
             f"Accept: application/msgpack\r\nAuthorization: Bearer {key}\r\nContent-Length: {n}\r\n\r\n")
     return head.encode() + b"".join(bytes(s) for s in segments)

@@ -80,15 +80,12 @@ def serve_trivial(port: int) -> None:
 
 def make_request():
     """The bytes `Client.cross_entropy(x, t, return_grad=True)` sends, and the reference answer."""
-    from clce_client.client import _BaseClient, _Call
     from clce_wire import protocol
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(SHAPE).astype(np.float32)
     t = rng.integers(0, SHAPE[1], SHAPE[0])
-    # the client core's I/O-free planning step, as Client.cross_entropy runs it
-    call = _Call(x, t, _BaseClient._options(None, -100, "mean", 0.0, {"return_grad": True}))
-    segments = protocol.encode_message(call.message)
+    segments = common.request_segments(x, t, return_grad=True)
     body = b"".join(bytes(s) for s in segments)
     assert protocol.decode_message(body)["return_grad"] is True
     xd = x.astype(np.float64)

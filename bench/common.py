@@ -327,3 +327,15 @@ def reference_mean_ce(x, t):
     g = np.exp(x[idx].astype(np.float64) - lse[idx, None])
     g[np.arange(len(idx)), t[idx]] -= 1
     return loss, idx, g / n
+
+
+def request_segments(x, t, **options) -> list:
+    """The msgpack segments `Client.cross_entropy(x, t, **options)` sends for numpy inputs, made by
+    the client core's own I/O-free planning step (for load generators that replay the request)."""
+    from clce_client.client import _BaseClient, _Call
+    from clce_wire import protocol
+
+    call = _Call(x, t, _BaseClient._options(options.pop("weight", None), options.pop("ignore_index", -100),
+                                            options.pop("reduction", "mean"), options.pop("label_smoothing", 0.0),
+                                            options))
+    return protocol.encode_message(call.message)
