@@ -800,6 +800,12 @@ class Client(_Base):
         segments = encode_message(call.message)
         return self._finish(call, self._request("POST", CROSS_ENTROPY_PATH, segments, message_nbytes(segments)))
 
+    def linear_cross_entropy(self, hidden: Any, weight: Any, target: Any, bias: Any = None, **options: Any) -> Any:
+        """The fused linear cross-entropy (clce_client/linear.py) on this client's server."""
+        from .linear import linear_cross_entropy
+
+        return linear_cross_entropy(hidden, weight, target, bias, client=self, **options)
+
     def _send_chunks(self, pipe: Any) -> dict[str, Any]:
         from concurrent.futures import ThreadPoolExecutor
 

@@ -23,7 +23,7 @@ from . import __version__
 from .config import Settings
 from .recording import RecordRequests
 from .responses import install_exception_handlers
-from .routes import loss, ops
+from .routes import linear, loss, ops
 from .state import ServerState
 
 LOSS_PATH = "/v1/cross_entropy"
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "form below is for curl.")
     app.include_router(ops.router)
     app.include_router(loss.router)
+    app.include_router(linear.router)   # fused linear cross-entropy (routes/linear.py)
     install_exception_handlers(app)
     app.add_middleware(loss.LossLane, path=LOSS_PATH)
     app.add_middleware(RecordRequests, paths=frozenset({LOSS_PATH}))
