@@ -137,3 +137,27 @@ def test_numpy_inputs_give_loss_and_gradients(client):
     np.testing.assert_allclose(out["grad_hidden"], h2.grad.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out["grad_weight"], W2.grad.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out["grad_bias"], b2.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_custom_op_under_torch_compile(client):
+    from clce_client.linear_ops import linear_cross_entropy
+
+    h, W, b, y = _model(8)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def step(h, W, b, y):
+        return linear_cross_entropy(h, W, y, b, client=client, label_smoothing=0.05) * 2.0
+
+    loss = step(h, W, b, y)
+    loss.backward()
+    ref, h2, W2, b2 = _local(h, W, y, b, label_smoothing=0.05)
+    (ref * 2.0).backward()
+    torch.testing.assert_close(loss, ref * 2.0)
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(W.grad, W2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+    from clce_client.ops import client_key
+    torch.library.opcheck(torch.ops.clce.linear_cross_entropy.default,
+                          (h.detach(), W.detach(), y, b.detach(), None, -100, "mean", 0.0, 0.0, 0.0, 0,
+                           client_key(client), False),
+                          test_utils=("test_schema", "test_faketensor"))
