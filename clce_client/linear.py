@@ -80,6 +80,9 @@ class LinearWeights:
         self._lock = threading.Lock()
         self._uploaded: dict[str, str] = {}
         self._pending: dict[str, tuple[Any, Any, str, float | None]] = {}   # name -> (weight, bias, version, scale)
+        #: flushes per name: a flush precedes an optimizer step, which makes a new version even
+        #: where the step leaves tensor._version alone (torch's fused AdamW does)
+        self._generation: dict[str, int] = {}
 
     @staticmethod
     def version_of(weight: Any, bias: Any = None) -> str:
@@ -103,8 +106,8 @@ class LinearWeights:
             self._uploaded[name] = version
 
     def ensure(self, name: str, weight: Any, bias: Any) -> str:
-        version = self.version_of(weight, bias)
         with self._lock:
+            version = f"{self._generation.get(name, 0)}:{self.version_of(weight, bias)}"
             have = self._uploaded.get(name)
         if have != version:
             if name in self._pending and self._pending[name][2] != version:
@@ -129,6 +132,8 @@ class LinearWeights:
 
         with self._lock:
             pending, self._pending = self._pending, {}
+            for name in pending:
+                self._generation[name] = self._generation.get(name, 0) + 1
         for name, (weight, bias, version, scale) in pending.items():
             msg = _post(self.client, f"/v1/weights/{name}/grad", {"v": PROTOCOL_VERSION, "weight_version": version})
             for param, key in ((weight, "grad_weight"), (bias, "grad_bias")):
