@@ -98,11 +98,15 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
           label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float | None = None,
           shift: int = 0) -> LinearProblem:
     """F.linear's and F.cross_entropy's checks, in their words where they have them. Every target
-    is checked here, before any chunk runs (a weight gradient must not be half accumulated)."""
+    is checked here, before any chunk runs (a weight gradient must not be half accumulated).
+    Departure from torch: a weight with no rows or no columns is refused (torch computes logits
+    of zero classes, or of the bias alone)."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(1 << 63) <= int(ignore_index) < (1 << 63):
+        raise ValueError("Overflow when unpacking long long")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {float(label_smoothing):g}")
     if not math.isfinite(lse_square_scale) or lse_square_scale < 0:
@@ -121,6 +125,8 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
     if h_dt not in LINEAR_DTYPES:
         raise RuntimeError(f"fused linear cross-entropy runs float32 and bfloat16, got {h_dt}")
     V, H = int(weight.shape[0]), int(weight.shape[1])
+    if V == 0 or H == 0:
+        raise RuntimeError(f"fused linear cross-entropy needs a weight with rows and columns, got shape [{V}, {H}]")
     if bias is not None:
         if bias.shape != (V,):
             raise RuntimeError(f"bias must have shape ({V},), got {list(bias.shape)}")
@@ -156,11 +162,16 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
         denom = float(np.sum(cw[t[valid]], dtype=np.float64))
     else:
         cw, denom = None, float(n_valid)
-    return LinearProblem(np.ascontiguousarray(hidden.reshape(-1, H)), np.ascontiguousarray(weight),
-                         None if bias is None else np.ascontiguousarray(bias), t, cw, int(ignore_index),
+    return LinearProblem(_aligned(hidden.reshape(-1, H)), _aligned(weight), None if bias is None else _aligned(bias),
+                         t, cw, int(ignore_index),
                          reduction, float(label_smoothing), float(lse_square_scale),
                          None if softcap is None else float(softcap), row_shape, loss_shape, int(shift),
                          denom, n_valid)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """C-contiguous and aligned to its element (a tensor inside a msgpack body may sit at any byte)."""
+    return np.require(a, requirements=("C", "A"))
 
 
 class LinearCrossEntropy:
@@ -212,8 +223,7 @@ class LinearCrossEntropy:
                 raise ValueError(f"grad_weight must be a float32 array of shape ({V}, {H})")
         if want_grad_bias:
             res.grad_bias = np.zeros(V, np.float64) if grad_bias is None else grad_bias
-        chunk = min(self.chunk_rows, max(R, 1))
-        chunk = -(-chunk // REDUCE_BLOCK_ROWS) * REDUCE_BLOCK_ROWS
+        chunk = min(self.chunk_rows, -(-R // REDUCE_BLOCK_ROWS) * REDUCE_BLOCK_ROWS)
         logits = np.empty((chunk, V), np.float32)            # the one (chunk, V) buffer
         h_t = np.empty((H, chunk), np.float32)                # the chunk's hidden, transposed
         gemm_dt = "bfloat16" if p.dtype == "bfloat16" else "float32"
@@ -228,6 +238,8 @@ class LinearCrossEntropy:
         partials, row_losses, row_zlosses = [], [], []
         try:
             with _device_errors():
+                if R == 0:   # nothing to launch (OpenCL has no empty buffers): the empty sums below
+                    return self._assemble(p, res, partials, row_losses, row_zlosses)
                 w_buf = buf(p.weight)
                 l_buf = buf(logits, MF.READ_WRITE)
                 ht_buf = buf(h_t)
@@ -279,19 +291,24 @@ class LinearCrossEntropy:
         finally:
             for b in bufs:
                 b.release()
+        return self._assemble(p, res, partials, row_losses, row_zlosses)
+
+    @staticmethod
+    def _assemble(p: LinearProblem, res: LinearResult, partials, row_losses, row_zlosses) -> LinearResult:
+        """The loss (and z-loss) from the chunks' per-row losses or block sums."""
         out_dt = _np_dtype(p.dtype)
         if p.reduction == "none":
             loss = np.concatenate(row_losses) if row_losses else np.zeros(0, np.float32)
             loss = loss.reshape(p.row_shape)[..., :p.loss_shape[-1]] if p.shift else loss.reshape(p.row_shape)
             res.loss = np.ascontiguousarray(loss).astype(out_dt)
             if p.lse_square_scale:
-                z = np.concatenate(row_zlosses).reshape(p.row_shape)
+                z = (np.concatenate(row_zlosses) if row_zlosses else np.zeros(0, np.float32)).reshape(p.row_shape)
                 res.z_loss = np.ascontiguousarray(z[..., :p.loss_shape[-1]] if p.shift else z)
         else:
             blocks = np.concatenate(partials) if partials else np.zeros((0, 4))
             loss, z, _ = combine_partials(blocks[:, :3], p.reduction, p.denominator, p.valid_rows,
                                           bool(p.lse_square_scale), np.float32, want_accuracy=False)
-            if R == 0 and p.reduction == "mean":
+            if p.hidden.shape[0] == 0 and p.reduction == "mean":
                 loss = np.array(np.nan, np.float32)
             res.loss = np.asarray(loss).astype(out_dt)
             res.z_loss = z

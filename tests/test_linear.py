@@ -186,3 +186,33 @@ def test_bad_arguments_raise_before_any_chunk(case, exc, match):
         h, W, b = h.astype(np.float16), W.astype(np.float16), b.astype(np.float16)
     with pytest.raises(exc, match=match):
         linear.check(h, W, y, b, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows(lce, reduction):
+    rng = np.random.default_rng(9)
+    h, W, b, y = make(rng, (0,), 8, 30)
+    r = run(lce, h, W, y, b, reduction=reduction, lse_square_scale=1e-3)
+    loss = reference(h, W, y, b, reduction=reduction)[0]
+    torch.testing.assert_close(_torch(r.loss), loss, equal_nan=True)
+    assert r.grad_hidden.shape == (0, 8) and not r.grad_weight.any() and not r.grad_bias.any()
+
+
+def test_unaligned_tensors_are_read_correctly(lce):
+    """Tensors inside a msgpack body may start at any byte: they are aligned before the kernels."""
+    rng = np.random.default_rng(10)
+    h, W, b, y = make(rng, (70,), 16, 50)
+    raw = np.zeros(h.numel() * 4 + 1, np.uint8)
+    odd = raw[1:].view(np.float32).reshape(70, 16)   # one byte off
+    odd[...] = h.numpy()
+    assert odd.ctypes.data % 4
+    r = lce(linear.check(odd, _np(W), y.numpy(), _np(b)))
+    torch.testing.assert_close(_torch(r.loss), reference(h, W, y, b)[0])
+
+
+def test_empty_weight_and_huge_ignore_index_are_refused():
+    h = np.zeros((3, 4), np.float32)
+    with pytest.raises(RuntimeError, match="weight with rows and columns"):
+        linear.check(h, np.zeros((0, 4), np.float32), np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="Overflow"):
+        linear.check(h, np.zeros((5, 4), np.float32), np.zeros(3, np.int64), ignore_index=1 << 70)

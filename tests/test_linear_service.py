@@ -161,3 +161,29 @@ def test_custom_op_under_torch_compile(client):
                           (h.detach(), W.detach(), y, b.detach(), None, -100, "mean", 0.0, 0.0, 0.0, 0,
                            client_key(client), False),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("msg, status, match", [
+    ({"v": 1, "target": np.zeros(3, np.int64)}, 400, "missing request field 'hidden'"),
+    ({"v": 1, "hidden": np.zeros((3, 4), np.float32), "target": np.zeros(3, np.int64), "bogus": 1}, 400,
+     "unknown request field 'bogus'"),
+    ({"v": 1, "hidden": np.zeros((3, 4), np.float32), "target": np.zeros(3, np.int64),
+      "weight": np.zeros((5, 4), np.float32), "reduction": 3}, 400, "reduction: expected str"),
+    ({"v": 1, "hidden": np.zeros((0, 4), np.float32), "target": np.zeros(0, np.int64),
+      "weight": np.zeros((5, 4), np.float32), "reduction": "sum"}, 200, None),
+    ({"v": 1, "hidden": np.zeros((3, 4), np.float32), "target": np.zeros(3, np.int64),
+      "weight": np.zeros((5, 4), np.float32), "ignore_index": 1 << 63}, 400, "Overflow"),
+    ({"v": 1, "hidden": np.zeros((3, 4), np.float32), "target": np.zeros(3, np.int64),
+      "weight_name": "nope", "weight_version": "1"}, 404, "upload it again"),
+], ids=["missing", "unknown", "type", "no_rows", "overflow", "unknown_weight"])
+def test_bad_requests_get_clear_answers_not_500(server, msg, status, match):
+    import httpx
+
+    from clce_wire.protocol import encode_message
+    r = httpx.post(server.url + "/v1/linear_cross_entropy", content=b"".join(bytes(s) for s in encode_message(msg)),
+                   headers={"Content-Type": "application/msgpack"})
+    assert r.status_code == status, r.text
+    if match:
+        import msgpack
+        body = msgpack.unpackb(r.content) if "msgpack" in r.headers["content-type"] else r.json()
+        assert match in body["error"]["message"]

@@ -125,7 +125,10 @@ async def put_weight(name: str, request: Request, tenant: Tenant = Depends(authe
         raise ArgumentError(RuntimeError(f"weight must be 2-D (vocabulary, hidden), got shape {list(weight.shape)}"))
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ArgumentError(RuntimeError(f"bias must be a ({weight.shape[0]},) tensor of the weight's dtype"))
-    # the arrays view the received body: it is kept (not pooled) for as long as the weight is stored
+    # the arrays view the received body, kept (not pooled) for as long as the weight is stored;
+    # aligned once here (a tensor in a msgpack body may start at any byte), not on every call
+    weight = np.require(weight, requirements=("C", "A"))
+    bias = None if bias is None else np.require(bias, requirements=("C", "A"))
     weight_store(state).put(tenant, name, version, weight, bias)
     return await _respond({"v": protocol.PROTOCOL_VERSION, "weight_name": name, "weight_version": version})
 
