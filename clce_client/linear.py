@@ -64,6 +64,11 @@ def _array(msg: dict, name: str) -> np.ndarray | None:
     return None if v is None else decode_tensor(v, name=name)
 
 
+def _widened(a: np.ndarray) -> np.ndarray:
+    """A copy torch can take: float64 stays, anything else (bf16 included) as float32."""
+    return np.array(a, np.float64 if a.dtype == np.float64 else np.float32)
+
+
 def _post(client, path: str, msg: dict) -> dict:
     segments = encode_message(msg)
     resp = client._request("POST" if not path.startswith("PUT ") else "PUT", path.removeprefix("PUT "),
@@ -186,8 +191,8 @@ def _torch_function():
             ctx.stored = (weight_name, weights, weight, bias, msg_version(weights, weight_name)) if accumulate else None
             ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
             z = _array(msg, "z_loss")
-            loss = torch.from_numpy(np.array(_array(msg, "loss")))
-            return loss.to(hidden.dtype), (torch.from_numpy(np.array(z)) if z is not None else None)
+            loss = torch.from_numpy(_widened(_array(msg, "loss")))
+            return loss.to(hidden.dtype), (torch.from_numpy(_widened(z)) if z is not None else None)
 
         @staticmethod
         def backward(ctx, grad_loss, grad_z):
@@ -204,7 +209,7 @@ def _torch_function():
             def scaled(arr, dtype, shape=None):
                 if arr is None:
                     return None
-                t = torch.from_numpy(np.array(arr, np.float32 if arr.dtype != np.float64 else np.float64))
+                t = torch.from_numpy(_widened(arr))
                 t = (t * scale).to(dtype)
                 return t.reshape(shape) if shape is not None else t
 

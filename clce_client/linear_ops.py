@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .client import Client
+from .linear import _widened as _as_float
 from .linear import linear_cross_entropy as _remote
 from .ops import _client, client_key
 
@@ -40,11 +41,6 @@ def _op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], 
     gb = (torch.from_numpy(_as_float(out["grad_bias"])).to(weight.dtype) if out["grad_bias"] is not None
           else weight.new_empty(0))
     return loss, gh, gw, gb
-
-
-def _as_float(a):
-    import numpy as np
-    return np.array(a, np.float64 if a.dtype == np.float64 else np.float32)
 
 
 @_op.register_fake

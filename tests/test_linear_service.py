@@ -187,3 +187,20 @@ def test_bad_requests_get_clear_answers_not_500(server, msg, status, match):
         import msgpack
         body = msgpack.unpackb(r.content) if "msgpack" in r.headers["content-type"] else r.json()
         assert match in body["error"]["message"]
+
+
+def test_bf16_autograd_within_bf16_tolerance(client):
+    h, W, b, y = _model(9)
+    hb = h.detach().bfloat16().requires_grad_()
+    Wb = W.detach().bfloat16().requires_grad_()
+    bb = b.detach().bfloat16().requires_grad_()
+    loss = client.linear_cross_entropy(hb, Wb, y, bb)
+    loss.backward()
+    assert loss.dtype == hb.grad.dtype == Wb.grad.dtype == bb.grad.dtype == torch.bfloat16
+    ref, h2, W2, b2 = _local(hb.detach().float(), Wb.detach().float(), y, bb.detach().float())
+    ref.backward()
+    tol = dict(atol=1e-2, rtol=1.6e-2)
+    torch.testing.assert_close(loss.float(), ref, **tol)
+    torch.testing.assert_close(hb.grad.float(), h2.grad, **tol)
+    torch.testing.assert_close(Wb.grad.float(), W2.grad, **tol)
+    torch.testing.assert_close(bb.grad.float(), b2.grad, **tol)
