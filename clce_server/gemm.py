@@ -27,7 +27,7 @@ GEMM_PARAMS = ("M", "N", "K", "alpha", "beta", "A", "a_off", "sam", "sak", "B", 
 #: element types the kernel reads and writes (its GEMM_*_DTYPE codes)
 GEMM_DTYPES = {"float32": 0, "bfloat16": 2}
 
-_CPU = {"GEMM_MR": 6, "GEMM_NV": 2, "GEMM_VW": 16, "GEMM_MB": 16, "GEMM_KC": 256}
+_CPU = {"GEMM_MR": 6, "GEMM_NV": 2, "GEMM_VW": 16, "GEMM_MB": 64, "GEMM_KC": 256}
 GEMM_TUNING: list[tuple[str, str, dict[str, int]]] = [
     ("*", "cpu", _CPU),
     ("*", "gpu", {"GEMM_MR": 4, "GEMM_NV": 1, "GEMM_VW": 8, "GEMM_MB": 1, "GEMM_KC": 64}),

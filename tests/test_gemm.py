@@ -33,7 +33,8 @@ def _run(gemm, M, N, K, A, a_strides, B, C, c_strides, dtypes=("float32",) * 3, 
     return C
 
 
-SHAPES = [(1, 1, 1), (5, 7, 3), (6, 32, 256), (25, 33, 257), (97, 130, 600), (3, 200, 40), (200, 3, 1)]
+SHAPES = [(1, 1, 1), (5, 7, 3), (6, 32, 256), (25, 33, 257), (97, 130, 600), (3, 200, 40), (200, 3, 1),
+          (1000, 70, 300)]   # the last: several work-items down M, the last one short
 
 
 @pytest.mark.parametrize("M, N, K", SHAPES, ids=str)

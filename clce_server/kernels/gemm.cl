@@ -38,7 +38,7 @@
 #define GEMM_VW 16          // vector width: 8 or 16 (16: one AVX-512 register)
 #endif
 #ifndef GEMM_MB
-#define GEMM_MB 16          // micro-tiles per work-item along M, sharing one B panel per K block
+#define GEMM_MB 64          // micro-tiles per work-item along M, sharing one B panel per K block
 #endif
 #ifndef GEMM_KC
 #define GEMM_KC 256         // K block
