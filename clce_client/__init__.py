@@ -36,10 +36,19 @@ __all__ = [
     "CrossEntropyResult",
     "CrossEntropyLoss",
     "cross_entropy",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
     "default_client",
     "ProtocolError",
     *(n for n in errors.__all__ if n != "error_from_response"),
 ]
+
+
+def linear_cross_entropy(hidden: Any, weight: Any, target: Any, bias: Any = None, *, client: Any = None,
+                         **options: Any) -> Any:
+    """F.cross_entropy(F.linear(hidden, weight, bias), target, **options) on a clce server, which
+    never holds the logits (clce_client/linear.py); `client` defaults to default_client()."""
+    return (client or default_client()).linear_cross_entropy(hidden, weight, target, bias, **options)
 
 
 def _traced_cross_entropy(*args: Any) -> Any:
@@ -59,4 +68,8 @@ def __getattr__(name: str) -> Any:
         from .nn import CrossEntropyLoss
 
         return CrossEntropyLoss
+    if name == "LinearCrossEntropyLoss":
+        from .linear_nn import LinearCrossEntropyLoss
+
+        return LinearCrossEntropyLoss
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1078,6 +1078,12 @@ class Client(_BaseClient):
 
     cross_entropy.__doc__ = _CE_DOC
 
+    def linear_cross_entropy(self, hidden: Any, weight: Any, target: Any, bias: Any = None, **options: Any) -> Any:
+        """The fused linear cross-entropy (clce_client/linear.py) on this client's server."""
+        from .linear import linear_cross_entropy
+
+        return linear_cross_entropy(hidden, weight, target, bias, client=self, **options)
+
     def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
         return self._run(self._empty_flow(shape, dtype))
 

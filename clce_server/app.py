@@ -30,7 +30,7 @@ from . import __version__
 from .config import Settings
 from .limits import ClientGuard
 from .responses import install_exception_handlers
-from .routes import loss, ops
+from .routes import linear, loss, ops
 from .state import ServerState
 
 LOSS_PATH = loss.PATH
@@ -64,6 +64,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                               "form below is for curl.")
     app.router.routes.insert(0, loss.route())   # matched first: the path nearly every request takes
     app.include_router(ops.router)
+    app.include_router(linear.router)   # fused linear cross-entropy (routes/linear.py)
     install_exception_handlers(app)
     app.add_middleware(ClientGuard, body_timeout_s=settings.body_timeout_s)
     app.openapi = lambda: _openapi(app)

@@ -25,6 +25,10 @@ def tenant_for(state: ServerState, authorization: str | None) -> Tenant:
     return tenant
 
 
+async def authenticated_tenant(request: Request) -> Tenant:
+    """`tenant_for` as a FastAPI dependency (the routes other than the loss endpoint)."""
+    return tenant_for(request.app.state.clce, request.headers.get("authorization"))
+
 
 async def status_viewer(request: Request) -> str | None:
     """Whose rows /v1/status shows: None for all of them (the admin key; or an open server, which

@@ -21,6 +21,7 @@ server = server_fixture()
 # example -> (frameworks it needs, steps it must report, largest relative deviation allowed)
 EXAMPLES = {
     "transformers_trainer.py": (("torch", "transformers", "accelerate"), 4, 1e-5),
+    "transformers_linear_ce.py": (("torch", "transformers", "accelerate"), 4, 1e-5),
     "lightning_module.py": (("torch", "lightning"), 6, 1e-5),
     "compile_loss.py": (("torch",), 4, 1e-5),
     "autocast_loss.py": (("torch",), 4, 1e-4),

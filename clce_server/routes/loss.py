@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from fastapi import Request
@@ -175,9 +175,15 @@ def announced_length(req: LossRequest) -> int:
 async def read_body(req: LossRequest) -> np.ndarray:
     """The body in one writable buffer, placed so its first tensor is aligned (it is decoded in
     place: tensors are views into it, and the CPU device computes on them directly); a pooled
-    buffer of the request's lease when Content-Length says how big. The limit is checked from
-    Content-Length before anything is read, and while streaming when there is none."""
-    request, limit = req.request, req.body_limit
+    buffer of the request's lease when Content-Length says how big."""
+    return await receive_body(req.request, req.body_limit, req.lease.buffer)
+
+
+async def receive_body(request: Request, limit: int,
+                       backing: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+    """The body, ALIGN-placed in `backing(n)` (a new allocation when None) when Content-Length
+    gives n. The limit is checked from Content-Length before anything is read, and while
+    streaming when there is none."""
     length = request.headers.get("content-length")
     if length is None:
         buf = bytearray()
@@ -203,7 +209,7 @@ async def read_body(req: LossRequest) -> np.ndarray:
             head += chunk
             if len(head) < min(n, 512):
                 continue
-            body = protocol.aligned_body(n, head, req.lease.buffer(n))
+            body = protocol.aligned_body(n, head, backing(n) if backing is not None else None)
             view = memoryview(body)
             chunk, head = head, None
         end = pos + len(chunk)

@@ -1,0 +1,218 @@
+"""The fused linear cross-entropy on the server (clce_server/linear.py) against torch's
+F.cross_entropy(F.linear(h, W, b), y, **options) through autograd: loss and the gradients of
+hidden, weight and bias, for every option, several chunks per batch (so the 'mean' normaliser
+spans chunks), shift, bf16 with fp32 accumulation, the same bits run to run, and weight
+gradients accumulating over micro-batches as local accumulation does."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clce_server import linear
+
+
+@pytest.fixture(scope="module")
+def lce(engine):
+    return linear.LinearCrossEntropy(engine, chunk_rows=64)   # small chunks: many per batch
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _torch(a: np.ndarray) -> torch.Tensor:
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).reshape(a.shape)
+    return torch.from_numpy(np.ascontiguousarray(a)).reshape(a.shape)
+
+
+def reference(h, W, y, b=None, *, shift=0, lse_square_scale=0.0, softcap=None, **opts):
+    """torch: loss and grads of h, W, b (fp32 math for bf16 inputs' logits, as the server)."""
+    h, W = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    logits = F.linear(h, W, b).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    tgt = y
+    if shift:
+        logits, tgt = logits[..., :-shift, :], y[..., shift:]
+    V = logits.shape[-1]
+    flat, ft = logits.reshape(-1, V), tgt.reshape(-1)
+    loss = F.cross_entropy(flat, ft, **opts)
+    red = opts.get("reduction", "mean")
+    if lse_square_scale:
+        ign = opts.get("ignore_index", -100)
+        valid = ft != ign
+        z = lse_square_scale * torch.logsumexp(flat, -1) ** 2 * valid
+        zl = z.sum() / valid.sum() if red == "mean" else z.sum() if red == "sum" else z
+        loss = loss + zl
+    if red == "none":
+        loss = loss.reshape(tgt.shape)
+    loss.sum().backward()
+    return loss.detach(), h.grad, W.grad, None if b is None else b.grad
+
+
+def make(rng, rows_shape, H, V, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    h = torch.randn(*rows_shape, H, generator=g).to(dtype)
+    W = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.1).to(dtype) if bias else None
+    y = torch.randint(0, V, rows_shape, generator=g)
+    return h, W, b, y
+
+
+def run(lce, h, W, y, b=None, class_weight=None, **opts):
+    p = linear.check(_np(h), _np(W), y.numpy(), None if b is None else _np(b),
+                     class_weight=None if class_weight is None else class_weight.numpy(), **opts)
+    return lce(p)
+
+
+OPTIONS = [dict(), dict(reduction="sum"), dict(reduction="none"), dict(label_smoothing=0.1),
+           dict(ignore_index=3), dict(weighted=True), dict(weighted=True, label_smoothing=0.2),
+           dict(lse_square_scale=1e-3), dict(lse_square_scale=1e-3, reduction="none"),
+           dict(softcap=5.0), dict(shift=1), dict(shift=2, reduction="none", ignore_index=3)]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_matches_torch(lce, opts, bias):
+    rng = np.random.default_rng(len(str(opts)) + bias)
+    h, W, b, y = make(rng, (3, 70), 48, 301, bias=bias)   # 210 rows: four chunks of 64
+    opts = dict(opts)
+    cw = torch.rand(301) + 0.5 if opts.pop("weighted", False) else None
+    if opts.get("ignore_index") == 3:
+        y[:, ::4] = 3
+    r = run(lce, h, W, y, b, class_weight=cw, **opts)
+    ropts = {k: v for k, v in opts.items() if k in ("reduction", "label_smoothing", "ignore_index")}
+    loss, gh, gw, gb = reference(h, W, y, b, weight=cw, shift=opts.get("shift", 0),
+                                 lse_square_scale=opts.get("lse_square_scale", 0.0),
+                                 softcap=opts.get("softcap"), **ropts)
+    torch.testing.assert_close(_torch(r.loss), loss)
+    torch.testing.assert_close(_torch(r.grad_hidden).reshape(gh.shape), gh)
+    torch.testing.assert_close(_torch(r.grad_weight), gw)
+    if bias:
+        torch.testing.assert_close(torch.from_numpy(r.grad_bias).float(), gb)
+    else:
+        assert r.grad_bias is None
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(reduction="sum", label_smoothing=0.1), dict(shift=1)], ids=str)
+def test_bf16_matches_torch_within_bf16(lce, opts):
+    rng = np.random.default_rng(7)
+    h, W, b, y = make(rng, (2, 100), 64, 257, dtype=torch.bfloat16)
+    r = run(lce, h, W, y, b, **opts)
+    assert r.grad_hidden.dtype == ml_dtypes.bfloat16 and r.loss.dtype == ml_dtypes.bfloat16
+    ropts = {k: v for k, v in opts.items() if k != "shift"}
+    # the reference in fp32 from the same bf16 values: the server accumulates in fp32 too
+    loss, gh, gw, gb = reference(h.float(), W.float(), y, b.float(), shift=opts.get("shift", 0), **ropts)
+    tol = dict(atol=1e-2, rtol=1.6e-2)   # torch's bf16 defaults (assert_close: 1e-5 / 1.6e-2)
+    torch.testing.assert_close(_torch(r.loss).float(), loss, **tol)
+    torch.testing.assert_close(_torch(r.grad_hidden).float().reshape(gh.shape), gh, **tol)
+    torch.testing.assert_close(torch.from_numpy(r.grad_weight), gw, **tol)
+    torch.testing.assert_close(torch.from_numpy(r.grad_bias).float(), gb, **tol)
+
+
+def test_bit_identical_runs(lce):
+    rng = np.random.default_rng(11)
+    h, W, b, y = make(rng, (300,), 40, 500)
+    first = run(lce, h, W, y, b, label_smoothing=0.05)
+    for _ in range(2):
+        again = run(lce, h, W, y, b, label_smoothing=0.05)
+        for name in ("loss", "grad_hidden", "grad_weight", "grad_bias"):
+            np.testing.assert_array_equal(np.asarray(getattr(again, name)).reshape(-1).view(np.uint8),
+                                          np.asarray(getattr(first, name)).reshape(-1).view(np.uint8), err_msg=name)
+
+
+def test_weight_gradient_accumulates_over_micro_batches(lce):
+    """k micro-batches into one accumulator: as local accumulation of torch's gradients."""
+    rng = np.random.default_rng(5)
+    _, W, b, _ = make(rng, (1,), 32, 200)
+    acc_w, acc_b = np.zeros((200, 32), np.float32), np.zeros(200, np.float64)
+    ref_w, ref_b = torch.zeros(200, 32), torch.zeros(200)
+    for _ in range(3):
+        h, _, _, y = make(rng, (90,), 32, 200)
+        p = linear.check(_np(h), _np(W), y.numpy(), _np(b))
+        lce.steps  # noqa: B018  (the generator form is what the scheduler runs)
+        r = lce(p, grad_weight=acc_w, grad_bias=acc_b)
+        assert r.grad_weight is acc_w
+        _, _, gw, gb = reference(h, W, y, b)
+        ref_w += gw
+        ref_b += gb
+    torch.testing.assert_close(torch.from_numpy(acc_w), ref_w)
+    torch.testing.assert_close(torch.from_numpy(acc_b).float(), ref_b)
+
+
+def test_no_gradient_asked_computes_loss_only(lce):
+    rng = np.random.default_rng(6)
+    h, W, b, y = make(rng, (100,), 24, 90)
+    p = linear.check(_np(h), _np(W), y.numpy(), _np(b))
+    r = lce(p, want_grad_hidden=False, want_grad_weight=False, want_grad_bias=False)
+    assert r.grad_hidden is None and r.grad_weight is None and r.grad_bias is None
+    torch.testing.assert_close(_torch(r.loss), reference(h, W, y, b)[0])
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    ("target_oob", IndexError, "Target 90 is out of bounds"),
+    ("shapes", RuntimeError, "mat1 and mat2 shapes cannot be multiplied"),
+    ("dtype_mix", RuntimeError, "same dtype"),
+    ("reduction", ValueError, "is not a valid value for reduction"),
+    ("float_target", RuntimeError, "expected target dtype"),
+    ("shift", ValueError, "shift must be in"),
+    ("fp16", RuntimeError, "float32 and bfloat16"),
+])
+def test_bad_arguments_raise_before_any_chunk(case, exc, match):
+    rng = np.random.default_rng(0)
+    h, W, b, y = make(rng, (4, 5), 8, 90)
+    h, W, b, y = _np(h), _np(W), _np(b), y.numpy()
+    kw = {}
+    if case == "target_oob":
+        y = y.copy()
+        y[2, 3] = 90
+    elif case == "shapes":
+        W = W[:, :7].copy()
+    elif case == "dtype_mix":
+        W = W.astype(np.float64)
+    elif case == "reduction":
+        kw["reduction"] = "avg"
+    elif case == "float_target":
+        y = y.astype(np.float32)
+    elif case == "shift":
+        kw["shift"] = 5
+    elif case == "fp16":
+        h, W, b = h.astype(np.float16), W.astype(np.float16), b.astype(np.float16)
+    with pytest.raises(exc, match=match):
+        linear.check(h, W, y, b, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows(lce, reduction):
+    rng = np.random.default_rng(9)
+    h, W, b, y = make(rng, (0,), 8, 30)
+    r = run(lce, h, W, y, b, reduction=reduction, lse_square_scale=1e-3)
+    loss = reference(h, W, y, b, reduction=reduction)[0]
+    torch.testing.assert_close(_torch(r.loss), loss, equal_nan=True)
+    assert r.grad_hidden.shape == (0, 8) and not r.grad_weight.any() and not r.grad_bias.any()
+
+
+def test_unaligned_tensors_are_read_correctly(lce):
+    """Tensors inside a msgpack body may start at any byte: they are aligned before the kernels."""
+    rng = np.random.default_rng(10)
+    h, W, b, y = make(rng, (70,), 16, 50)
+    raw = np.zeros(h.numel() * 4 + 1, np.uint8)
+    odd = raw[1:].view(np.float32).reshape(70, 16)   # one byte off
+    odd[...] = h.numpy()
+    assert odd.ctypes.data % 4
+    r = lce(linear.check(odd, _np(W), y.numpy(), _np(b)))
+    torch.testing.assert_close(_torch(r.loss), reference(h, W, y, b)[0])
+
+
+def test_empty_weight_and_huge_ignore_index_are_refused():
+    h = np.zeros((3, 4), np.float32)
+    with pytest.raises(RuntimeError, match="weight with rows and columns"):
+        linear.check(h, np.zeros((0, 4), np.float32), np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="Overflow"):
+        linear.check(h, np.zeros((5, 4), np.float32), np.zeros(3, np.int64), ignore_index=1 << 70)
