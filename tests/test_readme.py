@@ -53,8 +53,13 @@ def test_python_examples_run(server, tmp_path):
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_example_gives_torchs_numbers(server):
+    check_curl_example(server.url)
+
+
+def check_curl_example(url: str) -> None:
+    """The README's curl example, run against `url`, answers torch's loss and gradient."""
     (cmd,) = [b for b in blocks(section("Use it"), "sh") if "curl" in b]
-    cmd = cmd.split("\n#")[0].replace("localhost:8000", server.url.removeprefix("http://"))
+    cmd = cmd.split("\n#")[0].replace("localhost:8000", url.removeprefix("http://"))
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
     body = json.loads(out.stdout)
     x = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], requires_grad=True)

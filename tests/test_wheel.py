@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serverproc import REPO, ServerProcess  # noqa: E402
-from test_readme import blocks, section  # noqa: E402
+from test_readme import check_curl_example  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -119,15 +119,7 @@ def test_installed_modules_come_from_the_environment_not_the_checkout(installed,
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_installed_server_answers_the_readmes_curl_example(installed_server):
-    (cmd,) = [b for b in blocks(section("Use it"), "sh") if "curl" in b]
-    cmd = cmd.split("\n#")[0].replace("localhost:8000", installed_server.url.removeprefix("http://"))
-    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
-    body = json.loads(out.stdout)
-    x = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], requires_grad=True)
-    loss = F.cross_entropy(x, torch.tensor([0, 2]))
-    loss.backward()
-    assert body["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    np.testing.assert_allclose(body["grad"], x.grad.numpy(), rtol=1e-5, atol=1e-7)
+    check_curl_example(installed_server.url)
 
 
 def test_installed_client_gets_torchs_numbers_from_the_installed_server(installed, installed_server, tmp_path):
