@@ -5,7 +5,13 @@
 # CI (.ci/run) calls it; it fails when no Python 3.10 can be found, rather than skip the claim.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=$(command -v python3.10 || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10 2>/dev/null | head -1 || true)
+# a pyenv install first (pyenv's python3.10 shim on PATH fails unless 3.10 is selected), then PATH
+py=""
+for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10 "$(command -v python3.10 || true)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null; then
+        py=$candidate; break
+    fi
+done
 if [ -z "$py" ]; then
     echo "test-lowest-python: no python3.10 found (PATH or pyenv): the >=3.10 claim is unproven" >&2
     exit 1
