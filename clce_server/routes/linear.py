@@ -101,6 +101,13 @@ def _field(msg: dict[str, Any], name: str, types: tuple, default: Any) -> Any:
     return value
 
 
+def _required_version(msg: dict[str, Any]) -> str:
+    version = _field(msg, "weight_version", (str,), None)
+    if version is None:
+        raise ApiError("bad_request", "missing request field 'weight_version'")
+    return version
+
+
 async def _respond(msg: dict[str, Any]) -> Response:
     segments = protocol.encode_message(msg)
 
@@ -118,9 +125,7 @@ async def _respond(msg: dict[str, Any]) -> Response:
 async def put_weight(name: str, request: Request, tenant: Tenant = Depends(authenticated_tenant),
                      state: ServerState = Depends(ready_state)) -> Response:
     msg = await _message(request, tenant, state)
-    version = _field(msg, "weight_version", (str,), None)
-    if version is None:
-        raise ApiError("bad_request", "missing request field 'weight_version'")
+    version = _required_version(msg)
     weight, bias = _tensor(msg, "weight", required=True), _tensor(msg, "bias")
     if weight.ndim != 2:
         raise ArgumentError(RuntimeError(f"weight must be 2-D (vocabulary, hidden), got shape {list(weight.shape)}"))
@@ -138,9 +143,7 @@ async def put_weight(name: str, request: Request, tenant: Tenant = Depends(authe
 async def take_grad(name: str, request: Request, tenant: Tenant = Depends(authenticated_tenant),
                     state: ServerState = Depends(ready_state)) -> Response:
     msg = await _message(request, tenant, state)
-    version = _field(msg, "weight_version", (str,), None)
-    if version is None:
-        raise ApiError("bad_request", "missing request field 'weight_version'")
+    version = _required_version(msg)
     gw, gb, n = weight_store(state).take_grad(tenant, name, version)
     out: dict[str, Any] = {"v": protocol.PROTOCOL_VERSION, "micro_batches": n}
     if gw is not None:
