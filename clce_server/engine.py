@@ -37,7 +37,7 @@ from .errors import ArgumentError, DeviceError, is_opencl_error
 
 MF = cl.mem_flags
 
-#: the fused kernels' parameters, in their OpenCL signature's order (all three shapes share it)
+#: the fused kernels' parameters, in the order of CE_KERNEL_PARAMS (kernels/cross_entropy.cl), which every shape takes
 CE_PARAMS = ("x", "target", "soft_target", "weight", "grad", "row_loss", "row_zloss", "row_lse", "row_argmax",
              "scratch", "row0", "nrows", "classes", "spatial", "eps", "weight_sum", "loss_scale", "z_scale", "z_coef",
              "softcap")

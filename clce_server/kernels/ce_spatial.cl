@@ -30,14 +30,7 @@
 #define SP_CONVERT_MASK SP_CAT(convert_int, SPW)
 #endif
 
-__kernel void SP_NAME(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
-                       __global const acc_t *weight, __global grad_t *grad,
-                       __global acc_t *row_loss, __global acc_t *row_zloss,
-                       __global float *row_lse, __global int *row_amax,
-                       __global acc_t *scratch,   /* unused: the signature is the three shapes' */
-                       const ulong row0, const ulong nrows, const uint C, const ulong S,
-                       const acc_t eps, const acc_t wsum, const acc_t loss_scale,
-                       const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
+__kernel void SP_NAME(CE_KERNEL_PARAMS) {   /* cross_entropy.cl: the three shapes' parameters */
     const ulong r = row0 + SPW * get_global_id(0);
     if (r >= row0 + nrows) return;
     ROW_POINTERS(r)

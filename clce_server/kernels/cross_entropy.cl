@@ -222,6 +222,21 @@ typedef acc8_t accv_t;
 #define STOREV_NONAN STOREV
 #endif
 
+/* The parameters of every kernel shape (ce_rows_item, ce_rows_group, ce_spatial*), in the order
+ * engine.py's CE_PARAMS names them; one list, so the shapes cannot drift apart.
+ *   x: logits; tgt: class per row, -1 = ignored, NULL for soft targets; ysoft: soft targets (x's
+ *   layout) or NULL; weight: class weights or NULL; grad: gradient or NULL; row_lse, row_amax: or
+ *   NULL; scratch: global size x C accumulators or NULL (only ce_rows_item uses it). */
+#define CE_KERNEL_PARAMS                                                                        \
+    __global const in_t *x, __global const int *tgt, __global const in_t *ysoft,               \
+    __global const acc_t *weight, __global grad_t *grad,                                        \
+    __global acc_t *row_loss, __global acc_t *row_zloss,                                        \
+    __global float *row_lse, __global int *row_amax,                                            \
+    __global acc_t *scratch,                                                                    \
+    const ulong row0, const ulong nrows, const uint C, const ulong S,                           \
+    const acc_t eps, const acc_t wsum, const acc_t loss_scale,                                  \
+    const acc_t z_scale, const acc_t zcoef, const acc_t cap
+
 /* One row r. `stash`: C accumulators where pass 1 parks e_j (the gradient row itself when the
  * gradient has the accumulation type, else the work-item's scratch row), or NULL: two exps. */
 inline void ce_row_item(const ulong r, __global acc_t *stash,
@@ -396,18 +411,7 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
  * the stash (launched with a work-item per row); a few rows each when the stash is the
  * work-item's own scratch row of C accumulators (launched with as many work-items as scratch
  * rows: persistent work-items, the only way a work-item may own memory in OpenCL). */
-__kernel void ce_rows_item(__global const in_t *x,        /* logits */
-                           __global const int *tgt,        /* class per row, -1 = ignored; NULL: soft */
-                           __global const in_t *ysoft,     /* soft targets (same layout as x) or NULL */
-                           __global const acc_t *weight,   /* class weights or NULL */
-                           __global grad_t *grad,          /* gradient or NULL */
-                           __global acc_t *row_loss, __global acc_t *row_zloss,
-                           __global float *row_lse,        /* or NULL */
-                           __global int *row_amax,         /* or NULL */
-                           __global acc_t *scratch,        /* global size x C, or NULL */
-                           const ulong row0, const ulong nrows, const uint C, const ulong S,
-                           const acc_t eps, const acc_t wsum, const acc_t loss_scale,
-                           const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
+__kernel void ce_rows_item(CE_KERNEL_PARAMS) {
     const ulong gid = get_global_id(0), items = get_global_size(0);
     for (ulong r = row0 + gid; r < row0 + nrows; r += items) {
 #if CAN_STASH   /* the gradient row, unless the engine gave scratch rows (in place: grad == x) */
@@ -424,14 +428,7 @@ __kernel void ce_rows_item(__global const in_t *x,        /* logits */
 /* Work-item l handles classes l, l + WG, ...: coalesced loads. States are combined in local
  * memory by a tree; the true class is written by the work-item that owns it, in pass 2. */
 __kernel __attribute__((reqd_work_group_size(CE_WG_SIZE, 1, 1)))
-void ce_rows_group(__global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
-             __global const acc_t *weight, __global grad_t *grad,
-             __global acc_t *row_loss, __global acc_t *row_zloss,
-             __global float *row_lse, __global int *row_amax,
-             __global acc_t *scratch,             /* unused: the signature is the three shapes' */
-             const ulong row0, const ulong nrows, const uint C, const ulong S,
-             const acc_t eps, const acc_t wsum, const acc_t loss_scale,
-             const acc_t z_scale, const acc_t zcoef, const acc_t cap) {
+void ce_rows_group(CE_KERNEL_PARAMS) {
     __local acc_t lm[CE_WG_SIZE], ls[CE_WG_SIZE], la[CE_WG_SIZE], lb[CE_WG_SIZE];
     __local int li[CE_WG_SIZE], ln[CE_WG_SIZE];
     const uint lid = get_local_id(0);
