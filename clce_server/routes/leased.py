@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from clce_wire import fastpath, protocol
 
@@ -48,6 +49,9 @@ class LeasedEndpoint:
         try:
             try:
                 response = await self.handle(request, state, lease)
+            except ClientDisconnect:       # gone mid-body: nobody to answer, and no server error
+                record.outcome = "cancelled"
+                response = Response(status_code=499)
             except Exception as exc:
                 response = error_for(exc, request, record)
             await record.send(response, scope, receive, send)

@@ -168,6 +168,10 @@ async def read_message(req: LinearRequest, fields: frozenset, *, pooled: bool = 
     unknown = sorted(set(msg) - fields)
     if unknown:
         raise ApiError("bad_request", f"unknown request field {unknown[0]!r}")
+    v = msg.get("v", protocol.PROTOCOL_VERSION)
+    if type(v) is not int or v != protocol.PROTOCOL_VERSION:
+        raise ApiError("bad_request", f"unsupported protocol version {v!r}; this server speaks version "
+                                      f"{protocol.PROTOCOL_VERSION}")
     return msg, body
 
 
