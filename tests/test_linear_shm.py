@@ -108,7 +108,8 @@ def _torch(h, W, y, b=None, class_weight=None, **opts):
     ht, Wt = t(h), t(W)
     bt = None if b is None else t(b)
     cw = None if class_weight is None else torch.from_numpy(np.asarray(class_weight, np.float32))
-    loss = F.cross_entropy(F.linear(ht, Wt, bt).reshape(-1, V), torch.from_numpy(y).reshape(-1), weight=cw, **opts)
+    loss = F.cross_entropy(F.linear(ht, Wt, bt).reshape(-1, W.shape[0]), torch.from_numpy(y).reshape(-1), weight=cw,
+                           **opts)
     loss.backward()
     return loss.detach(), ht.grad, Wt.grad, None if bt is None else bt.grad
 
@@ -475,6 +476,26 @@ def test_after_many_requests_of_every_kind_the_server_holds_nothing(server, shar
     assert held == {"pool_held_bytes": 0, "pinned": 0, "inflight_bytes": 0, "inflight_http": 0}, held
     assert _cancelled(server) - cancelled == 9          # every abandon was one, mid-job or mid-body
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_an_accumulating_request_whose_client_goes_still_adds_its_whole_micro_batch(server, shared):
+    """Stopped part way, the version's sum would hold part of a micro-batch: the job runs to its
+    end, and the gradient taken afterwards is the whole micro-batch's."""
+    rng = np.random.default_rng(14)
+    Vb, Hb, Nb = 8000, 128, 2048
+    W = (rng.standard_normal((Vb, Hb)) / Hb ** 0.5).astype(np.float32)
+    h = rng.standard_normal((Nb, Hb)).astype(np.float32)
+    y = rng.integers(0, Vb, Nb)
+    _ok(_send(server.url, "PUT", "/v1/weights/left", {"v": 1, "weight_version": "1", "weight": shared.put(W)}))
+    cancelled = _cancelled(server)
+    _abandon(server.url, _body({"v": 1, "hidden": shared.put(h), "target": y, "weight_name": "left",
+                                "weight_version": "1", "accumulate": True}))
+    assert _idle(server.url) == {"pool_held_bytes": 0, "pinned": 0, "inflight_bytes": 0, "inflight_http": 0}
+    assert _cancelled(server) == cancelled                # answered (to nobody), not cancelled
+    taken = _ok(_send(server.url, "POST", "/v1/weights/left/grad", {"v": 1, "weight_version": "1"}))
+    assert taken["micro_batches"] == 1
+    _, _, dW, _ = _torch(h, W, y)
+    _close(taken["grad_weight"], dW, np.float32)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
