@@ -64,7 +64,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                               "form below is for curl.")
     app.router.routes.insert(0, loss.route())   # matched first: the path nearly every request takes
     app.include_router(ops.router)
-    app.include_router(linear.router)   # fused linear cross-entropy (routes/linear.py)
+    app.router.routes.extend(linear.routes())   # fused linear cross-entropy (routes/linear.py)
     install_exception_handlers(app)
     app.add_middleware(ClientGuard, body_timeout_s=settings.body_timeout_s)
     app.openapi = lambda: _openapi(app)

@@ -204,3 +204,67 @@ def test_bf16_autograd_within_bf16_tolerance(client):
     torch.testing.assert_close(hb.grad.float(), h2.grad, **tol)
     torch.testing.assert_close(Wb.grad.float(), W2.grad, **tol)
     torch.testing.assert_close(bb.grad.float(), b2.grad, **tol)
+
+
+# ---- an accumulating micro-batch that fails part way -------------------------------------------------
+
+def test_an_accumulating_micro_batch_failing_part_way_drops_the_version_and_gives_everything_back():
+    """A device fault after the first chunk has added into the stored version's gradient: the
+    version is dropped (the next call answers upload again) rather than keep a partial sum, and the
+    request's pooled buffers and reservation are given back."""
+    import httpx
+    import pyopencl as cl
+
+    from clce_wire import protocol
+    from test_faults import FailingEngine, InProcessServer
+    from test_lease import _assert_all_given_back
+
+    class FailsOnSecondChunk(FailingEngine):
+        def __init__(self, engine):
+            super().__init__(engine, "run_chunk", cl.MemoryError("MEM_OBJECT_ALLOCATION_FAILURE"))
+            self.passes = 1
+
+        def __getattr__(self, name):
+            failing = super().__getattr__(name)
+            if name != "run_chunk":
+                return failing
+
+            def run_chunk(*args, **kwargs):
+                if self.passes:
+                    self.passes -= 1
+                    return getattr(self.engine, name)(*args, **kwargs)
+                return failing(*args, **kwargs)
+            return run_chunk
+
+    def send(srv, method, path, msg):
+        return httpx.request(method, srv.url + path, timeout=120, headers={"Content-Type": protocol.MSGPACK},
+                             content=b"".join(bytes(s) for s in protocol.encode_message(msg)))
+
+    rng = np.random.default_rng(13)
+    W = rng.standard_normal((300, 32)).astype(np.float32)
+    h = rng.standard_normal((2048, 32)).astype(np.float32)        # two chunks of 1024 rows
+    y = rng.integers(0, 300, 2048)
+    post = {"v": 1, "hidden": h, "target": y, "weight_name": "w", "weight_version": "1", "accumulate": True}
+    with InProcessServer(max_batch=1) as srv:
+        assert send(srv, "PUT", "/v1/weights/w", {"v": 1, "weight_version": "1", "weight": W}).status_code == 200
+        assert send(srv, "POST", "/v1/linear_cross_entropy", post).status_code == 200
+        index = srv.state.devices[0].index
+        real = srv.state.engines[index]
+        srv.state.engines[index] = FailsOnSecondChunk(real)
+        try:
+            failed = send(srv, "POST", "/v1/linear_cross_entropy", post)
+        finally:
+            srv.state.engines[index] = real
+        assert failed.status_code == 503, failed.content[:300]
+        for path, msg in (("/v1/linear_cross_entropy", post), ("/v1/weights/w/grad", {"v": 1, "weight_version": "1"})):
+            gone = send(srv, "POST", path, msg)
+            assert gone.status_code == 404 and b"upload it again" in gone.content, gone.content[:300]
+        assert send(srv, "PUT", "/v1/weights/w", {"v": 1, "weight_version": "1", "weight": W}).status_code == 200
+        assert send(srv, "POST", "/v1/linear_cross_entropy", post).status_code == 200
+        taken = protocol.decode_message(bytearray(send(srv, "POST", "/v1/weights/w/grad",
+                                                       {"v": 1, "weight_version": "1"}).content))
+        assert taken["micro_batches"] == 1
+        ht, Wt = torch.from_numpy(h), torch.from_numpy(W).requires_grad_()
+        F.cross_entropy(F.linear(ht, Wt), torch.from_numpy(y)).backward()
+        torch.testing.assert_close(torch.from_numpy(protocol.decode_tensor(taken["grad_weight"]).copy()), Wt.grad)
+        _assert_all_given_back(srv.state)

@@ -1,48 +1,75 @@
 """The fused linear cross-entropy endpoints: hidden states in, loss and gradients out.
 
-  PUT    /v1/weights/{name}        {version, weight, bias?}: store a weight version (weights.py)
+  PUT    /v1/weights/{name}        {weight_version, weight, bias?}: store a weight version (weights.py)
   POST   /v1/linear_cross_entropy  {hidden, target, weight_name + weight_version | weight (+ bias),
                                     options...}: loss, z_loss, grad_hidden; the weight's and bias's
                                     gradients answered (stateless: `accumulate` false) or added
                                     to the stored version's accumulators (`accumulate` true)
-  POST   /v1/weights/{name}/grad   {version}: the accumulated gradients, taken once
+  POST   /v1/weights/{name}/grad   {weight_version}: the accumulated gradients, taken once
   DELETE /v1/weights/{name}
 
-msgpack only (docs/protocol.md's tensor maps). The stages follow routes/loss.py: the API key names
-a tenant, the server must take work, the body is read against the tenant's size limit, arguments
-fail with PyTorch's exception type and message (400), and the work goes through the scheduler's
-fair queue to a device thread (clce_server/linear.py, a chunk per step).
+msgpack only (docs/protocol.md, "Fused linear cross-entropy"). Each endpoint is a
+`leased.LeasedEndpoint`, as the loss endpoint is: a request owns a RequestRecord and a
+RequestLease (its byte reservation, taken before the body is read; its pooled body and
+hidden-gradient buffers; its pins on shared-memory regions), all given back once the answer is
+out, or when a job still computing into them ends. The stages: the API key names a tenant, the
+server must take work, the body is read against the tenant's size limit, arguments fail with
+PyTorch's exception type and message (400), the work goes through the scheduler's fair queue to a
+device thread (clce_server/linear.py, a chunk per step), and the answer leaves by
+`leased.msgpack_answer`.
+
+Shared memory: any tensor of a POST (hidden, target, weight, bias, class_weight) or of a PUT
+(weight, bias) may be a region reference. hidden, weight and bias are used where they lie (a
+client changing them meanwhile gets garbage, never an out-of-bounds read); target and
+class_weight are copied out first (they are bounds-checked, then used as indices). `grad_region`
+places the hidden's gradient, `grad_weight_region` the weight's: a stateless call's, or the
+accumulated one that POST .../grad takes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import weakref
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
 
-from clce_wire import protocol
+from clce_wire import fastpath, protocol
+from clce_wire.shm import RegionRef, is_ref_map, parse_ref, ref_map
 
-from ..deps import authenticated_tenant, ready_state
+from ..deps import check_ready, tenant_for
 from ..errors import ApiError, ArgumentError
+from ..lease import RequestLease
 from ..linear import LinearCrossEntropy, check
+from ..recording import RequestRecord
 from ..scheduler import FunctionJob
+from ..shm import Region
+from ..shm import view as region_view
 from ..state import ServerState
 from ..tenants import Tenant
 from ..weights import WeightStore
-from .loss import receive_body
-
-router = APIRouter(tags=["linear cross-entropy"])
+from .leased import (LeasedEndpoint, announced_length, msgpack_answer, receive_body, timing_headers,
+                     unless_disconnected)
 
 #: the request's options with their defaults (F.cross_entropy's where they apply)
 OPTION_DEFAULTS: dict[str, Any] = dict(ignore_index=-100, reduction="mean", label_smoothing=0.0,
                                        lse_square_scale=0.0, softcap=None, shift=0)
-FIELDS = frozenset({"v", "hidden", "target", "weight", "bias", "class_weight", "weight_name", "weight_version",
-                    "accumulate", "want_grad", *OPTION_DEFAULTS})
-SEND_CHUNK = 1 << 20
+_OPTION_TYPES = {"ignore_index": (int,), "reduction": (str,), "shift": (int,)}
+TENSORS = ("hidden", "target", "weight", "bias", "class_weight")
+# copied out of shared memory before they are checked: bounds-checked, then used as indices
+_COPIED = frozenset(("target", "class_weight"))
+FIELDS = frozenset({"v", *TENSORS, "weight_name", "weight_version", "accumulate", "want_grad", "grad_region",
+                    "grad_offset", "grad_weight_region", "grad_weight_offset", *OPTION_DEFAULTS})
+PUT_FIELDS = frozenset({"v", "weight_version", "weight", "bias"})
+GRAD_FIELDS = frozenset({"v", "weight_version", "grad_weight_region", "grad_weight_offset"})
+WATCH_DISCONNECT_BYTES = 1 << 16  # stateless requests at least this big are cancelled when the client goes
+CHUNK_ROWS = 1024                 # LinearCrossEntropy's rows per chunk: one (chunk, V) fp32 buffer
 
 _store_lock = threading.Lock()
 _linear: "weakref.WeakKeyDictionary[Any, LinearCrossEntropy]" = weakref.WeakKeyDictionary()
@@ -61,33 +88,103 @@ def _for_engine(engine) -> LinearCrossEntropy:
     with _store_lock:
         lce = _linear.get(engine)
         if lce is None:
-            lce = _linear[engine] = LinearCrossEntropy(engine)
+            lce = _linear[engine] = LinearCrossEntropy(engine, chunk_rows=CHUNK_ROWS)
         return lce
 
 
-async def _message(request: Request, tenant: Tenant, state: ServerState) -> dict[str, Any]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != protocol.MSGPACK:
-        raise ApiError("unsupported_media_type", f"Content-Type must be {protocol.MSGPACK}, got {ctype or 'none'!r}")
-    # a buffer of its own, not the host pool's: a stored weight keeps viewing its body
-    body = await receive_body(request, min(state.settings.max_request_bytes, tenant.max_request_bytes))
+# ---- admit ---------------------------------------------------------------------------------------
+
+@dataclass
+class LinearRequest:
+    """One request of these endpoints as the stages see it: established by `admit`."""
+
+    request: Request
+    state: ServerState
+    tenant: Tenant
+    lease: RequestLease            # owns what the request holds; closed by the endpoint
+    body_limit: int
+    shm_bytes: int = 0             # bytes of the tensors it references in shared memory
+    pinned: dict[str, Region] = field(default_factory=dict)   # region name -> pinned through the lease
+
+    @property
+    def record(self) -> RequestRecord:
+        return self.lease.record
+
+    def pin(self, region_name: str) -> Region:
+        """The tenant's region of that name, pinned (once per request) until the lease lets go."""
+        _require_shm(self)
+        region = self.pinned.get(region_name)
+        if region is None:
+            region = self.pinned[region_name] = self.lease.pin(self.tenant.name, region_name)
+        return region
+
+    def unpin(self) -> None:
+        """The job is over and the answer carries no bytes of a region: let them go now."""
+        self.pinned.clear()
+        self.lease.unpin()
+
+
+def admit(request: Request, state: ServerState, lease: RequestLease, reads_body: bool = True) -> LinearRequest:
+    headers = request.headers
+    tenant = tenant_for(state, headers.get("authorization"))
+    lease.record.tenant = tenant.name
+    check_ready(state)
+    if reads_body:
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != protocol.MSGPACK:
+            raise ApiError("unsupported_media_type",
+                           f"Content-Type must be {protocol.MSGPACK}, got {ctype or 'none'!r}")
+    return LinearRequest(request, state, tenant, lease, min(state.settings.max_request_bytes, tenant.max_request_bytes))
+
+
+class LinearEndpoint(LeasedEndpoint):
+    """One of this module's endpoints: admit, then its handler."""
+
+    def __init__(self, handler: Callable[[LinearRequest], Awaitable[Response]], reads_body: bool = True):
+        self.handler = handler
+        self.reads_body = reads_body
+
+    async def handle(self, request: Request, state: ServerState, lease: RequestLease):
+        return await self.handler(admit(request, state, lease, self.reads_body))
+
+
+# ---- read and decode -----------------------------------------------------------------------------
+
+async def read_message(req: LinearRequest, fields: frozenset, *, pooled: bool = True) -> tuple[dict, np.ndarray]:
+    """The decoded message and its body. The body's bytes are reserved against the in-flight
+    budgets before it is read (a burst is answered 429 before its bodies are in memory) and stay
+    so until the lease closes. `pooled`: the body in the lease's pooled buffer; else in one of its
+    own (a stored weight keeps viewing it)."""
+    record = req.record
+    req.lease.hold(req.state.scheduler.reserve(req.tenant, announced_length(req.request, req.body_limit)))
+    t0 = time.perf_counter()
+    body = await receive_body(req.request, req.body_limit, req.lease.buffer if pooled else None)
+    record.stage("body", time.perf_counter() - t0)
+    record.body_bytes = body.nbytes
     try:
-        msg = protocol.decode_message(memoryview(body))
+        msg = fastpath.decode_small(memoryview(body))
     except protocol.ProtocolError as exc:
         raise ApiError("bad_request", f"malformed request: {exc}") from None
-    unknown = sorted(set(msg) - FIELDS)
+    unknown = sorted(set(msg) - fields)
     if unknown:
         raise ApiError("bad_request", f"unknown request field {unknown[0]!r}")
-    return msg
+    v = msg.get("v", protocol.PROTOCOL_VERSION)
+    if type(v) is not int or v != protocol.PROTOCOL_VERSION:
+        raise ApiError("bad_request", f"unsupported protocol version {v!r}; this server speaks version "
+                                      f"{protocol.PROTOCOL_VERSION}")
+    return msg, body
 
 
-def _tensor(msg: dict[str, Any], name: str, required: bool = False) -> np.ndarray | None:
+def _tensor(msg: dict[str, Any], name: str, required: bool = False) -> np.ndarray | RegionRef | None:
+    """An inline tensor (a view of the body) or a shared-memory reference; None when absent."""
     value = msg.get(name)
     if value is None:
         if required:
             raise ApiError("bad_request", f"missing request field {name!r}")
         return None
     try:
+        if is_ref_map(value):
+            return parse_ref(value, name=name)
         return protocol.decode_tensor(value, name=name)
     except protocol.ProtocolError as exc:
         raise ApiError("bad_request", f"malformed request: {exc}") from None
@@ -108,108 +205,283 @@ def _required_version(msg: dict[str, Any]) -> str:
     return version
 
 
-async def _respond(msg: dict[str, Any]) -> Response:
-    segments = protocol.encode_message(msg)
+# ---- shared memory -------------------------------------------------------------------------------
 
-    def slices():
-        for seg in segments:
-            mv = memoryview(seg).cast("B")
-            for i in range(0, len(mv), SEND_CHUNK):
-                yield mv[i:i + SEND_CHUNK]
-
-    return StreamingResponse(slices(), media_type=protocol.MSGPACK,
-                             headers={"Content-Length": str(protocol.message_nbytes(segments))})
+def _require_shm(req: LinearRequest) -> None:
+    if req.state.shm_registry is None:
+        raise ApiError("bad_request", "this server does not allow shared memory (see /v1/info)")
 
 
-@router.put("/v1/weights/{name}", summary="Store a weight version for the linear cross-entropy")
-async def put_weight(name: str, request: Request, tenant: Tenant = Depends(authenticated_tenant),
-                     state: ServerState = Depends(ready_state)) -> Response:
-    msg = await _message(request, tenant, state)
+def resolve_regions(req: LinearRequest, tensors: dict[str, Any]) -> dict[str, Any]:
+    """`tensors` with each region reference replaced by an array over the tenant's region, checked
+    against its bounds and pinned until the lease lets go. What they reference counts as the
+    request's bytes against its size limit (the limit holds whatever the transport)."""
+    refs = [name for name, value in tensors.items() if isinstance(value, RegionRef)]
+    if not refs:
+        return tensors
+    _require_shm(req)
+    req.shm_bytes = sum(tensors[name].nbytes for name in refs)
+    size = req.record.body_bytes + req.shm_bytes
+    if size > req.body_limit:
+        raise ApiError("payload_too_large", f"request of {size} bytes (with its shared-memory tensors) "
+                       f"exceeds the limit of {req.body_limit} bytes")
+    out = dict(tensors)
+    for name in refs:
+        ref = tensors[name]
+        arr = region_view(req.pin(ref.region), ref, name=name)
+        out[name] = arr.copy() if name in _COPIED else arr
+    return out
+
+
+def output_region(req: LinearRequest, what: str, region: str, offset: Any, dtype: str,
+                  shape: tuple[int, ...]) -> tuple[RegionRef, np.ndarray]:
+    """Where a gradient `what` goes in the tenant's region: the reference the answer names, and the
+    writable array over it (pinned; checked as any reference is, and refused in a read-only region)."""
+    _require_shm(req)
+    if type(offset) is not int or offset < 0:
+        raise ApiError("bad_request", f"{what}: the offset must be a non-negative integer, got {offset!r}")
+    try:
+        ref = parse_ref(ref_map(dtype, shape, region, offset), name=what)
+    except protocol.ProtocolError as exc:
+        raise ApiError("bad_request", str(exc)) from None
+    pinned = req.pin(ref.region)
+    if pinned.read_only:
+        raise ApiError("bad_request", f"{what}: region {ref.region!r} is read-only (sealed against writes, or "
+                       "passed read-only): it cannot take the gradient")
+    return ref, region_view(pinned, ref, name=what)
+
+
+# ---- PUT /v1/weights/{name} ----------------------------------------------------------------------
+
+async def put_weight(req: LinearRequest) -> Response:
+    name = req.request.path_params["name"]
+    # The body in a buffer of its own, not the lease's pooled one: the stored weight keeps viewing
+    # it for as long as it is stored (no copy of what may be the largest tensor of the model).
+    msg, _ = await read_message(req, PUT_FIELDS, pooled=False)
     version = _required_version(msg)
-    weight, bias = _tensor(msg, "weight", required=True), _tensor(msg, "bias")
+    parts = {"weight": _tensor(msg, "weight", required=True), "bias": _tensor(msg, "bias")}
+    arrays = resolve_regions(req, parts)     # references: checked against their regions' bounds
+    weight, bias = arrays["weight"], arrays["bias"]
     if weight.ndim != 2:
         raise ArgumentError(RuntimeError(f"weight must be 2-D (vocabulary, hidden), got shape {list(weight.shape)}"))
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ArgumentError(RuntimeError(f"bias must be a ({weight.shape[0]},) tensor of the weight's dtype"))
-    # the arrays view the received body, kept (not pooled) for as long as the weight is stored;
-    # aligned once here (a tensor in a msgpack body may start at any byte), not on every call
-    weight = np.require(weight, requirements=("C", "A"))
-    bias = None if bias is None else np.require(bias, requirements=("C", "A"))
-    weight_store(state).put(tenant, name, version, weight, bias)
-    return await _respond({"v": protocol.PROTOCOL_VERSION, "weight_name": name, "weight_version": version})
+    # Inline parts are aligned once here (a tensor in a msgpack body may start at any byte), not
+    # on every call. Region parts are stored as their references, with no pin held: each call
+    # pins and views them again (WeightStore.resolve).
+    stored = {k: parts[k] if isinstance(parts[k], RegionRef) else np.require(arrays[k], requirements=("C", "A"))
+              for k in parts if parts[k] is not None}
+    weight_store(req.state).put(req.tenant, name, version, stored["weight"], stored.get("bias"),
+                                regions=dict(req.pinned))
+    req.unpin()
+    return msgpack_answer({"v": protocol.PROTOCOL_VERSION, "weight_name": name, "weight_version": version},
+                          timing_headers(req.record))
 
 
-@router.post("/v1/weights/{name}/grad", summary="Take a stored weight version's accumulated gradients")
-async def take_grad(name: str, request: Request, tenant: Tenant = Depends(authenticated_tenant),
-                    state: ServerState = Depends(ready_state)) -> Response:
-    msg = await _message(request, tenant, state)
+# ---- POST /v1/weights/{name}/grad ----------------------------------------------------------------
+
+async def take_grad(req: LinearRequest) -> Response:
+    name = req.request.path_params["name"]
+    msg, _ = await read_message(req, GRAD_FIELDS)
     version = _required_version(msg)
-    gw, gb, n = weight_store(state).take_grad(tenant, name, version)
+    region = _field(msg, "grad_weight_region", (str,), None)
+    store = weight_store(req.state)
+    entry = store.get(req.tenant, name, version)
+    ref = dest = None
+    if region is not None:
+        # checked before the gradient is taken: a refused region must not lose it
+        ref, dest = output_region(req, "grad_weight", region, _field(msg, "grad_weight_offset", (int,), 0),
+                                  "float32", entry.shape)
+    gw, gb, n = store.take_grad(req.tenant, name, version)
     out: dict[str, Any] = {"v": protocol.PROTOCOL_VERSION, "micro_batches": n}
     if gw is not None:
-        out["grad_weight"] = gw
+        if dest is not None:
+            if gw.shape != dest.shape:    # the version was uploaded again meanwhile, with another shape
+                raise ApiError("not_found", f"weight {name!r} version {version!r} was replaced while its gradient "
+                               "was taken; upload it again")
+            await asyncio.to_thread(np.copyto, dest, gw)   # (V, H) floats: off the event loop
+            out["grad_weight"] = ref_map(*ref)
+        else:
+            out["grad_weight"] = gw
         if gb is not None:
             out["grad_bias"] = gb
-    return await _respond(out)
+    req.unpin()
+    return msgpack_answer(out, timing_headers(req.record))
 
 
-@router.delete("/v1/weights/{name}", summary="Drop a stored weight")
-async def delete_weight(name: str, tenant: Tenant = Depends(authenticated_tenant),
-                        state: ServerState = Depends(ready_state)) -> Response:
-    if not weight_store(state).delete(tenant, name):
+# ---- DELETE /v1/weights/{name} -------------------------------------------------------------------
+
+async def delete_weight(req: LinearRequest) -> Response:
+    name = req.request.path_params["name"]
+    if not weight_store(req.state).delete(req.tenant, name):
         raise ApiError("not_found", f"no weight {name!r} is stored")
     return Response(status_code=204)
 
 
-@router.post("/v1/linear_cross_entropy", summary="Fused linear cross-entropy: loss and gradients from hidden states")
-async def linear_cross_entropy(request: Request, tenant: Tenant = Depends(authenticated_tenant),
-                               state: ServerState = Depends(ready_state)) -> Response:
-    msg = await _message(request, tenant, state)
-    hidden, target = _tensor(msg, "hidden", required=True), _tensor(msg, "target", required=True)
+# ---- POST /v1/linear_cross_entropy ---------------------------------------------------------------
+
+async def linear_cross_entropy(req: LinearRequest) -> Response:
+    state, record = req.state, req.record
+    msg, body = await read_message(req, FIELDS)
+    t0 = time.perf_counter()
+    tensors = {name: _tensor(msg, name, required=name in ("hidden", "target")) for name in TENSORS}
     accumulate = bool(_field(msg, "accumulate", (bool,), False))
     want_grad = bool(_field(msg, "want_grad", (bool,), True))
-    opts = {name: _field(msg, name, {"ignore_index": (int,), "reduction": (str,), "shift": (int,)}.get(
-        name, (float, int)), default) for name, default in OPTION_DEFAULTS.items()}
+    opts = {name: _field(msg, name, _OPTION_TYPES.get(name, (float, int)), default)
+            for name, default in OPTION_DEFAULTS.items()}
+    grad_region = _field(msg, "grad_region", (str,), None)
+    gw_region = _field(msg, "grad_weight_region", (str,), None)
+    store = weight_store(state)
     stored = None
     if msg.get("weight_name") is not None:
         name = _field(msg, "weight_name", (str,), None)
         version = _field(msg, "weight_version", (str,), None)
         if version is None:
             raise ApiError("bad_request", "weight_name needs weight_version")
-        stored = weight_store(state).get(tenant, name, version)
-        weight, bias = stored.weight, stored.bias
+        if tensors["weight"] is not None or tensors["bias"] is not None:
+            raise ApiError("bad_request", "send a stored weight (weight_name, weight_version) or the weight "
+                                          "itself (weight, bias), not both")
+        stored = store.get(req.tenant, name, version)
     else:
-        weight, bias = _tensor(msg, "weight", required=True), _tensor(msg, "bias")
+        if tensors["weight"] is None:
+            raise ApiError("bad_request", "missing request field 'weight'")
         if accumulate:
             raise ApiError("bad_request", "accumulate needs a stored weight (weight_name, weight_version)")
+    accumulating = stored is not None and accumulate and want_grad
+    if not want_grad and (grad_region is not None or gw_region is not None):
+        raise ApiError("bad_request", "grad_region and grad_weight_region need want_grad")
+    if accumulating and gw_region is not None:
+        raise ApiError("bad_request", "grad_weight_region is for the stateless mode (accumulate false); an "
+                                      "accumulated gradient is taken with POST /v1/weights/{name}/grad")
+    arrays = resolve_regions(req, tensors)
+    if stored is not None:
+        weight, bias = store.resolve(stored, req.pin)
+    else:
+        weight, bias = arrays["weight"], arrays["bias"]
+    hidden = arrays["hidden"]
     try:
-        problem = check(hidden, weight, target, bias, class_weight=_tensor(msg, "class_weight"), **opts)
+        problem = check(hidden, weight, arrays["target"], bias, class_weight=arrays["class_weight"], **opts)
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise ArgumentError(exc) from None
+    R, H = problem.hidden.shape
+    V = problem.weight.shape[0]
+    # where the gradients go: the client's regions, or a pooled buffer of the lease (the hidden's)
+    grad_ref = gw_ref = grad_hidden = gw_dest = None
+    if want_grad:
+        if grad_region is not None:
+            grad_ref, grad_hidden = output_region(req, "grad_hidden", grad_region, _field(msg, "grad_offset", (int,), 0),
+                                                  problem.dtype, hidden.shape)
+        else:
+            grad_hidden = req.lease.array(hidden.shape, problem.hidden.dtype)
+        grad_hidden = grad_hidden.reshape(R, H)
+        if gw_region is not None:
+            gw_ref, gw_dest = output_region(req, "grad_weight", gw_region,
+                                            _field(msg, "grad_weight_offset", (int,), 0), "float32", (V, H))
+    record.stage("decode", time.perf_counter() - t0)
 
     def job(device):
         lce = _for_engine(state.engines[device.index])
-        if stored is not None and accumulate and want_grad:
+        if accumulating:
             with stored.lock:
                 gw, gb = stored.accumulators()
-                result = yield from lce.steps(problem, grad_weight=gw, grad_bias=gb)
-                stored.micro_batches += 1
+                added = False
+                try:
+                    result = yield from lce.steps(problem, grad_weight=gw, grad_bias=gb, grad_hidden=grad_hidden)
+                    added = True
+                finally:
+                    if added:
+                        stored.micro_batches += 1
+                    else:   # stopped part way: the sum is no longer one of whole micro-batches
+                        store.drop(stored)
             return result
+        if gw_dest is not None:
+            gw_dest.fill(0)      # steps adds into a given accumulator
         return (yield from lce.steps(problem, want_grad_hidden=want_grad, want_grad_weight=want_grad,
-                                     want_grad_bias=want_grad and bias is not None))
+                                     want_grad_bias=want_grad and bias is not None, grad_weight=gw_dest,
+                                     grad_hidden=grad_hidden))
 
-    nbytes = hidden.nbytes * 2 + target.nbytes + 4 * min(problem.hidden.shape[0], 1024) * weight.shape[0]
-    if stored is None and want_grad:
-        nbytes += weight.shape[0] * weight.shape[1] * 4
-    result = await state.scheduler.submit(tenant, nbytes, FunctionJob(job))
-    out: dict[str, Any] = {"v": protocol.PROTOCOL_VERSION}
-    if result.grad_hidden is not None:
-        out["grad_hidden"] = result.grad_hidden.reshape(hidden.shape)
+    request_bytes = body.nbytes + req.shm_bytes
+    nbytes = request_bytes + 4 * min(R, CHUNK_ROWS) * (V + H)            # the chunk's logits and hidden
+    if want_grad and grad_ref is None:
+        nbytes += grad_hidden.nbytes
+    if want_grad and not accumulating and gw_ref is None:
+        nbytes += V * H * 4 + V * 8
+    timings: dict = {}
+    submit = state.scheduler.submit(req.tenant, nbytes, FunctionJob(job), timings=timings,
+                                    request_bytes=request_bytes, reservation=req.lease.reservation)
+    if accumulating or request_bytes < WATCH_DISCONNECT_BYTES:
+        # An accumulating job runs to its end even if its client goes: stopped part way it would
+        # cost the version its gradient. A small job is cheaper to finish than to watch.
+        result = await submit
+    else:
+        result = await unless_disconnected(submit, req.request)
+        if result is None:                 # the client left; nobody to answer
+            record.outcome = "cancelled"
+            return Response(status_code=499)
+    record.stage("queue", timings.get("queue_s", 0.0))
+    record.stage("run", timings.get("compute_s", 0.0))
+    record.stage("kernel", result.kernel_seconds)
+    record.rows = result.rows
+    req.unpin()      # the job is over, and the answer carries no bytes of a region
+    # the hidden's gradient first: a receiver finds its offset in the first bytes
+    out: dict[str, Any] = {}
+    if want_grad:
+        out["grad_hidden"] = ref_map(*grad_ref) if grad_ref is not None else result.grad_hidden.reshape(hidden.shape)
+    out["v"] = protocol.PROTOCOL_VERSION
     out["loss"] = result.loss
     if result.z_loss is not None:
         out["z_loss"] = result.z_loss
-    if not accumulate and result.grad_weight is not None:
-        out["grad_weight"] = result.grad_weight
+    if not accumulating and result.grad_weight is not None:
+        out["grad_weight"] = ref_map(*gw_ref) if gw_ref is not None else result.grad_weight
         if result.grad_bias is not None:
             out["grad_bias"] = result.grad_bias
-    return await _respond(out)
+    return msgpack_answer(out, timing_headers(record))
+
+
+# ---- the routes, as FastAPI's router and OpenAPI document know them ----------------------------
+
+_MSGPACK_BODY = {"requestBody": {"required": True, "content": {"application/msgpack": {"schema": {
+    "type": "string", "format": "binary", "description": "msgpack fields (docs/protocol.md, "
+    "\"Fused linear cross-entropy\")"}}}}}
+_ANSWERS = {400: {"description": "bad arguments: the message PyTorch would give"},
+            401: {"description": "missing or invalid API key"},
+            404: {"description": "the weight version (or a region) is not there: upload it again"},
+            413: {"description": "request too large"}, 415: {"description": "not msgpack"},
+            429: {"description": "queue or byte budget full"},
+            503: {"description": "starting, draining, or the device failed (Retry-After)"}}
+
+
+def routes() -> list[APIRoute]:
+    """The four endpoints; each route's ASGI app is its LinearEndpoint (FastAPI's request handling,
+    dependency solving and body parsing, is not on the path)."""
+
+    async def linear_cross_entropy_operation() -> None:   # pragma: no cover  (never called)
+        """Loss and the gradients of hidden, weight and bias of
+        F.cross_entropy(F.linear(hidden, weight, bias), target) (msgpack body)."""
+
+    async def put_weight_operation(name: str) -> None:   # pragma: no cover
+        """Store a weight version (inline, or region references) for the linear cross-entropy."""
+
+    async def take_grad_operation(name: str) -> None:   # pragma: no cover
+        """Take a stored weight version's accumulated gradients (once)."""
+
+    async def delete_weight_operation(name: str) -> None:   # pragma: no cover
+        """Drop a stored weight."""
+
+    table = [
+        ("/v1/linear_cross_entropy", "POST", linear_cross_entropy_operation, linear_cross_entropy, True,
+         "Fused linear cross-entropy: loss and gradients from hidden states"),
+        ("/v1/weights/{name}", "PUT", put_weight_operation, put_weight, True,
+         "Store a weight version for the linear cross-entropy"),
+        ("/v1/weights/{name}/grad", "POST", take_grad_operation, take_grad, True,
+         "Take a stored weight version's accumulated gradients"),
+        ("/v1/weights/{name}", "DELETE", delete_weight_operation, delete_weight, False, "Drop a stored weight"),
+    ]
+    out = []
+    for path, method, operation, handler, reads_body, summary in table:
+        r = APIRoute(path, operation, methods=[method], name=handler.__name__, summary=summary,
+                     tags=["linear cross-entropy"], openapi_extra=_MSGPACK_BODY if reads_body else None,
+                     responses=_ANSWERS, status_code=204 if method == "DELETE" else None)
+        r.app = LinearEndpoint(handler, reads_body)
+        out.append(r)
+    return out

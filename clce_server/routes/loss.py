@@ -7,9 +7,9 @@
              client goes
     encode   encode: loss, gradient and extras in the request's format, streamed
 
-`LossEndpoint` is the route's ASGI app: it makes the request's record and lease, runs the stages
-with a typed context (`LossRequest`), renders any failure through `responses.error_for`, sends
-the answer, then closes the lease and publishes the record, once. `route()` declares it to
+`LossEndpoint` is the route's ASGI app (a `leased.LeasedEndpoint`): it makes the request's record
+and lease, runs the stages with a typed context (`LossRequest`), renders any failure through
+`responses.error_for`, sends the answer, then closes the lease and publishes the record, once. `route()` declares it to
 FastAPI for the OpenAPI document only: FastAPI's request handling (dependency solving, body
 parsing) is not on this path, which a small request would pay for in CPU.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from fastapi import Request
@@ -35,11 +35,12 @@ from ..deps import check_ready, tenant_for
 from ..errors import ApiError, ArgumentError
 from ..jobs import LossJob, inflight_bytes
 from ..lease import RequestLease
-from ..recording import RequestRecord, new_request_id
-from ..responses import error_for
+from ..recording import RequestRecord
 from ..shm import view as region_view
 from ..state import ServerState
 from ..tenants import Tenant
+from . import leased
+from .leased import LeasedEndpoint, msgpack_answer, receive_body, timing_headers, unless_disconnected
 
 PATH = "/v1/cross_entropy"
 
@@ -55,7 +56,6 @@ class CrossEntropyResponse(BaseModel):
     z_loss: float | list[Any] | None = None
     partials: list[Any] | None = None
 
-STREAM_CHUNK = 1 << 20          # response bodies leave in 1 MiB slices: backpressure, no copies
 WATCH_DISCONNECT_BYTES = 1 << 16  # requests at least this big are cancelled when the client goes
 JSON_IN_THREAD_BYTES = 1 << 20  # JSON bodies bigger than this are parsed off the event loop
 JSON_OUT_THREAD_ROWS = 4096     # and JSON answers with more rows are rendered off it
@@ -78,25 +78,11 @@ class LossRequest:
         return self.lease.record
 
 
-class LossEndpoint:
+class LossEndpoint(LeasedEndpoint):
     """The ASGI app of POST /v1/cross_entropy."""
 
-    async def __call__(self, scope, receive, send) -> None:
-        state: ServerState = scope["app"].state.clce
-        lease = RequestLease(RequestRecord(new_request_id()), state.pool, state.shm_registry)
-        record = lease.record
-        request = Request(scope, receive, send)
-        state.inflight_http += 1
-        try:
-            try:
-                response = await cross_entropy(admit(request, state, lease))
-            except Exception as exc:
-                response = error_for(exc, request, record)
-            await record.send(response, scope, receive, send)
-        finally:
-            state.inflight_http -= 1
-            lease.close()
-            record.publish(state, scope.get("client"))
+    async def handle(self, request: Request, state: ServerState, lease: RequestLease) -> Response:
+        return await cross_entropy(admit(request, state, lease))
 
 
 def route() -> APIRoute:
@@ -161,13 +147,7 @@ async def cross_entropy(req: LossRequest) -> Response:
 
 
 def announced_length(req: LossRequest) -> int:
-    """The body's size from Content-Length, to reserve before reading it (0 without one, or when
-    it is over the size limit: read_body answers 413 for that)."""
-    try:
-        n = int(req.request.headers.get("content-length", ""))
-    except ValueError:
-        return 0
-    return n if 0 < n <= req.body_limit else 0
+    return leased.announced_length(req.request, req.body_limit)
 
 
 # ---- read ----------------------------------------------------------------------------------------
@@ -177,53 +157,6 @@ async def read_body(req: LossRequest) -> np.ndarray:
     place: tensors are views into it, and the CPU device computes on them directly); a pooled
     buffer of the request's lease when Content-Length says how big."""
     return await receive_body(req.request, req.body_limit, req.lease.buffer)
-
-
-async def receive_body(request: Request, limit: int,
-                       backing: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
-    """The body, ALIGN-placed in `backing(n)` (a new allocation when None) when Content-Length
-    gives n. The limit is checked from Content-Length before anything is read, and while
-    streaming when there is none."""
-    length = request.headers.get("content-length")
-    if length is None:
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise ApiError("payload_too_large", f"request body exceeds the limit of {limit} bytes")
-        return np.frombuffer(buf, np.uint8)
-    try:
-        n = int(length)
-    except ValueError:
-        raise ApiError("bad_request", "invalid Content-Length") from None
-    if n < 0:
-        raise ApiError("bad_request", "invalid Content-Length")
-    if n > limit:
-        raise ApiError("payload_too_large", f"request body of {n} bytes exceeds the limit of {limit} bytes")
-    head = bytearray()
-    body: np.ndarray | None = None
-    view = None
-    pos = 0
-    async for chunk in request.stream():
-        if body is None:
-            head += chunk
-            if len(head) < min(n, 512):
-                continue
-            body = protocol.aligned_body(n, head, backing(n) if backing is not None else None)
-            view = memoryview(body)
-            chunk, head = head, None
-        end = pos + len(chunk)
-        if end > n:
-            raise ApiError("bad_request", "body longer than its Content-Length")
-        view[pos:end] = chunk
-        pos = end
-    if body is None:                       # shorter than the head we wait for: all in `head`
-        if len(head) != n:
-            raise ApiError("bad_request", f"body ended after {len(head)} of {n} bytes")
-        return np.frombuffer(head, np.uint8)
-    if pos != n:
-        raise ApiError("bad_request", f"body ended after {pos} of {n} bytes")
-    return body
 
 
 # ---- decode --------------------------------------------------------------------------------------
@@ -360,7 +293,7 @@ async def schedule(req: LossRequest, args: dict[str, Any], body_len: int):
         # dropped harmlessly.
         result = await submit
     else:
-        result = await _unless_disconnected(submit, req.request)
+        result = await unless_disconnected(submit, req.request)
         if result is None:
             return None
     record.stage("queue", timings.get("queue_s", 0.0))
@@ -368,37 +301,6 @@ async def schedule(req: LossRequest, args: dict[str, Any], body_len: int):
     record.stage("kernel", result.kernel_seconds)        # of which device time
     record.rows = result.rows
     return result
-
-
-async def _unless_disconnected(submit, request: Request):
-    """`submit`'s result, or None when the client goes first (the job is then cancelled: the
-    scheduler drops it, or closes it after its current chunk)."""
-    task = asyncio.ensure_future(submit)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:            # this request is cancelled itself (shutdown)
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.wait((task,))
-        return None
-    if task.exception() is None:
-        return task.result()
-    # Raised without a local holding the task: a failed task keeps its exception, whose
-    # traceback would hold this frame and so the task, a cycle freed only by the collector.
-    try:
-        raise task.exception()
-    finally:
-        task = None
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 # ---- encode --------------------------------------------------------------------------------------
@@ -440,45 +342,12 @@ async def encode(result, args: dict[str, Any], req: LossRequest) -> Response:
 
 
 async def _encoded(msg: dict[str, Any], result, req: LossRequest) -> Response:
-    record = req.record
-    record.stage("total", time.perf_counter() - record.started)
-    headers = {"Server-Timing": protocol.format_server_timing({k: v * 1000 for k, v in record.timings.items()})}
-    # The body and the gradient stay the lease's until the response is out (LossEndpoint).
+    headers = timing_headers(req.record)
+    # The body and the gradient stay the lease's until the response is out (LeasedEndpoint).
     if req.as_msgpack:
-        if sum(v.nbytes for v in msg.values() if isinstance(v, np.ndarray)) <= fastpath.SMALL_BYTES:
-            return Response(fastpath.encode_small(msg), media_type=protocol.MSGPACK, headers=headers)
-        segments = protocol.encode_message(msg)
-        size = protocol.message_nbytes(segments)
-        if size <= STREAM_CHUNK:   # one write, no per-chunk threadpool hop
-            return Response(b"".join(segments), media_type=protocol.MSGPACK, headers=headers)
-        return SlicedResponse(segments, size, headers)
+        return msgpack_answer(msg, headers)
     if result.rows > JSON_OUT_THREAD_ROWS:
         payload = await asyncio.to_thread(protocol.message_to_json, msg)
     else:
         payload = protocol.message_to_json(msg)
     return JSONResponse(payload, headers=headers)
-
-
-class SlicedResponse:
-    """A msgpack answer sent from its segments (the gradient is one: a view of the lease's buffer)
-    in 1 MiB memoryview slices: no copy, flow control per slice, no thread hop per slice. Unlike
-    starlette's StreamingResponse, no task group watches for a disconnect (uvicorn drops what is
-    sent to a client that left), so a client that goes mid-download leaves no cancelled task
-    whose traceback would keep a slice of the buffer, and with it the buffer, until the garbage
-    collector ran."""
-
-    status_code = 200
-
-    def __init__(self, segments: list, size: int, headers: dict[str, str]):
-        self.segments = segments
-        self.size = size
-        self.raw_headers = [(b"content-type", protocol.MSGPACK.encode()), (b"content-length", str(size).encode()),
-                            *((k.lower().encode(), v.encode()) for k, v in headers.items())]
-
-    async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        for seg in self.segments:
-            mv = memoryview(seg).cast("B")
-            for i in range(0, len(mv), STREAM_CHUNK):
-                await send({"type": "http.response.body", "body": mv[i:i + STREAM_CHUNK], "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
