@@ -7,6 +7,7 @@ agree at every step, and every rank must hold the same gradients."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -71,9 +72,9 @@ def worker(rank, port, url, out):
             loss.backward()                       # DDP all-reduces here, the head's too
             results[name] = (loss.detach(), [p.grad.clone() for p in ddp.parameters()])
             opt.step()
-        (lc, gc), (ll, gl) = results["clce"], results["local"]
+        (lc, grads_c), (ll, grads_l) = results["clce"], results["local"]
         worst_loss = max(worst_loss, abs(lc.item() - ll.item()) / abs(ll.item()))
-        worst_grad = max(worst_grad, max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(gc, gl)))
+        worst_grad = max(worst_grad, max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads_c, grads_l)))
     flat = torch.cat([p.grad.reshape(-1) for p in runs["clce"][0].parameters()])
     gathered = [torch.empty_like(flat) for _ in range(WORLD)]
     dist.all_gather(gathered, flat)
@@ -82,6 +83,11 @@ def worker(rank, port, url, out):
             json.dump({"steps": STEPS, "max_rel_loss_dev": worst_loss, "max_rel_grad_dev": worst_grad,
                        "ranks_agree": all(torch.equal(gathered[0], t) for t in gathered)}, f)
     client.close()
+    # examples/ddp_train.py's teardown order: without it a rank can abort or hang in gloo's
+    # destructor (it holds the GIL while a worker thread still needs it to drop a tensor)
+    dist.barrier()
+    del runs, ddp, opt, results, gathered, flat
+    gc.collect()
     dist.destroy_process_group()
 
 
