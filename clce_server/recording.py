@@ -1,7 +1,8 @@
-"""One record per loss request: its id, outcome, timings and sizes, taken once when the response
-has gone out (or failed) and sent to the metrics and the access log.
+"""One record per leased request (the loss and the fused linear cross-entropy routes): its id,
+outcome, timings and sizes, taken once when the response has gone out (or failed) and sent to the
+metrics and the access log.
 
-The loss endpoint (routes/loss.py) makes the record first, so requests refused by auth or
+Their endpoint (routes/leased.py) makes the record first, so requests refused by auth or
 readiness, or answered with an error, are recorded by the same one path as answered ones.
 """
 
@@ -47,7 +48,7 @@ class RequestRecord:
         self.timings[name] = seconds
 
     async def send(self, response, scope, receive, send) -> None:
-        """Send `response` (a starlette Response, or routes/loss.py's SlicedResponse) with
+        """Send `response` (a starlette Response, or routes/leased.py's SlicedResponse) with
         X-Request-ID, noting its status, its size and how long it took to go out."""
         self.status = response.status_code
         headers = response.raw_headers

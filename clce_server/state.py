@@ -37,7 +37,7 @@ class ServerState:
         self.ready = threading.Event()
         self.draining = False
         self.init_error: str | None = None
-        self.inflight_http = 0                   # loss requests the endpoint is serving
+        self.inflight_http = 0                   # leased requests being served (loss and linear routes)
         #: bodies and gradients, reused with their pages mapped (taken and given back by the leases)
         self.pool = HostPool(settings.host_pool_bytes)
         self.shm_registry = None                 # shared memory (shm.py), when settings allow it
