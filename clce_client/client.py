@@ -170,6 +170,8 @@ class _Call:
     """One cross_entropy call: its request message and how to turn the response into results.
     `options` are the request's options by name (clce_wire.options), as the caller gave them."""
 
+    method, path = "POST", CROSS_ENTROPY_PATH   # where `_SEND` sends it
+
     def __init__(self, input: Any, target: Any, options: dict[str, Any], arena: Any = None):
         inplace = bool(options.pop("inplace_grad", False))
         self.placement = None
@@ -611,7 +613,7 @@ class _ChunkRun:
 # The I/O a call's flow asks its client for (see `_BaseClient._cross_entropy_flow`)
 _ARENA = "arena"        # (nbytes): the arena this call may use, or None (asks /v1/info once)
 _BLOCKING = "blocking"  # (fn, args): Unix-socket registration or a big copy: a thread for AsyncClient
-_SEND = "send"          # (call): POST the call's one request; the response
+_SEND = "send"          # (call): send the call's one request (call.method, call.path); the response
 _CHUNKS = "chunks"      # (pipe): send the row chunks; (message, timing) of the whole batch
 _RENEW = "renew"        # (arena, generation, cause): move the arena to a new server instance
 _OFFLOAD_BYTES = 1 << 20   # the async client prepares calls at least this big in a thread
@@ -935,6 +937,15 @@ _CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
         Options:
         """ + "\n".join("        " + line for line in options_doc(skip=("input", "target")).splitlines()) + "\n"
 
+_LINEAR_DOC = """F.cross_entropy(F.linear(hidden, weight, bias), target, ...) on the server, which never
+        holds the (N, V) logits (clce_client/linear.py). torch tensors get autograd for hidden,
+        weight and bias; numpy arrays get a dict of loss and gradients.
+
+        Options: class_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+        softcap, shift, return_z_loss; weight_name (the stored weight's name; a torch weight is
+        stored under one made for it), accumulate (its gradient stays on the server until
+        weights_of(client).flush()), stateless (the weight travels with every call)."""
+
 _EMPTY_DOC = """An uninitialised array (numpy, or torch for a torch dtype) in memory shared with the
         server: logits computed into it travel without a copy, and ``inplace_grad=True`` writes the
         gradient over them. Without shared memory (another host, transport="tcp"), an ordinary
@@ -980,7 +991,7 @@ class Client(_BaseClient):
                     result = fn(*fn_args)
                 elif kind == _SEND:
                     (call,) = args
-                    result = self._request("POST", CROSS_ENTROPY_PATH, call.segments, call.nbytes)
+                    result = self._request(call.method, call.path, call.segments, call.nbytes)
                 elif kind == _CHUNKS:
                     result = self._send_chunks(*args)
                 elif kind == _RENEW:
@@ -1079,10 +1090,16 @@ class Client(_BaseClient):
     cross_entropy.__doc__ = _CE_DOC
 
     def linear_cross_entropy(self, hidden: Any, weight: Any, target: Any, bias: Any = None, **options: Any) -> Any:
-        """The fused linear cross-entropy (clce_client/linear.py) on this client's server."""
-        from .linear import linear_cross_entropy
+        if _compiling() and _is_torch_tensor(hidden):
+            from .linear_ops import linear_cross_entropy as traced
 
-        return linear_cross_entropy(hidden, weight, target, bias, client=self, **options)
+            return traced(hidden, weight, target, bias, client=self, **options)
+        from .linear import LinearCall
+
+        call = LinearCall(self, hidden, weight, target, bias, **options)
+        return call.finish(self._run(call.flow()))
+
+    linear_cross_entropy.__doc__ = _LINEAR_DOC
 
     def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
         return self._run(self._empty_flow(shape, dtype))
@@ -1157,7 +1174,7 @@ class AsyncClient(_BaseClient):
                     result = await asyncio.to_thread(fn, *fn_args)
                 elif kind == _SEND:
                     (call,) = args
-                    result = await self._request("POST", CROSS_ENTROPY_PATH, call.segments, call.nbytes)
+                    result = await self._request(call.method, call.path, call.segments, call.nbytes)
                 elif kind == _CHUNKS:
                     result = await self._send_chunks(*args)
                 elif kind == _RENEW:
@@ -1256,6 +1273,15 @@ class AsyncClient(_BaseClient):
             input, target, self._options(weight, ignore_index, reduction, label_smoothing, options)))
 
     cross_entropy.__doc__ = _CE_DOC
+
+    async def linear_cross_entropy(self, hidden: Any, weight: Any, target: Any, bias: Any = None,
+                                   **options: Any) -> Any:
+        from .linear import LinearCall
+
+        call = LinearCall(self, hidden, weight, target, bias, **options)
+        return call.finish(await self._run(call.flow()))
+
+    linear_cross_entropy.__doc__ = _LINEAR_DOC
 
     async def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
         return await self._run(self._empty_flow(shape, dtype))

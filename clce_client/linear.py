@@ -11,43 +11,66 @@ chunks and never holds the (N, V) logits (clce_server/linear.py). Options are cr
 where they apply: class_weight (cross_entropy's `weight`), ignore_index, reduction,
 label_smoothing, lse_square_scale (z-loss), softcap, shift (causal LMs), return_z_loss.
 
-Two ways for the weight:
-  * stateless (default): the weight travels with every call and its gradient comes back with
-    every call;
-  * stored (`weight_name=`): uploaded once per version (the version is its storage and torch's
-    in-place counter, `tensor._version`, so an optimizer step re-uploads by itself), then each
-    call sends only hidden states and targets. With `accumulate=True` the weight's gradient adds
-    up on the server over the micro-batches and comes back once, in `LinearWeights.flush()`,
-    which `LinearWeights.attach(optimizer)` runs before every optimizer step. A version the
-    server no longer has (evicted, restarted) is uploaded again and the call retried.
+The weight crosses the wire once per version. A torch weight is stored on the server under a
+name (`weight_name`, or one made for the tensor object) and version: the object, torch's in-place
+counter (`tensor._version`), and the flushes and optimizer steps so far (a global post-step hook:
+torch's fused AdamW leaves `_version` alone), so an optimizer step re-uploads by itself and a new
+tensor at a recycled address never passes for an old one. An update that bypasses both (writing
+`.data`) is not seen: step through an optimizer or update in place under no_grad. Between versions a
+call sends only hidden states and targets. Its gradient:
+  * comes back with every call (default), through autograd, so clipping, DDP and optimizers
+    see it as usual;
+  * or, with `accumulate=True`, adds up on the server over the micro-batches of one version and
+    comes back once, in `LinearWeights.flush()`, which `LinearWeights.attach(optimizer)` runs
+    before every optimizer step.
+A version the server no longer has (evicted, restarted) is uploaded again and the call retried.
+`stateless=True` (numpy weights without a `weight_name` too) sends the weight with every call.
+
+On shared memory (a client on the server's host; clce_client/shm.py) nothing large is copied
+into a request: hidden states and targets go into a region of the client's arena (used where
+they lie when they already live in one), the server writes the hidden's and the weight's
+gradients into the arena, and a stored weight is a reference to a region. `share_weight` moves a
+parameter into shared memory once, so its versions cost no copy at all; otherwise each version
+is copied into a region once.
 
 The gradients the server returns are those of grad_output = 1 ('none': of the summed rows); the
 autograd backward scales them by the actual grad_output, which must be one value (for 'none',
 the same for every row, as loss.sum() or loss.mean() give).
+
+`LinearCall.flow` is a generator of I/O steps (clce_client/client.py's flows), so `Client` and
+`AsyncClient` run the same call; autograd is attached after the I/O, never inside it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import os
 import threading
+import time
+import weakref
 from typing import Any
 
 import numpy as np
 
-from clce_wire.protocol import PROTOCOL_VERSION, decode_tensor, encode_message, message_nbytes
+from clce_wire.protocol import PROTOCOL_VERSION, ProtocolError, decode_tensor, encode_message, message_nbytes
 
 from . import errors
+from .client import _ARENA, _BLOCKING, _OFFLOAD_BYTES, _RENEW, _SEND, _is_torch_tensor
 
+LINEAR_PATH = "/v1/linear_cross_entropy"
 OPTION_NAMES = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift")
+RESULT_NAMES = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")
+#: how many times one call uploads its weight again after the server said it no longer has it
+_REUPLOADS = 2
 
 
 def _to_numpy(t: Any) -> np.ndarray:
     """A torch tensor's (or an array's) data as a C-contiguous numpy array, without a copy when
     it already is one (bf16 through ml_dtypes)."""
-    try:
+    if _is_torch_tensor(t):
         import torch
-    except ImportError:   # pragma: no cover - numpy-only installs
-        torch = None
-    if torch is not None and isinstance(t, torch.Tensor):
+
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -59,67 +82,109 @@ def _to_numpy(t: Any) -> np.ndarray:
     return np.ascontiguousarray(t)
 
 
-def _array(msg: dict, name: str) -> np.ndarray | None:
-    v = msg.get(name)
-    return None if v is None else decode_tensor(v, name=name)
-
-
 def _widened(a: np.ndarray) -> np.ndarray:
     """A copy torch can take: float64 stays, anything else (bf16 included) as float32."""
     return np.array(a, np.float64 if a.dtype == np.float64 else np.float32)
 
 
-def _post(client, path: str, msg: dict) -> dict:
-    segments = encode_message(msg)
-    resp = client._request("POST" if not path.startswith("PUT ") else "PUT", path.removeprefix("PUT "),
-                           segments, message_nbytes(segments))
-    return client._json_or_msgpack(resp)
+def _is_region_ref(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"dtype", "shape", "region", "offset"}
 
+
+class _Request:
+    """One request of a flow, as `_SEND` sends it; `placement`: the shared memory it uses."""
+
+    def __init__(self, method: str, path: str, msg: dict[str, Any], placement: Any = None):
+        self.method, self.path, self.placement = method, path, placement
+        self.segments = encode_message(msg)
+        self.nbytes = message_nbytes(self.segments)
+
+
+def _place(arena: Any, parts: list[tuple[str, Any, int]]) -> Any:
+    from .shm import Placement
+
+    return Placement(arena, [(k, None if a is None else a.reshape(-1).view(np.uint8), n) for k, a, n in parts])
+
+
+def _received(msg: dict[str, Any], key: str, placement: Any) -> Any:
+    """A result field: a WireTensor (inline, or over the arena's memory the answer names)."""
+    value = msg.get(key)
+    if placement is not None and _is_region_ref(value):
+        return placement.tensor(value, key)
+    return value
+
+
+# ---- the weights a client has stored --------------------------------------------------------------
 
 class LinearWeights:
-    """The weights one client has stored on its server, by name: which version is there, and the
-    grad_output scale of the micro-batches accumulated since (one value per version)."""
+    """The weights one client has stored on its server, by name: which version is there (and the
+    shared memory it lives in, when the client copied it into a region), and the grad_output
+    scale of the micro-batches accumulated since (one value per version)."""
 
     def __init__(self, client):
         self.client = client
         self._lock = threading.Lock()
-        self._uploaded: dict[str, str] = {}
+        self._stored: dict[str, tuple[str, Any]] = {}      # name -> (version, placement kept alive)
         self._pending: dict[str, tuple[Any, Any, str, float | None]] = {}   # name -> (weight, bias, version, scale)
         #: flushes per name: a flush precedes an optimizer step, which makes a new version even
         #: where the step leaves tensor._version alone (torch's fused AdamW does)
         self._generation: dict[str, int] = {}
+        #: a token per tensor object (weakly held): a new object is a new version even at an old address
+        self._tokens: dict[int, tuple[weakref.ref, int]] = {}
+        self._next_token = itertools.count(1)
+        #: this object's versions are its own: another process (or client) of the same tenant
+        #: storing under the same name replaces them, and is never taken for them
+        self.owner = f"{os.getpid():x}.{os.urandom(4).hex()}"
 
-    @staticmethod
-    def version_of(weight: Any, bias: Any = None) -> str:
-        """Storage address and in-place version counters: an optimizer step changes them."""
-        parts = []
-        for t in (weight, bias):
-            if t is None:
-                continue
-            if hasattr(t, "_version"):
-                parts.append(f"{t.untyped_storage().data_ptr():x}.{t.storage_offset()}.{t._version}")
-            else:
-                parts.append(f"{np.asarray(t).ctypes.data:x}.{hash(np.asarray(t).tobytes())}")
-        return "-".join(parts)
+        #: uploads made (a version crossing the wire), for tests and benchmarks
+        self.uploads = 0
 
-    def upload(self, name: str, weight: Any, bias: Any, version: str) -> None:
-        msg = {"v": PROTOCOL_VERSION, "weight_version": version, "weight": _to_numpy(weight)}
-        if bias is not None:
-            msg["bias"] = _to_numpy(bias)
-        _post(self.client, f"PUT /v1/weights/{name}", msg)
+    def _token(self, t: Any) -> int:
+        key = id(t)
+        entry = self._tokens.get(key)
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        token = next(self._next_token)
+        self._tokens[key] = (weakref.ref(t, lambda _, key=key: self._tokens.pop(key, None)), token)
+        return token
+
+    def version_of(self, name: str, weight: Any, bias: Any = None) -> str:
+        """This weight's version: the flushes of `name`, the optimizer steps taken in this process,
+        and per tensor its object's token and torch's in-place counter (an array's: its bytes'
+        digest; numpy keeps no counter)."""
+        steps = _optimizer_steps() if _is_torch_tensor(weight) else 0
         with self._lock:
-            self._uploaded[name] = version
+            parts = [self.owner, str(self._generation.get(name, 0)), str(steps)]
+            for t in (weight, bias):
+                if t is None:
+                    continue
+                if hasattr(t, "_version"):
+                    parts.append(f"{self._token(t)}.{t._version}")
+                else:
+                    parts.append(hashlib.blake2b(memoryview(_to_numpy(t)).cast("B"), digest_size=12).hexdigest())
+            return "-".join(parts)
 
-    def ensure(self, name: str, weight: Any, bias: Any) -> str:
+    def is_stored(self, name: str, version: str) -> bool:
         with self._lock:
-            version = f"{self._generation.get(name, 0)}:{self.version_of(weight, bias)}"
-            have = self._uploaded.get(name)
-        if have != version:
+            entry = self._stored.get(name)
+            return entry is not None and entry[0] == version
+
+    def check_unchanged(self, name: str, version: str) -> None:
+        with self._lock:
             if name in self._pending and self._pending[name][2] != version:
                 raise RuntimeError(f"weight {name!r} changed before its accumulated gradient was taken: "
                                    "call flush() (LinearWeights.attach(optimizer) does it before each step)")
-            self.upload(name, weight, bias, version)
-        return version
+
+    def stored(self, name: str, version: str, placement: Any) -> None:
+        """The server holds `version` of `name` (in `placement`'s shared memory, kept until replaced)."""
+        with self._lock:
+            self._stored[name] = (version, placement)
+            self.uploads += 1
+
+    def forget(self, name: str) -> None:
+        """The server no longer has `name` (evicted, restarted): the next call uploads it."""
+        with self._lock:
+            self._stored.pop(name, None)
 
     def note_micro_batch(self, name: str, weight: Any, bias: Any, version: str, scale: float) -> None:
         """A backward ran for a micro-batch accumulated on the server, with this grad_output."""
@@ -131,144 +196,71 @@ class LinearWeights:
                     f"of them (got {prev[3]} and {scale}); use accumulate=False for varying scales")
             self._pending[name] = (weight, bias, version, scale)
 
-    def flush(self) -> None:
-        """Take every accumulated gradient from the server into the weights' .grad (added)."""
-        import torch
+    def flush(self) -> Any:
+        """Take every accumulated gradient from the server into the weights' .grad (added). With
+        an AsyncClient this is a coroutine: ``await weights.flush()``."""
+        return self.client._run(self._flush_flow())
 
+    def _flush_flow(self) -> Any:
         with self._lock:
             pending, self._pending = self._pending, {}
             for name in pending:
                 self._generation[name] = self._generation.get(name, 0) + 1
         for name, (weight, bias, version, scale) in pending.items():
-            msg = _post(self.client, f"/v1/weights/{name}/grad", {"v": PROTOCOL_VERSION, "weight_version": version})
+            nbytes = weight.numel() * 4
+            arena = yield _ARENA, (nbytes,)
+            msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "weight_version": version}
+            placement = None
+            if arena is not None and nbytes >= self.client.shm_min_bytes:
+                placement = yield _BLOCKING, (_place, (arena, [("grad_weight", None, nbytes)]))
+                msg["grad_weight_region"], msg["grad_weight_offset"] = placement.refs["grad_weight"]
+            resp = yield _SEND, (_Request("POST", f"/v1/weights/{name}/grad", msg, placement),)
+            answer = self.client._decode(resp)
             for param, key in ((weight, "grad_weight"), (bias, "grad_bias")):
-                g = _array(msg, key)
+                g = _received(answer, key, placement)
                 if param is None or g is None:
                     continue
-                g = (torch.from_numpy(np.array(g)) * scale).to(param.dtype)
-                param.grad = g.reshape(param.shape) if param.grad is None else param.grad.add_(g.reshape(param.shape))
+                g = _scaled(_tensor(g, key), scale, param.dtype).reshape(param.shape)
+                # .grad may keep the received buffer (or region) itself: nothing else uses it
+                param.grad = g if param.grad is None else param.grad.add_(g)
 
     def attach(self, optimizer) -> Any:
-        """Flush before every step of `optimizer`; returns the hook's handle."""
+        """Flush before every step of `optimizer`; returns the hook's handle (a Client's weights:
+        an AsyncClient's flush is a coroutine, awaited before the step)."""
+        if _is_async(self.client):
+            raise TypeError("attach(optimizer) needs a Client; with an AsyncClient, await weights.flush() "
+                            "before optimizer.step()")
         return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.flush())
 
 
-def _request(client, hidden, weight, target, bias, class_weight, opts, *, weight_name, weights,
-             accumulate, want_grad) -> dict:
-    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "hidden": _to_numpy(hidden), "target": _to_numpy(target),
-                           "accumulate": bool(accumulate), "want_grad": bool(want_grad),
-                           **{k: v for k, v in opts.items() if v is not None}}
-    if class_weight is not None:
-        msg["class_weight"] = _to_numpy(class_weight)
-    if weight_name is None:
-        msg["weight"] = _to_numpy(weight)
-        if bias is not None:
-            msg["bias"] = _to_numpy(bias)
-        return _post(client, "/v1/linear_cross_entropy", msg)
-    for attempt in range(2):
-        msg["weight_name"], msg["weight_version"] = weight_name, weights.ensure(weight_name, weight, bias)
-        try:
-            return _post(client, "/v1/linear_cross_entropy", msg)
-        except errors.NotFound:
-            if attempt:   # uploaded and at once missing again: the store cannot hold it
-                raise
-            with weights._lock:
-                weights._uploaded.pop(weight_name, None)   # evicted or restarted: upload again
-    raise AssertionError("unreachable")
+_steps_lock = threading.Lock()
+_steps: list[int] | None = None
 
 
-def _torch_function():
-    import torch
+def _optimizer_steps() -> int:
+    """Optimizer steps taken in this process (any torch optimizer), counted by a global post-step
+    hook installed on first use. A step is a new version of every weight it may have updated:
+    torch's fused AdamW updates in place without touching tensor._version."""
+    global _steps
+    if _steps is None:
+        with _steps_lock:
+            if _steps is None:
+                from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    class _RemoteLinearCrossEntropy(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, hidden, weight, bias, target, class_weight, client, opts, weight_name, weights, accumulate):
-            opts = dict(opts)
-            want = opts.pop("_want_grad")   # decided by the caller: inside forward autograd is off
-            msg = _request(client, hidden, weight, target, bias, class_weight, opts, weight_name=weight_name,
-                           weights=weights, accumulate=accumulate, want_grad=want)
-            ctx.grads = {k: _array(msg, k) for k in ("grad_hidden", "grad_weight", "grad_bias")}
-            ctx.stored = (weight_name, weights, weight, bias, msg_version(weights, weight_name)) if accumulate else None
-            ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
-            z = _array(msg, "z_loss")
-            loss = torch.from_numpy(_widened(_array(msg, "loss")))
-            return loss.to(hidden.dtype), (torch.from_numpy(_widened(z)) if z is not None else None)
+                counter = [0]
 
-        @staticmethod
-        def backward(ctx, grad_loss, grad_z):
-            if grad_z is not None and bool((grad_z != 0).any()):
-                raise RuntimeError("z_loss is reported, not differentiated separately: "
-                                   "its gradient is already part of loss's")
-            g = grad_loss.reshape(-1).float()
-            if g.numel() > 1 and not bool((g == g[0]).all()):
-                raise RuntimeError("reduction='none': the remote gradient needs one grad_output for every row "
-                                   "(loss.sum() or loss.mean())")
-            scale = float(g[0]) if g.numel() else 0.0
-            h_shape, h_dtype, w_dtype = ctx.shapes
+                def count(optimizer, args, kwargs) -> None:
+                    counter[0] += 1
 
-            def scaled(arr, dtype, shape=None):
-                if arr is None:
-                    return None
-                t = torch.from_numpy(_widened(arr))
-                t = (t * scale).to(dtype)
-                return t.reshape(shape) if shape is not None else t
-
-            gh = scaled(ctx.grads["grad_hidden"], h_dtype, h_shape)
-            gw = scaled(ctx.grads["grad_weight"], w_dtype)
-            gb = scaled(ctx.grads["grad_bias"], w_dtype)
-            if ctx.stored is not None:
-                name, weights, weight, bias, version = ctx.stored
-                weights.note_micro_batch(name, weight, bias, version, scale)
-            ctx.grads = None
-            return gh, gw, gb, None, None, None, None, None, None, None
-
-    return _RemoteLinearCrossEntropy
+                register_optimizer_step_post_hook(count)
+                _steps = counter
+    return _steps[0]
 
 
-def msg_version(weights: LinearWeights | None, name: str | None) -> str | None:
-    if weights is None or name is None:
-        return None
-    with weights._lock:
-        return weights._uploaded.get(name)
+def _is_async(client: Any) -> bool:
+    from .client import AsyncClient
 
-
-_FUNCTION = None
-
-
-def linear_cross_entropy(hidden, weight, target, bias=None, *, client, class_weight=None,
-                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                         lse_square_scale: float = 0.0, softcap: float | None = None, shift: int = 0,
-                         return_z_loss: bool = False, weight_name: str | None = None,
-                         weights: LinearWeights | None = None, accumulate: bool = False):
-    """`F.cross_entropy(F.linear(hidden, weight, bias), target, ...)` computed by a clce server.
-
-    torch tensors get autograd (hidden, weight, bias); numpy arrays get a dict of loss and
-    gradients. `client`: a clce_client.Client.
-    `weight_name` stores the weight on the server (uploaded once per version, `weights`
-    remembers which); `accumulate` keeps its gradient there until `weights.flush()`.
-    (clce_client.linear_cross_entropy is this with the default client.)"""
-    global _FUNCTION
-    if accumulate and weight_name is None:
-        raise ValueError("accumulate=True needs weight_name (the weight is stored on the server)")
-    if weight_name is not None and weights is None:
-        weights = weights_of(client)
-    opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                lse_square_scale=lse_square_scale, softcap=softcap, shift=shift)
-    try:
-        import torch
-        is_torch = isinstance(hidden, torch.Tensor)
-    except ImportError:   # pragma: no cover
-        is_torch = False
-    if not is_torch:
-        msg = _request(client, hidden, weight, target, bias, class_weight, opts, weight_name=weight_name,
-                       weights=weights, accumulate=accumulate, want_grad=True)
-        return {k: _array(msg, k) for k in ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")}
-    if _FUNCTION is None:
-        _FUNCTION = _torch_function()
-    want = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    loss, z = _FUNCTION.apply(hidden, weight, bias, target, class_weight, client,
-                              {**opts, "_want_grad": want}, weight_name, weights, accumulate and want)
-    return (loss, z) if return_z_loss else loss
+    return isinstance(client, AsyncClient)
 
 
 _weights_lock = threading.Lock()
@@ -283,3 +275,274 @@ def weights_of(client) -> LinearWeights:
         return w
 
 
+def share_weight(param: Any, client: Any) -> bool:
+    """Move a parameter's data into memory shared with `client`'s server (a Client on its host),
+    once, before training: each version of the weight is then read by the server where it lies,
+    with no copy at all. False (nothing moved) without shared memory. Do it before wrapping the
+    model (DDP) or building the optimizer's state."""
+    shared = client.empty(tuple(param.shape), param.dtype)
+    arena = client._arena
+    if arena is None or arena.locate(shared.data_ptr(), shared.numel() * shared.element_size()) is None:
+        return False
+    shared.copy_(param.detach())
+    param.data = shared
+    return True
+
+
+# ---- torch glue ----------------------------------------------------------------------------------
+
+def _tensor(wt: Any, name: str) -> Any:
+    """A torch tensor over a received tensor (no copy where torch_support allows)."""
+    from .torch_support import from_wire
+
+    return from_wire(wt, name=name)
+
+
+def _scaled(t: Any, scale: float, dtype: Any) -> Any:
+    """t * scale in `dtype`: no copy when the scale is one and the dtype already right."""
+    import torch
+
+    if scale == 1.0 and t.dtype == dtype:
+        return t
+    wide = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return (wide * scale).to(dtype)
+
+
+def _autograd_function():
+    import torch
+
+    class _ServerGradients(torch.autograd.Function):
+        """The loss computed by the server, with its gradients (for grad_output = 1) handed to
+        autograd: forward does no I/O (the call already ran), backward scales."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, call):
+            ctx.call = call
+            loss, z = call.loss_tensors()
+            if z is not None:
+                ctx.mark_non_differentiable(z)
+            return loss, z
+
+        @staticmethod
+        def backward(ctx, grad_loss, grad_z):
+            call, ctx.call = ctx.call, None
+            if grad_z is not None and bool((grad_z != 0).any()):
+                raise RuntimeError("z_loss is reported, not differentiated separately: "
+                                   "its gradient is already part of loss's")
+            g = grad_loss.reshape(-1).float()
+            if g.numel() > 1 and not bool((g == g[0]).all()):
+                raise RuntimeError("reduction='none': the remote gradient needs one grad_output for every row "
+                                   "(loss.sum() or loss.mean())")
+            scale = float(g[0]) if g.numel() else 0.0
+            return (*call.gradients(scale), None)
+
+    return _ServerGradients
+
+
+_FUNCTION = None
+
+
+# ---- one call --------------------------------------------------------------------------------------
+
+class LinearCall:
+    """One linear_cross_entropy call: its arguments, its flow of I/O steps (`flow`, run by a
+    Client or an AsyncClient), and its result (`finish`)."""
+
+    def __init__(self, client, hidden, weight, target, bias=None, *, class_weight=None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                 softcap: float | None = None, shift: int = 0, return_z_loss: bool = False,
+                 weight_name: str | None = None, weights: LinearWeights | None = None, accumulate: bool = False,
+                 stateless: bool = False, want_grad: bool | None = None):
+        if accumulate and stateless:
+            raise ValueError("accumulate=True keeps the gradient with a stored weight; it cannot be stateless")
+        self.client = client
+        self.torch = _is_torch_tensor(hidden)
+        if want_grad is None:
+            if self.torch:
+                import torch
+                want_grad = torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (hidden, weight, bias))
+            else:
+                want_grad = True
+        self.want_grad = bool(want_grad)
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.options = {k: v for k, v in dict(ignore_index=ignore_index, reduction=reduction,
+                                              label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                                              softcap=softcap, shift=shift).items() if v is not None}
+        self.return_z_loss = return_z_loss
+        self.arrays = {"hidden": _to_numpy(hidden), "target": _to_numpy(target)}
+        if class_weight is not None:
+            self.arrays["class_weight"] = _to_numpy(class_weight)
+        # stored unless asked not to; a numpy weight without a name has no version counter
+        if weight_name is None and not stateless and _is_torch_tensor(weight):
+            weights = weights or weights_of(client)
+            with weights._lock:
+                weight_name = f"auto-{weights.owner}-{weights._token(weight)}"
+        self.weight_name = None if stateless else weight_name
+        if accumulate and self.weight_name is None:
+            raise ValueError("accumulate=True needs a stored weight (a torch weight, or weight_name=)")
+        self.weights = (weights or weights_of(client)) if self.weight_name is not None else None
+        self.accumulate = bool(accumulate) and self.want_grad
+        self.version: str | None = None
+        self.result: dict[str, Any] = {}
+        self.placement: Any = None
+        w = _to_numpy(weight)
+        self._weight_np = w
+        self._bias_np = None if bias is None else _to_numpy(bias)
+        self.grad_weight_bytes = int(w.shape[0]) * int(w.shape[1]) * 4 if w.ndim == 2 else 0
+        self.nbytes = self.arrays["hidden"].nbytes + (w.nbytes if self.weight_name is None else 0)
+
+    # ---- the requests ----
+    def _upload(self, arena: Any) -> _Request:
+        msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "weight_version": self.version}
+        parts = [("weight", self._weight_np, self._weight_np.nbytes)]
+        if self._bias_np is not None:
+            parts.append(("bias", self._bias_np, self._bias_np.nbytes))
+        placement = _place(arena, parts) if arena is not None else None
+        for key, arr, _ in parts:
+            msg[key] = placement.ref(key, _wire_name(arr), arr.shape) if placement is not None else arr
+        return _Request("PUT", f"/v1/weights/{self.weight_name}", msg, placement)
+
+    def _request(self, arena: Any) -> _Request:
+        msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "accumulate": self.accumulate, "want_grad": self.want_grad,
+                               **self.options}
+        tensors = dict(self.arrays)
+        if self.weight_name is None:
+            tensors["weight"] = self._weight_np
+            if self._bias_np is not None:
+                tensors["bias"] = self._bias_np
+        else:
+            msg["weight_name"], msg["weight_version"] = self.weight_name, self.version
+        placement = None
+        if arena is not None:
+            parts = [(k, a, a.nbytes) for k, a in tensors.items()]
+            if self.want_grad:
+                parts.append(("grad", None, self.arrays["hidden"].nbytes))
+                if not self.accumulate:
+                    parts.append(("grad_weight", None, self.grad_weight_bytes))
+            placement = _place(arena, parts)
+            for k, a in tensors.items():
+                tensors[k] = placement.ref(k, _wire_name(a), a.shape)
+            if self.want_grad:
+                msg["grad_region"], msg["grad_offset"] = placement.refs["grad"]
+                if not self.accumulate:
+                    msg["grad_weight_region"], msg["grad_weight_offset"] = placement.refs["grad_weight"]
+        msg.update(tensors)
+        return _Request("POST", LINEAR_PATH, msg, placement)
+
+    def flow(self) -> Any:
+        """The call as I/O steps (clce_client/client.py's flow kinds); returns the result fields.
+        Uploads the weight first when the server lacks this version; uploads again (and retries)
+        when the server answers that it no longer has it; moves the arena to a restarted server."""
+        client = self.client
+        deadline = time.monotonic() + client.retry_budget_s
+        reuploads = 0
+        while True:
+            arena = yield _ARENA, (self.nbytes,)
+            if arena is not None and self.nbytes < client.shm_min_bytes:
+                arena = None
+            generation = arena.generation if arena is not None else 0
+            request = None
+            try:
+                if self.weight_name is not None:
+                    self.version = self.weights.version_of(self.weight_name, self.weight, self.bias)
+                    self.weights.check_unchanged(self.weight_name, self.version)
+                    if not self.weights.is_stored(self.weight_name, self.version):
+                        request = yield from self._prepared(self._upload, arena, self._weight_np.nbytes)
+                        yield _SEND, (request,)
+                        self.weights.stored(self.weight_name, self.version, request.placement)
+                request = yield from self._prepared(self._request, arena, self.nbytes)
+                resp = yield _SEND, (request,)
+                msg = client._decode(resp)
+                self.placement = request.placement
+                self.result = {k: _received(msg, k, request.placement) for k in RESULT_NAMES}
+                if self.result["loss"] is None:
+                    raise ProtocolError("the response has no loss")
+                return self.result
+            except errors.NotFound as exc:
+                if self.weight_name is not None and "upload it again" in str(exc) and reuploads < _REUPLOADS:
+                    reuploads += 1
+                    self.weights.forget(self.weight_name)
+                    continue
+                if not client._renewal_due(exc, request, arena, deadline):
+                    raise
+                yield _RENEW, (arena, generation, exc)
+            except errors.ClceError as exc:
+                if not client._renewal_due(exc, request, arena, deadline):
+                    raise
+                yield _RENEW, (arena, generation, exc)
+
+    @staticmethod
+    def _prepared(build: Any, arena: Any, nbytes: int) -> Any:
+        """build(arena): in a thread (AsyncClient) when it copies much into shared memory or
+        registers a region."""
+        if arena is not None or nbytes >= _OFFLOAD_BYTES:
+            return (yield _BLOCKING, (build, (arena,)))
+        return build(arena)
+
+    # ---- results ----
+    def finish(self, result: dict[str, Any]) -> Any:
+        """numpy inputs: a dict of arrays (loss, z_loss, grad_hidden, grad_weight, grad_bias);
+        torch: the loss (and z-loss with return_z_loss), differentiable when a gradient was asked."""
+        if not self.torch:
+            return {k: (None if v is None else decode_tensor(v, name=k)) for k, v in result.items()}
+        global _FUNCTION
+        if self.want_grad:
+            if _FUNCTION is None:
+                _FUNCTION = _autograd_function()
+            loss, z = _FUNCTION.apply(self.hidden, self.weight, self.bias, self)
+        else:
+            loss, z = self.loss_tensors()
+        return (loss, z) if self.return_z_loss else loss
+
+    def loss_tensors(self) -> tuple[Any, Any]:
+        import torch
+
+        loss = torch.from_numpy(_widened(decode_tensor(self.result["loss"], name="loss"))).to(self.hidden.dtype)
+        z = self.result.get("z_loss")
+        return loss, (None if z is None else torch.from_numpy(_widened(decode_tensor(z, name="z_loss"))))
+
+    def gradients(self, scale: float) -> tuple[Any, Any, Any]:
+        """The gradients of hidden, weight and bias for this grad_output (None where not sent:
+        an accumulated weight's stay on the server until the flush). Each result is handed out
+        once: autograd owns it (it may keep the server's buffer as .grad, without a copy)."""
+        res, self.result = self.result, {}
+        out = []
+        for key, like in (("grad_hidden", self.hidden), ("grad_weight", self.weight), ("grad_bias", self.bias)):
+            wt = res.get(key)
+            out.append(None if wt is None or like is None else _scaled(_tensor(wt, key), scale, like.dtype)
+                       .reshape(like.shape))
+        if self.accumulate:
+            self.weights.note_micro_batch(self.weight_name, self.weight, self.bias, self.version, scale)
+        return tuple(out)
+
+    def tensors(self) -> tuple[Any, Any, Any, Any, Any]:
+        """(loss, z_loss, grad_hidden, grad_weight, grad_bias) as torch tensors for grad_output = 1,
+        no autograd (the torch.compile operator's body)."""
+        loss, z = self.loss_tensors()
+        gh, gw, gb = self.gradients(1.0) if self.want_grad else (None, None, None)
+        return loss, z, gh, gw, gb
+
+
+def _wire_name(arr: np.ndarray) -> str:
+    from clce_wire.protocol import dtype_name
+
+    return dtype_name(arr.dtype)
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, *, client, **options):
+    """`F.cross_entropy(F.linear(hidden, weight, bias), target, ...)` computed by a clce server:
+    `client.linear_cross_entropy` (a Client; clce_client.linear_cross_entropy is this with the
+    default client). torch tensors get autograd (hidden, weight, bias); numpy arrays get a dict
+    of loss and gradients. Options: see the module's docstring."""
+    return client.linear_cross_entropy(hidden, weight, target, bias, **options)
+
+
+def _post(client, path: str, msg: dict) -> dict:
+    method, path = ("PUT", path.removeprefix("PUT ")) if path.startswith("PUT ") else ("POST", path)
+    """One request by hand (tests, tools): its decoded answer."""
+    req = _Request(method, path, msg)
+    return client._json_or_msgpack(client._request(req.method, req.path, req.segments, req.nbytes))
+
+
+__all__ = ["LinearCall", "LinearWeights", "linear_cross_entropy", "share_weight", "weights_of"]

@@ -16,12 +16,13 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, client=None, *, ce_weight=None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float | None = None,
                  shift: int = 0, return_z_loss: bool = False, weight_name: str | None = None,
-                 accumulate: bool = False):
+                 accumulate: bool = False, stateless: bool = False):
         super().__init__()
         self.client = client
         self.options = dict(class_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
                             label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-                            shift=shift, return_z_loss=return_z_loss, weight_name=weight_name, accumulate=accumulate)
+                            shift=shift, return_z_loss=return_z_loss, weight_name=weight_name, accumulate=accumulate,
+                            stateless=stateless)
 
     def forward(self, lin_weight, _input, target, bias=None):
         return linear_cross_entropy(_input, lin_weight, target, bias, client=self.client or default_client(),

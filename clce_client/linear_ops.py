@@ -5,7 +5,7 @@ for torch.compile: registered with `torch.library.custom_op`, a fake implementat
 The op returns the loss and the server's gradients of hidden, weight and bias (for grad_output =
 1, as Liger-Kernel's fused linear cross-entropy does); backward multiplies them by grad_output.
 The weight travels with every call (the stateless mode of clce_client/linear.py: a compiled
-graph holds no per-version state). Reductions 'mean' and 'sum' (one grad_output value).
+graph holds no per-version state), over shared memory when the client has it. Reductions 'mean' and 'sum' (one grad_output value).
 Clients are named by ops.client_key. Importing this module imports torch.
 """
 
@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from .client import Client
-from .linear import _widened as _as_float
-from .linear import linear_cross_entropy as _remote
+from .linear import LinearCall
 from .ops import _client, client_key
 
 __all__ = ["linear_cross_entropy"]
@@ -28,19 +27,17 @@ __all__ = ["linear_cross_entropy"]
 def _op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], class_weight: Optional[Tensor],
         ignore_index: int, reduction: str, label_smoothing: float, lse_square_scale: float, softcap: float,
         shift: int, client: int, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    out = _remote(hidden.detach().numpy() if hidden.dtype != torch.bfloat16 else hidden.detach(),
-                  weight.detach(), target, None if bias is None else bias.detach(), client=_client(client),
-                  class_weight=class_weight, ignore_index=ignore_index, reduction=reduction,
-                  label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                  softcap=softcap or None, shift=shift)
-    loss = torch.from_numpy(_as_float(out["loss"])).to(hidden.dtype)
+    call = LinearCall(_client(client), hidden, weight, target, bias, class_weight=class_weight,
+                      ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                      lse_square_scale=lse_square_scale, softcap=softcap or None, shift=shift, stateless=True,
+                      want_grad=need_grad)
+    call.client._run(call.flow())
+    loss, _, gh, gw, gb = call.tensors()
+    # outputs must not alias each other or the inputs, and the op owns them: the received
+    # buffers are handed out as they are (no copy), the empty placeholders are fresh
     if not need_grad:
         return loss, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
-    gh = torch.from_numpy(_as_float(out["grad_hidden"])).to(hidden.dtype).reshape(hidden.shape)
-    gw = torch.from_numpy(_as_float(out["grad_weight"])).to(weight.dtype)
-    gb = (torch.from_numpy(_as_float(out["grad_bias"])).to(weight.dtype) if out["grad_bias"] is not None
-          else weight.new_empty(0))
-    return loss, gh, gw, gb
+    return loss, gh, gw, gb if gb is not None else weight.new_empty(0)
 
 
 @_op.register_fake
@@ -75,8 +72,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
                          class_weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                          softcap: Optional[float] = None, shift: int = 0,
-                         client: Optional[Client] = None) -> Tensor:
-    """F.cross_entropy(F.linear(hidden, weight, bias), target, ...) as one operator."""
+                         client: Optional[Client] = None, weight_name: Optional[str] = None,
+                         accumulate: bool = False, stateless: bool = True, return_z_loss: bool = False) -> Tensor:
+    """F.cross_entropy(F.linear(hidden, weight, bias), target, ...) as one operator (what
+    Client.linear_cross_entropy runs while torch.compile traces it). The weight travels with every
+    call: `weight_name` is accepted and not used; a server-side accumulation and the z-loss
+    output are not available under the compiler."""
+    if accumulate or return_z_loss:
+        raise ValueError("torch.ops.clce.linear_cross_entropy: accumulate=True and return_z_loss=True run "
+                         "eagerly only (the operator keeps no per-version state and returns the loss)")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"torch.ops.clce.linear_cross_entropy takes reduction 'mean' or 'sum', got {reduction!r}")
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

@@ -13,13 +13,15 @@ position t scored against label t + 1, or the collator's ``shift_labels``; with 
 the client or the server. Such a forward returns ``logits=None``. A forward without labels
 (evaluation, generation) is the model's own.
 
-Two modes:
-  * stateless (default): the head's weight travels with each call and its gradient comes back
-    through autograd, so gradient clipping, DDP and optimizers see it as usual;
-  * ``accumulate=True``: the weight is stored on the server once per version and its gradient
-    accumulates there over the micro-batches; ``flush_callback(model)`` (a TrainerCallback)
-    brings it into ``.grad`` before the optimizer step. The Trainer clips gradients before that
-    callback runs, so this mode needs ``max_grad_norm=0``.
+The head's weight is stored on the server once per version (an optimizer step makes the next);
+on shared memory (``share=True``, the default) it is first moved into memory shared with the
+server, which then reads each version where it lies: no copy at all. Its gradient:
+  * comes back with each call (default), through autograd, so gradient clipping, DDP and
+    optimizers see it as usual;
+  * with ``accumulate=True``, accumulates on the server over the micro-batches;
+    ``flush_callback(model)`` (a TrainerCallback) brings it into ``.grad`` before the optimizer
+    step. The Trainer clips gradients before that callback runs, so this mode needs
+    ``max_grad_norm=0``.
 
 Transformers is imported only when `patch` runs.
 """
@@ -31,13 +33,13 @@ from typing import Any
 __all__ = ["patch", "unpatch", "flush_callback"]
 
 
-def patch(model, client=None, *, accumulate: bool = False, weight_name: str = "lm_head"):
+def patch(model, client=None, *, accumulate: bool = False, weight_name: str | None = None, share: bool = True):
     """Replace ``model``'s forward for labelled batches (models with ``get_decoder()`` and
     ``get_output_embeddings()``: transformers' causal LMs); returns the model."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from .client import default_client
-    from .linear import linear_cross_entropy, weights_of
+    from .linear import linear_cross_entropy, share_weight, weights_of
 
     if getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
         raise ValueError(f"clce_client.transformers_linear.patch: {type(model).__name__} has loss_type "
@@ -47,6 +49,7 @@ def patch(model, client=None, *, accumulate: bool = False, weight_name: str = "l
         raise TypeError(f"{type(model).__name__} has no decoder and linear output embeddings to fuse")
     own_forward = model.forward
     cl = client or default_client()
+    unshared = [share]     # moved into shared memory at the first labelled forward (the server is up then)
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, **kwargs: Any):
@@ -60,11 +63,14 @@ def patch(model, client=None, *, accumulate: bool = False, weight_name: str = "l
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
+        if unshared[0]:
+            unshared[0] = False
+            share_weight(head.weight, cl)
         target, shift = (shift_labels, 0) if shift_labels is not None else (labels, 1)
         loss = linear_cross_entropy(hidden, head.weight, target.to(hidden.device), getattr(head, "bias", None),
                                     client=cl, ignore_index=ignore_index,
                                     reduction="sum" if num_items is not None else "mean", shift=shift,
-                                    weight_name=weight_name if accumulate else None, accumulate=accumulate)
+                                    weight_name=weight_name, accumulate=accumulate)
         if num_items is not None:
             if hasattr(num_items, "to"):
                 num_items = num_items.to(loss.device)

@@ -5,9 +5,9 @@
     CLCE_URL=http://127.0.0.1:8000 python examples/transformers_linear_ce.py
 
 Three runs from the same initial model: the model's own loss (the reference), the patch in its
-stateless mode (the head's weight with every call, its gradient through autograd), and with
-``accumulate=True`` (the weight stored once per version, its gradient summed on the server and
-brought back by ``flush_callback`` before each optimizer step). The losses track step for step.
+default mode (the head's weight stored on the server once per version, its gradient back with
+every call, through autograd), and with ``accumulate=True`` (the gradient summed on the server
+and brought back by ``flush_callback`` before each optimizer step). The losses track step for step.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ def main():
     with clce_client.Client(os.environ.get("CLCE_URL", clce_client.DEFAULT_URL)) as client, \
             tempfile.TemporaryDirectory() as tmp:
         local = train(tiny_llama(), tmp)
-        stateless = train(clce_lce.patch(tiny_llama(), client), tmp)
+        per_call = train(clce_lce.patch(tiny_llama(), client), tmp)
         model = clce_lce.patch(tiny_llama(), client, accumulate=True)
         accumulated = train(model, tmp, callbacks=[clce_lce.flush_callback(model)])
     dev = {name: max(abs(a - b) / abs(b) for a, b in zip(run, local))
-           for name, run in (("stateless", stateless), ("accumulate", accumulated))}
+           for name, run in (("per-call gradient", per_call), ("accumulate", accumulated))}
     print(f"Transformers Trainer, fused linear cross-entropy: {STEPS} steps x {ACCUM} micro-batches, loss "
           f"{local[0]:.4f} -> {local[-1]:.4f}; max rel. deviation from the model's own loss: "
           + ", ".join(f"{k} {v:.2e}" for k, v in dev.items()))
-    assert len(local) == len(stateless) == len(accumulated) == STEPS and max(dev.values()) < 1e-5
+    assert len(local) == len(per_call) == len(accumulated) == STEPS and max(dev.values()) < 1e-5
     print("RESULT " + json.dumps({"integration": "transformers_linear", "steps": STEPS, "accumulation": ACCUM,
                                   "max_rel_loss_dev": max(dev.values())}))
 
