@@ -1,27 +1,34 @@
-"""The fused linear cross-entropy over the wire against local torch linear + cross-entropy.
+"""The fused linear cross-entropy through the client against local torch linear + cross-entropy.
 
 For each N x H x V (fp32) it reports, from one run:
 
-  * wall time of forward + backward through autograd, round-robin (bench/common.py):
+  * wall time of forward + backward through autograd, timed in blocks (bench/common.py: a few
+    calls per method in a row, the first dropped, the order rotating):
       local     F.cross_entropy(F.linear(h, W), y).backward() with torch on the same cores
-      stored    client.linear_cross_entropy(h, W, y, weight_name=..., accumulate=True): only
-                hidden states and targets travel (the weight is on the server)
-      stateless the weight travels with every call and its gradient comes back every call
-  * bytes on the wire per micro-batch (request + response bodies, measured from the encoded
-    messages), beside the logits path (client.cross_entropy on (N, V) logits: logits up,
-    gradient down), and per optimizer step of k micro-batches (the weight up once, its
-    gradient down once);
+      clce      client.linear_cross_entropy(h, W, y).backward(): the README's call, the default
+                client (transport "auto": shared memory on this host): the weight stored once,
+                its gradient back with every call  <- the headline
+      shared    the same with the weight moved into shared memory first (share_weight): the
+                server reads it where it lies
+      accum     weight_name + accumulate=True: the weight's gradient stays on the server; the
+                flush that brings it back once per optimizer step is timed apart and charged
+                1/k of it per micro-batch
+      tcp       the README's call with transport="tcp"
+      stateless transport="tcp", stateless=True: the weight travels with every call
+  * bytes per micro-batch: on the wire (request + response bodies, measured from the encoded
+    messages) and, over shared memory, copied into the arena; beside the logits path
+    (client.cross_entropy on (N, V) logits: logits up, gradient down); and per optimizer step
+    of k micro-batches (the weight up once, its gradient down once);
   * peak memory (VmHWM, reset through /proc/<pid>/clear_refs before each method) of this worker
     process and of the server process, beside the sizes of the weight, its fp32 gradient, one
     (chunk, V) buffer and the logits;
   * GEMM GFLOP/s of the server's three products at its chunk size beside torch's matmul
     (bench/bench_gemm.py without CLBlast) with --gemm.
 
-TCP only: the linear route takes no shared-memory regions yet. Client and server share this
-machine's cores, as local torch does.
+Client and server share this machine's cores, as local torch does.
 
     python bench/bench_linear_ce.py                         # 4096x1024x32000, k = 8
-    python bench/bench_linear_ce.py --shapes 2048x1024x32000,8192x2048x32000 --gemm
+    python bench/bench_linear_ce.py --shapes 2048x1024x32000,8192x2048x32000 --blocks 2 --calls 2
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
+METHODS = ("local", "clce", "shared", "accum", "tcp", "stateless")
 
 
 def _hwm(pid: int | str = "self") -> int:
@@ -55,7 +63,9 @@ def _reset_hwm(pid: int | str = "self") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="4096x1024x32000", help="NxHxV, comma-separated")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=3, help="blocks per method")
+    ap.add_argument("--calls", type=int, default=3, help="calls per block (the first is dropped)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--k", type=int, default=8, help="micro-batches per optimizer step")
     ap.add_argument("--gemm", action="store_true", help="also the server's GEMM GFLOP/s")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
@@ -77,33 +87,41 @@ def main() -> None:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     doc = {"machine": common.machine_info(), "shapes": {}}
     try:
-        with clce_client.Client(server.url, timeout=3600) as client:
+        with clce_client.Client(server.url, timeout=3600) as client, \
+                clce_client.Client(server.url, timeout=3600, transport="tcp") as tcp:
             for spec in args.shapes.split(","):
                 N, H, V = (int(d) for d in spec.lower().split("x"))
-                doc["shapes"][spec] = run_shape(client, server, N, H, V, args, torch, F, encode_message,
+                doc["shapes"][spec] = run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message,
                                                 message_nbytes)
     finally:
         server.stop()
     if args.gemm:
         import bench_gemm
-        doc["gemm"] = bench_gemm.report(1024, 1024, 32000, args.repeat, clblast=False)
+        doc["gemm"] = bench_gemm.report(1024, 1024, 32000, args.blocks, clblast=False)
     print("json:", common.write_json(args.out / "linear_ce.json", doc))
 
 
-def run_shape(client, server, N, H, V, args, torch, F, encode_message, message_nbytes) -> dict:
+def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, message_nbytes) -> dict:
+    import gc
+
+    from clce_client.linear import share_weight, weights_of
+
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, H, generator=g).requires_grad_()
     W = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    W_shared = torch.nn.Parameter(W.detach().clone())
     y = torch.randint(0, V, (N,), generator=g)
     f32 = 4
     chunk_rows = 1024
+    k = args.k
 
-    # ---- wire bytes, from the messages as encoded ----
-    req = {"v": 1, "hidden": h.detach().numpy(), "target": y.numpy(), "accumulate": True, "want_grad": True,
-           "weight_name": "lm_head", "weight_version": "0" * 40, "ignore_index": -100, "reduction": "mean",
-           "label_smoothing": 0.0, "lse_square_scale": 0.0, "shift": 0}
+    # ---- bytes, from the messages as encoded ----
+    req = {"v": 1, "hidden": h.detach().numpy(), "target": y.numpy(), "accumulate": False, "want_grad": True,
+           "weight_name": "auto-0123456789abcdef-1", "weight_version": "0" * 40, "ignore_index": -100,
+           "reduction": "mean", "label_smoothing": 0.0, "lse_square_scale": 0.0, "shift": 0}
     resp = {"v": 1, "grad_hidden": h.detach().numpy(), "loss": np.zeros((), np.float32)}
     micro = message_nbytes(encode_message(req)) + message_nbytes(encode_message(resp))
+    grad_w = message_nbytes(encode_message({"grad_weight": W.detach().numpy()}))
     logits = np.empty((N, V), np.float32)
     logits_path = (message_nbytes(encode_message({"v": 1, "input": logits, "target": y.numpy(), "return_grad": True}))
                    + message_nbytes(encode_message({"grad": logits, "v": 1, "loss": np.zeros((), np.float32)})))
@@ -111,29 +129,55 @@ def run_shape(client, server, N, H, V, args, torch, F, encode_message, message_n
     weight_up = message_nbytes(encode_message({"v": 1, "weight_version": "0" * 40, "weight": W.detach().numpy()}))
     grad_down = message_nbytes(encode_message({"v": 1, "micro_batches": 8, "grad_weight": W.detach().numpy()}))
     bound = 2 * N * H * f32 + y.numpy().nbytes
-    k = args.k
-    wire = {"micro_batch": micro, "bound_2NH_plus_targets": bound, "logits_path_micro_batch": logits_path,
+    wire = {"micro_batch_accumulated": micro, "micro_batch_grad_back": micro + grad_w,
+            "bound_2NH_plus_targets": bound, "logits_path_micro_batch": logits_path,
             "ratio_to_logits": micro / logits_path, "step_k": k * micro + weight_up + grad_down,
-            "logits_path_step_k": k * logits_path}
+            "logits_path_step_k": k * logits_path,
+            # over shared memory the bodies carry references; what is copied is the hidden
+            # states and targets into the arena (the gradients are written there by the server)
+            "shm_copied_micro_batch": h.numel() * f32 + y.numpy().nbytes}
 
-    # ---- wall time and peak memory ----
+    # ---- the methods ----
     def local():
         h.grad = W.grad = None
         F.cross_entropy(F.linear(h, W), y).backward()
 
-    def stored():
-        h.grad = W.grad = None
-        client.linear_cross_entropy(h, W, y, weight_name="lm_head", accumulate=True).backward()
-
-    def stateless():
+    def clce():
         h.grad = W.grad = None
         client.linear_cross_entropy(h, W, y).backward()
 
-    stored()   # uploads the weight (once: its version does not change here)
-    mem = {}
-    for name, fn in (("local", local), ("stored", stored), ("stateless", stateless)):
+    def shared():
+        h.grad = W_shared.grad = None
+        client.linear_cross_entropy(h, W_shared, y).backward()
+
+    def accum():
+        h.grad = None
+        client.linear_cross_entropy(h, W, y, weight_name="accum", accumulate=True).backward()
+
+    def via_tcp():
+        h.grad = W.grad = None
+        tcp.linear_cross_entropy(h, W, y).backward()
+
+    def stateless():
+        h.grad = W.grad = None
+        tcp.linear_cross_entropy(h, W, y, stateless=True).backward()
+
+    every = {"local": local, "clce": clce, "shared": shared, "accum": accum, "tcp": via_tcp, "stateless": stateless}
+    methods = {m: every[m] for m in args.methods.split(",")}
+    if "shared" in methods and not share_weight(W_shared, client):
+        print("# no shared memory with the server: 'shared' left out")
+        methods.pop("shared")
+    for fn in methods.values():   # uploads each stored weight (once: its version does not change here)
         fn()
-        import gc
+    flush_s = None
+    if "accum" in methods:
+        import time
+        t0 = time.perf_counter()
+        weights_of(client).flush()
+        flush_s = time.perf_counter() - t0
+    mem = {}
+    for name, fn in methods.items():
+        fn()
         gc.collect()
         _reset_hwm()
         _reset_hwm(server.proc.pid)
@@ -141,21 +185,26 @@ def run_shape(client, server, N, H, V, args, torch, F, encode_message, message_n
         fn()
         mem[name] = {"worker_peak_over_start": _hwm() - base, "server_peak": _hwm(server.proc.pid),
                      "server_peak_over_start": _hwm(server.proc.pid) - sbase}
-    samples = common.round_robin({"local": local, "stored": stored, "stateless": stateless}, args.repeat)
-    best = {m: min(s) for m, s in samples.items()}
-    # the stored weight's accumulated gradient, taken once (what a step's flush does)
-    from clce_client.linear import weights_of
-    weights_of(client).flush()
+    if "accum" in methods:
+        weights_of(client).flush()
+    samples = common.blocks(methods, args.blocks, args.calls)
+    if "accum" in methods:
+        weights_of(client).flush()
+        samples["accum"] = [s + flush_s / k for s in samples["accum"]]   # the flush, per micro-batch
+    med = {m: common.stats(s)["median"] for m, s in samples.items()}
     sizes = {"weight": V * H * f32, "weight_grad_fp32": V * H * f32, "chunk": chunk_rows * V * f32,
              "logits": N * V * f32}
 
-    print(f"\n## N={N} H={H} V={V}")
-    print(f"wall (best of {args.repeat}): " + "  ".join(f"{m} {common.fmt_ms(t)} ms" for m, t in best.items())
-          + f"   stored/local {best['stored'] / best['local']:.2f}x  stateless/local "
-          f"{best['stateless'] / best['local']:.2f}x")
-    print(f"wire per micro-batch: {micro / MiB:.1f} MiB (bound 2NH*4+targets {bound / MiB:.1f} MiB; "
-          f"+{100 * (micro / bound - 1):.3f}%), logits path {logits_path / MiB:.1f} MiB: "
-          f"{micro / logits_path:.3f} of it")
+    print(f"\n## N={N} H={H} V={V}   (load {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+    print(f"wall (median of {args.blocks} blocks of {args.calls - 1} calls): "
+          + "  ".join(f"{m} {common.fmt_ms(t)} ms" for m, t in med.items()))
+    if "local" in med:
+        print("ratio to local: " + "  ".join(f"{m} {med[m] / med['local']:.2f}x" for m in med if m != "local")
+              + (f"   (accum includes the flush, {common.fmt_ms(flush_s)} ms / k={k})" if flush_s else ""))
+    print(f"wire per micro-batch: {micro / MiB:.1f} MiB accumulated, {(micro + grad_w) / MiB:.1f} MiB with the "
+          f"weight's gradient back (bound 2NH*4+targets {bound / MiB:.1f} MiB; +{100 * (micro / bound - 1):.3f}%), "
+          f"logits path {logits_path / MiB:.1f} MiB: {micro / logits_path:.3f} of it; over shared memory the "
+          f"bodies carry references and {wire['shm_copied_micro_batch'] / MiB:.1f} MiB is copied into the arena")
     print(f"wire per step, k={k}: {wire['step_k'] / MiB:.1f} MiB (weight up {weight_up / MiB:.1f}, grad down "
           f"{grad_down / MiB:.1f}) vs logits path {wire['logits_path_step_k'] / MiB:.1f} MiB")
     for m, d in mem.items():
@@ -163,7 +212,8 @@ def run_shape(client, server, N, H, V, args, torch, F, encode_message, message_n
               f"{d['server_peak'] / MiB:.0f} MiB (+{d['server_peak_over_start'] / MiB:.0f} MiB over its start)")
     print(f"sizes: weight {sizes['weight'] / MiB:.0f} MiB, its fp32 gradient {sizes['weight_grad_fp32'] / MiB:.0f} MiB, "
           f"one chunk {sizes['chunk'] / MiB:.0f} MiB, logits {sizes['logits'] / MiB:.0f} MiB")
-    return {"wall_s": best, "samples": samples, "wire": wire, "memory": mem, "sizes": sizes}
+    return {"wall_median_s": med, "samples": samples, "flush_s": flush_s, "wire": wire, "memory": mem,
+            "sizes": sizes}
 
 
 if __name__ == "__main__":
