@@ -50,6 +50,13 @@ import numpy as np
 
 from . import errors, pipeline
 from .buffers import BufferPool
+from .flows import ARENA as _ARENA
+from .flows import BLOCKING as _BLOCKING
+from .flows import CHUNKS as _CHUNKS
+from .flows import OFFLOAD_BYTES as _OFFLOAD_BYTES
+from .flows import RENEW as _RENEW
+from .flows import SEND as _SEND
+from .flows import is_torch_tensor as _is_torch_tensor
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
     ALIGN,
@@ -146,16 +153,18 @@ def traced_route(*args: Any) -> Any:
     raise RuntimeError("clce_client.client.traced_route is unset: import clce_client, not its modules alone")
 
 
+def traced_linear_route(*args: Any, **kwargs: Any) -> Any:
+    """Where the fused linear cross-entropy goes while torch.compile traces it: the operator
+    clce::linear_cross_entropy (clce_client.linear_ops), injected by the package as traced_route is."""
+    raise RuntimeError("clce_client.client.traced_linear_route is unset: import clce_client, not its modules alone")
+
+
 def _compiling() -> bool:
     """True while torch.compile traces the caller: torch tensors then go through the operator
     clce::cross_entropy (clce_client.ops), one opaque node, instead of being traced into the client."""
     torch = sys.modules.get("torch")
     return torch is not None and torch.compiler.is_compiling()
 
-
-def _is_torch_tensor(x: Any) -> bool:
-    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported already
-    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _wire_dtype(dtype: Any) -> str | None:
@@ -610,13 +619,6 @@ class _ChunkRun:
         return self.pipe.result(), self.timing
 
 
-# The I/O a call's flow asks its client for (see `_BaseClient._cross_entropy_flow`)
-_ARENA = "arena"        # (nbytes): the arena this call may use, or None (asks /v1/info once)
-_BLOCKING = "blocking"  # (fn, args): Unix-socket registration or a big copy: a thread for AsyncClient
-_SEND = "send"          # (call): send the call's one request (call.method, call.path); the response
-_CHUNKS = "chunks"      # (pipe): send the row chunks; (message, timing) of the whole batch
-_RENEW = "renew"        # (arena, generation, cause): move the arena to a new server instance
-_OFFLOAD_BYTES = 1 << 20   # the async client prepares calls at least this big in a thread
 
 
 _CLIENT_ARGS = """
@@ -1091,9 +1093,7 @@ class Client(_BaseClient):
 
     def linear_cross_entropy(self, hidden: Any, weight: Any, target: Any, bias: Any = None, **options: Any) -> Any:
         if _compiling() and _is_torch_tensor(hidden):
-            from .linear_ops import linear_cross_entropy as traced
-
-            return traced(hidden, weight, target, bias, client=self, **options)
+            return traced_linear_route(hidden, weight, target, bias, client=self, **options)
         from .linear import LinearCall
 
         call = LinearCall(self, hidden, weight, target, bias, **options)

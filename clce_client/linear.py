@@ -44,6 +44,7 @@ the same for every row, as loss.sum() or loss.mean() give).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import os
 import threading
@@ -56,7 +57,12 @@ import numpy as np
 from clce_wire.protocol import PROTOCOL_VERSION, ProtocolError, decode_tensor, encode_message, message_nbytes
 
 from . import errors
-from .client import _ARENA, _BLOCKING, _OFFLOAD_BYTES, _RENEW, _SEND, _is_torch_tensor
+from .flows import ARENA as _ARENA
+from .flows import BLOCKING as _BLOCKING
+from .flows import OFFLOAD_BYTES as _OFFLOAD_BYTES
+from .flows import RENEW as _RENEW
+from .flows import SEND as _SEND
+from .flows import is_torch_tensor as _is_torch_tensor
 
 LINEAR_PATH = "/v1/linear_cross_entropy"
 OPTION_NAMES = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift")
@@ -258,9 +264,7 @@ def _optimizer_steps() -> int:
 
 
 def _is_async(client: Any) -> bool:
-    from .client import AsyncClient
-
-    return isinstance(client, AsyncClient)
+    return inspect.iscoroutinefunction(client._run)
 
 
 _weights_lock = threading.Lock()
