@@ -31,7 +31,7 @@
  * ============================================================================================ */
 
 #ifndef GEMM_MR
-#define GEMM_MR 6           // rows of a micro-tile (A scalars broadcast per k)
+#define GEMM_MR 12          // rows of a micro-tile (A scalars broadcast per k)
 #endif
 #ifndef GEMM_NV
 #define GEMM_NV 2           // vectors per micro-tile row (accumulators: GEMM_MR * GEMM_NV vectors)
@@ -40,17 +40,17 @@
 #define GEMM_VW 16          // vector width: 8 or 16 (16: one AVX-512 register)
 #endif
 #ifndef GEMM_MB
-#define GEMM_MB 64          // micro-tiles per work-item along M, sharing its B panel per K block
+#define GEMM_MB 16          // micro-tiles per work-item along M, sharing its B panel per K block
 #endif
 #ifndef GEMM_NB
-#define GEMM_NB 1           // micro-tiles per work-item along N, sharing a row's A sliver in L1
+#define GEMM_NB 2           // micro-tiles per work-item along N, sharing a row's A sliver in L1
                             // (private panel: GEMM_KC * GEMM_NB * GEMM_NV * GEMM_VW floats)
 #endif
 #ifndef GEMM_ROWS_FIRST
 #define GEMM_ROWS_FIRST 0   // 1: launch dimension 0 walks row tiles (PoCL hands out consecutive
 #endif                      //    work-groups along dimension 0 to a thread)
 #ifndef GEMM_KC
-#define GEMM_KC 256         // K block
+#define GEMM_KC 512         // K block
 #endif
 #ifndef GEMM_A_DTYPE
 #define GEMM_A_DTYPE 0
@@ -120,16 +120,22 @@ inline __attribute__((always_inline)) void micro_tile(vec_t acc[GEMM_MR][GEMM_NV
     _Pragma("unroll") for (int r = 0; r < GEMM_MR; r++)
         _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++)
             acc[r][v] = (vec_t)0.0f;
-    /* One pointer stepping along k, the rows at multiples of rs from it: a pointer per row
-     * spilled out of the sixteen general registers (measured: half the speed at GEMM_MR = 6). */
-    __global const a_t *ap = A + (long)k0 * sak;
+    /* A pointer per three rows stepping along k, the rows at 0, rs, 2 rs from it (x86 reaches
+     * those with one scaled index register). A pointer per row spilled out of the sixteen
+     * general registers (measured: half the speed at GEMM_MR = 6); a single pointer with the rows
+     * at r * rs became a chain of GEMM_MR dependent adds carried from k to k (slightly slower). */
+#define AG ((GEMM_MR + 2) / 3)
+    __global const a_t *ap[AG];
+    _Pragma("unroll") for (int g = 0; g < AG; g++)
+        ap[g] = A + (long)k0 * sak + 3 * g * rs;
     for (uint k = 0; k < k1 - k0; k++) {
         _Pragma("unroll") for (int r = 0; r < GEMM_MR; r++) {
-            const vec_t a = (vec_t)LOAD_A(ap, r * rs);
+            const vec_t a = (vec_t)LOAD_A(ap[r / 3], (r % 3) * rs);
             _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++)
                 acc[r][v] = fma(a, panel[k][nb * GEMM_NV + v], acc[r][v]);
         }
-        ap += sak;
+        _Pragma("unroll") for (int g = 0; g < AG; g++)
+            ap[g] += sak;
     }
 }
 
