@@ -35,13 +35,14 @@ GEMM_DTYPES = {"float32": 0, "bfloat16": 2}
 GEMM_PRODUCTS = ("forward", "dh", "dW")
 
 #: PoCL's CPU device (measured with bench/bench_gemm.py, AVX-512, 2 cores): 12 x 32 micro-tiles
-#: (24 of the 32 vector registers accumulate), two across N sharing each A sliver, a work-item
-#: 192 rows deep. The forward product takes all of K = H in one block: its C is stored transposed
-#: (scalar, strided), so each K block's pass over C costs more there.
-_CPU = {"GEMM_MR": 12, "GEMM_NV": 2, "GEMM_VW": 16, "GEMM_MB": 16, "GEMM_NB": 2, "GEMM_KC": 512,
+#: (24 of the 32 vector registers accumulate), four across N sharing each A sliver, a work-item
+#: 384 rows deep. The forward product takes all of K = H in one block (its C is stored
+#: transposed, scalar and strided, so each K block's pass over C costs more there) and two
+#: micro-tiles across N (its private panel stays at 256 KiB).
+_CPU = {"GEMM_MR": 12, "GEMM_NV": 2, "GEMM_VW": 16, "GEMM_MB": 32, "GEMM_NB": 4, "GEMM_KC": 512,
         "GEMM_ROWS_FIRST": 0}
 GEMM_TUNING: list[tuple[str, str, str, dict[str, int]]] = [
-    ("*", "cpu", "forward", {**_CPU, "GEMM_KC": 1024}),
+    ("*", "cpu", "forward", {**_CPU, "GEMM_NB": 2, "GEMM_KC": 1024}),
     ("*", "cpu", "*", _CPU),
     ("*", "gpu", "*", {"GEMM_MR": 4, "GEMM_NV": 1, "GEMM_VW": 8, "GEMM_MB": 1, "GEMM_NB": 1, "GEMM_KC": 64,
                        "GEMM_ROWS_FIRST": 0}),

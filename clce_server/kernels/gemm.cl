@@ -40,10 +40,10 @@
 #define GEMM_VW 16          // vector width: 8 or 16 (16: one AVX-512 register)
 #endif
 #ifndef GEMM_MB
-#define GEMM_MB 16          // micro-tiles per work-item along M, sharing its B panel per K block
+#define GEMM_MB 32          // micro-tiles per work-item along M, sharing its B panel per K block
 #endif
 #ifndef GEMM_NB
-#define GEMM_NB 2           // micro-tiles per work-item along N, sharing a row's A sliver in L1
+#define GEMM_NB 4           // micro-tiles per work-item along N, sharing a row's A sliver in L1
                             // (private panel: GEMM_KC * GEMM_NB * GEMM_NV * GEMM_VW floats)
 #endif
 #ifndef GEMM_ROWS_FIRST
