@@ -67,7 +67,8 @@ def _layout(gemm, M, N, K, layout, rng, **kw):
 PRODUCT_LAYOUT = {"forward": "nt_store", "dh": "nn", "dW": "tn"}
 
 SHAPES = [(1, 1, 1), (5, 7, 3), (6, 32, 256), (25, 33, 257), (97, 130, 600), (3, 200, 40), (200, 3, 1),
-          (1000, 70, 300), (390, 129, 513)]   # (1000, ...): several work-items down M, the last one short
+          (1000, 70, 300), (390, 129, 513), (1100, 140, 70)]   # the last three: several work-items down M
+                                                               # (the last one short) under each product's tuning
 
 
 @pytest.mark.parametrize("M, N, K", SHAPES, ids=str)

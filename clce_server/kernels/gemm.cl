@@ -66,6 +66,7 @@ typedef GEMM_CAT(float, GEMM_VW) vec_t;
 #define VSTOREW GEMM_CAT(vstore, GEMM_VW)
 #define NR (GEMM_NV * GEMM_VW)
 #define NT (GEMM_NB * NR)    // columns of a work-item's tile
+#define AG ((GEMM_MR + 2) / 3)   // A row pointers of a micro-tile (micro_tile)
 
 #if GEMM_A_DTYPE == 2
 typedef ushort a_t;
@@ -124,7 +125,6 @@ inline __attribute__((always_inline)) void micro_tile(vec_t acc[GEMM_MR][GEMM_NV
      * those with one scaled index register). A pointer per row spilled out of the sixteen
      * general registers (measured: half the speed at GEMM_MR = 6); a single pointer with the rows
      * at r * rs became a chain of GEMM_MR dependent adds carried from k to k (slightly slower). */
-#define AG ((GEMM_MR + 2) / 3)
     __global const a_t *ap[AG];
     _Pragma("unroll") for (int g = 0; g < AG; g++)
         ap[g] = A + (long)k0 * sak + 3 * g * rs;
@@ -178,8 +178,10 @@ inline __attribute__((always_inline)) void store_tile(vec_t acc[GEMM_MR][GEMM_NV
     }
 }
 
-/* One work-item: GEMM_MB micro-tiles from row mt0, one column tile from n0, over all of K, one
- * K block at a time (the partial sums go through C between blocks). A tile that would run past
+/* One work-item: GEMM_MB x GEMM_NB micro-tiles from row mt0 and column n0, over all of K, one
+ * K block at a time (the partial sums go through C between blocks). The panel is on the stack:
+ * gemm.py launches work-groups of one work-item, since PoCL lays out one copy of every private
+ * array per work-item of a group. A tile that would run past
  * M starts at M - GEMM_MR instead (its rows all inside A) and stores only its rows from mt0 on;
  * with M < GEMM_MR each row runs alone (stride 0: the tile's rows all read that row). */
 inline __attribute__((always_inline)) void macro_tile(const uint M, const uint N, const uint K,
