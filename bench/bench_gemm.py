@@ -14,8 +14,15 @@ has compute units. CLBlast "tuned" is the best of a few Xgemm parameter sets for
 memory, long vectors along N, a few rows per work-item), set with pyclblast.override_parameters;
 CLBlast needs `pip install pyclblast` over the system's libclblast-dev (skipped without it).
 
+With --engine it also measures the whole fused linear cross-entropy in-process, the GEMMs'
+end-to-end effect: clce_server.linear.LinearCrossEntropy on the OpenCL device (loss and the
+gradients of hidden and weight, no server, no wire) against torch's
+F.cross_entropy(F.linear(h, W), y) forward + backward through autograd on the same cores, in
+blocks (bench/common.py: a few calls per method in a row, the first dropped, methods rotating).
+
     python bench/bench_gemm.py                     # n=1024, H=1024, V=32000, 3 repetitions
     python bench/bench_gemm.py --no-clblast --repeat 5
+    python bench/bench_gemm.py --engine 4096       # and the end-to-end ratio at N=4096
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ CLBLAST_BASE = dict(GEMMK=0, KREG=1, KWG=32, KWI=2, MDIMA=8, MDIMC=8, MWG=64, ND
 
 
 def shapes(n: int, H: int, V: int) -> dict[str, tuple[int, int, int]]:
-    """name -> (M, N, K) of C = A . B as torch computes it (row-major)."""
+    """name -> (M, N, K) of C = A . B as torch computes it (row-major); the name's first word is
+    clce_server.gemm's product ("plain": the table's default row)."""
     return {"plain (2048x1024).(1024x32000)": (2048, 32000, 1024),
             f"forward h.W^T ({n}x{H}).({H}x{V})": (n, V, H),
             f"dh dlogits.W ({n}x{V}).({V}x{H})": (n, H, V),
@@ -57,8 +65,56 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-clblast", action="store_true")
+    ap.add_argument("--engine", type=int, default=0, metavar="N",
+                    help="also the in-process fused linear cross-entropy at N rows against torch")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="LinearCrossEntropy's chunk (default its own)")
+    ap.add_argument("--no-gemm", action="store_true", help="only the --engine comparison")
     args = ap.parse_args()
-    report(args.n, args.hidden, args.vocab, args.repeat, clblast=not args.no_clblast)
+    if not args.no_gemm:
+        report(args.n, args.hidden, args.vocab, args.repeat, clblast=not args.no_clblast)
+    if args.engine:
+        engine_report(args.engine, args.hidden, args.vocab, args.repeat, chunk_rows=args.chunk_rows)
+
+
+def engine_report(N: int, H: int, V: int, n_blocks: int, *, chunk_rows: int | None = None) -> dict:
+    """Seconds of the fused linear cross-entropy (loss, grad of hidden and weight) in-process on
+    the OpenCL device beside torch's linear + cross_entropy forward + backward, one run."""
+    import os
+
+    import torch
+    import torch.nn.functional as F
+
+    from clce_server import linear
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+
+    dev = open_devices("cpu")[0]
+    torch.set_num_threads(dev.cl_device.max_compute_units)
+    lce = linear.LinearCrossEntropy(LossEngine(dev), **({} if chunk_rows is None else {"chunk_rows": chunk_rows}))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, H, generator=g)
+    W = torch.randn(V, H, generator=g) / H ** 0.5
+    y = torch.randint(0, V, (N,), generator=g)
+    grad_weight = np.zeros((V, H), np.float32)
+
+    def clce():
+        p = linear.check(h.numpy(), W.numpy(), y.numpy())
+        lce(p, grad_weight=grad_weight)
+
+    def local():
+        hl, Wl = h.clone().requires_grad_(), W.clone().requires_grad_()
+        F.cross_entropy(F.linear(hl, Wl), y).backward()
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    t = {k: common.stats(v)["median"] for k, v in common.blocks({"torch": local, "clce": clce}, n_blocks).items()}
+    flops = 3 * 2.0 * N * H * V
+    print(f"# fused linear cross-entropy {N}x{H}x{V} fp32, loss + grad hidden + grad weight, in-process, "
+          f"torch on {torch.get_num_threads()} threads, chunk_rows {lce.chunk_rows}; load average {load} (start) "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (end)")
+    print(f"torch linear+cross_entropy fwd+bwd {t['torch'] * 1e3:.0f} ms   clce LinearCrossEntropy "
+          f"{t['clce'] * 1e3:.0f} ms ({t['clce'] / t['torch']:.2f}x torch; "
+          f"{flops / t['clce'] / 1e9:.0f} GFLOP/s over its three GEMMs)", flush=True)
+    return {"torch_s": t["torch"], "clce_s": t["clce"], "ratio": t["clce"] / t["torch"]}
 
 
 def report(n: int, H: int, V: int, repeat: int, *, clblast: bool = True) -> dict:
@@ -66,7 +122,7 @@ def report(n: int, H: int, V: int, repeat: int, *, clblast: bool = True) -> dict
     import torch
 
     from clce_server.device import open_devices
-    from clce_server.gemm import Gemm
+    from clce_server.gemm import GEMM_PRODUCTS, Gemm
 
     dev = open_devices("cpu")[0]
     gemm = Gemm(dev)
@@ -105,6 +161,7 @@ def report(n: int, H: int, V: int, repeat: int, *, clblast: bool = True) -> dict
         C = np.empty((M, N), np.float32)
         ta, tb = torch.from_numpy(A), torch.from_numpy(B)
         flops = 2.0 * M * N * K
+        product = name.split()[0] if name.split()[0] in GEMM_PRODUCTS else "*"
         methods = {"torch": lambda: (ta @ tb, None)[1]}
 
         def clce_layout():
@@ -121,7 +178,7 @@ def report(n: int, H: int, V: int, repeat: int, *, clblast: bool = True) -> dict
         bufs = [cl.Buffer(dev.context, MF.READ_WRITE | MF.USE_HOST_PTR, hostbuf=x) for x in (gA, gB, gC)]
 
         def clce():
-            ev = gemm(gM, gN, gK, bufs[0], ga_str, bufs[1], gldb, bufs[2], gc_str)
+            ev = gemm(gM, gN, gK, bufs[0], ga_str, bufs[1], gldb, bufs[2], gc_str, product=product)
             ev.wait()
             return (ev.profile.end - ev.profile.start) * 1e-9
 

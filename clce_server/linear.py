@@ -5,7 +5,8 @@ Rows go in chunks (Liger-Kernel's FusedLinearCrossEntropy, on an OpenCL device):
 
     L      = h_c . W^T + b            one (chunk, V) fp32 buffer, reused       kernels/gemm.cl
     L      = dloss/dlogits, in place  the fused cross-entropy kernel           kernels/cross_entropy.cl
-    dh_c   = L . W                    straight into the hidden's gradient      kernels/gemm.cl
+    dh_c   = L . W                    into the hidden's gradient (bf16: by an  kernels/gemm.cl
+                                      fp32 (chunk, H) scratch, then rounded)
     dW    += L^T . h_c                an fp32 accumulator of W's shape         kernels/gemm.cl
     db    += column sums of L         float64, on the host
 
@@ -175,7 +176,9 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 
 
 class LinearCrossEntropy:
-    """The fused linear cross-entropy on one device (its LossEngine and its Gemm)."""
+    """The fused linear cross-entropy on one device (its LossEngine and its Gemm). chunk_rows'
+    default, 1024, is what gemm.py's "dh" tuning was sized for (one work-item spans a chunk's
+    rows: W is read once per chunk); 512 measured 25% slower in dh, 2048 no faster."""
 
     def __init__(self, engine: LossEngine, gemm: Gemm | None = None, chunk_rows: int = 1024):
         self.engine = engine
@@ -226,6 +229,7 @@ class LinearCrossEntropy:
         chunk = min(self.chunk_rows, -(-R // REDUCE_BLOCK_ROWS) * REDUCE_BLOCK_ROWS)
         logits = np.empty((chunk, V), np.float32)            # the one (chunk, V) buffer
         h_t = np.empty((H, chunk), np.float32)                # the chunk's hidden, transposed
+        dh_scratch = np.empty((chunk, H), np.float32) if want_grad_hidden and p.dtype == "bfloat16" else None
         gemm_dt = "bfloat16" if p.dtype == "bfloat16" else "float32"
         store = as_storage   # bf16 arrays reach the kernels as their uint16 bits
         bufs: list[cl.Buffer] = []
@@ -244,7 +248,9 @@ class LinearCrossEntropy:
                 l_buf = buf(logits, MF.READ_WRITE)
                 ht_buf = buf(h_t)
                 h_buf = buf(p.hidden)
-                gh_buf = buf(res.grad_hidden, MF.WRITE_ONLY) if want_grad_hidden else None
+                gh_buf = None
+                if want_grad_hidden:   # the kernel writes fp32: a bf16 gradient goes through a scratch
+                    gh_buf = buf(res.grad_hidden if dh_scratch is None else dh_scratch, MF.WRITE_ONLY)
                 gw_buf = buf(res.grad_weight, MF.READ_WRITE) if want_grad_weight else None
                 for r0 in range(0, R, chunk):
                     n = min(chunk, R - r0)
@@ -255,7 +261,8 @@ class LinearCrossEntropy:
                     if p.bias is not None:
                         np.copyto(L, p.bias.astype(np.float32))
                     ev = self.gemm(V, n, H, w_buf, (H, 1), ht_buf, chunk, l_buf, (1, V),
-                                   beta=1.0 if p.bias is not None else 0.0, dtypes=(gemm_dt, "float32", "float32"))
+                                   beta=1.0 if p.bias is not None else 0.0, dtypes=(gemm_dt, "float32"),
+                                   product="forward")
                     ev.wait()
                     secs += _seconds(ev)
                     _sync(self.device, l_buf, logits.nbytes)
@@ -269,22 +276,26 @@ class LinearCrossEntropy:
                             row_zlosses.append(ce.z_loss)
                     if want_any:
                         events = []
-                        if want_grad_hidden:   # dh_c (n x H) = L . W
+                        if want_grad_hidden:   # dh_c (n x H) = L . W (bf16: through the fp32 scratch)
                             events.append(self.gemm(n, H, V, l_buf, (V, 1), w_buf, H, gh_buf, (H, 1),
-                                                    dtypes=("float32", gemm_dt, gemm_dt), offsets=(0, 0, r0 * H)))
+                                                    dtypes=("float32", gemm_dt), product="dh",
+                                                    offsets=(0, 0, 0 if dh_scratch is not None else r0 * H)))
                         if want_grad_weight:   # dW (V x H) += L^T . h_c
                             first = fresh_w and r0 == 0
                             events.append(self.gemm(V, H, n, l_buf, (1, V), h_buf, H, gw_buf, (H, 1),
-                                                    beta=0.0 if first else 1.0, dtypes=("float32", gemm_dt, "float32"),
-                                                    offsets=(0, r0 * H, 0)))
+                                                    beta=0.0 if first else 1.0, dtypes=("float32", gemm_dt),
+                                                    product="dW", offsets=(0, r0 * H, 0)))
                         if want_grad_bias:
                             res.grad_bias += L.sum(axis=0, dtype=np.float64)
                         for e in events:
                             e.wait()
                             secs += _seconds(e)
+                        if want_grad_hidden and dh_scratch is not None:
+                            _sync(self.device, gh_buf, dh_scratch.nbytes)
+                            np.copyto(res.grad_hidden[r0:r0 + n], dh_scratch[:n], casting="unsafe")
                     res.kernel_seconds += secs
                     yield secs
-                if want_grad_hidden:
+                if want_grad_hidden and dh_scratch is None:
                     _sync(self.device, gh_buf, res.grad_hidden.nbytes)
                 if want_grad_weight:
                     _sync(self.device, gw_buf, res.grad_weight.nbytes)

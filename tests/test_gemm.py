@@ -1,16 +1,23 @@
 """kernels/gemm.cl through clce_server/gemm.py against numpy in float64: the three layouts the
-fused linear cross-entropy uses (A row-major, A transposed, C stored transposed), edges in every
-dimension (tiles past M and N, K not a multiple of the K block, M below the micro-tile), alpha and
-beta, bf16 operands and results, and the same bits on every run."""
+fused linear cross-entropy uses (A row-major, A transposed, C stored transposed), under every
+product's tuning from the table and under tunings that make the edges common (several K blocks,
+several micro-tiles per work-item in both directions, the other launch order); edges in every
+dimension (M, N, K not multiples of the tiles, K = 1, K = 0, M below the micro-tile, a few
+rows); alpha and beta; bf16 operands with fp32 accumulation; the same bits on every run."""
 
 import ml_dtypes
 import numpy as np
 import pyopencl as cl
 import pytest
 
-from clce_server.gemm import Gemm
+from clce_server.gemm import GEMM_PRODUCTS, Gemm, gemm_tuning
 
 MF = cl.mem_flags
+
+#: small tiles, so that the shapes below cross every kind of tile edge: 3 micro-tiles of 4 rows
+#: down M, 3 of 16 columns across N, K blocks of 32, and the launch walking rows first
+SMALL = {"GEMM_MR": 4, "GEMM_NV": 2, "GEMM_VW": 8, "GEMM_MB": 3, "GEMM_NB": 3, "GEMM_KC": 32,
+         "GEMM_ROWS_FIRST": 1}
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +25,16 @@ def gemm(cpu_device):
     return Gemm(cpu_device)
 
 
+@pytest.fixture(scope="module")
+def small(cpu_device):
+    return Gemm(cpu_device, SMALL)
+
+
 def _buf(dev, arr):
     return cl.Buffer(dev.context, MF.READ_WRITE | MF.USE_HOST_PTR, hostbuf=arr)
 
 
-def _run(gemm, M, N, K, A, a_strides, B, C, c_strides, dtypes=("float32",) * 3, **kw):
+def _run(gemm, M, N, K, A, a_strides, B, C, c_strides, dtypes=("float32",) * 2, **kw):
     dev = gemm.device
     bufs = [_buf(dev, x.view(np.uint16) if x.dtype == ml_dtypes.bfloat16 else x) for x in (A, B, C)]
     gemm(M, N, K, bufs[0], a_strides, bufs[1], B.shape[1], bufs[2], c_strides, dtypes=dtypes, **kw).wait()
@@ -33,62 +45,109 @@ def _run(gemm, M, N, K, A, a_strides, B, C, c_strides, dtypes=("float32",) * 3, 
     return C
 
 
-SHAPES = [(1, 1, 1), (5, 7, 3), (6, 32, 256), (25, 33, 257), (97, 130, 600), (3, 200, 40), (200, 3, 1),
-          (1000, 70, 300)]   # the last: several work-items down M, the last one short
-
-
-@pytest.mark.parametrize("M, N, K", SHAPES, ids=str)
-@pytest.mark.parametrize("layout", ["nn", "tn", "nt_store"])
-def test_layouts_against_numpy(gemm, M, N, K, layout):
-    rng = np.random.default_rng(M * 1000 + N + K)
+def _layout(gemm, M, N, K, layout, rng, **kw):
+    """C = A . B in `layout`, against numpy's float64 product of the same values."""
     B = rng.standard_normal((K, N)).astype(np.float32)
     if layout == "tn":        # A given as its transpose (K, M): dW += dlogits^T . h
         At = rng.standard_normal((K, M)).astype(np.float32)
-        A, a_strides = At.T, (1, M)
-        src = At
+        A, a_strides, src = At.T, (1, M), At
     else:
         src = A = rng.standard_normal((M, K)).astype(np.float32)
         a_strides = (K, 1)
     if layout == "nt_store":  # C stored transposed: logits (n, V) from W . h^T
         Ct = np.full((N, M), np.nan, np.float32)
-        _run(gemm, M, N, K, src, a_strides, B, Ct, (1, M))
-        got = Ct.T
+        got = _run(gemm, M, N, K, src, a_strides, B, Ct, (1, M), **kw).T
     else:
-        got = _run(gemm, M, N, K, src, a_strides, B, np.full((M, N), np.nan, np.float32), (N, 1))
+        got = _run(gemm, M, N, K, src, a_strides, B, np.full((M, N), np.nan, np.float32), (N, 1), **kw)
     want = A.astype(np.float64) @ B.astype(np.float64)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(max(K, 1)))
 
 
-def test_alpha_beta_accumulate(gemm):
+#: the layout each product of linear.py runs in
+PRODUCT_LAYOUT = {"forward": "nt_store", "dh": "nn", "dW": "tn"}
+
+SHAPES = [(1, 1, 1), (5, 7, 3), (6, 32, 256), (25, 33, 257), (97, 130, 600), (3, 200, 40), (200, 3, 1),
+          (1000, 70, 300), (390, 129, 513), (1100, 140, 70)]   # the last three: several work-items down M
+                                                               # (the last one short) under each product's tuning
+
+
+@pytest.mark.parametrize("M, N, K", SHAPES, ids=str)
+@pytest.mark.parametrize("product", GEMM_PRODUCTS)
+def test_products_against_numpy(gemm, M, N, K, product):
+    """Each product in its own layout with its own tuning from the table."""
+    _layout(gemm, M, N, K, PRODUCT_LAYOUT[product], np.random.default_rng(M * 1000 + N + K), product=product)
+
+
+EDGE_SHAPES = [(1, 1, 1), (4, 16, 32), (12, 48, 96), (13, 49, 97), (11, 47, 95), (3, 5, 1), (2, 100, 33),
+               (37, 17, 64), (50, 145, 70), (64, 1, 200)]
+
+
+@pytest.mark.parametrize("M, N, K", EDGE_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt_store"])
+def test_small_tiles_against_numpy(small, M, N, K, layout):
+    """Tiles small enough that these shapes end inside a micro-tile, a work-item's tile and a K
+    block, in every combination."""
+    _layout(small, M, N, K, layout, np.random.default_rng(M * 7 + N * 3 + K))
+
+
+def test_table_has_every_product(cpu_device):
+    for product in (*GEMM_PRODUCTS, "*"):
+        t = gemm_tuning(cpu_device.vendor, cpu_device.kind, product)
+        assert {"GEMM_MR", "GEMM_NV", "GEMM_VW", "GEMM_MB", "GEMM_NB", "GEMM_KC", "GEMM_ROWS_FIRST"} <= set(t)
+
+
+@pytest.mark.parametrize("tuned", ["table", "small"])
+def test_alpha_beta_accumulate(gemm, small, tuned):
+    g = gemm if tuned == "table" else small
     rng = np.random.default_rng(1)
     M, N, K = 31, 45, 300
     A = rng.standard_normal((M, K)).astype(np.float32)
     B = rng.standard_normal((K, N)).astype(np.float32)
     C0 = rng.standard_normal((M, N)).astype(np.float32)
-    got = _run(gemm, M, N, K, A, (K, 1), B, C0.copy(), (N, 1), alpha=0.5, beta=1.0)
+    got = _run(g, M, N, K, A, (K, 1), B, C0.copy(), (N, 1), alpha=0.5, beta=1.0)
     np.testing.assert_allclose(got, 0.5 * (A.astype(np.float64) @ B) + C0, rtol=1e-5, atol=1e-4)
-    got = _run(gemm, M, N, 0, A, (K, 1), B[:1], C0.copy(), (N, 1), beta=2.0)   # K = 0: C = beta C
+    got = _run(g, M, N, 0, A, (K, 1), B[:1], C0.copy(), (N, 1), beta=2.0)   # K = 0: C = beta C
     np.testing.assert_array_equal(got, 2 * C0)
+    C_nan = np.full((M, N), np.nan, np.float32)   # beta = 0 never reads C
+    got = _run(g, M, N, K, A, (K, 1), B, C_nan, (N, 1), beta=0.0)
+    np.testing.assert_allclose(got, A.astype(np.float64) @ B, rtol=1e-5, atol=1e-4)
 
 
-def test_bf16_operands_and_result(gemm):
+def test_offsets(gemm):
+    """Operands and result at element offsets into their buffers (linear.py's row chunks)."""
+    rng = np.random.default_rng(4)
+    M, N, K = 20, 40, 50
+    A = rng.standard_normal((M + 3, K)).astype(np.float32)
+    B = rng.standard_normal((K + 2, N)).astype(np.float32)
+    C = np.full((M + 5, N), np.nan, np.float32)
+    _run(gemm, M, N, K, A, (K, 1), B, C, (N, 1), offsets=(3 * K, 2 * N, 5 * N))
+    np.testing.assert_allclose(C[5:], A[3:].astype(np.float64) @ B[2:], rtol=1e-5, atol=1e-4)
+    assert np.isnan(C[:5]).all()
+
+
+@pytest.mark.parametrize("product", GEMM_PRODUCTS)
+def test_bf16_operands_fp32_accumulation(gemm, product):
     rng = np.random.default_rng(2)
-    M, N, K = 40, 50, 333
+    M, N, K = 40, 150, 333
     A = rng.standard_normal((M, K)).astype(ml_dtypes.bfloat16)
     B = rng.standard_normal((K, N)).astype(ml_dtypes.bfloat16)
-    C = np.zeros((M, N), ml_dtypes.bfloat16)
-    got = _run(gemm, M, N, K, A, (K, 1), B, C, (N, 1), dtypes=("bfloat16", "bfloat16", "bfloat16"))
     want = A.astype(np.float64) @ B.astype(np.float64)
-    # fp32 accumulation of exact bf16 products, then one rounding to bf16 (2^-8 relative)
-    np.testing.assert_allclose(got.astype(np.float64), want, rtol=2 ** -8, atol=1e-5 * np.sqrt(K))
+    for dtypes in (("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float32", "bfloat16")):
+        a = A if dtypes[0] == "bfloat16" else A.astype(np.float32)
+        b = B if dtypes[1] == "bfloat16" else B.astype(np.float32)
+        got = _run(gemm, M, N, K, a, (K, 1), b, np.zeros((M, N), np.float32), (N, 1), dtypes=dtypes,
+                   product=product)
+        # the products of bf16 values are exact in fp32: fp32 accumulation error only
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(K), err_msg=str(dtypes))
 
 
-def test_bit_identical_runs(gemm):
+@pytest.mark.parametrize("product", GEMM_PRODUCTS)
+def test_bit_identical_runs(gemm, product):
     rng = np.random.default_rng(3)
     M, N, K = 300, 200, 1000
     A = rng.standard_normal((M, K)).astype(np.float32)
     B = rng.standard_normal((K, N)).astype(np.float32)
-    first = _run(gemm, M, N, K, A, (K, 1), B, np.empty((M, N), np.float32), (N, 1))
+    first = _run(gemm, M, N, K, A, (K, 1), B, np.empty((M, N), np.float32), (N, 1), product=product)
     for _ in range(2):
-        again = _run(gemm, M, N, K, A, (K, 1), B, np.empty((M, N), np.float32), (N, 1))
+        again = _run(gemm, M, N, K, A, (K, 1), B, np.empty((M, N), np.float32), (N, 1), product=product)
         np.testing.assert_array_equal(again.view(np.uint32), first.view(np.uint32))

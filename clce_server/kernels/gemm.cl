@@ -1,7 +1,7 @@
 /* ============================================================================================
  * gemm.cl — register-tiled general matrix multiply for the fused linear cross-entropy
  *
- *     C = alpha * A . B + beta * C        A (M x K), B (K x N), C (M x N), fp32 accumulation
+ *     C = alpha * A . B + beta * C        A (M x K), B (K x N), C (M x N) float32, fp32 accumulation
  *
  * Layouts: B is row-major with its N elements contiguous (row stride ldb); A and C take any
  * strides (sam/sak, scm/scn), so one kernel serves the three products of clce_server/linear.py:
@@ -11,25 +11,27 @@
  *   backward   dh (n x H)  = dlogits (n x V) . W (V x H)       A = dlogits, B = W
  *              dW (V x H) += dlogits^T (V x n) . h (n x H)     A strides (1, V), B = h
  *
- * Each work-item owns a macro-tile of GEMM_MB micro-tiles of GEMM_MR rows by one micro-tile of
- * GEMM_NV vectors of GEMM_VW columns (the BLIS micro-kernel: an outer product per k, the
+ * Each work-item owns a macro-tile of GEMM_MB x GEMM_NB micro-tiles; a micro-tile is GEMM_MR
+ * rows by GEMM_NV vectors of GEMM_VW columns (the BLIS micro-kernel: an outer product per k, the
  * accumulators in registers, A broadcast one scalar at a time, B read one vector at a time). K
- * is walked in blocks of GEMM_KC: within a block the work-item's B panel (GEMM_KC x GEMM_NV *
- * GEMM_VW) stays in L1 while its GEMM_MB micro-tiles pass over it; between blocks the partial
- * sums go through C (a bf16 C takes all of K in one block: its partial sums are not rounded).
+ * is walked in blocks of GEMM_KC. Per block the work-item packs its B panel (GEMM_KC x GEMM_NB
+ * micro-tile columns) into private memory: contiguous, converted to fp32 once, columns past N
+ * zero. Read in place, the panel's rows sit ldb apart, and at linear.py's ldb (H, a multiple of
+ * 1024 floats) all of them fall into one L1 set: the panel never stayed in L1 (BLIS packs B for
+ * the same reason). Then, micro-tile row by micro-tile row, the GEMM_NB micro-tiles reuse the
+ * row's A sliver (GEMM_MR x GEMM_KC) from L1. Between K blocks the partial sums go through C.
  * The order of additions is fixed by the tunables alone, so results are the same bits run to run.
  *
- * Edges: rows past M load row M-1 and are not stored; columns past N load zeros (a guarded
- * path, taken only by the last column tile).
+ * Edges: rows past M are handled by a last micro-tile shifted up to end at row M (its rows
+ * before the tile's own are not stored); columns past N are zero in the panel and not stored.
  *
- * Types (build defines): GEMM_A_DTYPE, GEMM_B_DTYPE, GEMM_C_DTYPE, 0 float32 or 2 bfloat16
- * (bf16 travels as ushort bits; stores round to nearest even). Tunables are set per device in
- * clce_server/device.py's GEMM_TUNING; the defaults were measured on PoCL's CPU device
- * (bench/bench_linear_ce.py --gemm).
+ * Types (build defines): GEMM_A_DTYPE, GEMM_B_DTYPE, 0 float32 or 2 bfloat16 (bf16 travels as
+ * ushort bits). Tunables are set per device and per product in clce_server/gemm.py's
+ * GEMM_TUNING; the defaults were measured on PoCL's CPU device (bench/bench_gemm.py).
  * ============================================================================================ */
 
 #ifndef GEMM_MR
-#define GEMM_MR 6           // rows of a micro-tile (A scalars broadcast per k)
+#define GEMM_MR 12          // rows of a micro-tile (A scalars broadcast per k)
 #endif
 #ifndef GEMM_NV
 #define GEMM_NV 2           // vectors per micro-tile row (accumulators: GEMM_MR * GEMM_NV vectors)
@@ -38,19 +40,23 @@
 #define GEMM_VW 16          // vector width: 8 or 16 (16: one AVX-512 register)
 #endif
 #ifndef GEMM_MB
-#define GEMM_MB 64          // micro-tiles per work-item along M, sharing one B panel per K block
+#define GEMM_MB 32          // micro-tiles per work-item along M, sharing its B panel per K block
 #endif
+#ifndef GEMM_NB
+#define GEMM_NB 4           // micro-tiles per work-item along N, sharing a row's A sliver in L1
+                            // (private panel: GEMM_KC * GEMM_NB * GEMM_NV * GEMM_VW floats)
+#endif
+#ifndef GEMM_ROWS_FIRST
+#define GEMM_ROWS_FIRST 0   // 1: launch dimension 0 walks row tiles (PoCL hands out consecutive
+#endif                      //    work-groups along dimension 0 to a thread)
 #ifndef GEMM_KC
-#define GEMM_KC 256         // K block
+#define GEMM_KC 512         // K block
 #endif
 #ifndef GEMM_A_DTYPE
 #define GEMM_A_DTYPE 0
 #endif
 #ifndef GEMM_B_DTYPE
 #define GEMM_B_DTYPE 0
-#endif
-#ifndef GEMM_C_DTYPE
-#define GEMM_C_DTYPE 0
 #endif
 
 #define GEMM_CAT_(a, b) a##b
@@ -59,6 +65,8 @@ typedef GEMM_CAT(float, GEMM_VW) vec_t;
 #define VLOADW GEMM_CAT(vload, GEMM_VW)
 #define VSTOREW GEMM_CAT(vstore, GEMM_VW)
 #define NR (GEMM_NV * GEMM_VW)
+#define NT (GEMM_NB * NR)    // columns of a work-item's tile
+#define AG ((GEMM_MR + 2) / 3)   // A row pointers of a micro-tile (micro_tile)
 
 #if GEMM_A_DTYPE == 2
 typedef ushort a_t;
@@ -82,101 +90,117 @@ typedef float b_t;
 #define LOAD_BV(p, i) VLOADW(0, (p) + (i))
 #endif
 
-#if GEMM_C_DTYPE == 2
-typedef ushort c_t;
-#define LOAD_C1(p, i) as_float(((uint)(p)[(i)]) << 16)
-inline ushort gemm_f32_to_bf16(float f) {
-    uint b = as_uint(f);
-    return isnan(f) ? (ushort)0x7FC0 : (ushort)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-#define STORE_C1(p, i, v) ((p)[(i)] = gemm_f32_to_bf16(v))
-#else
-typedef float c_t;
-#define LOAD_C1(p, i) ((p)[(i)])
-#define STORE_C1(p, i, v) ((p)[(i)] = (v))
-#endif
 
-/* One micro-tile over one K block: acc[r][v] = sum_k A[m0 + r, k] B[k, n0 + v*VW ..]. `full`:
- * every column of the tile is inside N (a compile-time constant after inlining). */
-inline __attribute__((always_inline)) void micro_tile(vec_t acc[GEMM_MR][GEMM_NV], __global const a_t *A,
-                                                      const long rs, const long sak, __global const b_t *B,
+/* The work-item's B panel for one K block: panel[k][v] = B[k0 + k, n0 + v * VW ..] as fp32,
+ * columns past N zero (`full`: none are). */
+inline __attribute__((always_inline)) void load_panel(vec_t panel[GEMM_KC][GEMM_NB * GEMM_NV], __global const b_t *B,
                                                       const long ldb, const uint N, const uint n0,
                                                       const uint k0, const uint k1, const bool full) {
-    _Pragma("unroll") for (int r = 0; r < GEMM_MR; r++)
-        _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++)
-            acc[r][v] = (vec_t)0.0f;
-    /* One pointer stepping along k, the rows at multiples of rs from it: a pointer per row
-     * spilled out of the sixteen general registers (measured: half the speed at GEMM_MR = 6). */
-    __global const a_t *ap = A + (long)k0 * sak;
     __global const b_t *brow = B + (long)k0 * ldb + n0;
-    for (uint k = k0; k < k1; k++) {
-        vec_t b[GEMM_NV];
+    for (uint k = 0; k < k1 - k0; k++) {
         if (full) {
-            _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++)
-                b[v] = LOAD_BV(brow, v * GEMM_VW);
+            _Pragma("unroll") for (int v = 0; v < GEMM_NB * GEMM_NV; v++)
+                panel[k][v] = LOAD_BV(brow, v * GEMM_VW);
         } else {
-            _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++) {
+            for (int v = 0; v < GEMM_NB * GEMM_NV; v++) {
                 float t[GEMM_VW];
                 for (int j = 0; j < GEMM_VW; j++)
                     t[j] = n0 + v * GEMM_VW + j < N ? LOAD_B1(brow, v * GEMM_VW + j) : 0.0f;
-                b[v] = VLOADW(0, t);
+                panel[k][v] = VLOADW(0, t);
             }
         }
-        _Pragma("unroll") for (int r = 0; r < GEMM_MR; r++) {
-            const vec_t a = (vec_t)LOAD_A(ap, r * rs);
-            _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++)
-                acc[r][v] = fma(a, b[v], acc[r][v]);
-        }
         brow += ldb;
-        ap += sak;
+    }
+}
+
+/* One micro-tile over one K block: acc[r][v] = sum_k A[m0 + r, k0 + k] panel[k][nb * NV + v]. */
+inline __attribute__((always_inline)) void micro_tile(vec_t acc[GEMM_MR][GEMM_NV], __global const a_t *A,
+                                                      const long rs, const long sak,
+                                                      vec_t panel[GEMM_KC][GEMM_NB * GEMM_NV], const int nb,
+                                                      const uint k0, const uint k1) {
+    _Pragma("unroll") for (int r = 0; r < GEMM_MR; r++)
+        _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++)
+            acc[r][v] = (vec_t)0.0f;
+    /* A pointer per three rows stepping along k, the rows at 0, rs, 2 rs from it (x86 reaches
+     * those with one scaled index register). A pointer per row spilled out of the sixteen
+     * general registers (measured: half the speed at GEMM_MR = 6); a single pointer with the rows
+     * at r * rs became a chain of GEMM_MR dependent adds carried from k to k (slightly slower). */
+    __global const a_t *ap[AG];
+    _Pragma("unroll") for (int g = 0; g < AG; g++)
+        ap[g] = A + (long)k0 * sak + 3 * g * rs;
+    for (uint k = 0; k < k1 - k0; k++) {
+        _Pragma("unroll") for (int r = 0; r < GEMM_MR; r++) {
+            const vec_t a = (vec_t)LOAD_A(ap[r / 3], (r % 3) * rs);
+            _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++)
+                acc[r][v] = fma(a, panel[k][nb * GEMM_NV + v], acc[r][v]);
+        }
+        _Pragma("unroll") for (int g = 0; g < AG; g++)
+            ap[g] += sak;
     }
 }
 
 /* Rows [m0 + r0, m0 + r1) of the tile into C: C = alpha * acc + (first ? beta * C : C); a zero
- * factor never reads C (NaN in C stays out). */
-inline __attribute__((always_inline)) void store_tile(vec_t acc[GEMM_MR][GEMM_NV], __global c_t *C,
+ * factor never reads C (NaN in C stays out). Rows of C contiguous (scn = 1) and the tile inside
+ * N: whole vectors, the same arithmetic. */
+inline __attribute__((always_inline)) void store_tile(vec_t acc[GEMM_MR][GEMM_NV], __global float *C,
                                                       const long scm, const long scn, const uint N,
                                                       const uint m0, const int r0, const int r1, const uint n0,
-                                                      const float alpha, const float beta, const bool first) {
+                                                      const float alpha, const float beta, const bool first,
+                                                      const bool full) {
     const float keep = first ? beta : 1.0f;
+    if (full && scn == 1) {
+        _Pragma("unroll") for (int r = 0; r < GEMM_MR; r++) {
+            if (r < r0 || r >= r1)
+                continue;
+            __global float *row = C + (long)(m0 + r) * scm + n0;
+            _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++) {
+                const vec_t old = keep != 0.0f ? keep * VLOADW(v, row) : (vec_t)0.0f;
+                VSTOREW(old + acc[r][v] * alpha, v, row);
+            }
+        }
+        return;
+    }
     _Pragma("unroll") for (int r = 0; r < GEMM_MR; r++) {
         if (r < r0 || r >= r1)
             continue;
         _Pragma("unroll") for (int v = 0; v < GEMM_NV; v++) {
             float t[GEMM_VW];
             VSTOREW(acc[r][v] * alpha, 0, t);
-            __global c_t *row = C + (long)(m0 + r) * scm;
+            __global float *row = C + (long)(m0 + r) * scm;
             for (int j = 0; j < GEMM_VW; j++) {
                 const uint n = n0 + v * GEMM_VW + j;
                 if (n < N) {
-                    const float old = keep != 0.0f ? keep * LOAD_C1(row, (long)n * scn) : 0.0f;
-                    STORE_C1(row, (long)n * scn, old + t[j]);
+                    const float old = keep != 0.0f ? keep * row[(long)n * scn] : 0.0f;
+                    row[(long)n * scn] = old + t[j];
                 }
             }
         }
     }
 }
 
-/* One work-item: GEMM_MB micro-tiles from row mt0, one column tile from n0, over all of K.
- * A tile that would run past M starts at M - GEMM_MR instead (its rows all inside A) and stores
- * only its rows from mt0 on; with M < GEMM_MR each row runs alone (stride 0: the tile's rows
- * all read that row). */
+/* One work-item: GEMM_MB x GEMM_NB micro-tiles from row mt0 and column n0, over all of K, one
+ * K block at a time (the partial sums go through C between blocks). The panel is on the stack:
+ * gemm.py launches work-groups of one work-item, since PoCL lays out one copy of every private
+ * array per work-item of a group. A tile that would run past
+ * M starts at M - GEMM_MR instead (its rows all inside A) and stores only its rows from mt0 on;
+ * with M < GEMM_MR each row runs alone (stride 0: the tile's rows all read that row). */
 inline __attribute__((always_inline)) void macro_tile(const uint M, const uint N, const uint K,
                                                       const float alpha, const float beta,
                                                       __global const a_t *A, const long sam, const long sak,
                                                       __global const b_t *B, const long ldb,
-                                                      __global c_t *C, const long scm, const long scn,
+                                                      __global float *C, const long scm, const long scn,
                                                       const uint mt0, const uint n0, const bool full) {
     vec_t acc[GEMM_MR][GEMM_NV];
-    /* a bf16 C would round the partial sums between K blocks: one block then */
-    const uint kc = GEMM_C_DTYPE == 2 ? max(K, 1u) : GEMM_KC;
-    for (uint k0 = 0; k0 < max(K, 1u); k0 += kc) {
-        const uint k1 = min(K, k0 + kc);
+    vec_t panel[GEMM_KC][GEMM_NB * GEMM_NV];
+    for (uint k0 = 0; k0 < max(K, 1u); k0 += GEMM_KC) {
+        const uint k1 = min(K, k0 + GEMM_KC);
+        load_panel(panel, B, ldb, N, n0, k0, k1, full);
         if (M < GEMM_MR) {
-            for (uint m = mt0; m < M && m < mt0 + GEMM_MR * GEMM_MB; m++) {
-                micro_tile(acc, A + (long)m * sam, 0, sak, B, ldb, N, n0, k0, k1, full);
-                store_tile(acc, C, scm, scn, N, m, 0, 1, n0, alpha, beta, k0 == 0);
-            }
+            for (uint m = mt0; m < M && m < mt0 + GEMM_MR * GEMM_MB; m++)
+                for (int nb = 0; nb < GEMM_NB && n0 + nb * NR < N; nb++) {
+                    micro_tile(acc, A + (long)m * sam, 0, sak, panel, nb, k0, k1);
+                    store_tile(acc, C, scm, scn, N, m, 0, 1, n0 + nb * NR, alpha, beta, k0 == 0, full);
+                }
             continue;
         }
         for (int mb = 0; mb < GEMM_MB; mb++) {
@@ -184,8 +208,10 @@ inline __attribute__((always_inline)) void macro_tile(const uint M, const uint N
             if (m0 >= M)
                 break;
             const uint start = min(m0, M - GEMM_MR);
-            micro_tile(acc, A + (long)start * sam, sam, sak, B, ldb, N, n0, k0, k1, full);
-            store_tile(acc, C, scm, scn, N, start, m0 - start, GEMM_MR, n0, alpha, beta, k0 == 0);
+            for (int nb = 0; nb < GEMM_NB && n0 + nb * NR < N; nb++) {
+                micro_tile(acc, A + (long)start * sam, sam, sak, panel, nb, k0, k1);
+                store_tile(acc, C, scm, scn, N, start, m0 - start, GEMM_MR, n0 + nb * NR, alpha, beta, k0 == 0, full);
+            }
         }
     }
 }
@@ -193,12 +219,12 @@ inline __attribute__((always_inline)) void macro_tile(const uint M, const uint N
 __kernel void gemm(const uint M, const uint N, const uint K, const float alpha, const float beta,
                    __global const a_t *A, const ulong a_off, const long sam, const long sak,
                    __global const b_t *B, const ulong b_off, const long ldb,
-                   __global c_t *C, const ulong c_off, const long scm, const long scn) {
-    const uint n0 = get_global_id(0) * NR;
-    const uint mt0 = get_global_id(1) * (GEMM_MR * GEMM_MB);
+                   __global float *C, const ulong c_off, const long scm, const long scn) {
+    const uint n0 = get_global_id(GEMM_ROWS_FIRST ? 1 : 0) * NT;
+    const uint mt0 = get_global_id(GEMM_ROWS_FIRST ? 0 : 1) * (GEMM_MR * GEMM_MB);
     if (n0 >= N || mt0 >= M)
         return;
-    if (n0 + NR <= N)
+    if (n0 + NT <= N)
         macro_tile(M, N, K, alpha, beta, A + a_off, sam, sak, B + b_off, ldb, C + c_off, scm, scn, mt0, n0, true);
     else
         macro_tile(M, N, K, alpha, beta, A + a_off, sam, sak, B + b_off, ldb, C + c_off, scm, scn, mt0, n0, false);
