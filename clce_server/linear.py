@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Generator
+from typing import Any, Callable, Generator
 
 import numpy as np
 import pyopencl as cl
@@ -188,6 +188,20 @@ class LinearCrossEntropy:
             raise ValueError(f"chunk_rows must be a multiple of {REDUCE_BLOCK_ROWS} (the row sums' blocks)")
         self.chunk_rows = chunk_rows
 
+    def chunk_for(self, rows: int) -> int:
+        """Rows per chunk for a problem of `rows` rows (whole blocks of the row sums)."""
+        return min(self.chunk_rows, -(-rows // REDUCE_BLOCK_ROWS) * REDUCE_BLOCK_ROWS)
+
+    def scratch_shapes(self, p: LinearProblem, *, want_grad_hidden: bool) -> list[tuple[tuple[int, ...], Any]]:
+        """The (shape, dtype) of every scratch buffer `steps` asks `empty` for (a caller that
+        allocates them up front, in its own pool)."""
+        R, H = p.hidden.shape
+        V, chunk = p.weight.shape[0], self.chunk_for(R)
+        shapes = [((chunk, V), np.float32), ((H, chunk), np.float32)]
+        if want_grad_hidden and p.dtype == "bfloat16":
+            shapes.append(((chunk, H), np.float32))
+        return shapes
+
     def __call__(self, *args, **kw) -> LinearResult:
         steps = self.steps(*args, **kw)
         while True:
@@ -198,13 +212,18 @@ class LinearCrossEntropy:
 
     def steps(self, p: LinearProblem, *, want_grad_hidden: bool = True, want_grad_weight: bool = True,
               want_grad_bias: bool | None = None, grad_weight: np.ndarray | None = None,
-              grad_bias: np.ndarray | None = None,
-              grad_hidden: np.ndarray | None = None) -> Generator[float, None, LinearResult]:
+              grad_bias: np.ndarray | None = None, grad_hidden: np.ndarray | None = None,
+              overwrite_grad_weight: bool = False,
+              empty: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty) -> Generator[float, None, LinearResult]:
         """Run chunk by chunk, yielding each chunk's device seconds (a scheduler interleaves other
         work there); returns the LinearResult. `grad_weight` (V, H) float32 / `grad_bias` (V,)
         float64: accumulators the weight's and bias's gradients are added into (micro-batches of
-        one weight version); without them fresh ones are made. `grad_hidden`: where the hidden's
-        gradient goes (its (R, H) shape and dtype, e.g. a shared-memory region)."""
+        one weight version); without them fresh ones are made. `overwrite_grad_weight`: the given
+        `grad_weight` is where the gradient is written, not added (its old contents are never
+        read: no zeroing pass). `grad_hidden`: where the hidden's gradient goes (its (R, H) shape
+        and dtype, e.g. a shared-memory region). `empty(shape, dtype)` makes the scratch buffers
+        (the (chunk, V) logits, the transposed hidden chunk) and a fresh weight gradient: a
+        request's pooled buffers, whose pages a fresh allocation would fault in on every call."""
         if not self.device.host_unified:
             raise ArgumentError(RuntimeError(
                 f"fused linear cross-entropy runs on OpenCL devices that compute in host memory "
@@ -219,17 +238,19 @@ class LinearCrossEntropy:
             if res.grad_hidden.shape != (R, H) or res.grad_hidden.dtype != p.hidden.dtype \
                     or not res.grad_hidden.flags.c_contiguous:
                 raise ValueError(f"grad_hidden must be a C-contiguous {p.dtype} array of shape ({R}, {H})")
-        fresh_w = want_grad_weight and grad_weight is None
+        fresh_w = want_grad_weight and (grad_weight is None or overwrite_grad_weight)
         if want_grad_weight:
-            res.grad_weight = np.zeros((V, H), np.float32) if fresh_w else grad_weight
+            res.grad_weight = empty((V, H), np.float32) if grad_weight is None else grad_weight
+            if fresh_w and R == 0:   # no chunk writes it
+                res.grad_weight.fill(0)
             if res.grad_weight.shape != (V, H) or res.grad_weight.dtype != np.float32:
                 raise ValueError(f"grad_weight must be a float32 array of shape ({V}, {H})")
         if want_grad_bias:
             res.grad_bias = np.zeros(V, np.float64) if grad_bias is None else grad_bias
-        chunk = min(self.chunk_rows, -(-R // REDUCE_BLOCK_ROWS) * REDUCE_BLOCK_ROWS)
-        logits = np.empty((chunk, V), np.float32)            # the one (chunk, V) buffer
-        h_t = np.empty((H, chunk), np.float32)                # the chunk's hidden, transposed
-        dh_scratch = np.empty((chunk, H), np.float32) if want_grad_hidden and p.dtype == "bfloat16" else None
+        chunk = self.chunk_for(R)
+        logits = empty((chunk, V), np.float32)               # the one (chunk, V) buffer
+        h_t = empty((H, chunk), np.float32)                   # the chunk's hidden, transposed
+        dh_scratch = empty((chunk, H), np.float32) if want_grad_hidden and p.dtype == "bfloat16" else None
         gemm_dt = "bfloat16" if p.dtype == "bfloat16" else "float32"
         store = as_storage   # bf16 arrays reach the kernels as their uint16 bits
         bufs: list[cl.Buffer] = []

@@ -146,6 +146,30 @@ def test_weight_gradient_accumulates_over_micro_batches(lce):
     torch.testing.assert_close(torch.from_numpy(acc_b).float(), ref_b)
 
 
+@pytest.mark.parametrize("rows", [150, 0])
+def test_overwritten_gradient_and_scratch_never_read_old_contents(lce, rows):
+    """overwrite_grad_weight writes the weight's gradient over whatever the buffer held (NaN here),
+    and the scratch buffers `empty` hands out (NaN-filled) are written before they are read."""
+    rng = np.random.default_rng(15)
+    h, W, b, y = make(rng, (max(rows, 1),), 48, 260)
+    h, y = h[:rows], y[:rows]
+    p = linear.check(_np(h), _np(W), y.numpy(), _np(b), reduction="sum")
+    taken = []
+
+    def poisoned(shape, dtype):
+        a = np.full(shape, np.nan, dtype)
+        taken.append(shape)
+        return a
+
+    dest = np.full((260, 48), np.nan, np.float32)
+    r = lce(p, grad_weight=dest, overwrite_grad_weight=True, empty=poisoned)
+    assert r.grad_weight is dest
+    fresh = lce(p)
+    np.testing.assert_array_equal(dest, fresh.grad_weight)
+    np.testing.assert_array_equal(r.grad_hidden, fresh.grad_hidden)
+    assert sorted(taken) == sorted(s for s, _ in lce.scratch_shapes(p, want_grad_hidden=True)) or rows == 0
+
+
 def test_no_gradient_asked_computes_loss_only(lce):
     rng = np.random.default_rng(6)
     h, W, b, y = make(rng, (100,), 24, 90)

@@ -92,6 +92,20 @@ def _for_engine(engine) -> LinearCrossEntropy:
         return lce
 
 
+class _Scratch:
+    """A request's scratch buffers, taken from its lease's pool before its job runs; the job's
+    LinearCrossEntropy.steps asks for them by shape (anything else: a plain allocation)."""
+
+    def __init__(self, lease, shapes):
+        self._free: dict[tuple, list[np.ndarray]] = {}
+        for shape, dtype in shapes:
+            self._free.setdefault((tuple(shape), np.dtype(dtype)), []).append(lease.array(shape, dtype))
+
+    def take(self, shape, dtype) -> np.ndarray:
+        kept = self._free.get((tuple(shape), np.dtype(dtype)))
+        return kept.pop() if kept else np.empty(shape, dtype)
+
+
 # ---- admit ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -377,6 +391,11 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
         if gw_region is not None:
             gw_ref, gw_dest = output_region(req, "grad_weight", gw_region,
                                             _field(msg, "grad_weight_offset", (int,), 0), "float32", (V, H))
+        if gw_dest is None and not accumulating:   # a fresh weight gradient, written whole
+            gw_dest = req.lease.array((V, H), np.float32)
+    # The chunk's scratch from the lease's pool, taken here on the event loop (the lease's owner):
+    # fresh (chunk, V) pages would fault in on every call
+    scratch = _Scratch(req.lease, _for_engine(state.engines[0]).scratch_shapes(problem, want_grad_hidden=want_grad))
     record.stage("decode", time.perf_counter() - t0)
 
     def job(device):
@@ -386,7 +405,8 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
                 gw, gb = stored.accumulators()
                 added = False
                 try:
-                    result = yield from lce.steps(problem, grad_weight=gw, grad_bias=gb, grad_hidden=grad_hidden)
+                    result = yield from lce.steps(problem, grad_weight=gw, grad_bias=gb, grad_hidden=grad_hidden,
+                                                  empty=scratch.take)
                     added = True
                 finally:
                     if added:
@@ -394,11 +414,9 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
                     else:   # stopped part way: the sum is no longer one of whole micro-batches
                         store.drop(stored)
             return result
-        if gw_dest is not None:
-            gw_dest.fill(0)      # steps adds into a given accumulator
         return (yield from lce.steps(problem, want_grad_hidden=want_grad, want_grad_weight=want_grad,
                                      want_grad_bias=want_grad and bias is not None, grad_weight=gw_dest,
-                                     grad_hidden=grad_hidden))
+                                     overwrite_grad_weight=True, grad_hidden=grad_hidden, empty=scratch.take))
 
     request_bytes = body.nbytes + req.shm_bytes
     nbytes = request_bytes + 4 * min(R, CHUNK_ROWS) * (V + H)            # the chunk's logits and hidden
