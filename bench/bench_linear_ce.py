@@ -55,6 +55,13 @@ def _hwm(pid: int | str = "self") -> int:
     return 0
 
 
+def _rss(pid: int | str = "self") -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _reset_hwm(pid: int | str = "self") -> None:
     with open(f"/proc/{pid}/clear_refs", "w") as f:
         f.write("5")
@@ -83,9 +90,12 @@ def main() -> None:
                                   env={"CLCE_TENANT_MAX_INFLIGHT_BYTES": str(16 * GiB),
                                        "CLCE_TENANT_MAX_REQUEST_BYTES": str(4 * GiB)},
                                   log_path=args.out / "linear-ce-server.log").start()
+    server_idle = _rss(server.proc.pid)
+    print(f"# server idle RSS {server_idle / MiB:.0f} MiB (host pool cap "
+          f"{int(server.env.get('CLCE_HOST_POOL_BYTES', 1 << 30)) / MiB:.0f} MiB)")
     print(f"# fused linear cross-entropy, fp32, torch on {threads} threads; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    doc = {"machine": common.machine_info(), "shapes": {}}
+    doc = {"machine": common.machine_info(), "shapes": {}, "server_idle_rss": server_idle}
     try:
         with clce_client.Client(server.url, timeout=3600) as client, \
                 clce_client.Client(server.url, timeout=3600, transport="tcp") as tcp:
