@@ -53,10 +53,10 @@ from .buffers import BufferPool
 from .flows import ARENA as _ARENA
 from .flows import BLOCKING as _BLOCKING
 from .flows import CHUNKS as _CHUNKS
-from .flows import OFFLOAD_BYTES as _OFFLOAD_BYTES
 from .flows import RENEW as _RENEW
 from .flows import SEND as _SEND
 from .flows import is_torch_tensor as _is_torch_tensor
+from .flows import prepared
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
     ALIGN,
@@ -874,10 +874,7 @@ class _BaseClient:
             generation = arena.generation if arena is not None else 0
             call = None
             try:
-                if arena is not None or nbytes >= _OFFLOAD_BYTES:
-                    call = yield _BLOCKING, (self._prepare, (input, target, options, arena))
-                else:
-                    call = self._prepare(input, target, options, arena)
+                call = yield from prepared(self._prepare, (input, target, options, arena), arena=arena, nbytes=nbytes)
                 if call.pipe is not None:
                     msg, timing = yield _CHUNKS, (call.pipe,)
                     return call.finish(msg, timing)

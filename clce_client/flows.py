@@ -15,6 +15,15 @@ RENEW = "renew"        # (arena, generation, cause): move the arena to a new ser
 OFFLOAD_BYTES = 1 << 20   # the async client prepares calls at least this big in a thread
 
 
+def prepared(build: Any, args: tuple, *, arena: Any, nbytes: int) -> Any:
+    """`build(*args)` as a flow step: yielded as BLOCKING (a thread, for AsyncClient) when it copies
+    into shared memory or registers a region (an arena) or handles at least OFFLOAD_BYTES, else
+    called here. Use as ``x = yield from prepared(...)``."""
+    if arena is not None or nbytes >= OFFLOAD_BYTES:
+        return (yield BLOCKING, (build, args))
+    return build(*args)
+
+
 def is_torch_tensor(x: Any) -> bool:
     torch = sys.modules.get("torch")  # a tensor exists only if torch was imported already
     return torch is not None and isinstance(x, torch.Tensor)

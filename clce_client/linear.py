@@ -54,15 +54,17 @@ from typing import Any
 
 import numpy as np
 
-from clce_wire.protocol import PROTOCOL_VERSION, ProtocolError, decode_tensor, encode_message, message_nbytes
+from clce_wire.protocol import (PROTOCOL_VERSION, ProtocolError, decode_tensor, dtype_name, encode_message,
+                                message_nbytes)
+from clce_wire.shm import is_ref_map
 
 from . import errors
 from .flows import ARENA as _ARENA
 from .flows import BLOCKING as _BLOCKING
-from .flows import OFFLOAD_BYTES as _OFFLOAD_BYTES
 from .flows import RENEW as _RENEW
 from .flows import SEND as _SEND
 from .flows import is_torch_tensor as _is_torch_tensor
+from .flows import prepared
 
 LINEAR_PATH = "/v1/linear_cross_entropy"
 OPTION_NAMES = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift")
@@ -93,10 +95,6 @@ def _widened(a: np.ndarray) -> np.ndarray:
     return np.array(a, np.float64 if a.dtype == np.float64 else np.float32)
 
 
-def _is_region_ref(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"dtype", "shape", "region", "offset"}
-
-
 class _Request:
     """One request of a flow, as `_SEND` sends it; `placement`: the shared memory it uses."""
 
@@ -115,7 +113,7 @@ def _place(arena: Any, parts: list[tuple[str, Any, int]]) -> Any:
 def _received(msg: dict[str, Any], key: str, placement: Any) -> Any:
     """A result field: a WireTensor (inline, or over the arena's memory the answer names)."""
     value = msg.get(key)
-    if placement is not None and _is_region_ref(value):
+    if placement is not None and is_ref_map(value):
         return placement.tensor(value, key)
     return value
 
@@ -404,7 +402,7 @@ class LinearCall:
             parts.append(("bias", self._bias_np, self._bias_np.nbytes))
         placement = _place(arena, parts) if arena is not None else None
         for key, arr, _ in parts:
-            msg[key] = placement.ref(key, _wire_name(arr), arr.shape) if placement is not None else arr
+            msg[key] = placement.ref(key, dtype_name(arr.dtype), arr.shape) if placement is not None else arr
         return _Request("PUT", f"/v1/weights/{self.weight_name}", msg, placement)
 
     def _request(self, arena: Any) -> _Request:
@@ -426,7 +424,7 @@ class LinearCall:
                     parts.append(("grad_weight", None, self.grad_weight_bytes))
             placement = _place(arena, parts)
             for k, a in tensors.items():
-                tensors[k] = placement.ref(k, _wire_name(a), a.shape)
+                tensors[k] = placement.ref(k, dtype_name(a.dtype), a.shape)
             if self.want_grad:
                 msg["grad_region"], msg["grad_offset"] = placement.refs["grad"]
                 if not self.accumulate:
@@ -452,10 +450,11 @@ class LinearCall:
                     self.version = self.weights.version_of(self.weight_name, self.weight, self.bias)
                     self.weights.check_unchanged(self.weight_name, self.version)
                     if not self.weights.is_stored(self.weight_name, self.version):
-                        request = yield from self._prepared(self._upload, arena, self._weight_np.nbytes)
+                        request = yield from prepared(self._upload, (arena,), arena=arena,
+                                                      nbytes=self._weight_np.nbytes)
                         yield _SEND, (request,)
                         self.weights.stored(self.weight_name, self.version, request.placement)
-                request = yield from self._prepared(self._request, arena, self.nbytes)
+                request = yield from prepared(self._request, (arena,), arena=arena, nbytes=self.nbytes)
                 resp = yield _SEND, (request,)
                 msg = client._decode(resp)
                 self.placement = request.placement
@@ -463,26 +462,15 @@ class LinearCall:
                 if self.result["loss"] is None:
                     raise ProtocolError("the response has no loss")
                 return self.result
-            except errors.NotFound as exc:
-                if self.weight_name is not None and "upload it again" in str(exc) and reuploads < _REUPLOADS:
+            except errors.ClceError as exc:
+                if (isinstance(exc, errors.NotFound) and self.weight_name is not None
+                        and "upload it again" in str(exc) and reuploads < _REUPLOADS):
                     reuploads += 1
                     self.weights.forget(self.weight_name)
                     continue
                 if not client._renewal_due(exc, request, arena, deadline):
                     raise
                 yield _RENEW, (arena, generation, exc)
-            except errors.ClceError as exc:
-                if not client._renewal_due(exc, request, arena, deadline):
-                    raise
-                yield _RENEW, (arena, generation, exc)
-
-    @staticmethod
-    def _prepared(build: Any, arena: Any, nbytes: int) -> Any:
-        """build(arena): in a thread (AsyncClient) when it copies much into shared memory or
-        registers a region."""
-        if arena is not None or nbytes >= _OFFLOAD_BYTES:
-            return (yield _BLOCKING, (build, (arena,)))
-        return build(arena)
 
     # ---- results ----
     def finish(self, result: dict[str, Any]) -> Any:
@@ -526,12 +514,6 @@ class LinearCall:
         loss, z = self.loss_tensors()
         gh, gw, gb = self.gradients(1.0) if self.want_grad else (None, None, None)
         return loss, z, gh, gw, gb
-
-
-def _wire_name(arr: np.ndarray) -> str:
-    from clce_wire.protocol import dtype_name
-
-    return dtype_name(arr.dtype)
 
 
 def linear_cross_entropy(hidden, weight, target, bias=None, *, client, **options):
