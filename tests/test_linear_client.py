@@ -14,27 +14,12 @@ import torch.nn.functional as F
 
 import clce_client
 from clce_client.linear import share_weight, weights_of
+from linear_reference import local, model
 from serverproc import ServerProcess, server_fixture
 
 server = server_fixture()
 
 TRANSPORTS = {"tcp": dict(transport="tcp"), "shm": dict(transport="shm", shm_min_bytes=0)}
-
-
-def _model(seed, N=150, H=40, V=310, bias=True, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
-    W = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).requires_grad_()
-    b = (torch.randn(V, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
-    y = torch.randint(0, V, (N,), generator=g)
-    return h, W, b, y
-
-
-def _local(h, W, y, b=None, **opts):
-    h2, W2 = h.detach().float().requires_grad_(), W.detach().float().requires_grad_()
-    b2 = None if b is None else b.detach().float().requires_grad_()
-    loss = F.cross_entropy(F.linear(h2, W2, b2), y, **opts)
-    return loss, h2, W2, b2
 
 
 def _close(a, b, dtype=torch.float32):
@@ -46,14 +31,14 @@ def _close(a, b, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("opts", [dict(), dict(reduction="sum", label_smoothing=0.1, ignore_index=4)], ids=str)
 def test_autograd_matches_torch(server, transport, dtype, opts):
-    h, W, b, y = _model(1, dtype=dtype)
+    h, W, b, y = model(1, dtype=dtype)
     y[::5] = 4
     with clce_client.Client(server.url, **TRANSPORTS[transport]) as client:
         loss = client.linear_cross_entropy(h, W, y, b, **opts)
         (loss * 0.5).backward()
         if transport == "shm":
             assert client._arena is not None         # the call went through shared memory
-    ref, h2, W2, b2 = _local(h, W, y, b, **opts)
+    ref, h2, W2, b2 = local(h, W, y, b, **opts)
     (ref * 0.5).backward()
     assert loss.dtype == h.grad.dtype == W.grad.dtype == b.grad.dtype == dtype
     _close(loss, ref, dtype)
@@ -64,7 +49,7 @@ def test_autograd_matches_torch(server, transport, dtype, opts):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_async_client_matches_the_sync_one(server, transport):
-    h, W, b, y = _model(2)
+    h, W, b, y = model(2)
 
     async def run():
         async with clce_client.AsyncClient(server.url, **TRANSPORTS[transport]) as client:
@@ -85,7 +70,7 @@ def test_async_client_matches_the_sync_one(server, transport):
     torch.testing.assert_close(z, 1e-3 * (lse ** 2).mean().detach())
     torch.testing.assert_close(h.grad, h2.grad)
     torch.testing.assert_close(W.grad, W2.grad)
-    plain, h3, W3, b3 = _local(h, W, y, b)
+    plain, h3, W3, b3 = local(h, W, y, b)
     plain.backward()
     np.testing.assert_allclose(arrays["loss"], plain.item(), rtol=1e-5)
     np.testing.assert_allclose(arrays["grad_weight"], W3.grad.numpy(), rtol=1e-4, atol=1e-6)
@@ -121,12 +106,12 @@ def test_weight_is_stored_once_per_version_by_default(server, transport):
 
 
 def test_stateless_sends_the_weight_every_call(server):
-    h, W, b, y = _model(4)
+    h, W, b, y = model(4)
     with clce_client.Client(server.url) as client:
         for _ in range(2):
             loss = client.linear_cross_entropy(h.detach(), W.detach(), y, b.detach(), stateless=True)
         assert weights_of(client).uploads == 0
-    torch.testing.assert_close(loss, _local(h, W, y, b)[0].detach())
+    torch.testing.assert_close(loss, local(h, W, y, b)[0].detach())
 
 
 def test_shared_weight_is_read_where_it_lies(server):
@@ -211,7 +196,7 @@ def test_restart_mid_loop_over_shared_memory():
 
 def test_compiled_readme_call_goes_through_the_operator(server):
     """torch.compile(fullgraph=True) over the README's call: one opaque operator, same numbers."""
-    h, W, b, y = _model(8)
+    h, W, b, y = model(8)
     with clce_client.Client(server.url) as client:
         @torch.compile(backend="aot_eager", fullgraph=True)
         def step(h, W, b, y):
@@ -219,7 +204,7 @@ def test_compiled_readme_call_goes_through_the_operator(server):
 
         loss = step(h, W, b, y)
         loss.backward()
-    ref, h2, W2, b2 = _local(h, W, y, b, label_smoothing=0.05)
+    ref, h2, W2, b2 = local(h, W, y, b, label_smoothing=0.05)
     (ref * 2.0).backward()
     torch.testing.assert_close(loss, ref * 2.0)
     torch.testing.assert_close(h.grad, h2.grad)

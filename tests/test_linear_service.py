@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import clce_client
 from clce_client import errors
 from clce_client.linear import weights_of
+from linear_reference import local, model
 from serverproc import server_fixture
 
 server = server_fixture()
@@ -22,30 +23,14 @@ def client(server):
         yield c
 
 
-def _model(seed, N=150, H=40, V=310, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, H, generator=g, requires_grad=True)
-    W = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
-    b = (torch.randn(V, generator=g) * 0.1).requires_grad_() if bias else None
-    y = torch.randint(0, V, (N,), generator=g)
-    return h, W, b, y
-
-
-def _local(h, W, y, b=None, **opts):
-    h2, W2 = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
-    b2 = None if b is None else b.detach().clone().requires_grad_()
-    loss = F.cross_entropy(F.linear(h2, W2, b2), y, **opts)
-    return loss, h2, W2, b2
-
-
 @pytest.mark.parametrize("opts", [dict(), dict(reduction="sum", label_smoothing=0.1), dict(ignore_index=5)], ids=str)
 def test_autograd_stateless_matches_torch(client, opts):
-    h, W, b, y = _model(1)
+    h, W, b, y = model(1)
     if "ignore_index" in opts:
         y[::3] = 5
     loss = client.linear_cross_entropy(h, W, y, b, **opts)
     (loss * 0.5).backward()
-    ref, h2, W2, b2 = _local(h, W, y, b, **opts)
+    ref, h2, W2, b2 = local(h, W, y, b, **opts)
     (ref * 0.5).backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(h.grad, h2.grad)
@@ -103,7 +88,7 @@ def test_evicted_weight_is_uploaded_again(client, server):
     import httpx
 
     torch.manual_seed(4)
-    h, W, b, y = _model(4, bias=False)
+    h, W, b, y = model(4, bias=False)
     first = client.linear_cross_entropy(h.detach(), W.detach(), y, weight_name="gone")
     assert httpx.delete(server.url + "/v1/weights/gone").status_code == 204   # as an eviction would
     again = client.linear_cross_entropy(h.detach(), W.detach(), y, weight_name="gone")
@@ -117,7 +102,7 @@ def test_unknown_version_answers_not_found(client):
 
 
 def test_bad_arguments_are_torch_errors(client):
-    h, W, b, y = _model(5)
+    h, W, b, y = model(5)
     y = y.clone()
     y[7] = 310
     with pytest.raises(IndexError, match="Target 310 is out of bounds"):
@@ -127,9 +112,9 @@ def test_bad_arguments_are_torch_errors(client):
 
 
 def test_numpy_inputs_give_loss_and_gradients(client):
-    h, W, b, y = _model(6)
+    h, W, b, y = model(6)
     out = client.linear_cross_entropy(h.detach().numpy(), W.detach().numpy(), y.numpy(), b.detach().numpy())
-    ref, h2, W2, b2 = _local(h, W, y, b)
+    ref, h2, W2, b2 = local(h, W, y, b)
     ref.backward()
     np.testing.assert_allclose(out["loss"], ref.item(), rtol=1e-5)
     np.testing.assert_allclose(out["grad_hidden"], h2.grad.numpy(), rtol=1e-4, atol=1e-6)
@@ -140,7 +125,7 @@ def test_numpy_inputs_give_loss_and_gradients(client):
 def test_custom_op_under_torch_compile(client):
     from clce_client.linear_ops import linear_cross_entropy
 
-    h, W, b, y = _model(8)
+    h, W, b, y = model(8)
 
     @torch.compile(backend="eager", fullgraph=True)
     def step(h, W, b, y):
@@ -148,7 +133,7 @@ def test_custom_op_under_torch_compile(client):
 
     loss = step(h, W, b, y)
     loss.backward()
-    ref, h2, W2, b2 = _local(h, W, y, b, label_smoothing=0.05)
+    ref, h2, W2, b2 = local(h, W, y, b, label_smoothing=0.05)
     (ref * 2.0).backward()
     torch.testing.assert_close(loss, ref * 2.0)
     torch.testing.assert_close(h.grad, h2.grad)
@@ -188,14 +173,14 @@ def test_bad_requests_get_clear_answers_not_500(server, msg, status, match):
 
 
 def test_bf16_autograd_within_bf16_tolerance(client):
-    h, W, b, y = _model(9)
+    h, W, b, y = model(9)
     hb = h.detach().bfloat16().requires_grad_()
     Wb = W.detach().bfloat16().requires_grad_()
     bb = b.detach().bfloat16().requires_grad_()
     loss = client.linear_cross_entropy(hb, Wb, y, bb)
     loss.backward()
     assert loss.dtype == hb.grad.dtype == Wb.grad.dtype == bb.grad.dtype == torch.bfloat16
-    ref, h2, W2, b2 = _local(hb.detach().float(), Wb.detach().float(), y, bb.detach().float())
+    ref, h2, W2, b2 = local(hb.detach().float(), Wb.detach().float(), y, bb.detach().float())
     ref.backward()
     tol = dict(atol=1e-2, rtol=1.6e-2)
     torch.testing.assert_close(loss.float(), ref, **tol)
