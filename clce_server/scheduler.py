@@ -30,6 +30,7 @@ import time
 from collections import deque
 from typing import Any, Callable, ClassVar, Generator, Hashable, Iterable, Sequence
 
+from .config import over_limit
 from .metrics import Metrics
 from .tenants import Tenant, TenantRegistry
 
@@ -673,14 +674,15 @@ class Scheduler:
         excess = state.inflight_bytes + nbytes - tenant.max_inflight_bytes
         if excess > 0:
             raise QueueFull(
-                f"tenant has {state.inflight_bytes} bytes in flight; {nbytes} more exceed "
-                f"max_inflight_bytes={tenant.max_inflight_bytes}",
+                over_limit(f"tenant {tenant.name!r} has {state.inflight_bytes} bytes in flight, and {nbytes} more "
+                           "would take it", "tenant_max_inflight_bytes", tenant.max_inflight_bytes),
                 self._retry_after(state.active.values(), excess),
             )
         excess = self._inflight_bytes + nbytes - self.max_inflight_bytes
         if excess > 0:
             raise QueueFull(
-                "server is at its in-flight byte limit",
+                over_limit(f"the server has {self._inflight_bytes} bytes in flight (all tenants), and {nbytes} "
+                           "more would take it", "max_inflight_bytes", self.max_inflight_bytes),
                 self._retry_after(self._jobs.values(), excess),
             )
 
@@ -694,23 +696,24 @@ class Scheduler:
         # will produce (a gradient), which only the in-flight budgets bound.
         size = nbytes if request_bytes is None else request_bytes
         if size > tenant.max_request_bytes:
-            raise PayloadTooLarge(
-                f"request of {size} bytes exceeds the limit of {tenant.max_request_bytes} bytes"
-            )
+            raise PayloadTooLarge(over_limit(f"request of {size} bytes", "max_request_bytes",
+                                             tenant.max_request_bytes))
         # A request that can never fit the byte budgets is 413, not an endless stream of 429s.
-        limit = min(tenant.max_inflight_bytes, self.max_inflight_bytes)
-        if nbytes > limit:
-            raise PayloadTooLarge(
-                f"request of {nbytes} bytes exceeds the in-flight limit of {limit} bytes"
-            )
+        if nbytes > min(tenant.max_inflight_bytes, self.max_inflight_bytes):
+            which, limit = (("tenant_max_inflight_bytes", tenant.max_inflight_bytes)
+                            if tenant.max_inflight_bytes <= self.max_inflight_bytes
+                            else ("max_inflight_bytes", self.max_inflight_bytes))
+            raise PayloadTooLarge(over_limit(
+                f"request needing {nbytes} bytes of server memory in flight (its body and what the server "
+                "allocates to answer it, such as a gradient it sends back)", which, limit))
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("server is shutting down")
             state = self._tenant_state(tenant.name)
             if len(state.active) >= tenant.max_queued:
                 raise QueueFull(
-                    f"tenant has {len(state.active)} requests queued or running "
-                    f"(max_queued={tenant.max_queued})",
+                    over_limit(f"tenant {tenant.name!r} has {len(state.active)} requests queued or running",
+                               "max_queued", tenant.max_queued),
                     self._retry_after(state.active.values(), 0),
                 )
             held = 0
