@@ -49,7 +49,7 @@ import httpx
 import numpy as np
 
 from . import errors, pipeline
-from .buffers import BufferPool
+from .buffers import BufferPool, size_class
 from .flows import ARENA as _ARENA
 from .flows import BLOCKING as _BLOCKING
 from .flows import CHUNKS as _CHUNKS
@@ -181,7 +181,7 @@ class _Call:
 
     method, path = "POST", CROSS_ENTROPY_PATH   # where `_SEND` sends it
 
-    def __init__(self, input: Any, target: Any, options: dict[str, Any], arena: Any = None):
+    def __init__(self, input: Any, target: Any, options: dict[str, Any], arena: Any = None, split: bool = False):
         inplace = bool(options.pop("inplace_grad", False))
         self.placement = None
         self.torch = _is_torch_tensor(input)
@@ -209,7 +209,12 @@ class _Call:
             values["grad_dtype"] = _wire_dtype(values["grad_dtype"])
         if inplace and not values["return_grad"]:
             raise ValueError("inplace_grad=True needs the gradient (return_grad, or autograd)")
-        if arena is not None:
+        #: the arena when the batch goes as row chunks over shared memory, each placed on its own
+        #: (`split`, or more than the tenant's shared-memory budget: _BaseClient._prepare)
+        self.shm_split = None
+        if arena is not None and not inplace and (split or _over_budget(arena, values)):
+            self.shm_split = arena
+        elif arena is not None:
             self._place(arena, values, inplace)
         elif inplace:
             raise ValueError("inplace_grad=True needs the shared-memory transport")
@@ -221,25 +226,7 @@ class _Call:
         self.nbytes = 0
 
     def _place(self, arena: Any, values: dict[str, Any], inplace: bool) -> None:
-        """Shared memory: the tensors become references into the arena's regions (copied there
-        unless they already live in one), and the gradient gets a place (the input's own bytes
-        when `inplace`)."""
-        from .shm import Placement
-
-        wire = {k: values[k] for k in ("input", "target", "weight") if values.get(k) is not None}
-        parts = [(k, np.frombuffer(wt.data, np.uint8) if memoryview(wt.data).nbytes else None,
-                  memoryview(wt.data).nbytes) for k, wt in wire.items()]
-        x = wire["input"]
-        gdt = values.get("grad_dtype") or x.dtype
-        if inplace and gdt != x.dtype:
-            raise ValueError(f"inplace_grad=True needs grad_dtype equal to the input's ({x.dtype}), got {gdt}")
-        if values["return_grad"] and not inplace:
-            parts.append(("grad", None, int(np.prod(x.shape, dtype=np.int64)) * DTYPES[gdt]))
-        self.placement = pl = Placement(arena, parts)
-        for k, wt in wire.items():
-            values[k] = pl.ref(k, wt.dtype, wt.shape)
-        if values["return_grad"]:
-            values["grad_region"], values["grad_offset"] = pl.refs["input" if inplace else "grad"]
+        self.placement = _place_values(arena, values, inplace)
 
     def finish(self, msg: dict[str, Any], server_timing: dict[str, float]) -> Any:
         if "loss" not in msg:
@@ -276,6 +263,67 @@ class _Call:
             z_loss=get("z_loss"),
             server_timing=server_timing,
         )
+
+
+def _shm_need(values: dict[str, Any]) -> int:
+    """Bytes of shared memory a call places: its tensors and the gradient's room."""
+    x = values["input"]
+    need = sum(memoryview(values[k].data).nbytes for k in ("input", "target", "weight") if values.get(k) is not None)
+    if values["return_grad"]:
+        need += int(np.prod(x.shape, dtype=np.int64)) * DTYPES[values.get("grad_dtype") or x.dtype]
+    return need
+
+
+def _over_budget(arena: Any, values: dict[str, Any]) -> bool:
+    """Whether placing the call whole would need more shared memory than the tenant's budget (an
+    input already in the arena is not copied: it goes whole, and the gradient over it or beside)."""
+    budget = arena.max_bytes
+    x = values["input"]
+    xb = memoryview(x.data).nbytes
+    if not budget or (xb and arena.locate(np.frombuffer(x.data, np.uint8).ctypes.data, xb) is not None):
+        return False
+    return size_class(_shm_need(values)) > budget
+
+
+def _place_values(arena: Any, values: dict[str, Any], inplace: bool) -> Any:
+    """Shared memory: `values`' tensors become references into the arena's regions (copied there
+    unless they already live in one), and the gradient gets a place (the input's own bytes when
+    `inplace`). Returns the Placement, which maps the answer's references back to this memory."""
+    from .shm import Placement
+
+    wire = {k: values[k] for k in ("input", "target", "weight") if values.get(k) is not None}
+    parts = [(k, np.frombuffer(wt.data, np.uint8) if memoryview(wt.data).nbytes else None,
+              memoryview(wt.data).nbytes) for k, wt in wire.items()]
+    x = wire["input"]
+    gdt = values.get("grad_dtype") or x.dtype
+    if inplace and gdt != x.dtype:
+        raise ValueError(f"inplace_grad=True needs grad_dtype equal to the input's ({x.dtype}), got {gdt}")
+    if values["return_grad"] and not inplace:
+        parts.append(("grad", None, int(np.prod(x.shape, dtype=np.int64)) * DTYPES[gdt]))
+    pl = Placement(arena, parts)
+    for k, wt in wire.items():
+        values[k] = pl.ref(k, wt.dtype, wt.shape)
+    if values["return_grad"]:
+        values["grad_region"], values["grad_offset"] = pl.refs["input" if inplace else "grad"]
+    return pl
+
+
+class _ShmChunk:
+    """One row chunk of a batch split over shared memory (`_BaseClient._shm_split`): its tensors
+    placed in the arena, its request, and where its answer goes (the Pipeline's buffers)."""
+
+    method, path = "POST", CROSS_ENTROPY_PATH   # where `_SEND` sends it
+
+    def __init__(self, arena: Any, pipe: pipeline.Pipeline, i: int, values: dict[str, Any]):
+        self.pipe, self.i = pipe, i
+        self.placement = _place_values(arena, values, inplace=False)
+        self.segments = encode_message(request_message(values))
+        self.nbytes = message_nbytes(self.segments)
+
+    def add(self, msg: dict[str, Any]) -> None:
+        if isinstance(msg.get("grad"), dict):        # written into this chunk's region
+            msg["grad"] = self.placement.tensor(msg["grad"], "grad")
+        self.pipe.add(self.i, msg)     # copies the gradient into its rows of the whole batch's
 
 
 def _parse_urls(url: Union[str, Sequence[str], None]) -> list[str]:
@@ -847,11 +895,15 @@ class _BaseClient:
             arena.close()
 
     # ---- a call, as a flow of I/O-free steps ----
-    def _prepare(self, input: Any, target: Any, options: dict[str, Any], arena: Any) -> _Call:
+    def _prepare(self, input: Any, target: Any, options: dict[str, Any], arena: Any, split: bool = False) -> _Call:
         """The call's request: in shared memory (copied into a region unless already there) or
-        encoded for TCP, as one request or as row chunks (`call.pipe`)."""
-        call = _Call(input, target, dict(options), arena)
-        if arena is None and self.pipeline_bytes:
+        encoded for TCP, as one request or as row chunks (`call.pipe`). Over shared memory a batch
+        that would not fit the tenant's budget (or `split`: one that did not) goes as row chunks,
+        each placed on its own (`call.shm_split`)."""
+        call = _Call(input, target, dict(options), arena, split=split)
+        if call.shm_split is not None:
+            call.pipe = self._shm_chunks(call, arena)
+        elif arena is None and self.pipeline_bytes:
             call.pipe = pipeline.Pipeline.plan(
                 call.values, min_bytes=max(pipeline.MIN_BYTES, 2 * self.pipeline_bytes),
                 chunk_bytes=self.pipeline_bytes, alloc=self._buffers.empty_bytes)
@@ -860,6 +912,41 @@ class _BaseClient:
             call.nbytes = message_nbytes(call.segments)
         return call
 
+    #: a batch split over shared memory goes in chunks of about this share of the tenant's budget
+    #: (input and gradient): room for the caller's other regions and for the arena's cache
+    SHM_CHUNK_SHARE = 8
+
+    def _shm_chunks(self, call: _Call, arena: Any) -> pipeline.Pipeline:
+        """The row chunks of a batch split over shared memory (bit-identical to one request, as
+        pipelined TCP's; pipeline.Pipeline). Only a sample that alone exceeds the budget is refused."""
+        budget = arena.max_bytes or self.pipeline_bytes or pipeline.CHUNK_BYTES
+        rows, _ = pipeline.as_rows(call.values)
+        x = rows["input"]
+        per_sample = _shm_need(rows) / max(x.shape[0], 1)
+        if size_class(int(per_sample) + 1) > budget:
+            raise errors.PayloadTooLarge(
+                f"one sample of this batch needs {int(per_sample)} bytes of shared memory (input and "
+                f"gradient): over the tenant's shm_max_bytes={budget}. Raise it with --shm-max-bytes "
+                "(CLCE_SHM_MAX_BYTES), or send over TCP (transport='tcp')", status=413, code="payload_too_large")
+        input_share = memoryview(x.data).nbytes / max(_shm_need(rows), 1)
+        samples = pipeline.Pipeline.chunk_samples(x, int(budget // self.SHM_CHUNK_SHARE * input_share))
+        return pipeline.Pipeline(call.values, samples, alloc=self._buffers.empty_bytes)
+
+    def _shm_chunks_flow(self, call: _Call, arena: Any) -> Any:
+        """Send a split batch's chunks over shared memory, one after another (the server computes
+        each where it lies; nothing is uploaded to overlap), each placed in the arena as its turn
+        comes (so they reuse one region). Returns (message, timing) of the whole batch."""
+        pipe = call.pipe
+        timing: dict[str, float] = {}
+        for i, values in pipe.chunk_values():
+            chunk = yield from prepared(_ShmChunk, (arena, pipe, i, values), arena=arena, nbytes=0)
+            resp = yield _SEND, (chunk,)
+            chunk.add(self._decode(resp))
+            for k, v in parse_server_timing(resp.headers.get("server-timing")).items():
+                timing[k] = timing.get(k, 0.0) + v
+            chunk = resp = None       # its region goes back to the arena for the next chunk
+        return pipe.result(), timing
+
     def _cross_entropy_flow(self, input: Any, target: Any, options: dict[str, Any]) -> Any:
         """One cross_entropy call. A generator: it yields the I/O it needs as (kind, args) and is
         sent the result (or thrown the error); it returns the call's result. A call that meets a
@@ -867,6 +954,7 @@ class _BaseClient:
         the retry budget."""
         nbytes = _nbytes(input)
         deadline = time.monotonic() + self.retry_budget_s
+        split = False
         while True:
             arena = yield _ARENA, (nbytes,)
             if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
@@ -874,7 +962,19 @@ class _BaseClient:
             generation = arena.generation if arena is not None else 0
             call = None
             try:
-                call = yield from prepared(self._prepare, (input, target, options, arena), arena=arena, nbytes=nbytes)
+                try:
+                    call = yield from prepared(self._prepare, (input, target, options, arena, split),
+                                               arena=arena, nbytes=nbytes)
+                except errors.PayloadTooLarge:
+                    # the tenant's shared memory is taken (by regions the caller still holds, or
+                    # other clients of the tenant): the batch goes as row chunks that fit
+                    if arena is None or split or options.get("inplace_grad"):
+                        raise
+                    split = True
+                    continue
+                if call.shm_split is not None:
+                    msg, timing = yield from self._shm_chunks_flow(call, arena)
+                    return call.finish(msg, timing)
                 if call.pipe is not None:
                     msg, timing = yield _CHUNKS, (call.pipe,)
                     return call.finish(msg, timing)
@@ -909,7 +1009,8 @@ class _BaseClient:
             return False
         if isinstance(exc, shm.ArenaLost):
             return True
-        return isinstance(exc, errors.NotFound) and call is not None and call.placement is not None
+        return isinstance(exc, errors.NotFound) and call is not None and (call.placement is not None
+                                                                          or call.shm_split is not None)
 
     @staticmethod
     def _options(weight: Any, ignore_index: int, reduction: str, label_smoothing: float,

@@ -185,6 +185,12 @@ class Arena:
             raise
         return region
 
+    @property
+    def max_bytes(self) -> int | None:
+        """The tenant's shared-memory budget (the server's shm_max_bytes, from the session's hello):
+        a call that would need more is split into row chunks that fit (client.py)."""
+        return self._session.max_bytes
+
     def lost(self) -> bool:
         """True when the server holding the registrations has gone (its socket closed)."""
         return self._session.closed()

@@ -34,6 +34,8 @@ device): the chunk's host arrays are the kernels' buffers.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Generator
 
@@ -175,6 +177,10 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return np.require(a, requirements=("C", "A"))
 
 
+_per_engine_lock = threading.Lock()
+_per_engine: "weakref.WeakKeyDictionary[LossEngine, LinearCrossEntropy]" = weakref.WeakKeyDictionary()
+
+
 class LinearCrossEntropy:
     """The fused linear cross-entropy on one device (its LossEngine and its Gemm). chunk_rows'
     default, 1024, is what gemm.py's "dh" tuning was sized for (one work-item spans a chunk's
@@ -187,6 +193,31 @@ class LinearCrossEntropy:
         if chunk_rows % REDUCE_BLOCK_ROWS:
             raise ValueError(f"chunk_rows must be a multiple of {REDUCE_BLOCK_ROWS} (the row sums' blocks)")
         self.chunk_rows = chunk_rows
+
+    def warm_up(self) -> None:
+        """One small call per input dtype, with and without a bias, so that every GEMM program and
+        kernel a request runs is built (and compiled by PoCL, which compiles at first launch)
+        before the server says it is ready. A device this operation does not run on is skipped:
+        its requests are refused with the reason (`steps`)."""
+        if not self.device.host_unified:
+            return
+        rng = np.random.default_rng(0)
+        for dt in LINEAR_DTYPES:
+            h, w, b = (rng.standard_normal(s).astype(np.float32).astype(_np_dtype(dt))
+                       for s in ((70, 24), (37, 24), (37,)))
+            t = rng.integers(0, 37, 70)
+            for bias in (None, b):
+                self(check(h, w, t, bias, label_smoothing=0.1))
+
+    @classmethod
+    def for_engine(cls, engine: LossEngine) -> "LinearCrossEntropy":
+        """The one LinearCrossEntropy of `engine`'s device (its GEMM programs built once, warmed by
+        the server's start-up)."""
+        with _per_engine_lock:
+            lce = _per_engine.get(engine)
+            if lce is None:
+                lce = _per_engine[engine] = cls(engine)
+            return lce
 
     def chunk_for(self, rows: int) -> int:
         """Rows per chunk for a problem of `rows` rows (whole blocks of the row sums)."""

@@ -93,13 +93,15 @@ class ServerState:
                 os.environ["POCL_MAX_PTHREAD_COUNT"] = str(self.settings.device_threads)
             from .device import open_devices
             from .engine import LossEngine
+            from .linear import LinearCrossEntropy
 
             devices = open_devices(self.settings.device_selectors)
             for dev in devices:
                 dev.build_startup_programs()
                 engine = LossEngine(dev)
-                if self.settings.warmup:
+                if self.settings.warmup:   # PoCL compiles each kernel at its first launch
                     engine.warm_up()
+                    LinearCrossEntropy.for_engine(engine).warm_up()
                 self.engines[dev.index] = engine
             self.devices = devices
             self.scheduler = Scheduler(devices, self.registry, max_inflight_bytes=self.settings.max_inflight_bytes,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -72,7 +71,6 @@ WATCH_DISCONNECT_BYTES = 1 << 16  # stateless requests at least this big are can
 CHUNK_ROWS = 1024                 # LinearCrossEntropy's rows per chunk: one (chunk, V) fp32 buffer
 
 _store_lock = threading.Lock()
-_linear: "weakref.WeakKeyDictionary[Any, LinearCrossEntropy]" = weakref.WeakKeyDictionary()
 
 
 def weight_store(state: ServerState) -> WeightStore:
@@ -85,11 +83,7 @@ def weight_store(state: ServerState) -> WeightStore:
 
 
 def _for_engine(engine) -> LinearCrossEntropy:
-    with _store_lock:
-        lce = _linear.get(engine)
-        if lce is None:
-            lce = _linear[engine] = LinearCrossEntropy(engine, chunk_rows=CHUNK_ROWS)
-        return lce
+    return LinearCrossEntropy.for_engine(engine)   # built and warmed at start-up (state.open_devices)
 
 
 class _Scratch:
