@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     device_threads: int | None = Field(None, ge=1, description="Threads a CPU OpenCL device (PoCL) runs "
                                        "kernels on (default: all cores). Fewer leave cores to the event "
                                        "loop: small tenants wait less under a flood, big batches compute slower.")
+    max_stored_weights: int = Field(256, ge=1, description="Weights one tenant may store for the fused linear "
+                                    "cross-entropy (429 above; DELETE /v1/weights/NAME frees one).")
+    weight_idle_s: float = Field(600.0, gt=0, description="A stored weight version no request has used for "
+                                 "this long is dropped, with its unflushed accumulated gradient (a returning "
+                                 "client is told it expired, and its client library replays or raises).")
     host_pool_bytes: int = Field(1024 * MiB, ge=0, description="Bytes of large host buffers (bodies, "
                                  "gradients) kept for reuse; peak memory is about max_inflight_bytes + this.")
     # --- hostile and vanishing clients (clce_server/limits.py) ---
