@@ -205,7 +205,10 @@ async def read_message(req: LinearRequest, fields: frozenset, *, pooled: bool = 
     so until the lease closes. `pooled`: the body in the lease's pooled buffer; else in one of its
     own (a stored weight keeps viewing it)."""
     record = req.record
-    req.lease.hold(req.state.scheduler.reserve(req.tenant, announced_length(req.request, req.body_limit)))
+    # the tenant's least recently used stored weights make room for the body when its budget is full
+    nbytes = announced_length(req.request, req.body_limit)
+    req.lease.hold(weight_store(req.state).making_room(req.tenant, lambda: req.state.scheduler.reserve(req.tenant,
+                                                                                                       nbytes)))
     t0 = time.perf_counter()
     body = await receive_body(req.request, req.body_limit, req.lease.buffer if pooled else None)
     record.stage("body", time.perf_counter() - t0)
