@@ -252,8 +252,10 @@ class LinearWeights:
             for name in pending:
                 self._generation[name] = self._generation.get(name, 0) + 1
         for name, p in pending.items():
+            if p.scale is None:   # no backward ran for its micro-batches: nobody asked for the gradient
+                continue
             grads = yield from self._gradient_flow(name, p, unchanged[name])
-            scale = 1.0 if p.scale is None else p.scale
+            scale = p.scale
             for param, g in zip((p.weight, p.bias), grads):
                 if param is None or g is None:
                     continue
