@@ -68,7 +68,7 @@ IDLE_S = 600.0
 #: how many expired versions are remembered, to say "expired" rather than "not stored"
 _EXPIRED_KEPT = 4096
 #: the OS errors an allocation refused for want of memory comes as
-_NO_MEMORY = (MemoryError,)
+NO_MEMORY = (MemoryError,)
 
 
 @dataclass(eq=False)
@@ -262,7 +262,7 @@ class WeightStore:
         try:
             gw = np.zeros(entry.shape, np.float32)
             gb = np.zeros(entry.shape[0], np.float64) if entry.bias is not None else None
-        except _NO_MEMORY as exc:
+        except NO_MEMORY as exc:
             charge.release()
             raise no_memory(need, exc) from None
         with self._lock:

@@ -108,7 +108,8 @@ def test_shape_lies_are_413_before_anything_is_allocated(vocab):
                 _ok(_send(srv.url, "PUT", f"/v1/weights/lie-{how}", {"v": 1, "weight_version": "1", "weight": part}))
                 msg = {"v": 1, "hidden": h, "target": y, "weight_name": f"lie-{how}", "weight_version": "1"}
             err = _error(_send(srv.url, "POST", "/v1/linear_cross_entropy", msg), 413, "byte budget of")
-            assert f"needs {need + (0 if how == 'stateless' else 0)}" in err["message"] or "needs" in err["message"]
+            needs = int(err["message"].split(" needs ")[1].split()[0])
+            assert needs >= need, (needs, need)      # the whole (chunk, V) scratch, at least
             assert "max_inflight_bytes" in err["message"] and "1073741824 bytes" in err["message"], err
             if how != "stateless":
                 assert _send(srv.url, "DELETE", f"/v1/weights/lie-{how}").status_code == 204

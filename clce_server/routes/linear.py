@@ -47,14 +47,14 @@ from clce_wire.shm import RegionRef, is_ref_map, parse_ref, ref_map
 from ..deps import check_ready, tenant_for
 from ..errors import ApiError, ArgumentError
 from ..lease import RequestLease
-from ..linear import LINEAR_DTYPES, LinearCrossEntropy, _dtype_name, check
+from ..linear import LINEAR_DTYPES, LinearCrossEntropy, check
 from ..recording import RequestRecord
 from ..scheduler import FunctionJob
 from ..shm import Region
 from ..shm import view as region_view
 from ..state import ServerState
 from ..tenants import Tenant
-from ..weights import _NO_MEMORY, IDLE_S, accumulator_bytes, MAX_ENTRIES, StoredWeight, WeightStore, check_name, no_memory
+from ..weights import IDLE_S, MAX_ENTRIES, NO_MEMORY, WeightStore, accumulator_bytes, check_name, no_memory
 from .leased import (LeasedEndpoint, announced_length, msgpack_answer, receive_body, timing_headers,
                      unless_disconnected)
 
@@ -116,7 +116,7 @@ def _allocating(nbytes: int, make: Callable[[], Any]) -> Any:
     Retry-After (the host is short of memory now), never 500."""
     try:
         return make()
-    except _NO_MEMORY as exc:
+    except NO_MEMORY as exc:
         raise no_memory(nbytes, exc) from None
     except OSError as exc:
         if exc.errno in (errno.ENOMEM, errno.EAGAIN):   # mmap's answer for a pool buffer
@@ -321,9 +321,9 @@ async def put_weight(req: LinearRequest) -> Response:
     if 0 in weight.shape:
         raise ArgumentError(RuntimeError(f"fused linear cross-entropy needs a weight with rows and columns, "
                                          f"got shape {list(weight.shape)}"))
-    if _dtype_name(weight) not in LINEAR_DTYPES:
-        raise ArgumentError(RuntimeError(f"fused linear cross-entropy runs float32 and bfloat16 weights, "
-                                         f"got {_dtype_name(weight)}"))
+    dtype = protocol.dtype_name(weight.dtype)
+    if dtype not in LINEAR_DTYPES:
+        raise ArgumentError(RuntimeError(f"fused linear cross-entropy runs float32 and bfloat16 weights, got {dtype}"))
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ArgumentError(RuntimeError(f"bias must be a ({weight.shape[0]},) tensor of the weight's dtype"))
     # Inline parts are aligned once here (a tensor in a msgpack body may start at any byte), not
