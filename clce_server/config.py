@@ -178,3 +178,50 @@ def parse_gid(text: str) -> int:
         return grp.getgrnam(text).gr_gid
     except KeyError:
         raise ValueError(f"no group {text!r}") from None
+
+
+# ---- what a refusal says to do ---------------------------------------------------------------------
+
+#: Every limit a 413 or 429 can name: how the operator raises it, and what a client can do
+#: instead. The one place these words live, so every refusal names its way out.
+LIMIT_HINTS: dict[str, tuple[str, str]] = {
+    "max_request_bytes": (
+        "--max-request-bytes (CLCE_MAX_REQUEST_BYTES), or max_request_bytes in the tenant's [tenants.NAME] table",
+        "on the server's host the client sends big batches over shared memory, which this limit does not "
+        "bound; over TCP it splits them into row chunks (Client(pipeline_bytes=...), on by default)"),
+    "tenant_max_inflight_bytes": (
+        "max_inflight_bytes in the tenant's [tenants.NAME] table, or --tenant-max-inflight-bytes "
+        "(CLCE_TENANT_MAX_INFLIGHT_BYTES) for every tenant",
+        "retry after Retry-After, send fewer requests at once, or smaller row chunks "
+        "(Client(pipeline_bytes=...)); over shared memory the gradient goes into the client's memory "
+        "and is not counted"),
+    "max_inflight_bytes": (
+        "--max-inflight-bytes (CLCE_MAX_INFLIGHT_BYTES)",
+        "retry after Retry-After, or send smaller row chunks (Client(pipeline_bytes=...))"),
+    "max_stored_weights": (
+        "--max-stored-weights (CLCE_MAX_STORED_WEIGHTS)",
+        "DELETE /v1/weights/NAME the stored weights you no longer use"),
+    "max_queued": (
+        "max_queued in the tenant's [tenants.NAME] table, or --max-queued (CLCE_MAX_QUEUED)",
+        "retry after Retry-After, or send fewer requests at once"),
+    "shm_max_bytes": (
+        "--shm-max-bytes (CLCE_SHM_MAX_BYTES)",
+        "the clce client splits a batch whose shared memory would not fit into row chunks that do; "
+        "free regions you no longer use (Arena.trim), or send over TCP (transport='tcp')"),
+    "shm_max_total_bytes": (
+        "--shm-max-total-bytes (CLCE_SHM_MAX_TOTAL_BYTES)",
+        "retry once other tenants let regions go, or send over TCP (transport='tcp')"),
+    "shm_max_regions_per_tenant": (
+        "--shm-max-regions-per-tenant (CLCE_SHM_MAX_REGIONS_PER_TENANT)",
+        "reuse regions (the clce client's arena does), or unregister those you no longer use"),
+    "shm_max_regions": (
+        "--shm-max-regions (CLCE_SHM_MAX_REGIONS)",
+        "retry once other tenants let regions go, or send over TCP (transport='tcp')"),
+}
+
+
+def over_limit(what: str, limit: str, value: int) -> str:
+    """The message of a refusal by `limit` (a key of LIMIT_HINTS) whose value is `value`: what was
+    asked, the limit and its value, the setting that raises it, and the alternative."""
+    raise_with, instead = LIMIT_HINTS[limit]
+    return f"{what}: over {limit}={value}. Raise it with {raise_with}; or {instead}."

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from typing import Any, Callable, ClassVar, Generator, Hashable, Iterable, Sequence
 
+from .config import over_limit
 from .metrics import Metrics
 from .tenants import Tenant, TenantRegistry
 
@@ -109,11 +110,6 @@ class QueueFull(AdmissionError):
         #: the tenant's least recently used weights and tries again) or "server"
         self.scope = scope
 
-
-# Where each byte budget is set, named in the answers that refuse a request for it.
-TENANT_BUDGET_SETTING = ("max_inflight_bytes in the tenant's table of the tenants file "
-                         "(default: --tenant-max-inflight-bytes / CLCE_TENANT_MAX_INFLIGHT_BYTES)")
-SERVER_BUDGET_SETTING = "--max-inflight-bytes / CLCE_MAX_INFLIGHT_BYTES"
 
 
 class ShuttingDown(AdmissionError):
@@ -742,13 +738,11 @@ class Scheduler:
         server's byte budget (413, not an endless stream of 429s), naming the budget and where
         it is set."""
         if nbytes > tenant.max_inflight_bytes:
-            raise PayloadTooLarge(
-                f"{what} needs {nbytes} bytes on the server, over tenant {tenant.name!r}'s byte budget of "
-                f"{tenant.max_inflight_bytes} bytes (set by {TENANT_BUDGET_SETTING})")
+            raise PayloadTooLarge(over_limit(f"{what} needs {nbytes} bytes of server memory at once",
+                                             "tenant_max_inflight_bytes", tenant.max_inflight_bytes))
         if nbytes > self.max_inflight_bytes:
-            raise PayloadTooLarge(
-                f"{what} needs {nbytes} bytes on the server, over the server's byte budget of "
-                f"{self.max_inflight_bytes} bytes (set by {SERVER_BUDGET_SETTING})")
+            raise PayloadTooLarge(over_limit(f"{what} needs {nbytes} bytes of server memory at once",
+                                             "max_inflight_bytes", self.max_inflight_bytes))
 
     def tenant_bytes(self, tenant: str) -> int:
         """The bytes a tenant holds against its budget now: requests in flight, answers being
@@ -761,15 +755,15 @@ class Scheduler:
         excess = state.inflight_bytes + nbytes - tenant.max_inflight_bytes
         if excess > 0:
             raise QueueFull(
-                f"tenant has {state.inflight_bytes} bytes in flight or stored; {nbytes} more exceed "
-                f"max_inflight_bytes={tenant.max_inflight_bytes} (set by {TENANT_BUDGET_SETTING})",
+                over_limit(f"tenant {tenant.name!r} has {state.inflight_bytes} bytes in flight or stored, and "
+                           f"{nbytes} more would take it", "tenant_max_inflight_bytes", tenant.max_inflight_bytes),
                 self._retry_after(state.active.values(), excess),
             )
         excess = self._inflight_bytes + nbytes - self.max_inflight_bytes
         if excess > 0:
             raise QueueFull(
-                f"server is at its in-flight byte limit: {self._inflight_bytes} bytes in flight or stored; "
-                f"{nbytes} more exceed max_inflight_bytes={self.max_inflight_bytes} (set by {SERVER_BUDGET_SETTING})",
+                over_limit(f"the server has {self._inflight_bytes} bytes in flight or stored (all tenants), and "
+                           f"{nbytes} more would take it", "max_inflight_bytes", self.max_inflight_bytes),
                 self._retry_after(self._jobs.values(), excess), scope="server",
             )
 
@@ -783,23 +777,24 @@ class Scheduler:
         # will produce (a gradient), which only the in-flight budgets bound.
         size = nbytes if request_bytes is None else request_bytes
         if size > tenant.max_request_bytes:
-            raise PayloadTooLarge(
-                f"request of {size} bytes exceeds the limit of {tenant.max_request_bytes} bytes"
-            )
+            raise PayloadTooLarge(over_limit(f"request of {size} bytes", "max_request_bytes",
+                                             tenant.max_request_bytes))
         # A request that can never fit the byte budgets is 413, not an endless stream of 429s.
-        limit = min(tenant.max_inflight_bytes, self.max_inflight_bytes)
-        if nbytes > limit:
-            raise PayloadTooLarge(
-                f"request of {nbytes} bytes exceeds the in-flight limit of {limit} bytes"
-            )
+        if nbytes > min(tenant.max_inflight_bytes, self.max_inflight_bytes):
+            which, limit = (("tenant_max_inflight_bytes", tenant.max_inflight_bytes)
+                            if tenant.max_inflight_bytes <= self.max_inflight_bytes
+                            else ("max_inflight_bytes", self.max_inflight_bytes))
+            raise PayloadTooLarge(over_limit(
+                f"request needing {nbytes} bytes of server memory in flight (its body and what the server "
+                "allocates to answer it, such as a gradient it sends back)", which, limit))
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("server is shutting down")
             state = self._tenant_state(tenant.name)
             if len(state.active) >= tenant.max_queued:
                 raise QueueFull(
-                    f"tenant has {len(state.active)} requests queued or running "
-                    f"(max_queued={tenant.max_queued})",
+                    over_limit(f"tenant {tenant.name!r} has {len(state.active)} requests queued or running",
+                               "max_queued", tenant.max_queued),
                     self._retry_after(state.active.values(), 0),
                 )
             held = 0

@@ -48,6 +48,7 @@ import numpy as np
 
 from clce_wire.shm import REGION_NAME, RegionRef
 
+from .config import over_limit
 from .errors import ApiError
 from .scheduler import QueueFull
 from .shm import Region, view
@@ -228,9 +229,9 @@ class WeightStore:
         with self._lock:
             old = self._weights.get((tenant.name, name))
             if old is None and sum(1 for t, _ in self._weights if t == tenant.name) >= self.max_entries:
-                raise ApiError("queue_full", f"tenant {tenant.name!r} has {self.max_entries} stored weights, the "
-                               f"most a tenant may store (set by --max-stored-weights / CLCE_MAX_STORED_WEIGHTS); "
-                               "DELETE /v1/weights/{name} one it no longer needs", retry_after=1.0)
+                raise ApiError("queue_full", over_limit(f"tenant {tenant.name!r} has {self.max_entries} stored "
+                                                        "weights, and this one more would take it",
+                                                        "max_stored_weights", self.max_entries), retry_after=1.0)
             if old is not None:      # the new version replaces the old, and its untaken gradient
                 self._remove_locked(old)
         charge = self.scheduler.split(body, need, stored=True) if body is not None else None

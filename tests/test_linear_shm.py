@@ -259,7 +259,7 @@ def test_a_region_weight_counts_only_its_gradient_against_the_budget():
         _error(_send(srv.url, "POST", "/v1/linear_cross_entropy",
                      {"v": 1, "hidden": h0, "target": rng.integers(0, Vb, 8), "weight_name": "w",
                       "weight_version": "1", "accumulate": True}),
-               413, f"over tenant 'default''s byte budget of {budget} bytes")
+               413, f"over tenant_max_inflight_bytes={budget}")
         shared = Shared(srv.url)
         try:
             _ok(_send(srv.url, "PUT", "/v1/weights/w", {"v": 1, "weight_version": "1", "weight": shared.put(W),

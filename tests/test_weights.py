@@ -70,7 +70,8 @@ def test_budget_evicts_least_recently_used_and_refuses_what_cannot_fit():
     s.get(t, "z", "1")
     with pytest.raises(ApiError, match="not stored"):
         s.get(t, "y", "1")
-    with pytest.raises(PayloadTooLarge, match=r"over tenant 'c''s byte budget of \d+ bytes \(set by max_inflight_bytes"):
+    with pytest.raises(PayloadTooLarge, match=r"needs \d+ bytes of server memory at once: "
+                                              r"over tenant_max_inflight_bytes=\d+"):
         s.put(tiny, "x", "1", *_w())
     assert sched.tenant_bytes("c") == 0
 
@@ -124,7 +125,8 @@ def test_a_weight_and_its_accumulators_over_the_budget_is_413_naming_it():
     t = Tenant("a", max_inflight_bytes=ENTRY + 10)
     s, sched = _store(t)
     e = s.put(t, "x", "1", *_w())
-    with pytest.raises(PayloadTooLarge, match="with its gradient accumulators needs .* over tenant 'a''s byte budget"):
+    with pytest.raises(PayloadTooLarge, match="with its gradient accumulators needs .* "
+                                              "over tenant_max_inflight_bytes="):
         s.reserve_accumulators(e, t)
     assert sched.tenant_bytes("a") == ENTRY and e.grad_weight is None
 
@@ -223,7 +225,7 @@ def test_a_region_weight_counts_its_accumulators_only_and_is_read_where_it_lies(
     t = Tenant("a", max_inflight_bytes=ONE - 1)   # too small for W inline with its accumulators
     s, sched = _store(t)
     inline = s.put(t, "inline", "1", W, b)
-    with pytest.raises(PayloadTooLarge, match="over tenant"):
+    with pytest.raises(PayloadTooLarge, match="over tenant_max_inflight_bytes"):
         s.reserve_accumulators(inline, t)
     entry = s.put(t, "head", "1", RegionRef("float32", (V, H), "r", 0), RegionRef("float32", (V,), "r", W.nbytes),
                   regions={"r": region})
