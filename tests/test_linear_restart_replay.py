@@ -164,3 +164,34 @@ def test_with_replay_off_the_flush_refuses_the_step_and_a_rerun_equals_torch(loc
             assert len(worst) == STEPS
     finally:
         srv.cleanup()
+
+
+def test_an_async_client_replays_across_a_restart_too(local):
+    """The same loop on an AsyncClient (its flush is awaited before the step), SIGKILL over TCP."""
+    import asyncio
+
+    srv = ServerProcess().start()
+    loop = asyncio.new_event_loop()
+    client = clce_client.AsyncClient(srv.url, retry_budget_s=60, transport="tcp")
+    try:
+        body, head = make_model()
+        opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
+        weights = weights_of(client)
+        batches = data()
+        for step in range(STEPS):
+            for mb in range(K):
+                if (step, mb) == RESTART:
+                    srv = restart(srv, signal.SIGKILL)
+                x, y = batches[step * K + mb]
+                loss = loop.run_until_complete(client.linear_cross_entropy(
+                    body(x), head.weight, y, head.bias, weight_name="head", accumulate=True))
+                (loss / K).backward()
+            loop.run_until_complete(weights.flush())
+            opt.step()
+            opt.zero_grad()
+            compare(step, params(body, head), local[step])
+        assert weights.replayed == 2
+    finally:
+        loop.run_until_complete(client.aclose())
+        loop.close()
+        srv.cleanup()
