@@ -280,25 +280,27 @@ class WeightStore:
     def _reserve(self, tenant: Tenant, nbytes: int, keep: StoredWeight) -> "Reservation":
         return self.making_room(tenant, lambda: self.scheduler.reserve(tenant, nbytes, stored=True), keep)
 
-    def making_room(self, tenant: Tenant, attempt: Callable[[], Any], keep: StoredWeight | None = None) -> Any:
+    def making_room(self, tenant: Tenant, attempt: Callable[[], Any], keep: StoredWeight | None = None,
+                    first: str | None = None) -> Any:
         """`attempt()` (a reservation against the budgets); when the tenant's budget is full, its
-        least recently used weights (other than `keep`, and none a job is accumulating into) are
-        evicted one by one and it is tried again. QueueFull when it still does not fit."""
+        least recently used weights (other than `keep`, and none a job is accumulating into; the
+        name `first` before any, an upload's old version) are evicted one by one and it is tried
+        again. QueueFull when it still does not fit."""
         while True:
             try:
                 return attempt()
             except QueueFull as exc:
-                if exc.scope != "tenant" or not self._evict_one(tenant.name, keep):
+                if exc.scope != "tenant" or not self._evict_one(tenant.name, keep, first):
                     raise
 
-    def _evict_one(self, tenant: str, keep: StoredWeight) -> bool:
+    def _evict_one(self, tenant: str, keep: StoredWeight | None, first: str | None = None) -> bool:
         with self._lock:
             # a weight with no unflushed micro-batches first: it costs its client an upload, not a replay
-            mine = sorted((w.accumulating, w.last_used, id(w), w) for (t, _), w in self._weights.items()
+            mine = sorted((n != first, w.accumulating, w.last_used, id(w), w) for (t, n), w in self._weights.items()
                           if t == tenant and w is not keep and not w.lock.locked() and w.nbytes)
             if not mine:
                 return False
-            self._remove_locked(mine[0][3])
+            self._remove_locked(mine[0][4])
             return True
 
     # ---- finding -----------------------------------------------------------------------------

@@ -260,3 +260,20 @@ def test_a_region_weight_whose_region_is_gone_answers_upload_again_and_is_droppe
     with pytest.raises(ApiError, match="not stored.*upload it again"):
         s.get(t, "head", "1")
     assert s.tenant_bytes("a") == sched.tenant_bytes("a") == 0
+
+
+def test_an_uploads_own_old_version_makes_room_first():
+    """A new version of x, its body not fitting: x's old version (being replaced) goes, not y."""
+    t = Tenant("a", max_inflight_bytes=2 * ENTRY)
+    s, sched = _store(t)
+    s.put(t, "x", "1", *_w())
+    s.put(t, "y", "1", *_w())
+    s.get(t, "x", "1")               # y is the least recently used
+    body = s.making_room(t, lambda: sched.reserve(t, ENTRY), first="x")
+    s.get(t, "y", "1")
+    with pytest.raises(ApiError, match="not stored"):
+        s.get(t, "x", "1")
+    s.put(t, "x", "2", *_w(), body=body)   # the body's bytes become the entry's: counted once
+    assert sched.tenant_bytes("a") == s.tenant_bytes("a") == 2 * ENTRY
+    body.release()                    # the request's close: nothing left to give back
+    assert sched.tenant_bytes("a") == 2 * ENTRY

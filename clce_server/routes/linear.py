@@ -199,7 +199,8 @@ class LinearEndpoint(LeasedEndpoint):
 
 # ---- read and decode -----------------------------------------------------------------------------
 
-async def read_message(req: LinearRequest, fields: frozenset, *, pooled: bool = True) -> tuple[dict, np.ndarray]:
+async def read_message(req: LinearRequest, fields: frozenset, *, pooled: bool = True,
+                       replacing: str | None = None) -> tuple[dict, np.ndarray]:
     """The decoded message and its body. The body's bytes are reserved against the in-flight
     budgets before it is read (a burst is answered 429 before its bodies are in memory) and stay
     so until the lease closes. `pooled`: the body in the lease's pooled buffer; else in one of its
@@ -207,8 +208,9 @@ async def read_message(req: LinearRequest, fields: frozenset, *, pooled: bool = 
     record = req.record
     # the tenant's least recently used stored weights make room for the body when its budget is full
     nbytes = announced_length(req.request, req.body_limit)
-    req.lease.hold(weight_store(req.state).making_room(req.tenant, lambda: req.state.scheduler.reserve(req.tenant,
-                                                                                                       nbytes)))
+    # (an upload's own old version first: it is being replaced)
+    req.lease.hold(weight_store(req.state).making_room(
+        req.tenant, lambda: req.state.scheduler.reserve(req.tenant, nbytes), first=replacing))
     t0 = time.perf_counter()
     body = await receive_body(req.request, req.body_limit, req.lease.buffer if pooled else None)
     record.stage("body", time.perf_counter() - t0)
@@ -310,7 +312,7 @@ async def put_weight(req: LinearRequest) -> Response:
     check_name(name)             # before its body is read
     # The body in a buffer of its own, not the lease's pooled one: the stored weight keeps viewing
     # it for as long as it is stored (no copy of what may be the largest tensor of the model).
-    msg, _ = await read_message(req, PUT_FIELDS, pooled=False)
+    msg, _ = await read_message(req, PUT_FIELDS, pooled=False, replacing=name)
     version = _required_version(msg)
     parts = {"weight": _tensor(msg, "weight", required=True), "bias": _tensor(msg, "bias")}
     arrays = resolve_regions(req, parts)     # references: checked against their regions' bounds
