@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     device_threads: int | None = Field(None, ge=1, description="Threads a CPU OpenCL device (PoCL) runs "
                                        "kernels on (default: all cores). Fewer leave cores to the event "
                                        "loop: small tenants wait less under a flood, big batches compute slower.")
+    max_stored_weights: int = Field(256, ge=1, description="Weights one tenant may store for the fused linear "
+                                    "cross-entropy (429 above; DELETE /v1/weights/NAME frees one).")
+    weight_idle_s: float = Field(600.0, gt=0, description="A stored weight version no request has used for "
+                                 "this long is dropped, with its unflushed accumulated gradient (a returning "
+                                 "client is told it expired, and its client library replays or raises).")
     host_pool_bytes: int = Field(1024 * MiB, ge=0, description="Bytes of large host buffers (bodies, "
                                  "gradients) kept for reuse; peak memory is about max_inflight_bytes + this.")
     # --- hostile and vanishing clients (clce_server/limits.py) ---
@@ -193,6 +198,9 @@ LIMIT_HINTS: dict[str, tuple[str, str]] = {
     "max_inflight_bytes": (
         "--max-inflight-bytes (CLCE_MAX_INFLIGHT_BYTES)",
         "retry after Retry-After, or send smaller row chunks (Client(pipeline_bytes=...))"),
+    "max_stored_weights": (
+        "--max-stored-weights (CLCE_MAX_STORED_WEIGHTS)",
+        "DELETE /v1/weights/NAME the stored weights you no longer use"),
     "max_queued": (
         "max_queued in the tenant's [tenants.NAME] table, or --max-queued (CLCE_MAX_QUEUED)",
         "retry after Retry-After, or send fewer requests at once"),

@@ -233,6 +233,21 @@ class LinearCrossEntropy:
             shapes.append(((chunk, H), np.float32))
         return shapes
 
+    def work_bytes(self, p: LinearProblem, *, want_grad_hidden: bool, fresh_grad_weight: bool,
+                   fresh_grad_bias: bool) -> int:
+        """The bytes `steps` will allocate for `p` besides its inputs and the outputs it is given:
+        the scratch of `scratch_shapes` (the chunk rounded up to whole 64-row blocks, the bf16
+        gradient's fp32 (chunk, H) scratch included), a fresh (V, H) fp32 weight gradient, and a
+        fresh (V,) float64 bias gradient. A caller reserves them before any exists."""
+        total = sum(int(np.prod(shape)) * np.dtype(dt).itemsize
+                    for shape, dt in self.scratch_shapes(p, want_grad_hidden=want_grad_hidden))
+        V, H = p.weight.shape
+        if fresh_grad_weight:
+            total += V * H * 4
+        if fresh_grad_bias:
+            total += V * 8
+        return total
+
     def __call__(self, *args, **kw) -> LinearResult:
         steps = self.steps(*args, **kw)
         while True:
