@@ -21,6 +21,9 @@ def tenant_for(state: ServerState, authorization: str | None) -> Tenant:
     """The tenant whose API key the request carries (the open tenant when no tenants file is set)."""
     tenant = state.registry.authenticate(authorization)
     if tenant is None:
+        if state.registry.is_admin(authorization):   # a valid key, for the wrong job: say so
+            raise ApiError("unauthorized", "this is the admin key; compute calls need a tenant key "
+                           "(the api_key of a [tenants.NAME] table of the tenants file)")
         raise ApiError("unauthorized", "missing or invalid API key (send Authorization: Bearer <key>)")
     return tenant
 
