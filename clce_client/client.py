@@ -484,12 +484,14 @@ class _Attempts:
         self.wait: float | None = None   # Retry-After of the round (the shortest), when given
         self.last: BaseException | None = None
         self.pending: tuple[int, float] | None = (self.order[0], 0.0)
-        self.warned = False                  # a WARNING was logged for this request
+        self.warned: set[str] = set()        # kinds of trouble already logged at WARNING
 
-    def _log(self, serious: bool, delay: float, text: str, *args: Any) -> None:
-        """A retry, at WARNING when `serious` (first time in this request) or the wait is long."""
-        loud = delay > 1.0 or (serious and not self.warned)
-        self.warned = self.warned or loud
+    def _log(self, kind: str | None, delay: float, text: str, *args: Any) -> None:
+        """A retry: at WARNING the first time this request meets trouble of `kind` (down, restarting,
+        not ready), or when the wait is longer than a second; else at INFO."""
+        loud = delay > 1.0 or (kind is not None and kind not in self.warned)
+        if kind is not None and loud:
+            self.warned.add(kind)
         log.log(logging.WARNING if loud else logging.INFO, text, *args)
 
     def next(self) -> tuple[int, float]:
@@ -525,7 +527,7 @@ class _Attempts:
             return
         nxt = self._next_replica()
         if nxt is not None:
-            self._log(True, 0.0, "%s: %s; trying %s", urls[i], _cause(exc), urls[nxt])
+            self._log("down", 0.0, "%s: %s; trying %s", urls[i], _cause(exc), urls[nxt])
             self.pending = (nxt, 0.0)
             return
         delay = self.client._backoff(self.rounds + 1)
@@ -533,11 +535,11 @@ class _Attempts:
         if over and time.monotonic() + delay - self.started > budget:
             return
         if over:
-            self._log(True, delay, "%s: %s; it answered this client before, so it is taken to be restarting "
-                      "and waited for (%.0f s of retry_budget_s left); retrying in %.2f s", urls[i], _cause(exc),
-                      budget - (time.monotonic() - self.started), delay)
+            self._log("restarting", delay, "%s: %s; it answered this client before, so it is taken to be "
+                      "restarting and waited for (%.0f s of retry_budget_s left); retrying in %.2f s", urls[i],
+                      _cause(exc), budget - (time.monotonic() - self.started), delay)
         else:
-            self._log(True, delay, "%s: %s; retry %d of %d in %.2f s", urls[i], _cause(exc),
+            self._log("down", delay, "%s: %s; retry %d of %d in %.2f s", urls[i], _cause(exc),
                       self.connection_failures, self.client.retries, delay)
         self._new_round(delay)
 
@@ -569,17 +571,18 @@ class _Attempts:
         if err.retry_after is not None:
             self.wait = err.retry_after if self.wait is None else min(self.wait, err.retry_after)
         budget = self.client.retry_budget_s
+        kind = "unavailable" if resp.status == 503 else None   # 429 is a busy server's ordinary answer
         nxt = self._next_replica()
         if nxt is not None and budget > 0:
-            self._log(resp.status == 503, 0.0, "%s answered %d (%s): %s; trying %s", url + path, resp.status,
-                      err.code, err.message, self.replicas.urls[nxt])
+            self._log(kind, 0.0, "%s answered %d (%s): %s; trying %s", url + path, resp.status, err.code,
+                      err.message, self.replicas.urls[nxt])
             self.pending = (nxt, 0.0)
             return False
         delay = self.wait if self.wait is not None else self.client._backoff(self.rounds + 1)
         delay *= 1.0 + _JITTER * random.random()
         if time.monotonic() + delay - self.started > budget:
             raise err
-        self._log(resp.status == 503, delay, "%s answered %d (%s): %s; retrying in %.2f s (retry_budget_s: %.0f s)",
+        self._log(kind, delay, "%s answered %d (%s): %s; retrying in %.2f s (retry_budget_s: %.0f s)",
                   url + path, resp.status, err.code, err.message, delay, budget)
         self._new_round(delay)
         return False
