@@ -107,3 +107,32 @@ def test_bench_prints_the_ratio(server):
 def test_bench_rejects_a_bad_shape():
     out, _ = clce("bench", "--shape", "64by1000")
     assert out.returncode == 2 and "expected ROWSxCLASSES" in out.stderr
+
+
+def test_check_a_server_that_never_answers_gives_up_within_10_s():
+    """A port that accepts connections but never answers (a hung process): the read timeout."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)          # the kernel completes the handshakes; nobody reads or answers
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        out, took = clce("check", url, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.strip().endswith(f"clce check: unreachable: {url}/v1/info: no response within the read timeout")
+    assert took < 10, took
+
+
+def test_check_with_tenants_says_what_the_key_lacks(tmp_path):
+    from serverproc import ServerProcess
+
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[tenants.t]\napi_key = "sk-tenant-Check123"\n')
+    with ServerProcess(tenants=tenants) as srv:
+        out, _ = clce("check", srv.url)
+        assert out.returncode == 1
+        assert "device     (not shown without a key" in out.stdout
+        assert "the check's call failed: AuthenticationError: missing or invalid API key" in out.stderr
+        out, _ = clce("check", srv.url, "--api-key", "sk-tenant-Check123")
+        assert out.returncode == 0, out.stderr
+        assert "transport  shared memory" in out.stdout
