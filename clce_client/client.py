@@ -455,6 +455,12 @@ def _tls_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     return None
 
 
+def _permanent(err: errors.ServerError) -> bool:
+    """A 503 that no wait repairs: the device failed and the server names no time to come back
+    (a server whose devices never opened; a device failure that may pass carries Retry-After)."""
+    return err.code == "device_unavailable" and err.retry_after is None
+
+
 def _cause(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -562,7 +568,7 @@ class _Attempts:
         err = errors.error_from_response(
             resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers,
             url=url + path)
-        if resp.status not in _TRANSIENT_STATUS:
+        if resp.status not in _TRANSIENT_STATUS or _permanent(err):
             raise err
         if resp.status == 503:
             self.replicas.mark_down(i)

@@ -29,7 +29,8 @@ class Records(logging.Handler):
         self.records: list[tuple[float, logging.LogRecord]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((time.monotonic(), record))
+        if record.name == "clce":      # the client's own (an in-process server logs on clce.server)
+            self.records.append((time.monotonic(), record))
 
     def messages(self, level: int = logging.DEBUG) -> list[str]:
         return [r.getMessage() for _, r in self.records if r.levelno >= level]
@@ -157,3 +158,56 @@ def test_no_viewer_page_that_needs_a_cdn(server):
     assert httpx.get(server.url + "/docs").status_code == 404
     assert httpx.get(server.url + "/redoc").status_code == 404
     assert "/v1/cross_entropy" in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+@pytest.fixture
+def no_device_app():
+    """build_app served in this process (as Ray Serve or another ASGI host would) with a device
+    selector that matches nothing: it stays up, unready, saying why."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from clce_server.app import build_app
+    from clce_server.config import Settings
+    from serverproc import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(Settings(device="no-such-device-anywhere", port=port)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:   # until the devices have failed to open: /readyz says so
+        try:
+            if httpx.get(url + "/readyz", timeout=2).json()["error"]["code"] == "device_unavailable":
+                break
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the server never reported its failed devices")
+    yield url
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_device_that_never_opened_fails_at_once_with_its_cause(no_device_app, records):
+    t0 = time.monotonic()
+    with clce_client.Client(no_device_app, retry_budget_s=30) as client:
+        with pytest.raises(errors.ServiceUnavailable) as info:
+            client.cross_entropy(*data((4, 10)))
+    took = time.monotonic() - t0
+    assert took < 1.0, took
+    assert info.value.code == "device_unavailable" and info.value.retry_after is None
+    assert str(info.value).startswith("OpenCL initialisation failed, so this server will never be ready: "
+                                      "no OpenCL device matches ['no-such-device-anywhere']")
+    assert records.messages() == []          # not retried
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "clce_client.cli", "check", no_device_app], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 1
+    assert f"clce check: {no_device_app} is not ready: OpenCL initialisation failed" in out.stderr
