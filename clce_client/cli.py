@@ -246,8 +246,9 @@ COMMANDS = {"check": check, "info": info, "bench": bench}
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:      # the client's log only, not httpx's line per request
+        logging.getLogger("clce").setLevel(logging.INFO)
     try:
         COMMANDS[args.command](args, lambda line: print(line, flush=True))
     except Failed as exc:

@@ -136,3 +136,10 @@ def test_check_with_tenants_says_what_the_key_lacks(tmp_path):
         out, _ = clce("check", srv.url, "--api-key", "sk-tenant-Check123")
         assert out.returncode == 0, out.stderr
         assert "transport  shared memory" in out.stdout
+
+
+def test_check_verbose_shows_the_clients_log(server):
+    out, _ = clce("check", server.url, "-v")
+    assert out.returncode == 0, out.stderr
+    assert f"INFO clce: clce client for {server.url}: shared memory via " in out.stderr
+    assert "httpx" not in out.stderr        # httpx's line per request stays out

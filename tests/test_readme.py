@@ -54,11 +54,15 @@ def test_python_examples_run(server, tmp_path):
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_example_prints_what_the_readme_shows(server):
-    """The README's curl example, run as written (only the address changed), prints exactly the
-    answer shown under it (scripts/check-served.py compares the same way), and that answer is
-    torch's loss and gradient."""
+    check_curl_example(server.url)
+
+
+def check_curl_example(url: str) -> None:
+    """The README's curl example, run against `url` as written (only the address changed), prints
+    exactly the answer shown under it (scripts/check-served.py compares the same way), and that
+    answer is torch's loss and gradient. tests/test_wheel.py runs it against the installed wheel."""
     command, shown = check_served().readme_curl_example()
-    out = subprocess.run(["bash", "-c", command.replace("localhost:8000", server.url.removeprefix("http://"))],
+    out = subprocess.run(["bash", "-c", command.replace("localhost:8000", url.removeprefix("http://"))],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == shown
     body = json.loads(shown)
