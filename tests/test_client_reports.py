@@ -211,3 +211,18 @@ def test_a_device_that_never_opened_fails_at_once_with_its_cause(no_device_app, 
                          text=True, timeout=30)
     assert out.returncode == 1
     assert f"clce check: {no_device_app} is not ready: OpenCL initialisation failed" in out.stderr
+
+
+def test_the_async_client_reports_the_same(server, records):
+    import asyncio
+
+    async def run():
+        async with clce_client.AsyncClient(server.url) as client:
+            await client.cross_entropy(*data())
+            await client.cross_entropy(*data(seed=1))
+            return client.describe()
+
+    d = asyncio.run(run())
+    assert d["transport"] == "shm"
+    assert records.messages(logging.INFO) == [f"clce client for {server.url}: shared memory via {d['socket']} "
+                                              "(the server is on this host and allows shared memory)"]
