@@ -469,8 +469,10 @@ def _autograd_function():
                                    "its gradient is already part of loss's")
             g = grad_loss.reshape(-1).float()
             if g.numel() > 1 and not bool((g == g[0]).all()):
-                raise RuntimeError("reduction='none': the remote gradient needs one grad_output for every row "
-                                   "(loss.sum() or loss.mean())")
+                raise RuntimeError("reduction='none': the server computes the gradients for grad_output = 1 "
+                                   "and backward can only scale them by one number, so every row's grad_output "
+                                   "must be the same value (as loss.sum() or loss.mean() give; per-class weights "
+                                   "go in class_weight=)")
             scale = float(g[0]) if g.numel() else 0.0
             return (*call.gradients(scale), None)
 

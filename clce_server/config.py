@@ -13,8 +13,9 @@ MiB = 1 << 20
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLCE_", extra="ignore")
 
-    host: str = Field("127.0.0.1", description="Address to bind. Loopback unless a tenants file is given.")
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Address to bind (always loopback by default; 0.0.0.0 "
+                      "serves every interface: give it a tenants file, and TLS for keys that cross a network).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to serve HTTP (or https) on; 0 picks a free one.")
     device: str | None = Field(None, description="Comma-separated OpenCL device selectors "
                                "(index, platform:device, gpu/cpu, or a name substring); one worker per device.")
     tenants: Path | None = Field(None, description="TOML file with one [tenants.NAME] table per job.")
@@ -30,7 +31,8 @@ class Settings(BaseSettings):
                            "launch, up to this many (1 turns coalescing off).")
     batch_max_elements: int = Field(1 << 16, ge=0, description="Requests of at most this many logits may be coalesced.")
     drain_timeout_s: float = Field(120.0, ge=0, description="On SIGTERM, how long to wait for in-flight work.")
-    log_level: str = Field("info")
+    log_level: str = Field("info", description="Server log level: critical, error, warning, info or debug "
+                           "(logger clce.server, and uvicorn's).")
     access_log: bool = Field(True, description="Structured (JSON) access log lines on logger clce.access.")
     warmup: bool = Field(True, description="Run every start-up kernel once before reporting ready.")
     device_threads: int | None = Field(None, ge=1, description="Threads a CPU OpenCL device (PoCL) runs "

@@ -110,7 +110,10 @@ class ServerState:
             self.scheduler.start()
             self.ready.set()
             log.info("ready: %s", ", ".join(f"{d.name} [{d.platform}]" for d in devices))
-        except Exception as exc:   # surfaced by /readyz and every request, and logged
-            self.init_error = str(exc)
-            log.error("OpenCL initialisation failed: %s", exc)
+        except Exception as exc:
+            # Permanent: /readyz and every request answer 503 with this reason from now on, and
+            # clce-server exits with status 1 (__main__.DrainingServer); an app hosted otherwise
+            # (Ray Serve, tests) stays up, unready, saying why.
+            self.init_error = f"{exc} (clce-server --list-devices shows the OpenCL devices that build)"
+            log.error("OpenCL initialisation failed: %s", self.init_error)
 
