@@ -169,15 +169,17 @@ def test_a_client_that_leaves_mid_job_gets_its_buffers_back_only_when_the_job_en
     request's pooled buffer. The buffers go back when the job ends, not before (the pool would
     hand them to the next request while a kernel writes into them)."""
     state = server.state
-    release = threading.Event()
-    restore = _hold_engine(server, release)
+    release, started = threading.Event(), threading.Event()
+    restore = _hold_engine(server, release, started)
     try:
         url = urlparse(server.url)
         body = _body(*_batch(6))
         with socket.create_connection((url.hostname, url.port)) as sock:
             sock.sendall(b"POST /v1/cross_entropy HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            _wait_for(lambda: state.scheduler.stats()["queued_jobs"] == 1, "the job to start")
+            # on the device, not just queued: a job the client leaves before it starts gives its
+            # buffers back at once (nothing writes into them), which is not what this test is about
+            _wait_for(started.is_set, "the job to start on the device")
         # the client is gone: the endpoint answers nobody and closes the lease ...
         _wait_for(lambda: state.inflight_http == 0, "the endpoint to give up on the request")
         # ... while the job still holds the body and the gradient
@@ -191,12 +193,15 @@ def test_a_client_that_leaves_mid_job_gets_its_buffers_back_only_when_the_job_en
 
 # ---- engines that hold or alter a job, behind the real worker -------------------------------------
 
-def _hold_engine(server, release: threading.Event):
-    """The device's engine, except that each chunk waits for `release` first."""
+def _hold_engine(server, release: threading.Event, entered: threading.Event | None = None):
+    """The device's engine, except that each chunk waits for `release` first (and sets `entered`
+    when one is waiting: the job has started on the device)."""
     index = server.state.devices[0].index
     real = server.state.engines[index]
 
     def held_chunk(*args, **kwargs):
+        if entered is not None:
+            entered.set()
         assert release.wait(60), "the test never released the held job"
         return real.run_chunk(*args, **kwargs)
 
