@@ -132,16 +132,19 @@ class Pipeline:
         return Pipeline(values, samples, alloc)
 
     @staticmethod
-    def chunk_samples(x: WireTensor, chunk_bytes: int) -> int:
+    def chunk_samples(x: WireTensor, chunk_bytes: int, limit_bytes: int | None = None) -> int:
         """Samples (first dimension) per chunk of about `chunk_bytes` of input, a multiple of the
-        reduction's blocks (so the chunks combine to one request's bits) unless one block alone
-        is more than `chunk_bytes`: then as many samples as fit, at least one (exact to rounding)."""
+        reduction's blocks, so the chunks combine to one request's bits. Only when one block's
+        samples would exceed `limit_bytes` (a hard bound, such as a shared-memory budget) are
+        there fewer: as many as fit, at least one (then exact to rounding, not to the bit)."""
         nbytes = memoryview(x.data).nbytes
         spatial = math.prod(x.shape[2:])
         unit = REDUCE_BLOCK_ROWS // math.gcd(REDUCE_BLOCK_ROWS, max(spatial, 1))   # samples per block multiple
         per_sample = max(nbytes // max(x.shape[0], 1), 1)
-        fit = chunk_bytes // per_sample
-        return fit // unit * unit if fit >= unit else max(1, fit)
+        samples = max(unit, (chunk_bytes // per_sample) // unit * unit)
+        if limit_bytes is not None and samples * per_sample > limit_bytes:
+            samples = max(1, limit_bytes // per_sample)
+        return samples
 
     def chunk_values(self):
         """(index, option values) per chunk: its rows of the tensors, the whole batch's normaliser."""

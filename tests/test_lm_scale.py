@@ -225,3 +225,24 @@ def test_kernel_sources_are_read_when_the_server_starts(tmp_path):
             x = torch.randn(8, 70, generator=gen).to(torch.float16)
             out = client.cross_entropy(x, torch.randint(0, 70, (8,), generator=gen), softcap=30.0)
             assert torch.isfinite(out)
+
+
+def test_the_arena_keeps_a_language_models_region_for_the_next_step():
+    """By default the client keeps free shared memory up to the tenant's budget (it counts against
+    that budget cached or not): a step whose logits and gradient take more than the TCP pool's
+    2 GiB default reuses last step's region instead of touching GBs of new pages each step. Here
+    scaled down: a 48 MiB budget and 40 MB per call."""
+    with ServerProcess(args=["--shm-max-bytes", str(48 * MiB)]) as srv, clce_client.Client(srv.url) as client:
+        x = torch.randn(625, 8000).requires_grad_()                # 20 MB, and its gradient
+        t = torch.randint(0, 8000, (625,))
+        for _ in range(3):
+            x.grad = None
+            client.cross_entropy(x, t).backward()
+        stats = client._arena.stats
+    assert stats["created"] == 1 and stats["reused"] == 2, stats
+    with ServerProcess(args=["--shm-max-bytes", str(48 * MiB)]) as srv, \
+            clce_client.Client(srv.url, max_cached_bytes=MiB) as client:   # bounded by the caller
+        for _ in range(2):
+            x.grad = None
+            client.cross_entropy(x, t).backward()
+        assert client._arena.stats["created"] == 2
