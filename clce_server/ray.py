@@ -233,6 +233,8 @@ class ClceDeployment:
         # The app's lifespan (run by Serve right after this constructor) opens the devices.
         self.created = time.time()
         self._slots: dict[str, WeightSlot] = {}
+        #: the loop this replica's requests (and its multiplexed cache) run on: Serve's user-code loop
+        self._loop = asyncio.get_running_loop()
         # Serve ships this class (made by serve.ingress) and the app to the replica by value, with
         # copies of the module's globals; the middleware is this module's by reference: it finds
         # the replica in the module as imported here

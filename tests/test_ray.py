@@ -3,6 +3,12 @@
 Needs `pip install "ray[serve]"` (the `ray` extra) and an OpenCL device (PoCL's CPU device in CI).
 The client talks to Serve's proxy exactly as to one server; results are checked against
 torch.nn.functional.cross_entropy, and /v1/info's instance_id shows both replicas answered.
+
+Stored weights are Serve's multiplexed models (the client's serve_multiplexed_model_id header): a
+2000x64 head's 12 calls of one version cost one upload; weights spread over both replicas and each
+stays on one; accumulate=True over 4 steps of 4 micro-batches equals torch's with no micro-batch
+replayed; Serve evicting a weight drops it from the replica's store; the replica holding a weight
+killed mid-step costs one upload on the other and a replay of the lost micro-batches, still exact.
 """
 
 from __future__ import annotations
@@ -226,6 +232,55 @@ def test_accumulated_steps_equal_torch_through_serve(serve_url, local):
         assert weights.uploads == STEPS and all(len(w) == 1 for w in uploads.values()), uploads
         print(f"ray accumulate: {len(worst)} of {STEPS} steps exact (worst {max(worst):.2e}), "
               f"uploads {weights.uploads} for {STEPS} versions, replayed {weights.replayed}")
+
+
+def _evict(model_id: str):
+    """On a replica: Serve's own eviction of its least recently used multiplexed model (what it
+    does beyond CLCE_RAY_MAX_WEIGHTS), until `model_id` is gone; the names its store still holds."""
+
+    def run(_actor):
+        import asyncio
+
+        import clce_server.ray as clce_ray
+
+        replica = clce_ray._REPLICA[0]
+        cache = getattr(replica, "__serve_multiplex_wrapper")   # @serve.multiplexed's, per replica
+
+        async def evict() -> None:
+            while model_id in replica._slots:
+                await cache.unload_model_lru()
+
+        asyncio.run_coroutine_threadsafe(evict(), replica._loop).result(30)
+        return sorted(name for _, name in replica._weight_store()._weights)
+
+    return run
+
+
+def test_a_weight_serve_evicts_is_dropped_from_the_replicas_store(serve_url):
+    """Serve evicting a weight from a replica's multiplexed cache deletes it from that replica's
+    store (the store holds what Serve routes there); its next call uploads it again, exact."""
+    from clce_client.linear import weights_of
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(64, 16, generator=g)
+
+    def call():
+        h, y = torch.randn(8, 16, generator=g), torch.randint(0, 64, (8,), generator=g)
+        with torch.no_grad():
+            loss = client.linear_cross_entropy(h, W, y, weight_name="ray-evict")
+        torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, W), y), rtol=1e-5, atol=1e-6)
+
+    with Client(serve_url, transport="tcp") as client:
+        weights = weights_of(client)
+        call()
+        call()
+        assert weights.uploads == 1
+        holder = weights.upload_log[-1][2]
+        held = ray.get(_replica_actors()[holder].__ray_call__.remote(_evict(weights.affinity("ray-evict"))),
+                       timeout=60)
+        assert "ray-evict" not in held, held
+        call()                       # the same version: "not stored", uploaded again, exact
+        assert weights.uploads == 2, list(weights.upload_log)
 
 
 def test_the_weights_replica_killed_mid_step_through_serve(serve_url, local):
