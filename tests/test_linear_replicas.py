@@ -250,3 +250,68 @@ def test_killed_with_replay_off_the_step_raises_and_a_rerun_equals_torch(local, 
     finally:
         for r in replicas:
             r.cleanup()
+
+
+# ---- the replica choice itself -----------------------------------------------------------------------
+
+def test_rendezvous_order_is_shared_and_moves_only_the_removed_replicas_weights():
+    """Every client with the same URL list ranks a weight's replicas alike; removing a replica
+    moves only the weights it ranked first, each to its second choice; weights spread."""
+    from clce_client.client import _Replicas
+
+    urls = [f"http://10.0.0.{i}:8000" for i in range(1, 5)]
+    keys = [f"tag.layer{i}" for i in range(400)]
+    a, b = _Replicas(list(urls)), _Replicas(list(urls))
+    first = {k: a.order_for(k) for k in keys}
+    assert first == {k: b.order_for(k) for k in keys}
+    share = [sum(first[k][0] == i for k in keys) for i in range(len(urls))]
+    assert min(share) > len(keys) / len(urls) / 2, share
+    fewer = _Replicas(urls[:2] + urls[3:])          # 10.0.0.3 gone
+    for k in keys:
+        now = urls.index(fewer.urls[fewer.order_for(k)[0]])
+        before = first[k]
+        assert now == (before[0] if before[0] != 2 else before[1]), (k, before, now)
+    # a replica that failed is tried last, until it is up again
+    a.mark_down(first[keys[0]][0])
+    assert a.order_for(keys[0]) == first[keys[0]][1:] + first[keys[0]][:1]
+
+
+def test_only_stored_weights_carry_the_affinity_header():
+    from clce_client.linear import LinearCall
+
+    with clce_client.Client("http://127.0.0.1:9,http://127.0.0.1:10", transport="tcp") as client:
+        h, W, y = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))
+        stored = LinearCall(client, h, W, y, weight_name="head")
+        stored.version = "v1"
+        stateless = LinearCall(client, h, W, y, stateless=True)
+        key = weights_of(client).affinity("head")
+        assert stored._request(None).affinity == stored._upload(None).affinity == key
+        assert key.endswith(".head") and client._api_key is None
+        assert stateless._request(None).affinity is None      # spread by load, as the loss routes
+    with clce_client.Client("http://127.0.0.1:9", api_key="k1") as c1, \
+            clce_client.Client("http://127.0.0.1:9", api_key="k2") as c2:
+        # a tenant's weight of a name is not another tenant's: other keys, the API key not in them
+        k1, k2 = weights_of(c1).affinity("head"), weights_of(c2).affinity("head")
+        assert k1 != k2 and "k1" not in k1 and "k2" not in k2
+
+
+def test_async_client_keeps_a_weight_on_one_replica(pair):
+    import asyncio
+
+    async def main():
+        async with clce_client.AsyncClient(",".join(r.url for r in pair), transport="tcp") as client:
+            g = torch.Generator().manual_seed(4)
+            W = torch.randn(V, H, generator=g).mul_(0.05).requires_grad_(True)
+            W_ref = W.detach().clone().requires_grad_(True)
+            for _ in range(4):
+                h = torch.randn(N, H, generator=g)
+                y = torch.randint(0, V, (N,), generator=g)
+                loss = await client.linear_cross_entropy(h, W, y, weight_name="async-head", accumulate=True)
+                loss.backward()
+                F.cross_entropy(F.linear(h, W_ref), y).backward()
+            weights = weights_of(client)
+            await weights.flush()
+            torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-4, atol=1e-6)
+            assert weights.uploads == 1 and weights.replayed == 0
+
+    asyncio.run(main())
