@@ -41,6 +41,7 @@ client error (4xx). `describe()` tells which transport a client uses.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import os
@@ -63,6 +64,7 @@ from .flows import BLOCKING as _BLOCKING
 from .flows import CHUNKS as _CHUNKS
 from .flows import RENEW as _RENEW
 from .flows import SEND as _SEND
+from .flows import SEND_AFFINE as _SEND_AFFINE
 from .flows import is_torch_tensor as _is_torch_tensor
 from .flows import prepared
 from clce_wire.options import options_doc, request_message
@@ -121,6 +123,11 @@ DEFAULT_RETRY_BUDGET_S = 30.0
 DEFAULT_MAX_CACHED_BYTES = 2 << 30
 _JITTER = 0.25          # waits are stretched by up to this fraction, at random
 _TRANSIENT_STATUS = (429, 503)
+#: the header naming a stored weight's affinity key (clce_client/linear.py sends it with every request
+#: about a stored weight): this client's replica choice hashes it, a load balancer hashes on it
+#: (docker/haproxy.cfg), and Ray Serve's proxy routes on it: the name is that of Serve's model
+#: multiplexing, so a weight is a multiplexed model (clce_server/ray.py)
+AFFINITY_HEADER = "serve_multiplexed_model_id"
 
 # Failures where the request certainly or possibly never reached a working server. The computation
 # is a pure function, so re-sending is always safe.
@@ -358,7 +365,8 @@ def _parse_urls(url: Union[str, Sequence[str], None]) -> list[str]:
 
 
 class _Replicas:
-    """Round-robin over replicas; ones that failed recently go to the back of the line."""
+    """Round-robin over replicas (the loss routes), or a stored weight's own order (`order_for`);
+    ones that failed recently go to the back of the line."""
 
     def __init__(self, urls: list[str]):
         self.urls = urls
@@ -373,6 +381,17 @@ class _Replicas:
         rotated = [(start + i) % n for i in range(n)]
         now = time.monotonic()
         return sorted(rotated, key=lambda i: self._down_until[i] > now)
+
+    def order_for(self, key: str) -> list[int]:
+        """A stored weight's replicas, by rendezvous (highest random weight) hashing of its affinity
+        key with each URL: every request about the weight (uploads, micro-batches, the flush) goes
+        to the first one that is up, where its version and accumulator are; when that one fails,
+        the next in this order, the same for every client, takes the weight over, and a replica
+        added or removed moves only the weights it ranks first."""
+        now = time.monotonic()
+        ranked = sorted(range(len(self.urls)), reverse=True, key=lambda i: hashlib.blake2b(
+            f"{key}\n{self.urls[i]}".encode(), digest_size=8).digest())
+        return sorted(ranked, key=lambda i: self._down_until[i] > now)
 
     def mark_down(self, i: int) -> None:
         self._down_until[i] = time.monotonic() + _DOWN_SECONDS
@@ -527,10 +546,13 @@ class _Attempts:
     down or not ready (the first time in a request) or when the wait is longer than a second,
     else at INFO."""
 
-    def __init__(self, client: _BaseClient):
+    def __init__(self, client: _BaseClient, affinity: str | None = None):
         self.client = client
         self.replicas = client._replicas
-        self.order = self.replicas.order()
+        #: a stored weight's affinity key: its replicas in their hash order, and a busy one (429)
+        #: is waited for rather than left (moving would upload the weight and split its accumulator)
+        self.affinity = affinity
+        self.order = self.replicas.order() if affinity is None else self.replicas.order_for(affinity)
         self.started = time.monotonic()
         self.connection_failures = 0
         self.rounds = 0
@@ -563,7 +585,7 @@ class _Attempts:
     def _new_round(self, delay: float) -> None:
         self.rounds += 1
         self.tried, self.wait = [], None
-        self.order = self.replicas.order()
+        self.order = self.replicas.order() if self.affinity is None else self.replicas.order_for(self.affinity)
         self.pending = (self.order[0], delay)
 
     def connection_failed(self, i: int, exc: BaseException) -> None:
@@ -626,7 +648,7 @@ class _Attempts:
             self.wait = err.retry_after if self.wait is None else min(self.wait, err.retry_after)
         budget = self.client.retry_budget_s
         kind = "unavailable" if resp.status == 503 else None   # 429 is a busy server's ordinary answer
-        nxt = self._next_replica()
+        nxt = self._next_replica() if resp.status == 503 or self.affinity is None else None
         if nxt is not None and budget > 0:
             self._log(kind, 0.0, "%s answered %d (%s): %s; trying %s", url + path, resp.status, err.code,
                       err.message, self.replicas.urls[nxt])
@@ -1237,6 +1259,10 @@ class Client(_BaseClient):
                 elif kind == _SEND:
                     (call,) = args
                     result = self._request(call.method, call.path, call.segments, call.nbytes)
+                elif kind == _SEND_AFFINE:
+                    (call,) = args
+                    result = self._request(call.method, call.path, call.segments, call.nbytes,
+                                           affinity=call.affinity)
                 elif kind == _CHUNKS:
                     result = self._send_chunks(*args)
                 elif kind == _RENEW:
@@ -1269,8 +1295,10 @@ class Client(_BaseClient):
                 self._move_arena(arena, self.info(), cause)
 
     def _once(self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None,
-              cancel: Any = None) -> _Response:
+              cancel: Any = None, affinity: str | None = None) -> _Response:
         headers = self._headers(nbytes if segments is not None else None)
+        if affinity is not None:
+            headers[AFFINITY_HEADER] = affinity
         content = None
         if segments is not None:
             content = b"".join(segments) if nbytes <= self.chunk_bytes else self._body_chunks(segments, cancel)
@@ -1283,8 +1311,8 @@ class Client(_BaseClient):
             return _Response(resp.status_code, resp.headers, reader.done())
 
     def _request(self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
-                 into: Any = None, cancel: Any = None) -> _Response:
-        attempts = _Attempts(self)
+                 into: Any = None, cancel: Any = None, affinity: str | None = None) -> _Response:
+        attempts = _Attempts(self, affinity)
         while True:
             i, delay = attempts.next()
             if delay:
@@ -1293,7 +1321,7 @@ class Client(_BaseClient):
                 cancel()
             url = self._replicas.urls[i] + path
             try:
-                resp = self._once(method, url, segments, nbytes, into, cancel)
+                resp = self._once(method, url, segments, nbytes, into, cancel, affinity)
             except _RETRYABLE as exc:
                 self._raise_if_permanent(exc, i)
                 attempts.connection_failed(i, exc)
@@ -1420,6 +1448,10 @@ class AsyncClient(_BaseClient):
                 elif kind == _SEND:
                     (call,) = args
                     result = await self._request(call.method, call.path, call.segments, call.nbytes)
+                elif kind == _SEND_AFFINE:
+                    (call,) = args
+                    result = await self._request(call.method, call.path, call.segments, call.nbytes,
+                                                 affinity=call.affinity)
                 elif kind == _CHUNKS:
                     result = await self._send_chunks(*args)
                 elif kind == _RENEW:
@@ -1452,8 +1484,10 @@ class AsyncClient(_BaseClient):
                 await asyncio.to_thread(self._move_arena, arena, info, cause)
 
     async def _once(self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None,
-                    cancel: Any = None) -> _Response:
+                    cancel: Any = None, affinity: str | None = None) -> _Response:
         headers = self._headers(nbytes if segments is not None else None)
+        if affinity is not None:
+            headers[AFFINITY_HEADER] = affinity
         content = None
         if segments is not None:
             content = b"".join(segments) if nbytes <= self.chunk_bytes else _aiter(self._body_chunks(segments, cancel))
@@ -1466,8 +1500,8 @@ class AsyncClient(_BaseClient):
             return _Response(resp.status_code, resp.headers, reader.done())
 
     async def _request(self, method: str, path: str, segments: list[Segment] | None = None, nbytes: int = 0,
-                       into: Any = None, cancel: Any = None) -> _Response:
-        attempts = _Attempts(self)
+                       into: Any = None, cancel: Any = None, affinity: str | None = None) -> _Response:
+        attempts = _Attempts(self, affinity)
         while True:
             i, delay = attempts.next()
             if delay:
@@ -1476,7 +1510,7 @@ class AsyncClient(_BaseClient):
                 cancel()
             url = self._replicas.urls[i] + path
             try:
-                resp = await self._once(method, url, segments, nbytes, into, cancel)
+                resp = await self._once(method, url, segments, nbytes, into, cancel, affinity)
             except _RETRYABLE as exc:
                 self._raise_if_permanent(exc, i)
                 attempts.connection_failed(i, exc)

@@ -10,6 +10,7 @@ from typing import Any
 ARENA = "arena"        # (nbytes): the arena this call may use, or None (asks /v1/info once)
 BLOCKING = "blocking"  # (fn, args): Unix-socket registration or a big copy: a thread for AsyncClient
 SEND = "send"          # (call): send the call's one request (call.method, call.path); the response
+SEND_AFFINE = "send_affine"   # (request): SEND for a stored weight: to its replica, with its affinity header
 CHUNKS = "chunks"      # (pipe): send the row chunks; (message, timing) of the whole batch
 RENEW = "renew"        # (arena, generation, cause): move the arena to a new server instance
 OFFLOAD_BYTES = 1 << 20   # the async client prepares calls at least this big in a thread

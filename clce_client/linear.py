@@ -54,6 +54,7 @@ the same for every row, as loss.sum() or loss.mean() give).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import inspect
 import itertools
@@ -74,13 +75,16 @@ from .flows import ARENA as _ARENA
 from .flows import BLOCKING as _BLOCKING
 from .flows import RENEW as _RENEW
 from .flows import SEND as _SEND
+from .flows import SEND_AFFINE as _SEND_AFFINE
 from .flows import is_torch_tensor as _is_torch_tensor
 from .flows import prepared
 
 LINEAR_PATH = "/v1/linear_cross_entropy"
 OPTION_NAMES = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift")
 RESULT_NAMES = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")
-#: how many times one call uploads its weight again after the server said it no longer has it
+#: how many times one call uploads its weight again after the server said it no longer has it,
+#: beyond one per replica (the weight moving to the next replica as each fails), within the
+#: client's retry budget
 _REUPLOADS = 2
 #: how many rounds of replay a flush tries (each round: replay what is lost, take it again)
 _REPLAY_ROUNDS = 3
@@ -114,10 +118,12 @@ def _widened(a: np.ndarray) -> np.ndarray:
 
 
 class _Request:
-    """One request of a flow, as `_SEND` sends it; `placement`: the shared memory it uses."""
+    """One request of a flow, as `_SEND` sends it; `placement`: the shared memory it uses;
+    `affinity`: a stored weight's affinity key (sent as `_SEND_AFFINE`, to the weight's replica)."""
 
-    def __init__(self, method: str, path: str, msg: dict[str, Any], placement: Any = None):
-        self.method, self.path, self.placement = method, path, placement
+    def __init__(self, method: str, path: str, msg: dict[str, Any], placement: Any = None,
+                 affinity: str | None = None):
+        self.method, self.path, self.placement, self.affinity = method, path, placement, affinity
         self.segments = encode_message(msg)
         self.nbytes = message_nbytes(self.segments)
 
@@ -161,10 +167,27 @@ class LinearWeights:
         #: storing under the same name replaces them, and is never taken for them
         self.owner = f"{os.getpid():x}.{os.urandom(4).hex()}"
 
+        #: what the affinity keys of this client's weights start with: its tenant's API key, hashed
+        #: (a tenant's weight of a name is another tenant's weight of another key; the key never
+        #: leaves in the clear)
+        key = getattr(client, "_api_key", None) or ""
+        self._tenant_tag = hashlib.blake2b(key.encode(), digest_size=6, person=b"clce-affinity").hexdigest()
+
         #: uploads made (a version crossing the wire), for tests and benchmarks
         self.uploads = 0
+        #: the latest uploads as (name, version, instance of the server that took it): where each
+        #: version went, so that a test or a benchmark can check one upload per replica and version
+        self.upload_log: collections.deque = collections.deque(maxlen=1024)
         #: micro-batches replayed at a flush because the server had lost them
         self.replayed = 0
+
+    def affinity(self, name: str) -> str:
+        """The affinity key of the weight `name`: "<tenant tag>.<name>", sent in the
+        serve_multiplexed_model_id header with every request about the weight (its uploads, its
+        micro-batches, its flush). The multi-replica client, a load balancer hashing the header,
+        and Ray Serve's multiplexing (the weight as a model) all send them to one replica, where
+        the weight and its accumulator are."""
+        return f"{self._tenant_tag}.{name}"
 
     def _token(self, t: Any) -> int:
         key = id(t)
@@ -202,11 +225,13 @@ class LinearWeights:
                 raise RuntimeError(f"weight {name!r} changed before its accumulated gradient was taken: "
                                    "call flush() (LinearWeights.attach(optimizer) does it before each step)")
 
-    def stored(self, name: str, version: str, placement: Any) -> None:
-        """The server holds `version` of `name` (in `placement`'s shared memory, kept until replaced)."""
+    def stored(self, name: str, version: str, placement: Any, instance: str | None = None) -> None:
+        """The server (its `instance`) holds `version` of `name` (in `placement`'s shared memory,
+        kept until replaced)."""
         with self._lock:
             self._stored[name] = (version, placement)
             self.uploads += 1
+            self.upload_log.append((name, version, instance))
 
     def forget(self, name: str) -> None:
         """The server no longer has `name` (evicted, restarted): the next call uploads it."""
@@ -320,8 +345,8 @@ class LinearWeights:
                 if arena is not None and nbytes >= client.shm_min_bytes:
                     placement = yield _BLOCKING, (_place, (arena, [("grad_weight", None, nbytes)]))
                     msg["grad_weight_region"], msg["grad_weight_offset"] = placement.refs["grad_weight"]
-                request = _Request("POST", f"/v1/weights/{name}/grad", msg, placement)
-                resp = yield _SEND, (request,)
+                request = _Request("POST", f"/v1/weights/{name}/grad", msg, placement, self.affinity(name))
+                resp = yield _SEND_AFFINE, (request,)
                 answer = client._decode(resp)
             except errors.ClceError as exc:
                 if isinstance(exc, errors.NotFound) and "upload it again" in str(exc):
@@ -545,7 +570,7 @@ class LinearCall:
         placement = _place(arena, parts) if arena is not None else None
         for key, arr, _ in parts:
             msg[key] = placement.ref(key, dtype_name(arr.dtype), arr.shape) if placement is not None else arr
-        return _Request("PUT", f"/v1/weights/{self.weight_name}", msg, placement)
+        return _Request("PUT", f"/v1/weights/{self.weight_name}", msg, placement, self.weights.affinity(self.weight_name))
 
     def _request(self, arena: Any) -> _Request:
         msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "accumulate": self.accumulate, "want_grad": self.want_grad,
@@ -572,15 +597,20 @@ class LinearCall:
                 if not self.accumulate:
                     msg["grad_weight_region"], msg["grad_weight_offset"] = placement.refs["grad_weight"]
         msg.update(tensors)
-        return _Request("POST", LINEAR_PATH, msg, placement)
+        affinity = None if self.weight_name is None else self.weights.affinity(self.weight_name)
+        return _Request("POST", LINEAR_PATH, msg, placement, affinity)
 
     def flow(self) -> Any:
         """The call as I/O steps (clce_client/client.py's flow kinds); returns the result fields.
         Uploads the weight first when the server lacks this version; uploads again (and retries)
-        when the server answers that it no longer has it; moves the arena to a restarted server."""
+        when the server answers that it no longer has it (evicted, expired, restarted, or the weight
+        moved to this replica because its own failed), to the replica that answered, since the
+        upload goes where the call goes (the weight's affinity), within the retry budget; moves the
+        arena to a restarted server."""
         client = self.client
         deadline = time.monotonic() + client.retry_budget_s
         reuploads = 0
+        max_reuploads = _REUPLOADS + len(client.urls)
         while True:
             arena = yield _ARENA, (self.nbytes,)
             if arena is not None and self.nbytes < client.shm_min_bytes:
@@ -597,10 +627,10 @@ class LinearCall:
                     if not self.weights.is_stored(self.weight_name, self.version):
                         request = yield from prepared(self._upload, (arena,), arena=arena,
                                                       nbytes=self._weight_np.nbytes)
-                        yield _SEND, (request,)
-                        self.weights.stored(self.weight_name, self.version, request.placement)
+                        put = client._decode((yield _SEND_AFFINE, (request,)))
+                        self.weights.stored(self.weight_name, self.version, request.placement, put.get("instance"))
                 request = yield from prepared(self._request, (arena,), arena=arena, nbytes=self.nbytes)
-                resp = yield _SEND, (request,)
+                resp = yield (_SEND if request.affinity is None else _SEND_AFFINE), (request,)
                 msg = client._decode(resp)
                 self.placement = request.placement
                 self.result = {k: _received(msg, k, request.placement) for k in RESULT_NAMES}
@@ -614,7 +644,8 @@ class LinearCall:
                 return self.result
             except errors.ClceError as exc:
                 if (isinstance(exc, errors.NotFound) and self.weight_name is not None
-                        and "upload it again" in str(exc) and reuploads < _REUPLOADS):
+                        and "upload it again" in str(exc) and reuploads < max_reuploads
+                        and time.monotonic() < deadline):
                     reuploads += 1
                     self.weights.forget(self.weight_name)
                     continue

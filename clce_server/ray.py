@@ -26,6 +26,24 @@ Environment (read where the application is built, i.e. by `serve run`; each repl
   Serve's default (5) would leave the replica's own weighted fair scheduler with almost nothing
   to schedule; admission (429) stays the replica's.
 
+* ``CLCE_RAY_MAX_WEIGHTS`` (64): stored weights one replica keeps (Serve's
+  ``max_num_models_per_replica``, below); beyond it the least recently used one is dropped.
+
+Stored weights are Serve's multiplexed models. The client sends every request about a stored
+weight (its upload, the linear calls that use it, its flush) with the weight's affinity key in
+the ``serve_multiplexed_model_id`` header (clce_client.client.AFFINITY_HEADER). Serve's proxy
+routes a model's requests to the replica that has loaded it, and loads it on another one (the
+replica with the fewest) only when none has. Here "loading" is the upload: a PUT of the weight
+loads it into the replica's multiplexed cache (`ClceDeployment.weight_slot`, a `@serve.multiplexed`
+loader) and the weight store keeps its bytes; the other requests only mark it recently used. So
+a weight's versions, its micro-batches and its flush all reach the replica holding its
+accumulator, and a weight crosses the wire once per version. The cache is the store's routing
+table: when Serve evicts a weight from it (``CLCE_RAY_MAX_WEIGHTS``), the replica deletes the
+weight from its store; a weight the store dropped on its own (budget, idle) answers "not stored"
+and the client uploads it again to that replica. A replica that dies takes its weights with it:
+their next request is routed to another replica, which answers "not stored", the client uploads
+the weight there, and a flush missing micro-batches replays them (clce_client/linear.py).
+
 Lifespan: Serve runs the FastAPI lifespan when a replica starts. The app's lifespan opens the
 devices in a background thread; here it is wrapped so that start-up also waits until the kernels
 are built and warm, so Serve marks a replica RUNNING (and routes to it) only once it can compute,
@@ -37,8 +55,11 @@ scheduler reports a stopped device worker (`Scheduler.check_health`).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import os
+import re
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +72,16 @@ from .config import Settings
 __all__ = ["app", "build_app", "ClceDeployment", "deployment_options", "fastapi_app"]
 
 READY_TIMEOUT_S = float(os.environ.get("CLCE_RAY_READY_TIMEOUT_S", "900"))
+#: the multiplexing header Serve's proxy routes on, which the client sends with a stored weight's
+#: requests (clce_client.client.AFFINITY_HEADER; Ray >= 2.32 reads it with '_', newer ones '-' too)
+MODEL_ID_HEADER = "serve_multiplexed_model_id"
+#: how long an upload that loaded a weight onto this replica waits before it answers: Serve's
+#: replica pushes its model ids to the controller every 0.1 s, which passes them on to the routers;
+#: answering after they know sends the weight's next request here, rather than to the replica with
+#: the fewest models (which would answer "not stored" and take a second upload). Once per weight
+#: and replica, not per version. Serve exposes no event for it, hence a time.
+ROUTE_SETTLE_S = float(os.environ.get("CLCE_RAY_ROUTE_SETTLE_S", "0.5"))
+_PUT_WEIGHT = re.compile(r"^/v1/weights/([^/]+)$")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -115,9 +146,81 @@ class BytesBodies:
         await self.app(scope, receive, send_bytes)
 
 
+def _env_max_weights() -> int:
+    n = _env_int("CLCE_RAY_MAX_WEIGHTS", 64)
+    if n < 1:
+        raise ValueError(f"CLCE_RAY_MAX_WEIGHTS must be >= 1, got {n}")
+    return n
+
+
+class WeightSlot:
+    """A stored weight in a replica's multiplexed-model cache: its model id (the affinity key)
+    and what the replica's weight store holds under it, each (tenant, name) that was uploaded.
+    Serve calls `__del__` when it evicts the slot (in a thread): the store lets those go too, so
+    that the store holds what Serve routes here."""
+
+    def __init__(self, model_id: str, replica: "ClceDeployment"):
+        self.model_id = model_id
+        self.replica = replica
+        self.uploaded: dict[tuple[str, str], tuple[Any, str]] = {}
+        self._lock = threading.Lock()
+        self._released = False
+
+    def note_upload(self, tenant: Any, name: str) -> None:
+        with self._lock:
+            self.uploaded[(tenant.name, name)] = (tenant, name)
+
+    def __del__(self) -> None:
+        # Serve calls this at eviction, and the garbage collector again later: release once
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            uploaded, self.uploaded = list(self.uploaded.values()), {}
+        self.replica._slot_released(self)
+        store = self.replica._weight_store()
+        for tenant, name in uploaded:
+            store.delete(tenant, name)
+
+
+class WeightAffinity:
+    """ASGI middleware: a request about a stored weight (it carries Serve's multiplexed model id)
+    goes through the replica's multiplexed cache: an upload (PUT /v1/weights/NAME) loads the weight
+    here, any other request about it marks it recently used. Serve's proxy routes by that cache."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        replica = _REPLICA[0]
+        if scope["type"] == "http" and replica is not None:
+            model_id = _model_id(scope)
+            if model_id:
+                await replica.weight_request(model_id, scope)
+        await self.app(scope, receive, send)
+
+
+def _model_id(scope) -> str:
+    """The request's multiplexed model id: Serve's request context, else the header itself."""
+    try:
+        model_id = serve.get_multiplexed_model_id()
+    except Exception:   # outside a Serve request context (the app served some other way)
+        model_id = ""
+    if model_id:
+        return model_id
+    for key, value in scope.get("headers", ()):
+        if key.decode("latin-1").lower().replace("-", "_") == MODEL_ID_HEADER:
+            return value.decode("latin-1")
+    return ""
+
+
+#: this process's replica (each Serve replica is an actor process of its own), set by its constructor
+_REPLICA: list[Any] = [None]
+
 # The app every replica serves: exactly build_app's (same routes, errors, metrics, status page).
 fastapi_app = build_server_app(Settings())
 _wait_ready_on_startup(fastapi_app)
+fastapi_app.add_middleware(WeightAffinity)
 fastapi_app.add_middleware(BytesBodies)
 
 
@@ -129,6 +232,56 @@ class ClceDeployment:
     def __init__(self) -> None:
         # The app's lifespan (run by Serve right after this constructor) opens the devices.
         self.created = time.time()
+        self._slots: dict[str, WeightSlot] = {}
+        #: the loop this replica's requests (and its multiplexed cache) run on: Serve's user-code loop
+        self._loop = asyncio.get_running_loop()
+        # Serve ships this class (made by serve.ingress) and the app to the replica by value, with
+        # copies of the module's globals; the middleware is this module's by reference: it finds
+        # the replica in the module as imported here
+        importlib.import_module(__name__)._REPLICA[0] = self
+
+    @serve.multiplexed(max_num_models_per_replica=_env_max_weights())
+    async def weight_slot(self, model_id: str) -> WeightSlot:
+        """Serve's multiplexed loader: a weight's slot on this replica (the upload that called it
+        brings the bytes). Serve routes the model id's requests here from now on."""
+        slot = self._slots[model_id] = WeightSlot(model_id, self)
+        await asyncio.sleep(ROUTE_SETTLE_S)   # see ROUTE_SETTLE_S: the routers learn of it meanwhile
+        return slot
+
+    async def weight_request(self, model_id: str, scope) -> None:
+        """A request about a stored weight: an upload loads its slot here (and notes what it
+        stores, for the eviction), another request marks a slot already here recently used; a
+        request for a weight this replica never took gets "not stored" from the route, and its
+        upload then loads it where Serve routes it."""
+        put = _PUT_WEIGHT.match(scope.get("path", "")) if scope.get("method") == "PUT" else None
+        if put is None and model_id not in self._slots:
+            return
+        slot = await self.weight_slot(model_id)
+        if put is not None:
+            from .deps import tenant_for
+
+            state = self._app_state()
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            try:
+                tenant = tenant_for(state, headers.get("authorization"))
+            except Exception:   # the route answers it (401); nothing is stored
+                return
+            slot.note_upload(tenant, put.group(1))
+
+    def _slot_released(self, slot: WeightSlot) -> None:
+        if self._slots.get(slot.model_id) is slot:
+            del self._slots[slot.model_id]
+
+    def _weight_store(self):
+        from .routes.linear import weight_store
+
+        return weight_store(self._app_state())
+
+    def _app_state(self):
+        state = self._state()
+        if state is None:   # the lifespan runs before Serve routes a request here
+            raise RuntimeError("clce replica: the app's state is not set up yet")
+        return state
 
     def _state(self):
         asgi = getattr(self, "app", None) or getattr(self, "_asgi_app", None)

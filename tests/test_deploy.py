@@ -349,6 +349,29 @@ def test_load_balancer_names_every_replica():
     assert "http-buffer-request" not in cfg, "large bodies must stream, not be buffered by the proxy"
 
 
+def test_load_balancer_hashes_stored_weights_on_the_affinity_header():
+    """A stored weight's requests (the client's affinity header) go to a backend that hashes the
+    header consistently over the same replicas; everything else, the loss routes included, to the
+    leastconn backend."""
+    from clce_client.client import AFFINITY_HEADER
+
+    cfg = (DOCKER / "haproxy.cfg").read_text()
+    frontend = cfg.split("frontend clce\n", 1)[1].split("\nbackend", 1)[0]
+    assert re.search(rf"^\s*use_backend clce_weights if {{ req\.hdr\({AFFINITY_HEADER}\) -m found }}$", frontend, re.M)
+    assert re.search(r"^\s*default_backend clce$", frontend, re.M)
+    plain = cfg.split("\nbackend clce\n", 1)[1].split("\n\n", 1)[0]
+    weights = cfg.split("\nbackend clce_weights\n", 1)[1].split("\n\n", 1)[0]
+    assert re.search(r"^\s*balance leastconn$", plain, re.M)
+    assert re.search(rf"^\s*balance hdr\({AFFINITY_HEADER}\)$", weights, re.M)
+    assert re.search(r"^\s*hash-type consistent$", weights, re.M)
+    servers = dict(re.findall(r"^\s*server (\S+) ([\w.-]+:8000)$", plain, re.M))
+    tracked = {name: (addr, track) for name, addr, track in
+               re.findall(r"^\s*server (\S+) ([\w.-]+:8000) track clce/(\S+)$", weights, re.M)}
+    assert servers and set(tracked) == set(servers)
+    for name, (addr, track) in tracked.items():
+        assert addr == servers[name] and track == name, (name, addr, track)
+
+
 def test_prometheus_scrapes_every_replica():
     compose = load_compose("compose.yaml")
     prom = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
@@ -538,10 +561,36 @@ def test_k8s_deployment_contract():
     assert "emptyDir" in cache_volume or "persistentVolumeClaim" in cache_volume
 
 
+def test_k8s_ingress_hashes_stored_weights_on_the_affinity_header():
+    from clce_client.client import AFFINITY_HEADER
+
+    deployment = k8s_kind("Deployment", "clce")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    main, weights = k8s_kind("Ingress", "clce"), k8s_kind("Ingress", "clce-weights")
+
+    def services(ingress: dict) -> set[tuple[str, str]]:
+        return {(rule["host"], p["path"], p["backend"]["service"]["name"])
+                for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
+
+    assert {s for _, _, s in services(main)} == {"clce"}
+    assert {s for _, _, s in services(weights)} == {"clce-weights"}
+    # the canary takes the same host and paths, for requests that carry the header
+    assert {(h, p) for h, p, _ in services(weights)} == {(h, p) for h, p, _ in services(main)}
+    notes = weights["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/canary"] == "true"
+    assert notes["nginx.ingress.kubernetes.io/canary-by-header"] == AFFINITY_HEADER
+    assert notes["nginx.ingress.kubernetes.io/upstream-hash-by"] == f"$http_{AFFINITY_HEADER}"
+    assert "upstream-hash-by" not in str(main["metadata"]["annotations"])
+    # bodies up to the pods' own limit, streamed
+    assert main["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "0"
+    for name in ("clce", "clce-weights"):
+        assert k8s_kind("Service", name)["spec"]["selector"].items() <= pod_labels.items()
+
+
 def test_k8s_service_and_hpa_target_the_deployment():
     deployment = k8s_kind("Deployment", "clce")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    service = k8s_kind("Service")
+    service = k8s_kind("Service", "clce")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     hpa = k8s_kind("HorizontalPodAutoscaler")
     ref = hpa["spec"]["scaleTargetRef"]

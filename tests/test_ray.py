@@ -3,12 +3,19 @@
 Needs `pip install "ray[serve]"` (the `ray` extra) and an OpenCL device (PoCL's CPU device in CI).
 The client talks to Serve's proxy exactly as to one server; results are checked against
 torch.nn.functional.cross_entropy, and /v1/info's instance_id shows both replicas answered.
+
+Stored weights are Serve's multiplexed models (the client's serve_multiplexed_model_id header): a
+2000x64 head's 12 calls of one version cost one upload; weights spread over both replicas and each
+stays on one; accumulate=True over 4 steps of 4 micro-batches equals torch's with no micro-batch
+replayed; Serve evicting a weight drops it from the replica's store; the replica holding a weight
+killed mid-step costs one upload on the other and a replay of the lost micro-batches, still exact.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +33,8 @@ except Exception as exc:  # not installed, or broken for this Python
     pytest.skip(f"ray[serve] is not importable ({exc!r}); pip install 'ray[serve]'", allow_module_level=True)
 
 from clce_client import Client  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -130,3 +139,172 @@ def test_both_replicas_answer(serve_url):
     status = httpx.get(serve_url + "/v1/status", timeout=10).json()
     assert status["instance_id"] in seen and status["ready"]
     assert status["scheduler"]["tenants"]["default"]["completed"] > 0
+
+
+# ---- stored weights: Serve's model multiplexing routes a weight's requests to its replica ----------
+
+def _replica_actors() -> dict[str, object]:
+    """Each live clce replica actor by the instance id its answers carry."""
+    from ray.util import list_named_actors
+
+    out = {}
+    for entry in list_named_actors(all_namespaces=True):
+        if "SERVE_REPLICA" in entry["name"] and "clce" in entry["name"]:
+            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+            try:
+                instance = ray.get(actor.__ray_call__.remote(
+                    lambda _: __import__("clce_server.ray").ray._REPLICA[0]._state().instance_id), timeout=30)
+            except Exception:   # a replica that died or is going
+                continue
+            out[instance] = actor
+    return out
+
+
+@pytest.fixture(scope="module")
+def local():
+    from linear_training import local_steps
+
+    return local_steps()
+
+
+def test_stored_weight_goes_to_one_replica_through_serve(serve_url):
+    """12 calls of one version of a 2000x64 head: one upload, every call exact, none failed."""
+    from clce_client.linear import weights_of
+    from linear_training import H, N, V
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(V, H, generator=g).mul_(0.05).requires_grad_(True)
+    W_ref = W.detach().clone().requires_grad_(True)
+    failed = 0
+    with Client(serve_url, transport="tcp") as client:
+        for _ in range(12):
+            h = torch.randn(N, H, generator=g, requires_grad=True)
+            y = torch.randint(0, V, (N,), generator=g)
+            try:
+                loss = client.linear_cross_entropy(h, W, y, weight_name="ray-head")
+                loss.backward()
+            except Exception:   # what this test counts: want none
+                failed += 1
+                continue
+            h_ref = h.detach().clone().requires_grad_(True)
+            ref = F.cross_entropy(F.linear(h_ref, W_ref), y)
+            ref.backward()
+            torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
+        weights = weights_of(client)
+        assert failed == 0
+        torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-4, atol=1e-6)
+        assert weights.uploads == 1, list(weights.upload_log)
+        print(f"ray stored: uploads {weights.uploads} for 1 version, failed calls {failed} of 12")
+
+
+def test_weights_spread_over_serve_replicas_and_each_stays_on_one(serve_url):
+    from clce_client.linear import weights_of
+
+    g = torch.Generator().manual_seed(2)
+    names = [f"ray-layer{i}" for i in range(8)]
+    Ws = {n: torch.randn(64, 16, generator=g) for n in names}
+    with Client(serve_url, transport="tcp") as client:
+        for _ in range(3):
+            for n, W in Ws.items():
+                h = torch.randn(8, 16, generator=g)
+                y = torch.randint(0, 64, (8,), generator=g)
+                with torch.no_grad():
+                    loss = client.linear_cross_entropy(h, W, y, weight_name=n)
+                torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, W), y), rtol=1e-5, atol=1e-6)
+        weights = weights_of(client)
+        where = [instance for _, _, instance in weights.upload_log]
+        assert weights.uploads == len(names), list(weights.upload_log)
+        # Serve loads a model nobody holds on the replica with the fewest: both take weights
+        assert len(set(where)) == 2, where
+
+
+def test_accumulated_steps_equal_torch_through_serve(serve_url, local):
+    from clce_client.linear import weights_of
+    from linear_training import STEPS, per_version, train
+
+    with Client(serve_url, transport="tcp", retry_budget_s=60) as client:
+        worst, refused = train(client, local)
+        weights = weights_of(client)
+        assert refused == [] and len(worst) == STEPS
+        assert weights.replayed == 0     # every step's micro-batches and flush met one accumulator
+        uploads = per_version(weights)
+        assert weights.uploads == STEPS and all(len(w) == 1 for w in uploads.values()), uploads
+        print(f"ray accumulate: {len(worst)} of {STEPS} steps exact (worst {max(worst):.2e}), "
+              f"uploads {weights.uploads} for {STEPS} versions, replayed {weights.replayed}")
+
+
+def _evict(model_id: str):
+    """On a replica: Serve's own eviction of its least recently used multiplexed model (what it
+    does beyond CLCE_RAY_MAX_WEIGHTS), until `model_id` is gone; the names its store still holds."""
+
+    def run(_actor):
+        import asyncio
+
+        import clce_server.ray as clce_ray
+
+        replica = clce_ray._REPLICA[0]
+        cache = getattr(replica, "__serve_multiplex_wrapper")   # @serve.multiplexed's, per replica
+
+        async def evict() -> None:
+            while model_id in replica._slots:
+                await cache.unload_model_lru()
+
+        asyncio.run_coroutine_threadsafe(evict(), replica._loop).result(30)
+        return sorted(name for _, name in replica._weight_store()._weights)
+
+    return run
+
+
+def test_a_weight_serve_evicts_is_dropped_from_the_replicas_store(serve_url):
+    """Serve evicting a weight from a replica's multiplexed cache deletes it from that replica's
+    store (the store holds what Serve routes there); its next call uploads it again, exact."""
+    from clce_client.linear import weights_of
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(64, 16, generator=g)
+
+    def call():
+        h, y = torch.randn(8, 16, generator=g), torch.randint(0, 64, (8,), generator=g)
+        with torch.no_grad():
+            loss = client.linear_cross_entropy(h, W, y, weight_name="ray-evict")
+        torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, W), y), rtol=1e-5, atol=1e-6)
+
+    with Client(serve_url, transport="tcp") as client:
+        weights = weights_of(client)
+        call()
+        call()
+        assert weights.uploads == 1
+        holder = weights.upload_log[-1][2]
+        held = ray.get(_replica_actors()[holder].__ray_call__.remote(_evict(weights.affinity("ray-evict"))),
+                       timeout=60)
+        assert "ray-evict" not in held, held
+        call()                       # the same version: "not stored", uploaded again, exact
+        assert weights.uploads == 2, list(weights.upload_log)
+
+
+def test_the_weights_replica_killed_mid_step_through_serve(serve_url, local):
+    """The replica holding the head is killed (ray.kill) between micro-batches 2 and 3 of step 1:
+    Serve routes the weight to the other replica, which answers "not stored"; the client uploads it
+    there, the flush replays the 2 lost micro-batches, and every step equals torch's."""
+    from clce_client.linear import weights_of
+    from linear_training import STEPS, train
+
+    killed = []
+    with Client(serve_url, transport="tcp", retry_budget_s=120) as client:
+        weights = weights_of(client)
+
+        def kill() -> None:
+            holder = weights.upload_log[-1][2]
+            actors = _replica_actors()
+            assert holder in actors, (holder, sorted(actors))
+            ray.kill(actors[holder], no_restart=True)
+            killed.append(holder)
+
+        worst, refused = train(client, local, kill)
+        assert refused == [] and len(worst) == STEPS
+        assert weights.replayed == 2
+        after = [instance for _, _, instance in list(weights.upload_log)[-STEPS + 1:]]
+        assert killed[0] not in after, (killed, list(weights.upload_log))
+        print(f"ray killed mid-step: {len(worst)} of {STEPS} steps exact (worst {max(worst):.2e}), "
+              f"uploads {weights.uploads} for {STEPS} versions, replayed {weights.replayed}")
