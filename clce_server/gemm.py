@@ -81,12 +81,12 @@ class Gemm:
         t = self.tuning(product)
         return t["GEMM_MR"] * t["GEMM_MB"], t["GEMM_NB"] * t["GEMM_NV"] * t["GEMM_VW"]
 
-    def _kernel(self, tuning: dict[str, int], a_dtype: str, b_dtype: str) -> cl.Kernel:
+    def _kernel(self, tuning: dict[str, int], a_dtype: str, b_dtype: str, name: str = "gemm") -> cl.Kernel:
         key = (tuple(sorted(tuning.items())), a_dtype, b_dtype)
         cache = getattr(self._local, "kernels", None)
         if cache is None:
             cache = self._local.kernels = {}
-        k = cache.get(key)
+        k = cache.get((*key, name))
         if k is None:
             with self._lock:
                 prg = self._programs.get(key)
@@ -95,8 +95,25 @@ class Gemm:
                     opts = [f"-D{n}={v}" for n, v in defines.items()] + ["-cl-mad-enable"]
                     prg = self._programs[key] = cl.Program(self.device.context, kernel_source("gemm.cl")).build(
                         options=opts)
-            k = cache[key] = cl.Kernel(prg, "gemm")
+            k = cache[(*key, name)] = cl.Kernel(prg, name)
         return k
+
+    def bias_rows(self, n: int, V: int, bias: cl.Buffer, bias_dtype: str, C: cl.Buffer, ldc: int,
+                  wait_for=None) -> cl.Event:
+        """Enqueue C[i, j] = bias[j] for the n rows of an (n, ldc) float32 buffer (gemm.cl's
+        bias_rows: the forward product's beta-1 start on a device with memory of its own)."""
+        k = self._kernel(self.tuning("forward"), bias_dtype, "float32", "bias_rows")
+        k.set_args(np.uint32(n), np.uint32(V), bias, C, np.int64(ldc))
+        return cl.enqueue_nd_range_kernel(self.device.queue, k, (V, n), None, wait_for=wait_for)
+
+    def column_sums(self, n: int, V: int, G: cl.Buffer, ldg: int, out: cl.Buffer, wait_for=None) -> cl.Event:
+        """Enqueue out[j] += sum of G's n rows, in float64, rows in order (gemm.cl's column_sums:
+        the bias gradient, the same bits as the host path's numpy sum). Needs float64."""
+        if not self.device.has_fp64:
+            raise RuntimeError(f"column_sums needs float64, which {self.device.name!r} lacks")
+        k = self._kernel(self.tuning("forward"), "float32", "float32", "column_sums")
+        k.set_args(np.uint32(n), np.uint32(V), G, np.int64(ldg), out)
+        return cl.enqueue_nd_range_kernel(self.device.queue, k, (V,), None, wait_for=wait_for)
 
     def __call__(self, M: int, N: int, K: int, A: cl.Buffer, a_strides: tuple[int, int], B: cl.Buffer, ldb: int,
                  C: cl.Buffer, c_strides: tuple[int, int], *, alpha: float = 1.0, beta: float = 0.0,

@@ -94,7 +94,7 @@ class ServerState:
             from .device import open_devices
             from .engine import LossEngine
 
-            devices = open_devices(self.settings.device_selectors)
+            devices = open_devices(self.settings.device_selectors, memory=self.settings.device_memory)
             for dev in devices:
                 dev.build_startup_programs()
                 engine = LossEngine(dev)

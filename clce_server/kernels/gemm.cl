@@ -229,3 +229,31 @@ __kernel void gemm(const uint M, const uint N, const uint K, const float alpha, 
     else
         macro_tile(M, N, K, alpha, beta, A + a_off, sam, sak, B + b_off, ldb, C + c_off, scm, scn, mt0, n0, false);
 }
+
+/* ---- the linear cross-entropy's two small helpers on devices with memory of their own ----
+ * (on host-memory devices linear.py does both on the host arrays the kernels share) */
+
+/* C[i, j] = bias[j] (bias of A's element type, e.g. the weight's), i < n, j < V: the forward
+ * product then adds onto it (beta 1). One work-item per element, j fastest: coalesced. */
+__kernel void bias_rows(const uint n, const uint V, __global const a_t *bias, __global float *C, const long ldc) {
+    const uint j = get_global_id(0), i = get_global_id(1);
+    if (j < V && i < n)
+        C[(ulong)i * ldc + j] = LOAD_A(bias, j);
+}
+
+#if defined(cl_khr_fp64)
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+/* out[j] += sum over i < n of (double)G[i * ldg + j], the rows added in order from 0: the same
+ * bits as numpy's G.sum(axis=0, dtype=float64) added into out (linear.py's host path). One
+ * work-item per column, j fastest: each row's read is coalesced. */
+__kernel void column_sums(const uint n, const uint V, __global const float *G, const long ldg,
+                          __global double *out) {
+    const uint j = get_global_id(0);
+    if (j >= V)
+        return;
+    double s = 0.0;
+    for (uint i = 0; i < n; ++i)
+        s += (double)G[(ulong)i * ldg + j];
+    out[j] += s;
+}
+#endif

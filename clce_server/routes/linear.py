@@ -406,7 +406,7 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
                 added = False
                 try:
                     result = yield from lce.steps(problem, grad_weight=gw, grad_bias=gb, grad_hidden=grad_hidden,
-                                                  empty=scratch.take)
+                                                  empty=scratch.take, weight_key=stored)
                     added = True
                 finally:
                     if added:
@@ -416,7 +416,8 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
             return result
         return (yield from lce.steps(problem, want_grad_hidden=want_grad, want_grad_weight=want_grad,
                                      want_grad_bias=want_grad and bias is not None, grad_weight=gw_dest,
-                                     overwrite_grad_weight=True, grad_hidden=grad_hidden, empty=scratch.take))
+                                     overwrite_grad_weight=True, grad_hidden=grad_hidden, empty=scratch.take,
+                                     weight_key=stored))   # a stored version stays in device memory
 
     request_bytes = body.nbytes + req.shm_bytes
     nbytes = request_bytes + 4 * min(R, CHUNK_ROWS) * (V + H)            # the chunk's logits and hidden
