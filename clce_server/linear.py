@@ -58,7 +58,7 @@ from clce_wire.reduction import REDUCE_BLOCK_ROWS, combine_partials
 
 from . import semantics
 from .device import as_storage
-from .engine import LossEngine, _device_errors, _np_dtype, _RowBlock, to_device
+from .engine import LossEngine, PreparedLoss, _device_errors, _np_dtype, _RowBlock, to_device
 from .errors import ArgumentError
 from .gemm import Gemm
 
@@ -679,7 +679,6 @@ class _DiscretePath:
                     first_waits.append(ev)
                 t32 = np.where(p.targets == p.ignore_index, -1, p.targets).astype(np.int32)
                 cp = self._chunk_problem(p, chunk)
-                scalars = self.engine._scalars(cp)
                 # per-chunk buffers: the logits (and their gradient), two slots of streamed inputs
                 l_buf = alloc(chunk * V * 4)
                 g_buf = (l_buf if plan.in_place else alloc(chunk * V * 4)) if want_any else None
@@ -725,9 +724,10 @@ class _DiscretePath:
                     # the cross-entropy over the chunk, its gradient over the logits (or beside them)
                     blk = _RowBlock(0, n, x=l_buf, target=t_dev[slot], weight=cw_buf, grad=g_buf,
                                     row_loss=rl_buf, row_zloss=rz_buf)
-                    ev_ce = self.engine._launch_rows(cp, blk, 0, n, grad_dtype="float32", scalars=scalars)
-                    sums, red_secs = self.engine._reduce("float32", blk, reduction_block_starts(n), wait_for=[ev_ce])
-                    secs += _seconds(ev_ce) + red_secs
+                    prep = PreparedLoss(cp, self.engine, g_buf is not None, False, False, blocks=[blk])
+                    secs += self.engine.run_chunk(prep, (0, 0, n))
+                    sums, red_secs = self.engine._reduce("float32", blk, reduction_block_starts(n))
+                    secs += red_secs
                     partials.append(sums)
                     if p.reduction == "none":
                         rl = np.empty(n, np.float32)
