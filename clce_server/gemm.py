@@ -235,7 +235,8 @@ class Gemm:
 
 
 def _array(device: Device, buf: cl.Buffer):
-    """A float32 pyopencl array over a whole buffer (what pyclblast takes)."""
+    """A float32 pyopencl array over a whole buffer, 2-D as pyclblast checks (CLBlast itself reads
+    only the buffer, the offsets and leading dimensions it is given)."""
     import pyopencl.array as cla
 
-    return cla.Array(device.queue, (buf.size // 4,), np.float32, data=buf)
+    return cla.Array(device.queue, (buf.size // 4, 1), np.float32, data=buf)
