@@ -430,7 +430,7 @@ DEVICE_MEMORY_SHARE = 0.9
 #: resident device accumulator is used as is only while its host array is the one it last wrote
 #: (another device, a failed request or taking the gradient all break that)
 _ACC_COPIES: dict[int, tuple["weakref.ref", int]] = {}
-_ACC_LOCK = threading.Lock()
+_ACC_LOCK = threading.RLock()   # re-entrant: `gone` may run inside it, from a garbage collection
 _stamps = itertools.count(1)
 
 
@@ -480,7 +480,6 @@ class _Resident:
     dtype: np.dtype
     w: cl.Buffer
     b: cl.Buffer | None
-    ready: list                          # the upload's events
     nbytes: int
     gw: cl.Buffer | None = None
     gb: cl.Buffer | None = None
@@ -500,7 +499,7 @@ class _DiscretePath:
         self.copy_queue = cl.CommandQueue(dev.context, dev.cl_device,
                                           properties=cl.command_queue_properties.PROFILING_ENABLE)
         self.budget = int(dev.cl_device.global_mem_size * DEVICE_MEMORY_SHARE)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # re-entrant: `forget` may run inside it, from a garbage collection
         self._resident: dict[int, tuple[weakref.ref, _Resident]] = {}
         self._working = 0          # bytes of the requests running now
 
@@ -599,7 +598,10 @@ class _DiscretePath:
                 if p.bias is not None:
                     b = cl.Buffer(dev.context, MF.READ_ONLY, p.bias.nbytes)
                     evs.append(cl.enqueue_copy(cq, b, as_storage(p.bias), is_blocking=False))
-                r = _Resident(tuple(p.weight.shape), p.weight.dtype, w, b, evs,
+                # waited for here, once per version: the copies' events hold the host arrays (a
+                # region's mapping), which the resident copy must not keep alive
+                cl.wait_for_events(evs)
+                r = _Resident(tuple(p.weight.shape), p.weight.dtype, w, b,
                               p.weight.nbytes + (p.bias.nbytes if p.bias is not None else 0))
                 this = weakref.ref(self)
 
@@ -613,7 +615,7 @@ class _DiscretePath:
                 self._resident[id(key)] = (weakref.ref(key, forget), r)
             r.users += 1
             r.last_used = time.monotonic()
-        return r, r.w, r.b, r.ready
+        return r, r.w, r.b, []
 
     def _accumulator(self, r: _Resident | None, host: np.ndarray, what: str, owned: list,
                      waits: list) -> tuple[cl.Buffer, bool]:
@@ -670,7 +672,7 @@ class _DiscretePath:
                         gw_buf = alloc(V * H * 4)
                     else:
                         gw_buf, res_w = self._accumulator(resident, res.grad_weight, "gw", owned, first_waits)
-                if want_gb:
+                if want_gb and dev.has_fp64:   # else summed on the host, chunk by chunk (below)
                     gb_buf, res_b = self._accumulator(resident, res.grad_bias, "gb", owned, first_waits)
                 cw_buf = None
                 if p.class_weight is not None:

@@ -427,3 +427,31 @@ def test_host_memory_devices_report_it():
     assert open_devices(memory="auto")[0].describe()["memory"] == "host"   # PoCL's CPU device
     with pytest.raises(ValueError, match="device memory must be one of"):
         open_devices(memory="unified")
+
+
+def test_discrete_without_float64_sums_the_bias_gradient_on_the_host(host_lce):
+    """A device without float64 (some GPUs): the bias gradient's float64 column sums run on the
+    host from the chunk's gradient read back, the same bits; the rest stays on the device."""
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+
+    import threading
+
+    dev = open_devices(memory="discrete")[0]
+    dev.has_fp64 = False   # this instance only, as a device without float64 opens: its programs
+    dev.programs.clear()   # (the row sums' among them) built again without it, its kernels too
+    dev._local = threading.local()
+    lce = linear.LinearCrossEntropy(LossEngine(dev), chunk_rows=64)
+    rng = np.random.default_rng(39)
+    h, W, b, y = make(rng, (150,), 24, 110)
+    version = _Version()
+    acc = [np.zeros((110, 24), np.float32), np.zeros(110, np.float64)]
+    ref = [np.zeros((110, 24), np.float32), np.zeros(110, np.float64)]
+    for _ in range(2):
+        p = linear.check(_np(h), _np(W), y.numpy(), _np(b))
+        r = lce(p, grad_weight=acc[0], grad_bias=acc[1], weight_key=version)
+        want = host_lce(p, grad_weight=ref[0], grad_bias=ref[1])
+        np.testing.assert_array_equal(acc[1], ref[1])
+        np.testing.assert_array_equal(acc[0], ref[0])
+        np.testing.assert_array_equal(r.grad_hidden, want.grad_hidden)
+        np.testing.assert_allclose(r.loss, want.loss, rtol=1e-6)   # row sums in float32 without float64
