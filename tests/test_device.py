@@ -180,6 +180,7 @@ def test_device_memory_flag_and_setting(monkeypatch):
     from clce_server.__main__ import parse_args
     from clce_server.config import Settings
 
+    monkeypatch.delenv("CLCE_DEVICE_MEMORY", raising=False)   # CI runs this file in both modes
     assert parse_args([]).device_memory == "auto"
     assert parse_args(["--device-memory", "discrete"]).device_memory == "discrete"
     monkeypatch.setenv("CLCE_DEVICE_MEMORY", "host")
