@@ -29,12 +29,20 @@ Layout (as httpx): `_BaseClient` holds the one constructor and every step that d
 shared-memory decision, planning, encoding, the retry policy, pipelining, decoding); a call is a
 generator of the I/O it needs, which `Client` does in the calling thread and `AsyncClient` on its
 event loop, with blocking work (registration, big copies) in a thread.
+
+What a client does is logged on ``logging.getLogger("clce")``: the transport it chose and why
+(INFO, once), every retry, reconnection and shared-memory renewal with its cause (INFO, WARNING
+when the wait is longer than a second or the server is down or not ready), so a call that waits
+says why at once. Errors that retrying cannot repair are raised at once, with their cause: a TLS
+certificate that does not verify (naming the CAs), an answer that is not a clce server's, a
+client error (4xx). `describe()` tells which transport a client uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import random
 import ssl
@@ -49,7 +57,7 @@ import httpx
 import numpy as np
 
 from . import errors, pipeline
-from .buffers import BufferPool
+from .buffers import BufferPool, size_class
 from .flows import ARENA as _ARENA
 from .flows import BLOCKING as _BLOCKING
 from .flows import CHUNKS as _CHUNKS
@@ -87,6 +95,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+log = logging.getLogger("clce")
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(120, connect=5)
 CROSS_ENTROPY_PATH = "/v1/cross_entropy"
@@ -181,7 +191,7 @@ class _Call:
 
     method, path = "POST", CROSS_ENTROPY_PATH   # where `_SEND` sends it
 
-    def __init__(self, input: Any, target: Any, options: dict[str, Any], arena: Any = None):
+    def __init__(self, input: Any, target: Any, options: dict[str, Any], arena: Any = None, split: bool = False):
         inplace = bool(options.pop("inplace_grad", False))
         self.placement = None
         self.torch = _is_torch_tensor(input)
@@ -209,7 +219,12 @@ class _Call:
             values["grad_dtype"] = _wire_dtype(values["grad_dtype"])
         if inplace and not values["return_grad"]:
             raise ValueError("inplace_grad=True needs the gradient (return_grad, or autograd)")
-        if arena is not None:
+        #: the arena when the batch goes as row chunks over shared memory, each placed on its own
+        #: (`split`, or more than the tenant's shared-memory budget: _BaseClient._prepare)
+        self.shm_split = None
+        if arena is not None and not inplace and (split or _over_budget(arena, values)):
+            self.shm_split = arena
+        elif arena is not None:
             self._place(arena, values, inplace)
         elif inplace:
             raise ValueError("inplace_grad=True needs the shared-memory transport")
@@ -221,25 +236,7 @@ class _Call:
         self.nbytes = 0
 
     def _place(self, arena: Any, values: dict[str, Any], inplace: bool) -> None:
-        """Shared memory: the tensors become references into the arena's regions (copied there
-        unless they already live in one), and the gradient gets a place (the input's own bytes
-        when `inplace`)."""
-        from .shm import Placement
-
-        wire = {k: values[k] for k in ("input", "target", "weight") if values.get(k) is not None}
-        parts = [(k, np.frombuffer(wt.data, np.uint8) if memoryview(wt.data).nbytes else None,
-                  memoryview(wt.data).nbytes) for k, wt in wire.items()]
-        x = wire["input"]
-        gdt = values.get("grad_dtype") or x.dtype
-        if inplace and gdt != x.dtype:
-            raise ValueError(f"inplace_grad=True needs grad_dtype equal to the input's ({x.dtype}), got {gdt}")
-        if values["return_grad"] and not inplace:
-            parts.append(("grad", None, int(np.prod(x.shape, dtype=np.int64)) * DTYPES[gdt]))
-        self.placement = pl = Placement(arena, parts)
-        for k, wt in wire.items():
-            values[k] = pl.ref(k, wt.dtype, wt.shape)
-        if values["return_grad"]:
-            values["grad_region"], values["grad_offset"] = pl.refs["input" if inplace else "grad"]
+        self.placement = _place_values(arena, values, inplace)
 
     def finish(self, msg: dict[str, Any], server_timing: dict[str, float]) -> Any:
         if "loss" not in msg:
@@ -276,6 +273,67 @@ class _Call:
             z_loss=get("z_loss"),
             server_timing=server_timing,
         )
+
+
+def _shm_need(values: dict[str, Any]) -> int:
+    """Bytes of shared memory a call places: its tensors and the gradient's room."""
+    x = values["input"]
+    need = sum(memoryview(values[k].data).nbytes for k in ("input", "target", "weight") if values.get(k) is not None)
+    if values["return_grad"]:
+        need += int(np.prod(x.shape, dtype=np.int64)) * DTYPES[values.get("grad_dtype") or x.dtype]
+    return need
+
+
+def _over_budget(arena: Any, values: dict[str, Any]) -> bool:
+    """Whether placing the call whole would need more shared memory than the tenant's budget (an
+    input already in the arena is not copied: it goes whole, and the gradient over it or beside)."""
+    budget = arena.max_bytes
+    x = values["input"]
+    xb = memoryview(x.data).nbytes
+    if not budget or (xb and arena.locate(np.frombuffer(x.data, np.uint8).ctypes.data, xb) is not None):
+        return False
+    return size_class(_shm_need(values)) > budget
+
+
+def _place_values(arena: Any, values: dict[str, Any], inplace: bool) -> Any:
+    """Shared memory: `values`' tensors become references into the arena's regions (copied there
+    unless they already live in one), and the gradient gets a place (the input's own bytes when
+    `inplace`). Returns the Placement, which maps the answer's references back to this memory."""
+    from .shm import Placement
+
+    wire = {k: values[k] for k in ("input", "target", "weight") if values.get(k) is not None}
+    parts = [(k, np.frombuffer(wt.data, np.uint8) if memoryview(wt.data).nbytes else None,
+              memoryview(wt.data).nbytes) for k, wt in wire.items()]
+    x = wire["input"]
+    gdt = values.get("grad_dtype") or x.dtype
+    if inplace and gdt != x.dtype:
+        raise ValueError(f"inplace_grad=True needs grad_dtype equal to the input's ({x.dtype}), got {gdt}")
+    if values["return_grad"] and not inplace:
+        parts.append(("grad", None, int(np.prod(x.shape, dtype=np.int64)) * DTYPES[gdt]))
+    pl = Placement(arena, parts)
+    for k, wt in wire.items():
+        values[k] = pl.ref(k, wt.dtype, wt.shape)
+    if values["return_grad"]:
+        values["grad_region"], values["grad_offset"] = pl.refs["input" if inplace else "grad"]
+    return pl
+
+
+class _ShmChunk:
+    """One row chunk of a batch split over shared memory (`_BaseClient._shm_split`): its tensors
+    placed in the arena, its request, and where its answer goes (the Pipeline's buffers)."""
+
+    method, path = "POST", CROSS_ENTROPY_PATH   # where `_SEND` sends it
+
+    def __init__(self, arena: Any, pipe: pipeline.Pipeline, i: int, values: dict[str, Any]):
+        self.pipe, self.i = pipe, i
+        self.placement = _place_values(arena, values, inplace=False)
+        self.segments = encode_message(request_message(values))
+        self.nbytes = message_nbytes(self.segments)
+
+    def add(self, msg: dict[str, Any]) -> None:
+        if isinstance(msg.get("grad"), dict):        # written into this chunk's region
+            msg["grad"] = self.placement.tensor(msg["grad"], "grad")
+        self.pipe.add(self.i, msg)     # copies the gradient into its rows of the whole batch's
 
 
 def _parse_urls(url: Union[str, Sequence[str], None]) -> list[str]:
@@ -416,6 +474,46 @@ def _ssl_verify(verify: Union[bool, str, os.PathLike, ssl.SSLContext]) -> Union[
     return verify
 
 
+def _ca_description(verify: Any) -> str:
+    """The CAs a client trusts, in words, for the error that says one did not verify."""
+    if isinstance(verify, ssl.SSLContext):
+        return "the CAs of the ssl.SSLContext given as verify"
+    if isinstance(verify, (str, os.PathLike)):
+        return f"the CA bundle {os.fspath(verify)} (verify)"
+    for env in ("SSL_CERT_FILE", "SSL_CERT_DIR"):   # httpx's order (trust_env)
+        if os.environ.get(env):
+            return f"{os.environ[env]} ({env})"
+    try:
+        import certifi
+
+        return f"certifi's CA bundle {certifi.where()} (httpx's default)"
+    except ImportError:   # pragma: no cover (httpx depends on certifi)
+        return "the default CA bundle"
+
+
+def _tls_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error under an httpx connection error, if that is what it is."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _permanent(err: errors.ServerError) -> bool:
+    """A 503 that no wait repairs: the device failed and the server names no time to come back
+    (a server whose devices never opened; a device failure that may pass carries Retry-After)."""
+    return err.code == "device_unavailable" and err.retry_after is None
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class _Attempts:
     """The retry policy of one request, without I/O (the clients do the sending and sleeping).
 
@@ -423,7 +521,11 @@ class _Attempts:
     has used up its connection retries or its time budget. A connection failure moves on to the
     next replica (a full round of failures backs off briefly). A 429 or 503 moves on to the next
     replica not yet tried in this round, and once all were, waits for the shortest Retry-After
-    (or a backoff when none was given), stretched by jitter, if that ends within the budget."""
+    (or a backoff when none was given), stretched by jitter, if that ends within the budget.
+
+    Every retry is logged with its cause on the "clce" logger: at WARNING when the replica is
+    down or not ready (the first time in a request) or when the wait is longer than a second,
+    else at INFO."""
 
     def __init__(self, client: _BaseClient):
         self.client = client
@@ -436,6 +538,15 @@ class _Attempts:
         self.wait: float | None = None   # Retry-After of the round (the shortest), when given
         self.last: BaseException | None = None
         self.pending: tuple[int, float] | None = (self.order[0], 0.0)
+        self.warned: set[str] = set()        # kinds of trouble already logged at WARNING
+
+    def _log(self, kind: str | None, delay: float, text: str, *args: Any) -> None:
+        """A retry: at WARNING the first time this request meets trouble of `kind` (down, restarting,
+        not ready), or when the wait is longer than a second; else at INFO."""
+        loud = delay > 1.0 or (kind is not None and kind not in self.warned)
+        if kind is not None and loud:
+            self.warned.add(kind)
+        log.log(logging.WARNING if loud else logging.INFO, text, *args)
 
     def next(self) -> tuple[int, float]:
         if self.pending is None:
@@ -464,29 +575,48 @@ class _Attempts:
         self.last = exc
         self.tried.append(i)
         self.connection_failures += 1
+        urls = self.replicas.urls
         over = self.connection_failures > self.client.retries
         if over and not any(self.replicas.answered[j] for j in self.tried):
             return
         nxt = self._next_replica()
         if nxt is not None:
+            self._log("down", 0.0, "%s: %s; trying %s", urls[i], _cause(exc), urls[nxt])
             self.pending = (nxt, 0.0)
             return
         delay = self.client._backoff(self.rounds + 1)
-        if over and time.monotonic() + delay - self.started > self.client.retry_budget_s:
+        budget = self.client.retry_budget_s
+        if over and time.monotonic() + delay - self.started > budget:
             return
+        if over:
+            self._log("restarting", delay, "%s: %s; it answered this client before, so it is taken to be "
+                      "restarting and waited for (%.0f s of retry_budget_s left); retrying in %.2f s", urls[i],
+                      _cause(exc), budget - (time.monotonic() - self.started), delay)
+        else:
+            self._log("down", delay, "%s: %s; retry %d of %d in %.2f s", urls[i], _cause(exc),
+                      self.connection_failures, self.client.retries, delay)
         self._new_round(delay)
 
-    def answered(self, resp: _Response, i: int) -> bool:
+    def answered(self, resp: _Response, i: int, path: str = "") -> bool:
         """True when `resp` is the answer. Raises a non-transient error status (and a transient
         one once retrying is over); False when `next()` has another try."""
-        self.replicas.answered[i] = True
+        url = self.replicas.urls[i]
+        if resp.status != 503:
+            # a replica that only ever said "not ready" has not served this client: if it then
+            # refuses connections it died starting (a device that did not open), not restarting
+            self.replicas.answered[i] = True
         if resp.status < 400:
             self.replicas.mark_up(i)
+            media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+            if memoryview(resp.body).nbytes and media not in (MSGPACK, JSON):
+                raise errors.NotAClceServer(
+                    f"{url}{path} answered HTTP {resp.status} with {media or 'no content type'}, not as a "
+                    f"clce server does: is {url} a clce server's base URL?")
             return True
         err = errors.error_from_response(
-            resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers
-        )
-        if resp.status not in _TRANSIENT_STATUS:
+            resp.status, bytes(memoryview(resp.body)), resp.headers.get("content-type"), resp.headers,
+            url=url + path)
+        if resp.status not in _TRANSIENT_STATUS or _permanent(err):
             raise err
         if resp.status == 503:
             self.replicas.mark_down(i)
@@ -495,14 +625,19 @@ class _Attempts:
         if err.retry_after is not None:
             self.wait = err.retry_after if self.wait is None else min(self.wait, err.retry_after)
         budget = self.client.retry_budget_s
+        kind = "unavailable" if resp.status == 503 else None   # 429 is a busy server's ordinary answer
         nxt = self._next_replica()
         if nxt is not None and budget > 0:
+            self._log(kind, 0.0, "%s answered %d (%s): %s; trying %s", url + path, resp.status, err.code,
+                      err.message, self.replicas.urls[nxt])
             self.pending = (nxt, 0.0)
             return False
         delay = self.wait if self.wait is not None else self.client._backoff(self.rounds + 1)
         delay *= 1.0 + _JITTER * random.random()
         if time.monotonic() + delay - self.started > budget:
             raise err
+        self._log(kind, delay, "%s answered %d (%s): %s; retrying in %.2f s (retry_budget_s: %.0f s)",
+                  url + path, resp.status, err.code, err.message, delay, budget)
         self._new_round(delay)
         return False
 class _SplitReader(_BodyReader):
@@ -637,7 +772,11 @@ _CLIENT_ARGS = """
     up to ``connections`` connections (0: one request). ``shm_min_bytes``: over shared memory,
     smaller inputs travel inline. ``max_cached_bytes``: free memory kept for the next calls, at
     most, by each of the two pools (shared-memory regions; buffers received over TCP), so that a
-    training loop's steps write into memory already touched (clce_client.buffers).
+    training loop's steps write into memory already touched (clce_client.buffers). Default: 2 GiB
+    of TCP buffers, and shared-memory regions up to the tenant's shared-memory budget (the
+    server's --shm-max-bytes, 8 GiB by default; they count against it cached or not), so a
+    language model's GBs of logits reuse last step's region (a region made anew pays its first
+    touch each step: 4.2 GB, 11.7 s against 0.85 s reused); pass a value to bound both.
 """
 
 
@@ -664,7 +803,7 @@ class _BaseClient:
         pipeline_bytes: int = pipeline.CHUNK_BYTES,
         connections: int = pipeline.CONNECTIONS,
         shm_min_bytes: int = _SHM_INLINE_BYTES,
-        max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES,
+        max_cached_bytes: int | None = None,
     ):
         self._replicas = _Replicas(_parse_urls(url))
         self.shm_min_bytes = int(shm_min_bytes)
@@ -685,12 +824,16 @@ class _BaseClient:
         self.retries = int(retries)
         self.chunk_bytes = int(chunk_bytes)
         self.retry_budget_s = _retry_budget(retry_budget_s)
-        self.max_cached_bytes = int(max_cached_bytes)
-        self._buffers = BufferPool(self.max_cached_bytes)   # what TCP receives
+        self.max_cached_bytes = None if max_cached_bytes is None else int(max_cached_bytes)
+        # what TCP receives
+        self._buffers = BufferPool(DEFAULT_MAX_CACHED_BYTES if max_cached_bytes is None else self.max_cached_bytes)
         self._arena: Any = None          # shm.Arena once shared memory is chosen
         self._shm_error: BaseException | None = None
+        self._shm_socket: str | None = None    # the registration socket of the arena
         self._shm_decided = False
         self._instance_id: str | None = None   # /v1/info's instance_id, last seen (one replica)
+        self._ca = _ca_description(verify)     # named when a server's certificate does not verify
+        self._announced = False                # the transport was logged (once per client)
         self._http = self._open_io(self.timeout, _ssl_verify(verify))
 
     def _open_io(self, timeout: httpx.Timeout, verify: Any) -> Any:
@@ -708,6 +851,32 @@ class _BaseClient:
         dtype)``) gets memory a training loop has already touched, and gives it back by dropping
         it (clce_client.buffers)."""
         return self._buffers
+
+    def describe(self) -> dict[str, Any]:
+        """Where this client's calls go and how, without I/O: ``urls``; ``transport``, what the
+        next big call uses ("shm" or "tcp"); ``decided``, whether the server was asked about
+        shared memory yet (transport="auto" asks at the first call of at least 256 KiB, or at
+        ``empty()``); ``reason``, why; ``socket``, the shared-memory socket when in use."""
+        arena = self._arena
+        doc: dict[str, Any] = {"urls": self.urls, "requested": self.transport, "decided": self._shm_decided}
+        if arena is not None:
+            return {**doc, "transport": "shm", "socket": self._shm_socket,
+                    "reason": "the server is on this host and allows shared memory"}
+        if self.transport == "tcp":
+            return {**doc, "decided": True, "transport": "tcp", "reason": "transport='tcp' (or CLCE_TRANSPORT=tcp)"}
+        if self._shm_decided or self._shm_error is not None:
+            return {**doc, "transport": "tcp", "reason": f"no shared memory: {self._shm_error}"}
+        return {**doc, "transport": "tcp", "reason": f"shared memory not asked yet: calls under "
+                f"{_SHM_PROBE_BYTES >> 10} KiB go over TCP, and the first larger one asks the server"}
+
+    def _announce(self) -> None:
+        """Logs the transport once it is chosen (INFO, once per client)."""
+        if self._announced or not (self._shm_decided or self.transport == "tcp"):
+            return
+        self._announced = True
+        d = self.describe()
+        log.info("clce client for %s: %s (%s)", ", ".join(d["urls"]),
+                 "shared memory via " + d["socket"] if d["transport"] == "shm" else "TCP", d["reason"])
 
     def __repr__(self) -> str:  # never shows the key
         key = "'***'" if self._api_key else "None"
@@ -752,9 +921,21 @@ class _BaseClient:
         if isinstance(last, errors.ServerError):
             return last
         return errors.ConnectError(
-            f"no clce server reachable at {', '.join(self.urls)} after {attempts} attempts"
-            + (f": {type(last).__name__}: {last}" if last is not None else "")
+            f"{', '.join(self.urls)} unreachable: no clce server answered after {attempts} attempts"
+            + (f" ({_cause(last)})" if last is not None else "")
         )
+
+    def _raise_if_permanent(self, exc: BaseException, i: int) -> None:
+        """A connection failure that no retry can repair is raised at once, with its cause: the
+        server's TLS certificate failing verification."""
+        failure = _tls_failure(exc)
+        if failure is None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            failure = exc
+        if failure is not None:
+            raise errors.TLSVerificationError(
+                f"{self._replicas.urls[i]}: the server's TLS certificate failed verification against "
+                f"{self._ca} ({failure}); pass the CA that signed it as verify=<path to its PEM bundle>"
+            ) from exc
 
     def _json_or_msgpack(self, resp: _Response) -> Any:
         media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -801,9 +982,11 @@ class _BaseClient:
             if len(self._replicas.urls) > 1:
                 raise shm.SharedMemoryUnavailable("shared memory takes one server URL, not several replicas")
             self._arena = shm.connect(info, self._api_key, max_cached_bytes=self.max_cached_bytes)
+            self._shm_socket = shm.socket_path(info)
         except (shm.SharedMemoryUnavailable, errors.ClceError) as exc:
             self._shm_error = exc
         self._shm_decided = True
+        self._announce()
 
     def _use_arena(self) -> Any:
         if self._arena is not None:
@@ -833,13 +1016,22 @@ class _BaseClient:
 
         if isinstance(info, dict) and info.get("instance_id") == arena.instance_id and not arena.lost():
             raise cause
+        t0 = time.monotonic()
         try:
             shm.reconnect(arena, info)
         except shm.SharedMemoryUnavailable as exc:
             self._arena, self._shm_error = None, exc
             arena.close()
+            log.warning("%s: shared memory lost (%s) and not renewed: %s; calls go over %s", self.urls[0],
+                        _cause(cause), exc, "nothing (transport='shm')" if self.transport == "shm" else "TCP")
             if self.transport == "shm":
                 raise
+            return
+        self._shm_socket = shm.socket_path(info)
+        took = time.monotonic() - t0
+        log.log(logging.WARNING if took > 1.0 else logging.INFO,
+                "%s: shared memory registered again with server instance %s in %.2f s (cause: %s)",
+                self.urls[0], arena.instance_id, took, _cause(cause))
 
     def _close_arena(self) -> None:
         arena, self._arena = self._arena, None
@@ -847,11 +1039,15 @@ class _BaseClient:
             arena.close()
 
     # ---- a call, as a flow of I/O-free steps ----
-    def _prepare(self, input: Any, target: Any, options: dict[str, Any], arena: Any) -> _Call:
+    def _prepare(self, input: Any, target: Any, options: dict[str, Any], arena: Any, split: bool = False) -> _Call:
         """The call's request: in shared memory (copied into a region unless already there) or
-        encoded for TCP, as one request or as row chunks (`call.pipe`)."""
-        call = _Call(input, target, dict(options), arena)
-        if arena is None and self.pipeline_bytes:
+        encoded for TCP, as one request or as row chunks (`call.pipe`). Over shared memory a batch
+        that would not fit the tenant's budget (or `split`: one that did not) goes as row chunks,
+        each placed on its own (`call.shm_split`)."""
+        call = _Call(input, target, dict(options), arena, split=split)
+        if call.shm_split is not None:
+            call.pipe = self._shm_chunks(call, arena)
+        elif arena is None and self.pipeline_bytes:
             call.pipe = pipeline.Pipeline.plan(
                 call.values, min_bytes=max(pipeline.MIN_BYTES, 2 * self.pipeline_bytes),
                 chunk_bytes=self.pipeline_bytes, alloc=self._buffers.empty_bytes)
@@ -860,6 +1056,42 @@ class _BaseClient:
             call.nbytes = message_nbytes(call.segments)
         return call
 
+    #: a batch split over shared memory goes in chunks of about this share of the tenant's budget
+    #: (input and gradient): room for the caller's other regions and for the arena's cache
+    SHM_CHUNK_SHARE = 8
+
+    def _shm_chunks(self, call: _Call, arena: Any) -> pipeline.Pipeline:
+        """The row chunks of a batch split over shared memory (bit-identical to one request, as
+        pipelined TCP's; pipeline.Pipeline). Only a sample that alone exceeds the budget is refused."""
+        budget = arena.max_bytes or self.pipeline_bytes or pipeline.CHUNK_BYTES
+        rows, _ = pipeline.as_rows(call.values)
+        x = rows["input"]
+        per_sample = _shm_need(rows) / max(x.shape[0], 1)
+        if size_class(int(per_sample) + 1) > budget:
+            raise errors.PayloadTooLarge(
+                f"one sample of this batch needs {int(per_sample)} bytes of shared memory (input and "
+                f"gradient): over the tenant's shm_max_bytes={budget}. Raise it with --shm-max-bytes "
+                "(CLCE_SHM_MAX_BYTES), or send over TCP (transport='tcp')", status=413, code="payload_too_large")
+        input_share = memoryview(x.data).nbytes / max(_shm_need(rows), 1)
+        samples = pipeline.Pipeline.chunk_samples(x, int(budget // self.SHM_CHUNK_SHARE * input_share),
+                                                  limit_bytes=int(budget // 2 * input_share))
+        return pipeline.Pipeline(call.values, samples, alloc=self._buffers.empty_bytes)
+
+    def _shm_chunks_flow(self, call: _Call, arena: Any) -> Any:
+        """Send a split batch's chunks over shared memory, one after another (the server computes
+        each where it lies; nothing is uploaded to overlap), each placed in the arena as its turn
+        comes (so they reuse one region). Returns (message, timing) of the whole batch."""
+        pipe = call.pipe
+        timing: dict[str, float] = {}
+        for i, values in pipe.chunk_values():
+            chunk = yield from prepared(_ShmChunk, (arena, pipe, i, values), arena=arena, nbytes=0)
+            resp = yield _SEND, (chunk,)
+            chunk.add(self._decode(resp))
+            for k, v in parse_server_timing(resp.headers.get("server-timing")).items():
+                timing[k] = timing.get(k, 0.0) + v
+            chunk = resp = None       # its region goes back to the arena for the next chunk
+        return pipe.result(), timing
+
     def _cross_entropy_flow(self, input: Any, target: Any, options: dict[str, Any]) -> Any:
         """One cross_entropy call. A generator: it yields the I/O it needs as (kind, args) and is
         sent the result (or thrown the error); it returns the call's result. A call that meets a
@@ -867,6 +1099,7 @@ class _BaseClient:
         the retry budget."""
         nbytes = _nbytes(input)
         deadline = time.monotonic() + self.retry_budget_s
+        split = False
         while True:
             arena = yield _ARENA, (nbytes,)
             if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
@@ -874,7 +1107,19 @@ class _BaseClient:
             generation = arena.generation if arena is not None else 0
             call = None
             try:
-                call = yield from prepared(self._prepare, (input, target, options, arena), arena=arena, nbytes=nbytes)
+                try:
+                    call = yield from prepared(self._prepare, (input, target, options, arena, split),
+                                               arena=arena, nbytes=nbytes)
+                except errors.PayloadTooLarge:
+                    # the tenant's shared memory is taken (by regions the caller still holds, or
+                    # other clients of the tenant): the batch goes as row chunks that fit
+                    if arena is None or split or options.get("inplace_grad"):
+                        raise
+                    split = True
+                    continue
+                if call.shm_split is not None:
+                    msg, timing = yield from self._shm_chunks_flow(call, arena)
+                    return call.finish(msg, timing)
                 if call.pipe is not None:
                     msg, timing = yield _CHUNKS, (call.pipe,)
                     return call.finish(msg, timing)
@@ -909,7 +1154,8 @@ class _BaseClient:
             return False
         if isinstance(exc, shm.ArenaLost):
             return True
-        return isinstance(exc, errors.NotFound) and call is not None and call.placement is not None
+        return isinstance(exc, errors.NotFound) and call is not None and (call.placement is not None
+                                                                          or call.shm_split is not None)
 
     @staticmethod
     def _options(weight: Any, ignore_index: int, reduction: str, label_smoothing: float,
@@ -1014,6 +1260,7 @@ class Client(_BaseClient):
 
             self._renew_arena(arena, arena.generation, ArenaLost("the server restarted"))
             arena = self._use_arena()
+        self._announce()
         return arena
 
     def _renew_arena(self, arena: Any, generation: int, cause: BaseException) -> None:
@@ -1048,13 +1295,14 @@ class Client(_BaseClient):
             try:
                 resp = self._once(method, url, segments, nbytes, into, cancel)
             except _RETRYABLE as exc:
+                self._raise_if_permanent(exc, i)
                 attempts.connection_failed(i, exc)
                 continue
             except httpx.TimeoutException as exc:
                 self._raise_for_timeout(exc, url)
             except httpx.HTTPError as exc:
                 raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
-            if attempts.answered(resp, i):
+            if attempts.answered(resp, i, path):
                 return resp
 
     def _send_chunks(self, pipe: pipeline.Pipeline) -> tuple[dict[str, Any], dict[str, float]]:
@@ -1194,6 +1442,7 @@ class AsyncClient(_BaseClient):
 
             await self._renew_arena(arena, arena.generation, ArenaLost("the server restarted"))
             arena = self._use_arena()
+        self._announce()
         return arena
 
     async def _renew_arena(self, arena: Any, generation: int, cause: BaseException) -> None:
@@ -1229,13 +1478,14 @@ class AsyncClient(_BaseClient):
             try:
                 resp = await self._once(method, url, segments, nbytes, into, cancel)
             except _RETRYABLE as exc:
+                self._raise_if_permanent(exc, i)
                 attempts.connection_failed(i, exc)
                 continue
             except httpx.TimeoutException as exc:
                 self._raise_for_timeout(exc, url)
             except httpx.HTTPError as exc:
                 raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
-            if attempts.answered(resp, i):
+            if attempts.answered(resp, i, path):
                 return resp
 
     async def _send_chunks(self, pipe: pipeline.Pipeline) -> tuple[dict[str, Any], dict[str, float]]:

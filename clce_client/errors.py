@@ -5,6 +5,8 @@
     ClceError
     ├── TransportError                 the server could not be reached / did not answer
     │   ├── ConnectError               no replica accepted the connection (after retries)
+    │   │   └── TLSVerificationError   the server's certificate failed verification (not retried)
+    │   ├── NotAClceServer             the URL answered, but not as a clce server (not retried)
     │   └── Timeout                    a request timed out (not retried: the server is busy)
     │       └── ReadTimeout            the response did not arrive in time
     └── ServerError                    the server answered with an error body (.status .code
@@ -16,7 +18,7 @@
         │   ├── ClceTypeError    (also TypeError)       /
         │   └── ClceOverflowError (also OverflowError) /
         ├── AuthenticationError (401)
-        ├── NotFound (404)
+        ├── NotFound (404)             the message names the URL asked
         ├── PayloadTooLarge (413)
         ├── Overloaded (429)
         ├── ServiceUnavailable (503)
@@ -39,6 +41,8 @@ __all__ = [
     "ClceError",
     "TransportError",
     "ConnectError",
+    "TLSVerificationError",
+    "NotAClceServer",
     "Timeout",
     "ReadTimeout",
     "ServerError",
@@ -68,6 +72,16 @@ class TransportError(ClceError):
 
 class ConnectError(TransportError):
     """No replica could be connected to (or each dropped the connection), after retries."""
+
+
+class TLSVerificationError(ConnectError):
+    """The server's TLS certificate did not verify against the CAs the client trusts. Permanent:
+    raised at once, naming the URL and the CAs (``verify=`` names the bundle to trust)."""
+
+
+class NotAClceServer(TransportError):
+    """The URL answered, but not as a clce server does (another service on that port, a proxy's
+    page). Permanent: raised at once, naming the URL and what it answered."""
 
 
 class Timeout(TransportError):
@@ -240,9 +254,12 @@ def _parse_error(body: bytes, content_type: str | None) -> tuple[str, str] | Non
 
 
 def error_from_response(
-    status: int, body: bytes, content_type: str | None, headers: Any = None
+    status: int, body: bytes, content_type: str | None, headers: Any = None, url: str | None = None
 ) -> ServerError:
-    """The exception for an error response; its class follows the error code (else the status)."""
+    """The exception for an error response; its class follows the error code (else the status).
+
+    With `url` (the address asked), a 404 and an answer that is not a clce error body name it:
+    the usual cause of both is a URL that is not a clce server's base address."""
     parsed = _parse_error(bytes(body), content_type)
     if parsed is not None:
         code, message = parsed
@@ -251,6 +268,15 @@ def error_from_response(
         code, message = "", f"HTTP {status}" + (f": {text}" if text else "")
     if code not in _CLASS_BY_CODE:
         code = _CODE_BY_STATUS.get(status, "internal")
+        if url is not None:   # not a clce error body: a proxy, or not a clce server at all
+            message = f"{url} answered {message}"
+            if status in (404, 405):
+                message += ": is this a clce server's base URL?"
+    elif url is not None and status == 404:
+        message = f"{url}: {message}"
+        if message.endswith(": Not Found"):   # no such route, as opposed to a named thing not found
+            message += (" (no such endpoint: a clce URL is the server's base address, as "
+                        "http://127.0.0.1:8000, without /v1)")
     return _CLASS_BY_CODE[code](
         message,
         status=status,

@@ -23,7 +23,18 @@ call sends only hidden states and targets. Its gradient:
   * or, with `accumulate=True`, adds up on the server over the micro-batches of one version and
     comes back once, in `LinearWeights.flush()`, which `LinearWeights.attach(optimizer)` runs
     before every optimizer step.
-A version the server no longer has (evicted, restarted) is uploaded again and the call retried.
+A version the server no longer has (evicted, expired, restarted) is uploaded again and the call
+retried.
+
+Accumulation never forgets silently. Every accumulating answer names the server's instance, its
+accumulation and how many micro-batches that accumulation holds; the flush answers the same for
+what it took. A flush that finds fewer micro-batches than were sent for the version (the server
+restarted, or evicted or expired the version, between micro-batches) replays the lost ones from
+their inputs, which `LinearWeights` keeps until the flush: a copy of each micro-batch's hidden
+states and targets, so up to one optimizer step's worth of hidden states in host memory. With
+`LinearWeights.replay = False` nothing is kept, and such a flush raises `AccumulationLost`
+before the optimizer step instead (`attach`'s hook runs the flush before it): a step is never
+taken on a partial sum.
 `stateless=True` (numpy weights without a `weight_name` too) sends the weight with every call.
 
 On shared memory (a client on the server's host; clce_client/shm.py) nothing large is copied
@@ -71,6 +82,13 @@ OPTION_NAMES = ("ignore_index", "reduction", "label_smoothing", "lse_square_scal
 RESULT_NAMES = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")
 #: how many times one call uploads its weight again after the server said it no longer has it
 _REUPLOADS = 2
+#: how many rounds of replay a flush tries (each round: replay what is lost, take it again)
+_REPLAY_ROUNDS = 3
+
+
+class AccumulationLost(RuntimeError):
+    """A flush found that the server's accumulated gradient is missing micro-batches (a restart,
+    an eviction or an expiry) and could not replay them: the optimizer step must not run."""
 
 
 def _to_numpy(t: Any) -> np.ndarray:
@@ -125,11 +143,14 @@ class LinearWeights:
     shared memory it lives in, when the client copied it into a region), and the grad_output
     scale of the micro-batches accumulated since (one value per version)."""
 
-    def __init__(self, client):
+    def __init__(self, client, replay: bool = True):
         self.client = client
+        #: keep each accumulated micro-batch's inputs until the flush, to replay what the server
+        #: lost; False: keep nothing, and a flush that finds micro-batches missing raises
+        self.replay = replay
         self._lock = threading.Lock()
         self._stored: dict[str, tuple[str, Any]] = {}      # name -> (version, placement kept alive)
-        self._pending: dict[str, tuple[Any, Any, str, float | None]] = {}   # name -> (weight, bias, version, scale)
+        self._pending: dict[str, _Pending] = {}             # name -> the version's micro-batches so far
         #: flushes per name: a flush precedes an optimizer step, which makes a new version even
         #: where the step leaves tensor._version alone (torch's fused AdamW does)
         self._generation: dict[str, int] = {}
@@ -142,6 +163,8 @@ class LinearWeights:
 
         #: uploads made (a version crossing the wire), for tests and benchmarks
         self.uploads = 0
+        #: micro-batches replayed at a flush because the server had lost them
+        self.replayed = 0
 
     def _token(self, t: Any) -> int:
         key = id(t)
@@ -175,7 +198,7 @@ class LinearWeights:
 
     def check_unchanged(self, name: str, version: str) -> None:
         with self._lock:
-            if name in self._pending and self._pending[name][2] != version:
+            if name in self._pending and self._pending[name].version != version:
                 raise RuntimeError(f"weight {name!r} changed before its accumulated gradient was taken: "
                                    "call flush() (LinearWeights.attach(optimizer) does it before each step)")
 
@@ -190,15 +213,29 @@ class LinearWeights:
         with self._lock:
             self._stored.pop(name, None)
 
+    def _pending_of(self, name: str, weight: Any, bias: Any, version: str) -> "_Pending":
+        p = self._pending.get(name)
+        if p is None or p.version != version:
+            p = self._pending[name] = _Pending(weight, bias, version)
+        return p
+
+    def record_micro_batch(self, name: str, weight: Any, bias: Any, version: str, answer: dict[str, Any],
+                           inputs: dict[str, np.ndarray], options: dict[str, Any]) -> None:
+        """The server answered an accumulating micro-batch: what it said it holds, and (replay on)
+        a copy of the micro-batch's inputs, kept until the flush."""
+        kept = {k: np.array(a, copy=True) for k, a in inputs.items()} if self.replay else None
+        with self._lock:
+            self._pending_of(name, weight, bias, version).batches.append(_MicroBatch(kept, dict(options), answer))
+
     def note_micro_batch(self, name: str, weight: Any, bias: Any, version: str, scale: float) -> None:
         """A backward ran for a micro-batch accumulated on the server, with this grad_output."""
         with self._lock:
-            prev = self._pending.get(name)
-            if prev is not None and prev[3] is not None and prev[3] != scale:
+            p = self._pending_of(name, weight, bias, version)
+            if p.scale is not None and p.scale != scale:
                 raise RuntimeError(
                     f"weight {name!r}: micro-batches accumulated on the server need one grad_output for all "
-                    f"of them (got {prev[3]} and {scale}); use accumulate=False for varying scales")
-            self._pending[name] = (weight, bias, version, scale)
+                    f"of them (got {p.scale} and {scale}); use accumulate=False for varying scales")
+            p.scale = scale
 
     def flush(self) -> Any:
         """Take every accumulated gradient from the server into the weights' .grad (added). With
@@ -208,25 +245,97 @@ class LinearWeights:
     def _flush_flow(self) -> Any:
         with self._lock:
             pending, self._pending = self._pending, {}
+        # the weights as they are now, before the generation moves on: a replay is only right
+        # for the version the micro-batches ran with
+        unchanged = {name: self.version_of(name, p.weight, p.bias) == p.version for name, p in pending.items()}
+        with self._lock:
             for name in pending:
                 self._generation[name] = self._generation.get(name, 0) + 1
-        for name, (weight, bias, version, scale) in pending.items():
-            nbytes = weight.numel() * 4
-            arena = yield _ARENA, (nbytes,)
-            msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "weight_version": version}
-            placement = None
-            if arena is not None and nbytes >= self.client.shm_min_bytes:
-                placement = yield _BLOCKING, (_place, (arena, [("grad_weight", None, nbytes)]))
-                msg["grad_weight_region"], msg["grad_weight_offset"] = placement.refs["grad_weight"]
-            resp = yield _SEND, (_Request("POST", f"/v1/weights/{name}/grad", msg, placement),)
-            answer = self.client._decode(resp)
-            for param, key in ((weight, "grad_weight"), (bias, "grad_bias")):
-                g = _received(answer, key, placement)
+        for name, p in pending.items():
+            if p.scale is None:   # no backward ran for its micro-batches: nobody asked for the gradient
+                continue
+            grads = yield from self._gradient_flow(name, p, unchanged[name])
+            scale = p.scale
+            for param, g in zip((p.weight, p.bias), grads):
                 if param is None or g is None:
                     continue
-                g = _scaled(_tensor(g, key), scale, param.dtype).reshape(param.shape)
+                g = _scaled(g, scale, param.dtype).reshape(param.shape)
                 # .grad may keep the received buffer (or region) itself: nothing else uses it
                 param.grad = g if param.grad is None else param.grad.add_(g)
+
+    def _gradient_flow(self, name: str, p: "_Pending", unchanged: bool) -> Any:
+        """The version's whole accumulated gradient (weight, bias) as torch tensors: taken, checked
+        against the micro-batches sent, and what the server lost replayed and taken again."""
+        todo = p.batches
+        total: list[Any] = [None, None]
+        for _ in range(_REPLAY_ROUNDS):
+            answer, grads = yield from self._take_flow(name, p)
+            held = [b for b in todo if b.accumulation == (answer.get("instance"), answer.get("accumulation"))]
+            count = int(answer.get("micro_batches") or 0)
+            if count == len(held) and sorted(b.count for b in held) == list(range(1, count + 1)):
+                lost = [b for b in todo if b not in held]   # what the server holds is theirs alone
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        total[i] = g if total[i] is None else total[i].add_(g)
+            else:   # not a sum of micro-batches this client knows: none of it is used
+                lost = todo
+            if not lost:
+                return tuple(total)
+            why = (f"weight {name!r}: the server's accumulated gradient is missing {len(lost)} of the "
+                   f"{len(p.batches)} micro-batches sent for version {p.version!r} (the server restarted, or "
+                   "evicted or expired the version, in between)")
+            if not self.replay or any(b.inputs is None for b in lost):
+                raise AccumulationLost(f"{why}; replay is off (LinearWeights.replay = False), so the optimizer "
+                                       "step must not be taken: run the step's micro-batches again")
+            if not unchanged:
+                raise AccumulationLost(f"{why}; the weight changed since they ran, so they cannot be replayed: "
+                                       "run the step's micro-batches again")
+            for b in lost:
+                call = LinearCall(self.client, b.inputs["hidden"], p.weight, b.inputs["target"], p.bias,
+                                  class_weight=b.inputs.get("class_weight"), weight_name=name, weights=self,
+                                  accumulate=True, want_grad=True, **b.options)
+                call.replay_version = p.version
+                yield from call.flow()
+                b.note(call.answered)
+                with self._lock:
+                    self.replayed += 1
+            todo = lost
+        raise AccumulationLost(f"weight {name!r}: the server kept losing the accumulated gradient of version "
+                               f"{p.version!r} during {_REPLAY_ROUNDS} rounds of replay; the optimizer step must "
+                               "not be taken")
+
+    def _take_flow(self, name: str, p: "_Pending") -> Any:
+        """POST .../grad: (the answer, (grad_weight, grad_bias) as torch tensors or None). A version
+        the server no longer has is an answer of 0 micro-batches; a restarted server's arena moves."""
+        client = self.client
+        deadline = time.monotonic() + client.retry_budget_s
+        nbytes = p.weight.numel() * 4
+        while True:
+            arena = yield _ARENA, (nbytes,)
+            generation = arena.generation if arena is not None else 0
+            msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "weight_version": p.version}
+            request = None
+            try:
+                placement = None
+                if arena is not None and nbytes >= client.shm_min_bytes:
+                    placement = yield _BLOCKING, (_place, (arena, [("grad_weight", None, nbytes)]))
+                    msg["grad_weight_region"], msg["grad_weight_offset"] = placement.refs["grad_weight"]
+                request = _Request("POST", f"/v1/weights/{name}/grad", msg, placement)
+                resp = yield _SEND, (request,)
+                answer = client._decode(resp)
+            except errors.ClceError as exc:
+                if isinstance(exc, errors.NotFound) and "upload it again" in str(exc):
+                    self.forget(name)
+                    return {}, (None, None)
+                if not client._renewal_due(exc, request, arena, deadline):
+                    raise
+                yield _RENEW, (arena, generation, exc)
+                continue
+            grads = []
+            for key in ("grad_weight", "grad_bias"):
+                g = _received(answer, key, placement)
+                grads.append(None if g is None else _tensor(g, key))
+            return answer, tuple(grads)
 
     def attach(self, optimizer) -> Any:
         """Flush before every step of `optimizer`; returns the hook's handle (a Client's weights:
@@ -235,6 +344,33 @@ class LinearWeights:
             raise TypeError("attach(optimizer) needs a Client; with an AsyncClient, await weights.flush() "
                             "before optimizer.step()")
         return optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.flush())
+
+
+class _MicroBatch:
+    """One micro-batch accumulated on the server: its inputs (kept for a replay, or None), its
+    options, and what the server answered (instance, accumulation, its count there)."""
+
+    __slots__ = ("inputs", "options", "accumulation", "count")
+
+    def __init__(self, inputs: dict[str, np.ndarray] | None, options: dict[str, Any], answer: dict[str, Any]):
+        self.inputs, self.options = inputs, options
+        self.note(answer)
+
+    def note(self, answer: dict[str, Any]) -> None:
+        """What the server answered for it (again, after a replay)."""
+        self.accumulation = (answer.get("instance"), answer.get("accumulation"))
+        self.count = answer.get("micro_batches")
+
+
+class _Pending:
+    """A stored weight's version with micro-batches accumulated on the server, not yet flushed."""
+
+    __slots__ = ("weight", "bias", "version", "scale", "batches")
+
+    def __init__(self, weight: Any, bias: Any, version: str):
+        self.weight, self.bias, self.version = weight, bias, version
+        self.scale: float | None = None          # the grad_output of their backward
+        self.batches: list[_MicroBatch] = []
 
 
 _steps_lock = threading.Lock()
@@ -333,8 +469,10 @@ def _autograd_function():
                                    "its gradient is already part of loss's")
             g = grad_loss.reshape(-1).float()
             if g.numel() > 1 and not bool((g == g[0]).all()):
-                raise RuntimeError("reduction='none': the remote gradient needs one grad_output for every row "
-                                   "(loss.sum() or loss.mean())")
+                raise RuntimeError("reduction='none': the server computes the gradients for grad_output = 1 "
+                                   "and backward can only scale them by one number, so every row's grad_output "
+                                   "must be the same value (as loss.sum() or loss.mean() give; per-class weights "
+                                   "go in class_weight=)")
             scale = float(g[0]) if g.numel() else 0.0
             return (*call.gradients(scale), None)
 
@@ -386,6 +524,10 @@ class LinearCall:
         self.weights = (weights or weights_of(client)) if self.weight_name is not None else None
         self.accumulate = bool(accumulate) and self.want_grad
         self.version: str | None = None
+        #: a replay's: the version its micro-batch ran with (set by the flush), not the weight's now
+        self.replay_version: str | None = None
+        #: an accumulating call's answer: instance, accumulation, micro_batches
+        self.answered: dict[str, Any] = {}
         self.result: dict[str, Any] = {}
         self.placement: Any = None
         w = _to_numpy(weight)
@@ -447,8 +589,11 @@ class LinearCall:
             request = None
             try:
                 if self.weight_name is not None:
-                    self.version = self.weights.version_of(self.weight_name, self.weight, self.bias)
-                    self.weights.check_unchanged(self.weight_name, self.version)
+                    if self.replay_version is not None:
+                        self.version = self.replay_version
+                    else:
+                        self.version = self.weights.version_of(self.weight_name, self.weight, self.bias)
+                        self.weights.check_unchanged(self.weight_name, self.version)
                     if not self.weights.is_stored(self.weight_name, self.version):
                         request = yield from prepared(self._upload, (arena,), arena=arena,
                                                       nbytes=self._weight_np.nbytes)
@@ -461,6 +606,11 @@ class LinearCall:
                 self.result = {k: _received(msg, k, request.placement) for k in RESULT_NAMES}
                 if self.result["loss"] is None:
                     raise ProtocolError("the response has no loss")
+                if self.accumulate:
+                    self.answered = {k: msg.get(k) for k in ("instance", "accumulation", "micro_batches")}
+                    if self.replay_version is None:
+                        self.weights.record_micro_batch(self.weight_name, self.weight, self.bias, self.version,
+                                                        self.answered, self.arrays, self.options)
                 return self.result
             except errors.ClceError as exc:
                 if (isinstance(exc, errors.NotFound) and self.weight_name is not None
@@ -531,4 +681,4 @@ def _post(client, path: str, msg: dict) -> dict:
     return client._json_or_msgpack(client._request(req.method, req.path, req.segments, req.nbytes))
 
 
-__all__ = ["LinearCall", "LinearWeights", "linear_cross_entropy", "share_weight", "weights_of"]
+__all__ = ["AccumulationLost", "LinearCall", "LinearWeights", "linear_cross_entropy", "share_weight", "weights_of"]

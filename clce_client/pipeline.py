@@ -48,12 +48,46 @@ def _rows(wt: WireTensor, n0: int, n1: int) -> WireTensor:
     return WireTensor(wt.dtype, (n1 - n0, *wt.shape[1:]), mv[n0 * per:n1 * per])
 
 
+def as_rows(values: dict[str, Any]) -> tuple[dict[str, Any], tuple[tuple[int, ...], tuple[int, ...], int] | None]:
+    """A request with the class dimension last (``classes_last``, ``shift``) as PyTorch's (N, C)
+    rows: the input (..., T, C) viewed as (rows, C) (no copy), the targets shifted here as the
+    server would shift them (``ignore_index`` at each sequence's last ``shift`` positions). Row
+    chunks of it are then plain row ranges, and the whole batch's normaliser for 'mean' counts
+    exactly the labels the server scores. Also returns (input shape, row shape, shift) to map the
+    results back (None when there was nothing to rewrite)."""
+    shift = int(values.get("shift") or 0)
+    if not values.get("classes_last") and not shift:
+        return values, None
+    x, t = values["input"], values["target"]
+    if len(x.shape) < 2 or not isinstance(t, WireTensor):
+        return values, None
+    C = int(x.shape[-1])
+    rows = math.prod(x.shape[:-1])
+    out = {**values, "classes_last": False, "shift": 0}
+    out["input"] = WireTensor(x.dtype, (rows, C), x.data)
+    if tuple(t.shape) == tuple(x.shape):            # probabilities, classes last too
+        out["target"] = WireTensor(t.dtype, (rows, C), t.data)
+        return out, (tuple(x.shape), tuple(x.shape[:-1]), 0)
+    if tuple(t.shape) != tuple(x.shape[:-1]) or (shift and shift >= x.shape[-2]):
+        return values, None          # the server words the error, as for one request
+    tgt = decode_tensor(t, name="target").reshape(-1, int(x.shape[-2]) if shift else 1)
+    if shift:
+        shifted = np.empty(tgt.shape, np.int64)
+        shifted[:, : tgt.shape[1] - shift] = tgt[:, shift:]
+        shifted[:, tgt.shape[1] - shift:] = int(values.get("ignore_index", -100))
+        tgt = shifted
+    out["target"] = encode_tensor(tgt.reshape(rows))
+    return out, (tuple(x.shape), tuple(x.shape[:-1]), shift)
+
+
 class Pipeline:
     """One batch as row chunks. `values`: the request's option values, tensors in wire form (the
-    whole batch's message before it is sent); None from `plan` when it should stay one request."""
+    whole batch's message before it is sent); None from `plan` when it should stay one request.
+    A class-last request (``classes_last``, ``shift``) is split as its (N, C) rows (`as_rows`)."""
 
     def __init__(self, values: dict[str, Any], chunk_samples: int,
                  alloc: Callable[[int], np.ndarray] = _aligned_empty):
+        values, self.layout = as_rows(values)
         self.values = values
         x: WireTensor = values["input"]
         self.x = x
@@ -86,23 +120,44 @@ class Pipeline:
         if not isinstance(x, WireTensor) or len(x.shape) < 2 or not isinstance(t, WireTensor) or not t.shape:
             return None
         nbytes = memoryview(x.data).nbytes
-        if nbytes < max(min_bytes, 1) or t.shape[0] != x.shape[0]:
+        if nbytes < max(min_bytes, 1):
             return None
-        spatial = math.prod(x.shape[2:])
-        unit = REDUCE_BLOCK_ROWS // math.gcd(REDUCE_BLOCK_ROWS, max(spatial, 1))   # samples per block multiple
-        per_sample = max(nbytes // max(x.shape[0], 1), 1)
-        samples = max(unit, (chunk_bytes // per_sample) // unit * unit)
+        rows, layout = as_rows(values)
+        x, t = rows["input"], rows["target"]
+        if layout is None and t.shape[0] != x.shape[0]:
+            return None
+        samples = Pipeline.chunk_samples(x, chunk_bytes)
         if samples >= x.shape[0]:
             return None
         return Pipeline(values, samples, alloc)
 
-    def messages(self):
-        """(index, message) per chunk."""
+    @staticmethod
+    def chunk_samples(x: WireTensor, chunk_bytes: int, limit_bytes: int | None = None) -> int:
+        """Samples (first dimension) per chunk of about `chunk_bytes` of input, a multiple of the
+        reduction's blocks, so the chunks combine to one request's bits. Only when one block's
+        samples would exceed `limit_bytes` (a hard bound, such as a shared-memory budget) are
+        there fewer: as many as fit, at least one (then exact to rounding, not to the bit)."""
+        nbytes = memoryview(x.data).nbytes
+        spatial = math.prod(x.shape[2:])
+        unit = REDUCE_BLOCK_ROWS // math.gcd(REDUCE_BLOCK_ROWS, max(spatial, 1))   # samples per block multiple
+        per_sample = max(nbytes // max(x.shape[0], 1), 1)
+        samples = max(unit, (chunk_bytes // per_sample) // unit * unit)
+        if limit_bytes is not None and samples * per_sample > limit_bytes:
+            samples = max(1, limit_bytes // per_sample)
+        return samples
+
+    def chunk_values(self):
+        """(index, option values) per chunk: its rows of the tensors, the whole batch's normaliser."""
         for i, (a, b) in enumerate(self.bounds):
             v = dict(self.values)
             v["input"] = _rows(self.x, a, b)
             v["target"] = _rows(self.values["target"], a, b)
             v.update(self.extra)
+            yield i, v
+
+    def messages(self):
+        """(index, message) per chunk."""
+        for i, v in self.chunk_values():
             yield i, request_message(v)
 
     def grad_rows(self, i: int) -> np.ndarray | None:
@@ -136,7 +191,8 @@ class Pipeline:
         first = answers[0]
         out: dict[str, Any] = {"v": first.get("v")}
         if self.return_grad:
-            out["grad"] = WireTensor(self.grad_dtype, tuple(self.x.shape), memoryview(self.grad))
+            shape = self.layout[0] if self.layout is not None else tuple(self.x.shape)
+            out["grad"] = WireTensor(self.grad_dtype, shape, memoryview(self.grad))
         partials = np.concatenate([decode_tensor(a["partials"], name="partials") for a in answers])
         loss_dt = decode_tensor(first["loss"], name="loss").dtype
         loss, z, acc = combine_partials(partials, self.reduction, self.extra["mean_denominator"],
@@ -155,7 +211,20 @@ class Pipeline:
         for key in _ROW_EXTRAS:
             if key in first:
                 out[key] = _concat([a[key] for a in answers])
+        if self.layout is not None:       # per-row results in the shifted labels' shape
+            for key in ("loss", "z_loss", *_ROW_EXTRAS):
+                if key in out and (key in _ROW_EXTRAS or self.reduction == "none"):
+                    out[key] = _row_layout(out[key], *self.layout[1:])
         return out
+
+
+def _row_layout(wt: WireTensor, row_shape: tuple[int, ...], shift: int) -> WireTensor:
+    """Per-row results (rows,) -> (..., T - shift), as the server maps them for one request."""
+    item = DTYPES[wt.dtype]         # as bytes: any dtype, bfloat16 included
+    a = np.frombuffer(memoryview(wt.data).cast("B"), np.uint8).reshape(*row_shape, item)
+    if shift:
+        a = np.ascontiguousarray(a[..., : row_shape[-1] - shift, :])
+    return WireTensor(wt.dtype, tuple(a.shape[:-1]), memoryview(a).cast("B"))
 
 
 def _concat(parts: list[WireTensor]) -> WireTensor:

@@ -33,9 +33,13 @@ from typing import Any
 __all__ = ["patch", "unpatch", "flush_callback"]
 
 
-def patch(model, client=None, *, accumulate: bool = False, weight_name: str | None = None, share: bool = True):
+def patch(model, client=None, *, accumulate: bool = False, weight_name: str | None = None, share: bool = True,
+          replay: bool = True):
     """Replace ``model``'s forward for labelled batches (models with ``get_decoder()`` and
-    ``get_output_embeddings()``: transformers' causal LMs); returns the model."""
+    ``get_output_embeddings()``: transformers' causal LMs); returns the model. ``replay`` (with
+    ``accumulate``): keep each micro-batch's hidden states until the flush, to replay what a
+    server restart lost; False keeps nothing and the flush raises AccumulationLost instead
+    (docs/integrations/linear_cross_entropy.md)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from .client import default_client
@@ -79,6 +83,8 @@ def patch(model, client=None, *, accumulate: bool = False, weight_name: str | No
                                       attentions=out.attentions)
 
     model.forward = forward
+    if accumulate:
+        weights_of(cl).replay = replay
     model._clce_linear = (own_forward, weights_of(cl) if accumulate else None)
     return model
 

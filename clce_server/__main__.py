@@ -3,6 +3,10 @@
 SIGTERM (or Ctrl-C) drains: /readyz answers 503 at once so load balancers stop sending, new
 requests get 503, work in flight finishes (up to --drain-timeout), then the process exits. A
 second signal exits at once.
+
+A server whose devices fail to open (no such device, a kernel that does not build) exits with
+status 1 after logging why: it never serves, so it does not sit answering 503s (a supervisor,
+Docker or Kubernetes, shows the failure and restarts it).
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ def _flag_type(annotation):
 def parse_args(argv: list[str] | None = None) -> Settings:
     """Every Settings field is a flag (--max-batch for max_batch; --drain-timeout also names
     drain_timeout_s), so a new setting is one declaration in config.py."""
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="clce-server", description="Remote fused cross-entropy on OpenCL. "
-                                "Every option can also be set by its CLCE_* environment variable.")
+                                "Every option can also be set by its CLCE_* environment variable.",
+                                epilog="Exits with status 1 when no device opens (the log says why).")
+    p.add_argument("--version", action="version", version=f"clce-server {__version__}")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         names = [flag] + ([flag[:-2]] if flag.endswith("-s") else [])
-        help_ = f"{field.description or ''} (CLCE_{name.upper()}, default {field.default})".strip()
+        help_ = f"{field.description} (CLCE_{name.upper()}, default {field.default})"
         kind = _flag_type(field.annotation)
         if name == "device":
             p.add_argument(*names, dest=name, action="append", help=help_ + "; repeatable or comma-separated")
@@ -65,6 +73,15 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.app = app            # the FastAPI app itself: config.loaded_app is wrapped in middleware
         self._draining = False
+        self.failed: str | None = None   # why the devices did not open: the process exits 1
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's main loop, every 0.1 s: a server whose devices failed to open stops."""
+        state = getattr(self.app.state, "clce", None)
+        if self.failed is None and state is not None and state.init_error:
+            self.failed = state.init_error
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig, frame) -> None:
         state = getattr(self.app.state, "clce", None)
@@ -96,14 +113,19 @@ def main(argv: list[str] | None = None) -> None:
             "serving tenants on %s without --ssl-certfile: API keys cross the network in clear text", settings.host)
     from .app import build_app
 
-    serve(build_app(settings), settings)
+    failed = serve(build_app(settings), settings)
+    if failed is not None:
+        sys.exit(f"clce-server: no device opened, exiting: {failed}")
 
 
-def serve(app, settings: Settings) -> None:
+def serve(app, settings: Settings) -> str | None:
     """Serve `build_app(settings)` with uvicorn, adding what only the HTTP server can do: the
     header timeout and connection limit (limits.http_protocol), TLS, and the first SIGTERM
-    starting the drain."""
-    DrainingServer(uvicorn_config(app, settings), app).run()
+    starting the drain. Returns why the devices failed to open, when they did (the server then
+    stopped), else None."""
+    server = DrainingServer(uvicorn_config(app, settings), app)
+    server.run()
+    return server.failed
 
 
 def uvicorn_config(app, settings: Settings) -> uvicorn.Config:

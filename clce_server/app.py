@@ -57,7 +57,10 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             if metrics_server is not None:
                 metrics_server.shutdown()
 
-    app = FastAPI(title="clce", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's viewers load their scripts from a CDN, so offline (where GPU
+    # hosts often are) they are blank pages. The schema itself, /openapi.json, loads into any
+    # OpenAPI viewer; `clce info` and docs/protocol.md describe the rest.
+    app = FastAPI(title="clce", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Remote fused cross-entropy: loss and input gradient of "
                               "torch.nn.functional.cross_entropy, computed by OpenCL kernels. "
                               "The fast path is application/msgpack (docs/protocol.md); the JSON "

@@ -13,8 +13,9 @@ MiB = 1 << 20
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLCE_", extra="ignore")
 
-    host: str = Field("127.0.0.1", description="Address to bind. Loopback unless a tenants file is given.")
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Address to bind (always loopback by default; 0.0.0.0 "
+                      "serves every interface: give it a tenants file, and TLS for keys that cross a network).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to serve HTTP (or https) on; 0 picks a free one.")
     device: str | None = Field(None, description="Comma-separated OpenCL device selectors "
                                "(index, platform:device, gpu/cpu, or a name substring); one worker per device.")
     device_memory: str = Field("auto", pattern="^(auto|host|discrete)$", description="How kernels reach "
@@ -34,12 +35,18 @@ class Settings(BaseSettings):
                            "launch, up to this many (1 turns coalescing off).")
     batch_max_elements: int = Field(1 << 16, ge=0, description="Requests of at most this many logits may be coalesced.")
     drain_timeout_s: float = Field(120.0, ge=0, description="On SIGTERM, how long to wait for in-flight work.")
-    log_level: str = Field("info")
+    log_level: str = Field("info", description="Server log level: critical, error, warning, info or debug "
+                           "(logger clce.server, and uvicorn's).")
     access_log: bool = Field(True, description="Structured (JSON) access log lines on logger clce.access.")
     warmup: bool = Field(True, description="Run every start-up kernel once before reporting ready.")
     device_threads: int | None = Field(None, ge=1, description="Threads a CPU OpenCL device (PoCL) runs "
                                        "kernels on (default: all cores). Fewer leave cores to the event "
                                        "loop: small tenants wait less under a flood, big batches compute slower.")
+    max_stored_weights: int = Field(256, ge=1, description="Weights one tenant may store for the fused linear "
+                                    "cross-entropy (429 above; DELETE /v1/weights/NAME frees one).")
+    weight_idle_s: float = Field(600.0, gt=0, description="A stored weight version no request has used for "
+                                 "this long is dropped, with its unflushed accumulated gradient (a returning "
+                                 "client is told it expired, and its client library replays or raises).")
     host_pool_bytes: int = Field(1024 * MiB, ge=0, description="Bytes of large host buffers (bodies, "
                                  "gradients) kept for reuse; peak memory is about max_inflight_bytes + this.")
     # --- hostile and vanishing clients (clce_server/limits.py) ---
@@ -177,3 +184,50 @@ def parse_gid(text: str) -> int:
         return grp.getgrnam(text).gr_gid
     except KeyError:
         raise ValueError(f"no group {text!r}") from None
+
+
+# ---- what a refusal says to do ---------------------------------------------------------------------
+
+#: Every limit a 413 or 429 can name: how the operator raises it, and what a client can do
+#: instead. The one place these words live, so every refusal names its way out.
+LIMIT_HINTS: dict[str, tuple[str, str]] = {
+    "max_request_bytes": (
+        "--max-request-bytes (CLCE_MAX_REQUEST_BYTES), or max_request_bytes in the tenant's [tenants.NAME] table",
+        "on the server's host the client sends big batches over shared memory, which this limit does not "
+        "bound; over TCP it splits them into row chunks (Client(pipeline_bytes=...), on by default)"),
+    "tenant_max_inflight_bytes": (
+        "max_inflight_bytes in the tenant's [tenants.NAME] table, or --tenant-max-inflight-bytes "
+        "(CLCE_TENANT_MAX_INFLIGHT_BYTES) for every tenant",
+        "retry after Retry-After, send fewer requests at once, or smaller row chunks "
+        "(Client(pipeline_bytes=...)); over shared memory the gradient goes into the client's memory "
+        "and is not counted"),
+    "max_inflight_bytes": (
+        "--max-inflight-bytes (CLCE_MAX_INFLIGHT_BYTES)",
+        "retry after Retry-After, or send smaller row chunks (Client(pipeline_bytes=...))"),
+    "max_stored_weights": (
+        "--max-stored-weights (CLCE_MAX_STORED_WEIGHTS)",
+        "DELETE /v1/weights/NAME the stored weights you no longer use"),
+    "max_queued": (
+        "max_queued in the tenant's [tenants.NAME] table, or --max-queued (CLCE_MAX_QUEUED)",
+        "retry after Retry-After, or send fewer requests at once"),
+    "shm_max_bytes": (
+        "--shm-max-bytes (CLCE_SHM_MAX_BYTES)",
+        "the clce client splits a batch whose shared memory would not fit into row chunks that do; "
+        "free regions you no longer use (Arena.trim), or send over TCP (transport='tcp')"),
+    "shm_max_total_bytes": (
+        "--shm-max-total-bytes (CLCE_SHM_MAX_TOTAL_BYTES)",
+        "retry once other tenants let regions go, or send over TCP (transport='tcp')"),
+    "shm_max_regions_per_tenant": (
+        "--shm-max-regions-per-tenant (CLCE_SHM_MAX_REGIONS_PER_TENANT)",
+        "reuse regions (the clce client's arena does), or unregister those you no longer use"),
+    "shm_max_regions": (
+        "--shm-max-regions (CLCE_SHM_MAX_REGIONS)",
+        "retry once other tenants let regions go, or send over TCP (transport='tcp')"),
+}
+
+
+def over_limit(what: str, limit: str, value: int) -> str:
+    """The message of a refusal by `limit` (a key of LIMIT_HINTS) whose value is `value`: what was
+    asked, the limit and its value, the setting that raises it, and the alternative."""
+    raise_with, instead = LIMIT_HINTS[limit]
+    return f"{what}: over {limit}={value}. Raise it with {raise_with}; or {instead}."

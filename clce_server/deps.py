@@ -21,6 +21,9 @@ def tenant_for(state: ServerState, authorization: str | None) -> Tenant:
     """The tenant whose API key the request carries (the open tenant when no tenants file is set)."""
     tenant = state.registry.authenticate(authorization)
     if tenant is None:
+        if state.registry.is_admin(authorization):   # a valid key, for the wrong job: say so
+            raise ApiError("unauthorized", "this is the admin key; compute calls need a tenant key "
+                           "(the api_key of a [tenants.NAME] table of the tenants file)")
         raise ApiError("unauthorized", "missing or invalid API key (send Authorization: Bearer <key>)")
     return tenant
 
@@ -57,12 +60,15 @@ async def ready_state(request: Request) -> ServerState:
 
 
 def check_ready(state: ServerState) -> ServerState:
-    """The state of a server that takes work now; 503 (with Retry-After when it is transient) while
-    starting, draining or after a failed start."""
+    """The state of a server that takes work now; 503 while starting or draining (not_ready, with
+    Retry-After), or for good after a failed start (device_unavailable, without Retry-After)."""
     if state.draining:
         raise ApiError("not_ready", "draining: this server takes no new work", retry_after=1)
     if state.init_error:
-        raise ApiError("not_ready", f"OpenCL initialisation failed: {state.init_error}")
+        # device_unavailable without Retry-After: the device will not come back, so clients raise
+        # at once (a device failure that may pass always carries Retry-After)
+        raise ApiError("device_unavailable", f"OpenCL initialisation failed, so this server will never be "
+                       f"ready: {state.init_error}")
     if not state.ready.is_set():
         raise ApiError("not_ready", "building and warming the OpenCL kernels", retry_after=2)
     return state

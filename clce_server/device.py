@@ -124,9 +124,23 @@ KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "ce
            "reduce_rows": "reduce"}
 
 
+def _read_sources() -> dict[str, str]:
+    kernels = importlib.resources.files("clce_server").joinpath("kernels")
+    return {entry.name: entry.read_text() for entry in kernels.iterdir() if entry.name.endswith(".cl")}
+
+
+#: every kernel source, read once when the server starts: replacing the installed package under a
+#: running server (a reinstall) changes nothing it builds until it restarts
+_SOURCES = _read_sources()
+
+
 def kernel_source(name: str) -> str:
-    """The text of clce_server/kernels/<name>: package data, the same in a checkout and a wheel."""
-    return importlib.resources.files("clce_server").joinpath("kernels", name).read_text()
+    """The text of clce_server/kernels/<name>: package data, the same in a checkout and a wheel,
+    as it was when the server started."""
+    try:
+        return _SOURCES[name]
+    except KeyError:
+        raise FileNotFoundError(f"no kernel source {name!r} in clce_server/kernels") from None
 
 
 def program_source(kind: str) -> str:
@@ -315,14 +329,17 @@ class Device:
         return k
 
     def build_startup_programs(self) -> None:
-        """Programs every request may need, built at start-up (the rest on first use, once)."""
+        """Every program a request may need, built at start-up, so that ready means ready: no
+        request pays a build. Soft-capping is a build of its own (Gemma's logits use it)."""
         for dt in DTYPE_CODES:
             if dt == "float64" and not self.has_fp64:
                 continue
-            self.program("ce", dt)
+            for softcap in (False, True):
+                self.program("ce", dt, softcap=softcap)
             self.program("reduce", dt)
         for dt in ("float16", "bfloat16"):   # half-precision models often want fp32 gradients
-            self.program("ce", dt, "float32")
+            for softcap in (False, True):
+                self.program("ce", dt, "float32", softcap=softcap)
 
 
 def _candidates() -> list[cl.Device]:

@@ -104,9 +104,26 @@ def whole_batch_mean(p, denominator: float | None, rows: int | None):
     return dataclasses.replace(p, denominator=d, valid_rows=n, loss_scale=loss_scale, z_scale=z_scale)
 
 
+#: what the engine holds per row of a request besides its tensors: the int32 targets, the per-row
+#: loss, z-loss, lse and argmax, and their host copies for per-row answers
+ROW_BYTES = 48
+
+
 def inflight_bytes(args: Mapping[str, Any], body_len: int) -> int:
-    """What a request holds until it finishes: its body, plus the gradient it will send back."""
+    """What serving a request holds in the server's memory until it finishes: its body, the
+    gradient when the server allocates it (not when it is written over the body or into the
+    client's shared memory), a copy of logits it cannot compute on where they lie (read-only shared
+    memory), and the per-row results. Logits referenced in shared memory are the client's memory:
+    they are not counted here (the shared-memory budget bounded them at registration)."""
     x = args["input"]
-    if not args.get("return_grad") or args.get("grad_out") is x:   # none, or written over the body
-        return body_len
-    return body_len + x.size * DTYPES.get(args.get("grad_dtype") or dtype_name(x.dtype), 4)
+    if x.ndim <= 1:
+        rows = 1
+    else:
+        classes = int(x.shape[-1] if layouts.wanted(args) else x.shape[1])
+        rows = x.size // max(classes, 1)
+    held = body_len + ROW_BYTES * rows
+    if isinstance(x, np.ndarray) and not x.flags.writeable:   # computed on a copy (engine._input_buffer)
+        held += x.nbytes
+    if args.get("return_grad") and args.get("grad_out") is not x and args.get("grad_ref") is None:
+        held += x.size * DTYPES.get(args.get("grad_dtype") or dtype_name(x.dtype), 4)
+    return held

@@ -190,6 +190,10 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return np.require(a, requirements=("C", "A"))
 
 
+_per_engine_lock = threading.Lock()
+_per_engine: "weakref.WeakKeyDictionary[LossEngine, LinearCrossEntropy]" = weakref.WeakKeyDictionary()
+
+
 class LinearCrossEntropy:
     """The fused linear cross-entropy on one device (its LossEngine and its Gemm). chunk_rows'
     default, 1024, is what gemm.py's "dh" tuning was sized for (one work-item spans a chunk's
@@ -204,6 +208,29 @@ class LinearCrossEntropy:
         self.chunk_rows = chunk_rows
         self._discrete_lock = threading.Lock()
         self._discrete_path: _DiscretePath | None = None
+
+    def warm_up(self) -> None:
+        """One small call per input dtype, with and without a bias, so that every GEMM program and
+        kernel a request runs is built (and compiled by PoCL, which compiles at first launch)
+        before the server says it is ready (on a device with memory of its own, the discrete
+        path's helpers too)."""
+        rng = np.random.default_rng(0)
+        for dt in LINEAR_DTYPES:
+            h, w, b = (rng.standard_normal(s).astype(np.float32).astype(_np_dtype(dt))
+                       for s in ((70, 24), (37, 24), (37,)))
+            t = rng.integers(0, 37, 70)
+            for bias in (None, b):
+                self(check(h, w, t, bias, label_smoothing=0.1))
+
+    @classmethod
+    def for_engine(cls, engine: LossEngine) -> "LinearCrossEntropy":
+        """The one LinearCrossEntropy of `engine`'s device (its GEMM programs built once, warmed by
+        the server's start-up)."""
+        with _per_engine_lock:
+            lce = _per_engine.get(engine)
+            if lce is None:
+                lce = _per_engine[engine] = cls(engine)
+            return lce
 
     def chunk_for(self, rows: int) -> int:
         """Rows per chunk for a problem of `rows` rows (whole blocks of the row sums)."""
@@ -235,6 +262,21 @@ class LinearCrossEntropy:
         if want_grad_hidden and p.dtype == "bfloat16":
             shapes.append(((chunk, H), np.float32))
         return shapes
+
+    def work_bytes(self, p: LinearProblem, *, want_grad_hidden: bool, fresh_grad_weight: bool,
+                   fresh_grad_bias: bool) -> int:
+        """The bytes `steps` will allocate for `p` besides its inputs and the outputs it is given:
+        the scratch of `scratch_shapes` (the chunk rounded up to whole 64-row blocks, the bf16
+        gradient's fp32 (chunk, H) scratch included), a fresh (V, H) fp32 weight gradient, and a
+        fresh (V,) float64 bias gradient. A caller reserves them before any exists."""
+        total = sum(int(np.prod(shape)) * np.dtype(dt).itemsize
+                    for shape, dt in self.scratch_shapes(p, want_grad_hidden=want_grad_hidden))
+        V, H = p.weight.shape
+        if fresh_grad_weight:
+            total += V * H * 4
+        if fresh_grad_bias:
+            total += V * 8
+        return total
 
     def __call__(self, *args, **kw) -> LinearResult:
         steps = self.steps(*args, **kw)

@@ -1,6 +1,6 @@
 """Scale-out on Ray Serve: the same FastAPI app (same paths, same client) in N replicas.
 
-    pip install "clce[server,ray]"           # ray[serve]
+    pip install ".[server,ray]"              # in the clce checkout; ray[serve]
     serve run clce_server.ray:app            # replicas from CLCE_REPLICAS (default 1)
     CLCE_REPLICAS=4 CLCE_RAY_GPUS=1 serve run clce_server.ray:app
     serve run clce_server.ray:build_app replicas=2 autoscale=1 max_replicas=8   # builder arguments

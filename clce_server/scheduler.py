@@ -30,6 +30,7 @@ import time
 from collections import deque
 from typing import Any, Callable, ClassVar, Generator, Hashable, Iterable, Sequence
 
+from .config import over_limit
 from .metrics import Metrics
 from .tenants import Tenant, TenantRegistry
 
@@ -102,9 +103,13 @@ class PayloadTooLarge(AdmissionError):
 class QueueFull(AdmissionError):
     code = "queue_full"
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    def __init__(self, message: str, retry_after: float, scope: str = "tenant") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: which budget is full: "tenant" (its own bytes may be freed: the weight store evicts
+        #: the tenant's least recently used weights and tries again) or "server"
+        self.scope = scope
+
 
 
 class ShuttingDown(AdmissionError):
@@ -159,13 +164,14 @@ class _Job:
 
 
 class _TenantState:
-    __slots__ = ("name", "active", "inflight_bytes", "outcomes", "gauges")
+    __slots__ = ("name", "active", "inflight_bytes", "stored_bytes", "outcomes", "gauges")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.gauges = None  # (queue depth, in-flight bytes) metric children: label lookups, once
         self.active: dict[int, _Job] = {}  # admitted, not finished; insertion = submission order
         self.inflight_bytes = 0
+        self.stored_bytes = 0   # of inflight_bytes: kept between requests (stored weights)
         self.outcomes = {"ok": 0, "error": 0, "cancelled": 0, "deadline": 0, "shutdown": 0}
 
 
@@ -447,10 +453,12 @@ class Reservation:
     `release(after_job=f)` returns True and the scheduler calls `f` once the job is over, on
     whichever thread ends it."""
 
-    __slots__ = ("scheduler", "tenant", "nbytes", "closed", "job_active", "after_job")
+    __slots__ = ("scheduler", "tenant", "nbytes", "closed", "job_active", "after_job", "stored")
 
-    def __init__(self, scheduler: "Scheduler", tenant: Tenant, nbytes: int):
+    def __init__(self, scheduler: "Scheduler", tenant: Tenant, nbytes: int, stored: bool = False):
         self.scheduler, self.tenant, self.nbytes = scheduler, tenant, nbytes
+        #: bytes kept between requests (a stored weight, its accumulators), shown apart in stats()
+        self.stored = stored
         self.closed = False
         self.job_active = False        # a job admitted with it has not ended (scheduler's lock)
         self.after_job: Callable[[], None] | None = None
@@ -515,6 +523,7 @@ class Scheduler:
         self._tenants: dict[str, _TenantState] = {}
         self._jobs: dict[int, _Job] = {}  # admitted, not finished; insertion = submission order
         self._inflight_bytes = 0
+        self._stored_bytes = 0
         self._ewma_job_s = _INITIAL_JOB_S
         self._accepting = True
         self._started = False
@@ -642,10 +651,11 @@ class Scheduler:
             # arrays are freed with the exception, not by the garbage collector).
             j = job = timers = None
 
-    def reserve(self, tenant: Tenant, nbytes: int) -> Reservation:
+    def reserve(self, tenant: Tenant, nbytes: int, stored: bool = False) -> Reservation:
         """Hold `nbytes` (a request body, from its Content-Length) against the in-flight budgets
         before the body is read, so that a burst is turned away with 429 before its bodies are in
-        memory, not after. Raises QueueFull or ShuttingDown."""
+        memory, not after. `stored`: bytes kept between requests (clce_server/weights.py), the
+        same budgets, shown apart in stats(). Raises QueueFull or ShuttingDown."""
         if not self._accepting:
             raise ShuttingDown("server is shutting down")
         with self._lock:
@@ -653,8 +663,11 @@ class Scheduler:
             self._check_budgets(tenant, state, nbytes)
             state.inflight_bytes += nbytes
             self._inflight_bytes += nbytes
+            if stored:
+                state.stored_bytes += nbytes
+                self._stored_bytes += nbytes
             self._publish(state)
-        return Reservation(self, tenant, nbytes)
+        return Reservation(self, tenant, nbytes, stored)
 
     def _unreserve(self, r: Reservation, after_job: Callable[[], None] | None) -> bool:
         with self._lock:
@@ -663,25 +676,95 @@ class Scheduler:
             state = self._tenants[r.tenant.name]
             state.inflight_bytes -= r.nbytes
             self._inflight_bytes -= r.nbytes
+            if r.stored:
+                state.stored_bytes -= r.nbytes
+                self._stored_bytes -= r.nbytes
             r.nbytes, r.closed = 0, True
             self._publish(state)
             if r.job_active:
                 r.after_job = after_job
             return r.job_active
 
+    def grow(self, reservation: Reservation, nbytes: int) -> None:
+        """Hold `nbytes` more in `reservation` (a request's buffers, counted before they are
+        allocated). Raises PayloadTooLarge when the reservation could never fit the budgets,
+        QueueFull when it does not fit now, ShuttingDown."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be a non-negative integer, got {nbytes!r}")
+        if not self._accepting:
+            raise ShuttingDown("server is shutting down")
+        tenant = reservation.tenant
+        with self._lock:
+            if reservation.closed:
+                raise ValueError("the reservation was released")
+            self.check_fits(tenant, reservation.nbytes + nbytes)
+            state = self._tenant_state(tenant.name)
+            self._check_budgets(tenant, state, nbytes)
+            reservation.nbytes += nbytes
+            state.inflight_bytes += nbytes
+            self._inflight_bytes += nbytes
+            if reservation.stored:
+                state.stored_bytes += nbytes
+                self._stored_bytes += nbytes
+            self._publish(state)
+
+    def split(self, reservation: Reservation, nbytes: int, stored: bool = False) -> Reservation:
+        """Move up to `nbytes` of `reservation` into a new one of the same tenant (the budgets'
+        totals unchanged): bytes that outlive the request that reserved them (a stored weight
+        keeps viewing its upload's body). Nothing is moved from a closed reservation."""
+        with self._lock:
+            moved = 0 if reservation.closed else max(0, min(int(nbytes), reservation.nbytes))
+            reservation.nbytes -= moved
+            if stored != reservation.stored:
+                state = self._tenant_state(reservation.tenant.name)
+                sign = 1 if stored else -1
+                state.stored_bytes += sign * moved
+                self._stored_bytes += sign * moved
+        return Reservation(self, reservation.tenant, moved, stored)
+
+    def merge(self, into: Reservation, other: Reservation) -> Reservation:
+        """`other`'s bytes moved into `into` (same tenant; totals unchanged); `other` is closed."""
+        if into.tenant.name != other.tenant.name or into.stored != other.stored:
+            raise ValueError("only reservations of one tenant and one kind can be merged")
+        with self._lock:
+            if into.closed:
+                raise ValueError("cannot merge into a released reservation")
+            into.nbytes += other.nbytes
+            other.nbytes, other.closed = 0, True
+        return into
+
+    def check_fits(self, tenant: Tenant, nbytes: int, what: str = "request") -> None:
+        """PayloadTooLarge when `nbytes` held at once could never fit the tenant's or the
+        server's byte budget (413, not an endless stream of 429s), naming the budget and where
+        it is set."""
+        if nbytes > tenant.max_inflight_bytes:
+            raise PayloadTooLarge(over_limit(f"{what} needs {nbytes} bytes of server memory at once",
+                                             "tenant_max_inflight_bytes", tenant.max_inflight_bytes))
+        if nbytes > self.max_inflight_bytes:
+            raise PayloadTooLarge(over_limit(f"{what} needs {nbytes} bytes of server memory at once",
+                                             "max_inflight_bytes", self.max_inflight_bytes))
+
+    def tenant_bytes(self, tenant: str) -> int:
+        """The bytes a tenant holds against its budget now: requests in flight, answers being
+        sent, stored weights and their accumulators."""
+        with self._lock:
+            state = self._tenants.get(tenant)
+            return 0 if state is None else state.inflight_bytes
+
     def _check_budgets(self, tenant: Tenant, state: _TenantState, nbytes: int) -> None:
         excess = state.inflight_bytes + nbytes - tenant.max_inflight_bytes
         if excess > 0:
             raise QueueFull(
-                f"tenant has {state.inflight_bytes} bytes in flight; {nbytes} more exceed "
-                f"max_inflight_bytes={tenant.max_inflight_bytes}",
+                over_limit(f"tenant {tenant.name!r} has {state.inflight_bytes} bytes in flight or stored, and "
+                           f"{nbytes} more would take it", "tenant_max_inflight_bytes", tenant.max_inflight_bytes),
                 self._retry_after(state.active.values(), excess),
             )
         excess = self._inflight_bytes + nbytes - self.max_inflight_bytes
         if excess > 0:
             raise QueueFull(
-                "server is at its in-flight byte limit",
-                self._retry_after(self._jobs.values(), excess),
+                over_limit(f"the server has {self._inflight_bytes} bytes in flight or stored (all tenants), and "
+                           f"{nbytes} more would take it", "max_inflight_bytes", self.max_inflight_bytes),
+                self._retry_after(self._jobs.values(), excess), scope="server",
             )
 
     def _admit(self, tenant: Tenant, nbytes: int, fn: Job, deadline, loop,
@@ -694,23 +777,24 @@ class Scheduler:
         # will produce (a gradient), which only the in-flight budgets bound.
         size = nbytes if request_bytes is None else request_bytes
         if size > tenant.max_request_bytes:
-            raise PayloadTooLarge(
-                f"request of {size} bytes exceeds the limit of {tenant.max_request_bytes} bytes"
-            )
+            raise PayloadTooLarge(over_limit(f"request of {size} bytes", "max_request_bytes",
+                                             tenant.max_request_bytes))
         # A request that can never fit the byte budgets is 413, not an endless stream of 429s.
-        limit = min(tenant.max_inflight_bytes, self.max_inflight_bytes)
-        if nbytes > limit:
-            raise PayloadTooLarge(
-                f"request of {nbytes} bytes exceeds the in-flight limit of {limit} bytes"
-            )
+        if nbytes > min(tenant.max_inflight_bytes, self.max_inflight_bytes):
+            which, limit = (("tenant_max_inflight_bytes", tenant.max_inflight_bytes)
+                            if tenant.max_inflight_bytes <= self.max_inflight_bytes
+                            else ("max_inflight_bytes", self.max_inflight_bytes))
+            raise PayloadTooLarge(over_limit(
+                f"request needing {nbytes} bytes of server memory in flight (its body and what the server "
+                "allocates to answer it, such as a gradient it sends back)", which, limit))
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("server is shutting down")
             state = self._tenant_state(tenant.name)
             if len(state.active) >= tenant.max_queued:
                 raise QueueFull(
-                    f"tenant has {len(state.active)} requests queued or running "
-                    f"(max_queued={tenant.max_queued})",
+                    over_limit(f"tenant {tenant.name!r} has {len(state.active)} requests queued or running",
+                               "max_queued", tenant.max_queued),
                     self._retry_after(state.active.values(), 0),
                 )
             held = 0
@@ -901,6 +985,7 @@ class Scheduler:
                     "priority": tenant.priority if tenant is not None else None,
                     "queue_depth": len(state.active),
                     "inflight_bytes": state.inflight_bytes,
+                    "stored_bytes": state.stored_bytes,
                     "completed": state.outcomes["ok"],
                     "failed": state.outcomes["error"],
                     "cancelled": state.outcomes["cancelled"],
@@ -909,6 +994,7 @@ class Scheduler:
             return {
                 "accepting": self._accepting,
                 "inflight_bytes": self._inflight_bytes,
+                "stored_bytes": self._stored_bytes,
                 "max_inflight_bytes": self.max_inflight_bytes,
                 "queued_jobs": len(self._jobs),
                 "devices": [

@@ -57,6 +57,7 @@ from clce_wire.protocol import DTYPES, ProtocolError, numpy_dtype
 from clce_wire.shm import (FRAME_HEADER, MAX_FRAME, REGION_NAME, SEALS_REQUIRED, RegionRef, decode_frame,
                            encode_frame)
 
+from .config import over_limit
 from .errors import ApiError
 
 log = logging.getLogger("clce.shm")
@@ -208,17 +209,21 @@ class ShmRegistry:
             if key in self._regions:
                 raise ApiError("bad_request", f"region {name!r} is already registered")
             if self._count.get(session.tenant, 0) >= lim.max_regions_per_tenant:
-                raise ApiError("queue_full", f"at most {lim.max_regions_per_tenant} regions per tenant")
+                raise ApiError("queue_full", over_limit(f"tenant {session.tenant!r} holds {self._count[session.tenant]} "
+                                                      "regions", "shm_max_regions_per_tenant",
+                                                      lim.max_regions_per_tenant))
             held = self._bytes.get(session.tenant, 0)
             if held + size > lim.max_bytes_per_tenant:
-                raise ApiError("payload_too_large", f"registering {size} bytes would hold {held + size} "
-                               f"bytes of shared memory; this tenant's cap is {lim.max_bytes_per_tenant}")
+                raise ApiError("payload_too_large", over_limit(
+                    f"registering {size} bytes would hold {held + size} bytes of shared memory for tenant "
+                    f"{session.tenant!r}", "shm_max_bytes", lim.max_bytes_per_tenant))
             if self._total_count >= lim.max_total_regions:
-                raise ApiError("queue_full", f"the server holds {self._total_count} regions, its cap for all "
-                               "tenants together; try again later")
+                raise ApiError("queue_full", over_limit(f"the server holds {self._total_count} regions of all "
+                                                      "tenants together", "shm_max_regions", lim.max_total_regions))
             if self._total_bytes + size > lim.max_total_bytes:
-                raise ApiError("queue_full", f"registering {size} bytes would take the server past its cap "
-                               f"of {lim.max_total_bytes} bytes of shared memory for all tenants; try again later")
+                raise ApiError("queue_full", over_limit(
+                    f"registering {size} bytes would take the shared memory of all tenants together to "
+                    f"{self._total_bytes + size} bytes", "shm_max_total_bytes", lim.max_total_bytes))
             self.descriptors.take(1, "registering a region")   # the mapping's duplicate of fd
             self._account(session.tenant, size, 1)
             # the name is reserved; map outside the lock

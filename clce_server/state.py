@@ -93,13 +93,15 @@ class ServerState:
                 os.environ["POCL_MAX_PTHREAD_COUNT"] = str(self.settings.device_threads)
             from .device import open_devices
             from .engine import LossEngine
+            from .linear import LinearCrossEntropy
 
             devices = open_devices(self.settings.device_selectors, memory=self.settings.device_memory)
             for dev in devices:
                 dev.build_startup_programs()
                 engine = LossEngine(dev)
-                if self.settings.warmup:
+                if self.settings.warmup:   # PoCL compiles each kernel at its first launch
                     engine.warm_up()
+                    LinearCrossEntropy.for_engine(engine).warm_up()
                 self.engines[dev.index] = engine
             self.devices = devices
             self.scheduler = Scheduler(devices, self.registry, max_inflight_bytes=self.settings.max_inflight_bytes,
@@ -108,7 +110,10 @@ class ServerState:
             self.scheduler.start()
             self.ready.set()
             log.info("ready: %s", ", ".join(f"{d.name} [{d.platform}]" for d in devices))
-        except Exception as exc:   # surfaced by /readyz and every request, and logged
-            self.init_error = str(exc)
-            log.error("OpenCL initialisation failed: %s", exc)
+        except Exception as exc:
+            # Permanent: /readyz and every request answer 503 with this reason from now on, and
+            # clce-server exits with status 1 (__main__.DrainingServer); an app hosted otherwise
+            # (Ray Serve, tests) stays up, unready, saying why.
+            self.init_error = f"{exc} (clce-server --list-devices shows the OpenCL devices that build)"
+            log.error("OpenCL initialisation failed: %s", self.init_error)
 

@@ -48,3 +48,42 @@ def test_device_threads_bound_the_cpu_device(tmp_path):
     if not cpu:
         pytest.skip("no CPU OpenCL device")
     assert all(d["compute_units"] == 1 for d in cpu), cpu
+
+
+def test_every_option_is_described(capsys):
+    """--help describes every option: a description of its own, not only its variable and default."""
+    assert [n for n, f in Settings.model_fields.items() if not (f.description or "").strip()] == []
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--port PORT TCP port" in out and "--log-level LOG_LEVEL Server log level" in out
+    assert "always loopback by default" in out and "Loopback unless" not in out
+
+
+def test_version(capsys):
+    from clce_server import __version__
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"clce-server {__version__}"
+
+
+def test_a_device_that_never_opens_exits_1_saying_why():
+    """A server whose devices fail to open stops (status 1) with the reason, instead of serving 503s."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serverproc import free_port
+
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "clce_server", "--port", str(free_port()), "--device",
+                          "no-such-device-anywhere"], capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("clce-server: no device opened, exiting: no OpenCL device matches"), out.stderr
+    assert "--list-devices" in last
+    print(f"exited 1 after {took:.1f} s")

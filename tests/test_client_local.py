@@ -404,7 +404,7 @@ def test_error_mapping_of_canned_responses(server):
         "429": (errors.Overloaded, "queue is full"),
         "504": (errors.DeadlineExceeded, "deadline passed"),
         "413": (errors.PayloadTooLarge, "too big"),
-        "html": (errors.ServerError, "HTTP 502: <h1>Bad Gateway</h1>"),
+        "html": (errors.ServerError, f"{server.url}/v1/cross_entropy answered HTTP 502: <h1>Bad Gateway</h1>"),
     }
     with Client(server.url, retries=3, retry_budget_s=0) as client:
         for name, reply in replies.items():

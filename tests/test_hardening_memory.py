@@ -118,7 +118,9 @@ def test_peak_rss_of_a_burst_stays_within_its_bound_and_returns():
 
         def burst(n):
             def one():
-                with clce_client.Client(srv.url, retry_budget_s=120) as c:
+                # bodies over TCP: what the in-flight budget bounds (shared-memory tensors are the
+                # clients' memory, bounded by the shared-memory budget: test_lm_scale.py)
+                with clce_client.Client(srv.url, retry_budget_s=120, transport="tcp") as c:
                     for _ in range(n):
                         losses.append(float(c.cross_entropy(x, t, return_grad=True).loss))
             threads = [threading.Thread(target=one) for _ in range(clients)]

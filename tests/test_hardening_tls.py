@@ -123,3 +123,21 @@ def test_settings_want_certificate_and_key_together():
 
     with pytest.raises(SystemExit):
         parse_args(["--ssl-certfile", "x.pem"])
+
+
+def test_a_certificate_that_does_not_verify_fails_at_once_naming_the_cas(tls_server, pki, caplog, monkeypatch):
+    """Permanent: no retry (not one log line of one), and the error names the URL and the CAs tried."""
+    for env in ("SSL_CERT_FILE", "SSL_CERT_DIR"):   # httpx would take the CAs from there
+        monkeypatch.delenv(env, raising=False)
+    x, t = np.zeros((2, 3), np.float32), np.array([0, 1])
+    for verify, named in ((True, "certifi's CA bundle"), (str(pki["cert"]), f"the CA bundle {pki['cert']}")):
+        caplog.clear()
+        t0 = time.monotonic()
+        with clce_client.Client(tls_server.url, verify=verify, retries=3) as c:
+            with pytest.raises(errors.TLSVerificationError) as info:
+                c.cross_entropy(x, t)
+        assert time.monotonic() - t0 < 2.0
+        msg = str(info.value)
+        assert msg.startswith(f"{tls_server.url}: the server's TLS certificate failed verification against {named}")
+        assert "CERTIFICATE_VERIFY_FAILED" in msg and "verify=<path to its PEM bundle>" in msg
+        assert not [r for r in caplog.records if r.name == "clce"], caplog.records

@@ -250,4 +250,7 @@ def test_an_accumulating_micro_batch_failing_part_way_drops_the_version_and_give
         ht, Wt = torch.from_numpy(h), torch.from_numpy(W).requires_grad_()
         F.cross_entropy(F.linear(ht, Wt), torch.from_numpy(y)).backward()
         torch.testing.assert_close(torch.from_numpy(protocol.decode_tensor(taken["grad_weight"]).copy()), Wt.grad)
+        # the stored weight holds its share of the budget until it is deleted
+        assert srv.state.scheduler.tenant_bytes("default") == srv.state.weight_store.tenant_bytes("default") > W.nbytes
+        assert httpx.delete(srv.url + "/v1/weights/w", timeout=30).status_code == 204
         _assert_all_given_back(srv.state)

@@ -124,13 +124,15 @@ def _info(url: str) -> dict:
 
 
 def _idle(url: str, timeout_s: float = 30.0) -> dict:
-    """Wait until the server holds nothing for a request (pool, pins, reservations, open requests)."""
+    """Wait until the server holds nothing for a request (pool, pins, reservations, open requests);
+    stored weights aside (they hold their share of the budget until replaced, evicted or deleted)."""
     deadline = time.monotonic() + timeout_s
     while True:
         shm = _info(url)
         status = httpx.get(url + "/v1/status").json()
         held = {"pool_held_bytes": shm["pool_held_bytes"], "pinned": shm["pinned"],
-                "inflight_bytes": status["scheduler"]["inflight_bytes"], "inflight_http": status["inflight_http"]}
+                "inflight_bytes": status["scheduler"]["inflight_bytes"] - status["scheduler"]["stored_bytes"],
+                "inflight_http": status["inflight_http"]}
         if not any(held.values()) or time.monotonic() > deadline:
             return held
         time.sleep(0.05)
@@ -242,15 +244,22 @@ def test_a_stored_weight_whose_region_is_gone_answers_upload_again_and_a_new_upl
 
 def test_a_region_weight_counts_only_its_gradient_against_the_budget():
     """The tenant's budget fits the accumulators (fp32 (V, H) + float64 (V,)) but not the weight
-    with them: inline is refused (413), a region-backed upload is taken and works."""
+    with them: inline, the weight is stored (its calls without accumulate fit) and an accumulating
+    call is refused (413, naming the budget); a region-backed upload accumulates."""
     Vb, Hb = 2000, 64
-    budget = Vb * Hb * 4 + Vb * 8 + (Vb * Hb * 4) // 2
+    # the accumulators, a call's scratch (its rows rounded up to 64: a (64, V) and an (H, 64) fp32
+    # buffer) with room for its body, and half the weight
+    budget = Vb * Hb * 4 + Vb * 8 + 64 * (Vb + Hb) * 4 + (1 << 16) + (Vb * Hb * 4) // 2
     with ServerProcess(args=["--tenant-max-inflight-bytes", str(budget)]) as srv:
         rng = np.random.default_rng(5)
         W = rng.standard_normal((Vb, Hb)).astype(np.float32)
         b = rng.standard_normal(Vb).astype(np.float32)
-        _error(_send(srv.url, "PUT", "/v1/weights/w", {"v": 1, "weight_version": "1", "weight": W, "bias": b}),
-               413, "over tenant")
+        _ok(_send(srv.url, "PUT", "/v1/weights/w", {"v": 1, "weight_version": "1", "weight": W, "bias": b}))
+        h0 = rng.standard_normal((8, Hb)).astype(np.float32)
+        _error(_send(srv.url, "POST", "/v1/linear_cross_entropy",
+                     {"v": 1, "hidden": h0, "target": rng.integers(0, Vb, 8), "weight_name": "w",
+                      "weight_version": "1", "accumulate": True}),
+               413, f"over tenant_max_inflight_bytes={budget}")
         shared = Shared(srv.url)
         try:
             _ok(_send(srv.url, "PUT", "/v1/weights/w", {"v": 1, "weight_version": "1", "weight": shared.put(W),

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from serverproc import server_fixture  # noqa: E402
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
 server = server_fixture()
 
 
@@ -52,18 +53,88 @@ def test_python_examples_run(server, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_curl_example_gives_torchs_numbers(server):
+def test_curl_example_prints_what_the_readme_shows(server):
     check_curl_example(server.url)
 
 
 def check_curl_example(url: str) -> None:
-    """The README's curl example, run against `url`, answers torch's loss and gradient."""
-    (cmd,) = [b for b in blocks(section("Use it"), "sh") if "curl" in b]
-    cmd = cmd.split("\n#")[0].replace("localhost:8000", url.removeprefix("http://"))
-    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
-    body = json.loads(out.stdout)
+    """The README's curl example, run against `url` as written (only the address changed), prints
+    exactly the answer shown under it (scripts/check-served.py compares the same way), and that
+    answer is torch's loss and gradient. tests/test_wheel.py runs it against the installed wheel."""
+    command, shown = check_served().readme_curl_example()
+    out = subprocess.run(["bash", "-c", command.replace("localhost:8000", url.removeprefix("http://"))],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == shown
+    body = json.loads(shown)
     x = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], requires_grad=True)
     loss = F.cross_entropy(x, torch.tensor([0, 2]))
     loss.backward()
     assert body["loss"] == pytest.approx(loss.item(), rel=1e-6)
     np.testing.assert_allclose(body["grad"], x.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_check_served_runs_as_ci_runs_it(server):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "check-served.py"), "--url", server.url,
+                          "--wait", "30"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "the README's curl example answers as printed" in out.stdout
+
+
+def check_served():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_served", ROOT / "scripts" / "check-served.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_it_is_the_clce_command(server):
+    (cmd,) = blocks(section("Check it"), "sh")
+    assert cmd.strip() == ".venv/bin/clce check"
+    out = subprocess.run([sys.executable, "-m", "clce_client.cli", "check", server.url], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_headers_are_as_the_readme_says(server):
+    """X-Request-ID on the loss endpoint's answers, Server-Timing with the phases named on its
+    successful ones; neither on /healthz."""
+    import httpx
+
+    text = " ".join(section("Running the server").split())
+    names = re.search(r"`Server-Timing` header \(([^)]*)\)", text).group(1)
+    phases = re.findall(r"`(\w+)`", names)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        ok = http.post("/v1/cross_entropy", json={"input": [[1.0, 2.0]], "target": [1]})
+        bad = http.post("/v1/cross_entropy", json={"input": [[1.0, 2.0]], "target": [5]})
+        health = http.get("/healthz")
+    assert ok.status_code == 200 and bad.status_code == 400
+    assert ok.headers["x-request-id"] and bad.headers["x-request-id"]
+    assert [p.split(";")[0] for p in ok.headers["server-timing"].split(", ")] == phases
+    assert "x-request-id" not in health.headers and "server-timing" not in health.headers
+
+
+def test_every_endpoint_in_the_table_is_served():
+    from test_auth_table import app_routes   # every (method, path) the app serves, as docs/protocol.md's test sees them
+
+    rows = re.findall(r"^\| `(GET|POST) (\S+)` \|", section("Running the server"), flags=re.M)
+    assert rows and set(rows) <= app_routes(), set(rows) - app_routes()
+
+
+def test_the_readme_is_short_and_its_tables_fit():
+    """About 200 lines; tables (here, in bench/README.md and the docs this project owns) fit 100
+    columns."""
+    assert len(README.splitlines()) <= 215
+    for path in (ROOT / "README.md", ROOT / "bench" / "README.md", ROOT / "docs" / "architecture.md",
+                 ROOT / "docs" / "integrations" / "README.md"):
+        wide = [line for line in path.read_text().splitlines() if line.startswith("|") and len(line) > 100]
+        assert wide == [], (path, wide)
+
+
+def test_one_ratio_convention():
+    """clce's time over torch's, lower is better, said once; never torch's over clce's."""
+    text = README + (ROOT / "bench" / "README.md").read_text()
+    assert "lower is better" in README
+    for wrong in ("torch / fused", "torch / clce", "x faster than torch"):
+        assert wrong not in text, wrong

@@ -126,6 +126,7 @@ def worker_main(spec: dict) -> None:
     rtol = 1e-2 if spec.get("dtype") == "bfloat16" else 2e-5   # the loss comes back in bfloat16
     # retry_budget_s=0: these workers observe the server's admission answers (429, 503) as they are
     client = Client(spec["url"], api_key=spec.get("key") or "", retries=spec.get("retries", 0),
+                    transport=spec.get("transport", "auto"),
                     retry_budget_s=spec.get("retry_budget_s", 0), timeout=120)
     stop = threading.Event()
     lock = threading.Lock()
@@ -397,12 +398,20 @@ def test_413_from_content_length_before_the_body_is_read(server):
         head = s.recv(65536)
         assert head.startswith(b"HTTP/1.1 413"), head[:200]
         assert time.perf_counter() - t0 < 5
-    # through the client: gamma's limit is 1 MiB, this body is 2 MiB
+    # through the client over TCP: gamma's limit is 1 MiB, this body is 2 MiB
     x, t = make_batch(512, 1024, seed=2)
-    with client_for(server, "gamma") as c:
+    with client_for(server, "gamma", transport="tcp") as c:
         with pytest.raises(errors.PayloadTooLarge) as ei:
             c.cross_entropy(x, t, return_grad=True)
         assert ei.value.status == 413
+        # the refusal names the limit, its value, the setting that raises it and the way out
+        for words in ("max_request_bytes=1048576", "--max-request-bytes", "[tenants.NAME]", "shared memory"):
+            assert words in str(ei.value), (words, str(ei.value))
+    # the limit bounds what crosses HTTP: over shared memory (the default on this host) the same
+    # batch is the client's memory, and runs
+    with client_for(server, "gamma") as c:
+        res = c.cross_entropy(x, t, return_grad=True)
+    assert check_result(res, reference(x, t), True) is None
     # the same request is fine for another tenant (the limit is per tenant)
     with client_for(server, "beta") as c:
         res = c.cross_entropy(x, t, return_grad=True)
@@ -420,9 +429,10 @@ def test_429_with_retry_after_and_the_other_tenants_unaffected(server):
         spec(url, "beta", SMALL, seed=4),                                   # 1: a normal job
         spec(url, "gamma", (64, 100), threads=4, count=5, seed=5),          # 2, 3: max_queued=2
         spec(url, "gamma", (64, 100), threads=4, count=5, seed=6),
-        # 4, 5: 0.86 MiB each (body + gradient) against a budget of 1.5 MiB
-        spec(url, "gamma", (112, 1000), threads=4, count=4, seed=7),
-        spec(url, "gamma", (112, 1000), threads=4, count=4, seed=8),
+        # 4, 5: 0.86 MiB each (body + gradient) against a budget of 1.5 MiB, over TCP (over shared
+        # memory the tensors are the client's memory, bounded by the shared-memory budget)
+        spec(url, "gamma", (112, 1000), threads=4, count=4, seed=7, transport="tcp"),
+        spec(url, "gamma", (112, 1000), threads=4, count=4, seed=8, transport="tcp"),
     ]
     with Workers(specs) as w:
         w.go([0, 1])

@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from clce_wire import fastpath, protocol
 
+from ..config import over_limit
 from ..errors import ApiError
 from ..lease import RequestLease
 from ..recording import RequestRecord, new_request_id
@@ -82,7 +83,7 @@ async def receive_body(request: Request, limit: int,
         async for chunk in request.stream():
             buf += chunk
             if len(buf) > limit:
-                raise ApiError("payload_too_large", f"request body exceeds the limit of {limit} bytes")
+                raise ApiError("payload_too_large", over_limit("request body", "max_request_bytes", limit))
         return np.frombuffer(buf, np.uint8)
     try:
         n = int(length)
@@ -91,7 +92,7 @@ async def receive_body(request: Request, limit: int,
     if n < 0:
         raise ApiError("bad_request", "invalid Content-Length")
     if n > limit:
-        raise ApiError("payload_too_large", f"request body of {n} bytes exceeds the limit of {limit} bytes")
+        raise ApiError("payload_too_large", over_limit(f"request body of {n} bytes", "max_request_bytes", limit))
     head = bytearray()
     body: np.ndarray | None = None
     view = None

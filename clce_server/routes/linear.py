@@ -29,9 +29,9 @@ accumulated one that POST .../grad takes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -46,14 +46,14 @@ from clce_wire.shm import RegionRef, is_ref_map, parse_ref, ref_map
 from ..deps import check_ready, tenant_for
 from ..errors import ApiError, ArgumentError
 from ..lease import RequestLease
-from ..linear import LinearCrossEntropy, check
+from ..linear import LINEAR_DTYPES, LinearCrossEntropy, check
 from ..recording import RequestRecord
 from ..scheduler import FunctionJob
 from ..shm import Region
 from ..shm import view as region_view
 from ..state import ServerState
 from ..tenants import Tenant
-from ..weights import WeightStore
+from ..weights import IDLE_S, MAX_ENTRIES, NO_MEMORY, WeightStore, accumulator_bytes, check_name, no_memory
 from .leased import (LeasedEndpoint, announced_length, msgpack_answer, receive_body, timing_headers,
                      unless_disconnected)
 
@@ -72,7 +72,6 @@ WATCH_DISCONNECT_BYTES = 1 << 16  # stateless requests at least this big are can
 CHUNK_ROWS = 1024                 # LinearCrossEntropy's rows per chunk: one (chunk, V) fp32 buffer
 
 _store_lock = threading.Lock()
-_linear: "weakref.WeakKeyDictionary[Any, LinearCrossEntropy]" = weakref.WeakKeyDictionary()
 
 
 def weight_store(state: ServerState) -> WeightStore:
@@ -80,21 +79,21 @@ def weight_store(state: ServerState) -> WeightStore:
     with _store_lock:
         store = getattr(state, "weight_store", None)
         if store is None:
-            store = state.weight_store = WeightStore()
+            settings = state.settings
+            store = state.weight_store = WeightStore(
+                state.scheduler, max_entries=getattr(settings, "max_stored_weights", MAX_ENTRIES),
+                idle_s=getattr(settings, "weight_idle_s", IDLE_S), instance=state.instance_id)
         return store
 
 
 def _for_engine(engine) -> LinearCrossEntropy:
-    with _store_lock:
-        lce = _linear.get(engine)
-        if lce is None:
-            lce = _linear[engine] = LinearCrossEntropy(engine, chunk_rows=CHUNK_ROWS)
-        return lce
+    return LinearCrossEntropy.for_engine(engine)   # built and warmed at start-up (state.open_devices)
 
 
 class _Scratch:
     """A request's scratch buffers, taken from its lease's pool before its job runs; the job's
-    LinearCrossEntropy.steps asks for them by shape (anything else: a plain allocation)."""
+    LinearCrossEntropy.steps asks for them by shape (anything else: a plain allocation, reserved
+    with them by LinearCrossEntropy.work_bytes)."""
 
     def __init__(self, lease, shapes):
         self._free: dict[tuple, list[np.ndarray]] = {}
@@ -104,6 +103,36 @@ class _Scratch:
     def take(self, shape, dtype) -> np.ndarray:
         kept = self._free.get((tuple(shape), np.dtype(dtype)))
         return kept.pop() if kept else np.empty(shape, dtype)
+
+
+def _allocating(nbytes: int, make: Callable[[], Any]) -> Any:
+    """`make()`, whose allocations the budgets allowed: one the OS refuses anyway answers 503 with
+    Retry-After (the host is short of memory now), never 500."""
+    try:
+        return make()
+    except NO_MEMORY as exc:
+        raise no_memory(nbytes, exc) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOMEM, errno.EAGAIN):   # mmap's answer for a pool buffer
+            raise no_memory(nbytes, exc) from None
+        raise
+
+
+class _ThenRelease:
+    """A response that gives its reservation back once it has been sent (or given up): a flush's
+    gradient counts against the budgets until then, not only while it was accumulated."""
+
+    def __init__(self, response, reservation):
+        self.response, self.reservation = response, reservation
+
+    def __getattr__(self, name):
+        return getattr(self.response, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.reservation.release()
 
 
 # ---- admit ---------------------------------------------------------------------------------------
@@ -164,13 +193,18 @@ class LinearEndpoint(LeasedEndpoint):
 
 # ---- read and decode -----------------------------------------------------------------------------
 
-async def read_message(req: LinearRequest, fields: frozenset, *, pooled: bool = True) -> tuple[dict, np.ndarray]:
+async def read_message(req: LinearRequest, fields: frozenset, *, pooled: bool = True,
+                       replacing: str | None = None) -> tuple[dict, np.ndarray]:
     """The decoded message and its body. The body's bytes are reserved against the in-flight
     budgets before it is read (a burst is answered 429 before its bodies are in memory) and stay
     so until the lease closes. `pooled`: the body in the lease's pooled buffer; else in one of its
     own (a stored weight keeps viewing it)."""
     record = req.record
-    req.lease.hold(req.state.scheduler.reserve(req.tenant, announced_length(req.request, req.body_limit)))
+    # the tenant's least recently used stored weights make room for the body when its budget is full
+    nbytes = announced_length(req.request, req.body_limit)
+    # (an upload's own old version first: it is being replaced)
+    req.lease.hold(weight_store(req.state).making_room(
+        req.tenant, lambda: req.state.scheduler.reserve(req.tenant, nbytes), first=replacing))
     t0 = time.perf_counter()
     body = await receive_body(req.request, req.body_limit, req.lease.buffer if pooled else None)
     record.stage("body", time.perf_counter() - t0)
@@ -269,15 +303,23 @@ def output_region(req: LinearRequest, what: str, region: str, offset: Any, dtype
 
 async def put_weight(req: LinearRequest) -> Response:
     name = req.request.path_params["name"]
+    check_name(name)             # before its body is read
     # The body in a buffer of its own, not the lease's pooled one: the stored weight keeps viewing
     # it for as long as it is stored (no copy of what may be the largest tensor of the model).
-    msg, _ = await read_message(req, PUT_FIELDS, pooled=False)
+    msg, _ = await read_message(req, PUT_FIELDS, pooled=False, replacing=name)
     version = _required_version(msg)
     parts = {"weight": _tensor(msg, "weight", required=True), "bias": _tensor(msg, "bias")}
     arrays = resolve_regions(req, parts)     # references: checked against their regions' bounds
     weight, bias = arrays["weight"], arrays["bias"]
+    # what the operation cannot use is refused now, not at its first use
     if weight.ndim != 2:
         raise ArgumentError(RuntimeError(f"weight must be 2-D (vocabulary, hidden), got shape {list(weight.shape)}"))
+    if 0 in weight.shape:
+        raise ArgumentError(RuntimeError(f"fused linear cross-entropy needs a weight with rows and columns, "
+                                         f"got shape {list(weight.shape)}"))
+    dtype = protocol.dtype_name(weight.dtype)
+    if dtype not in LINEAR_DTYPES:
+        raise ArgumentError(RuntimeError(f"fused linear cross-entropy runs float32 and bfloat16 weights, got {dtype}"))
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ArgumentError(RuntimeError(f"bias must be a ({weight.shape[0]},) tensor of the weight's dtype"))
     # Inline parts are aligned once here (a tensor in a msgpack body may start at any byte), not
@@ -285,11 +327,13 @@ async def put_weight(req: LinearRequest) -> Response:
     # pins and views them again (WeightStore.resolve).
     stored = {k: parts[k] if isinstance(parts[k], RegionRef) else np.require(arrays[k], requirements=("C", "A"))
               for k in parts if parts[k] is not None}
-    weight_store(req.state).put(req.tenant, name, version, stored["weight"], stored.get("bias"),
-                                regions=dict(req.pinned))
+    store = weight_store(req.state)
+    store.put(req.tenant, name, version, stored["weight"], stored.get("bias"), regions=dict(req.pinned),
+              body=req.lease.reservation if any(isinstance(v, np.ndarray) for v in stored.values()) else None)
+    store.keep_sweeping(asyncio.get_running_loop())
     req.unpin()
-    return msgpack_answer({"v": protocol.PROTOCOL_VERSION, "weight_name": name, "weight_version": version},
-                          timing_headers(req.record))
+    return msgpack_answer({"v": protocol.PROTOCOL_VERSION, "weight_name": name, "weight_version": version,
+                           "instance": store.instance}, timing_headers(req.record))
 
 
 # ---- POST /v1/weights/{name}/grad ----------------------------------------------------------------
@@ -306,27 +350,48 @@ async def take_grad(req: LinearRequest) -> Response:
         # checked before the gradient is taken: a refused region must not lose it
         ref, dest = output_region(req, "grad_weight", region, _field(msg, "grad_weight_offset", (int,), 0),
                                   "float32", entry.shape)
-    gw, gb, n = store.take_grad(req.tenant, name, version)
-    out: dict[str, Any] = {"v": protocol.PROTOCOL_VERSION, "micro_batches": n}
-    if gw is not None:
-        if dest is not None:
-            if gw.shape != dest.shape:    # the version was uploaded again meanwhile, with another shape
-                raise ApiError("not_found", f"weight {name!r} version {version!r} was replaced while its gradient "
-                               "was taken; upload it again")
-            await asyncio.to_thread(np.copyto, dest, gw)   # (V, H) floats: off the event loop
-            out["grad_weight"] = ref_map(*ref)
-        else:
-            out["grad_weight"] = gw
-        if gb is not None:
-            out["grad_bias"] = gb
-    req.unpin()
-    return msgpack_answer(out, timing_headers(req.record))
+    # A job accumulating into the version holds its lock across its chunks: waited for here
+    # without blocking the event loop (the job wakes this request when it lets go).
+    await entry.acquire()
+    try:
+        if not store.current(entry):      # replaced, evicted or expired while this waited
+            raise ApiError("not_found", f"weight {name!r} version {version!r} was dropped while its gradient was "
+                           "being taken (replaced, evicted or expired); upload it again")
+        accumulation = entry.accumulation
+        gw, gb, n, charge = store.take_grad(entry)
+    finally:
+        entry.release()
+    out: dict[str, Any] = {"v": protocol.PROTOCOL_VERSION, "micro_batches": n, "instance": store.instance,
+                           "accumulation": accumulation}
+    try:
+        if gw is not None:
+            if dest is not None:
+                await asyncio.to_thread(np.copyto, dest, gw)   # (V, H) floats: off the event loop
+                out["grad_weight"] = ref_map(*ref)
+            else:
+                out["grad_weight"] = gw
+            if gb is not None:
+                out["grad_bias"] = gb
+        req.unpin()
+        answer = msgpack_answer(out, timing_headers(req.record))
+    except BaseException:
+        if charge is not None:
+            charge.release()
+        raise
+    if charge is None:
+        return answer
+    if dest is not None:                 # in the client's region now: the accumulators can go
+        out = gw = gb = None
+        charge.release()
+        return answer
+    return _ThenRelease(answer, charge)  # counted until the gradient has left
 
 
 # ---- DELETE /v1/weights/{name} -------------------------------------------------------------------
 
 async def delete_weight(req: LinearRequest) -> Response:
     name = req.request.path_params["name"]
+    check_name(name)
     if not weight_store(req.state).delete(req.tenant, name):
         raise ApiError("not_found", f"no weight {name!r} is stored")
     return Response(status_code=204)
@@ -379,30 +444,60 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
         raise ArgumentError(exc) from None
     R, H = problem.hidden.shape
     V = problem.weight.shape[0]
-    # where the gradients go: the client's regions, or a pooled buffer of the lease (the hidden's)
-    grad_ref = gw_ref = grad_hidden = gw_dest = None
-    if want_grad:
-        if grad_region is not None:
-            grad_ref, grad_hidden = output_region(req, "grad_hidden", grad_region, _field(msg, "grad_offset", (int,), 0),
-                                                  problem.dtype, hidden.shape)
-        else:
-            grad_hidden = req.lease.array(hidden.shape, problem.hidden.dtype)
-        grad_hidden = grad_hidden.reshape(R, H)
-        if gw_region is not None:
-            gw_ref, gw_dest = output_region(req, "grad_weight", gw_region,
-                                            _field(msg, "grad_weight_offset", (int,), 0), "float32", (V, H))
-        if gw_dest is None and not accumulating:   # a fresh weight gradient, written whole
-            gw_dest = req.lease.array((V, H), np.float32)
-    # The chunk's scratch from the lease's pool, taken here on the event loop (the lease's owner):
-    # fresh (chunk, V) pages would fault in on every call
-    scratch = _Scratch(req.lease, _for_engine(state.engines[0]).scratch_shapes(problem, want_grad_hidden=want_grad))
+    lce = _for_engine(state.engines[0])
+    # Every buffer the request will hold is counted against the budgets before any of it exists:
+    # the hidden's gradient (unless it goes to a region), a fresh weight gradient (stateless,
+    # unless it goes to a region), the chunk's scratch; an accumulating version's accumulators are
+    # the stored weight's own (reserved once per accumulation, below).
+    fresh_gw = want_grad and not accumulating and gw_region is None
+    need = (req.shm_bytes + (hidden.size * problem.hidden.dtype.itemsize if want_grad and grad_region is None else 0)
+            + lce.work_bytes(problem, want_grad_hidden=want_grad, fresh_grad_weight=fresh_gw,
+                             fresh_grad_bias=want_grad and bias is not None and not accumulating))
+    if stored is not None:   # what can never fit beside the weight (and its accumulators) is 413, not 429s
+        acc = accumulator_bytes(stored.shape, stored.bias is not None) if accumulating else 0
+        state.scheduler.check_fits(req.tenant, req.lease.reservation.nbytes + need + stored.nbytes
+                                   + (acc if stored.grad_weight is None else 0),
+                                   f"this request with weight {stored.name!r}"
+                                   + (" and its gradient accumulators" if acc else ""))
+    store.making_room(req.tenant, lambda: state.scheduler.grow(req.lease.reservation, need), keep=stored)
+    if accumulating:
+        store.reserve_accumulators(stored, req.tenant)
+        store.keep_sweeping(asyncio.get_running_loop())
+
+    def buffers():
+        # where the gradients go: the client's regions, or a pooled buffer of the lease (the hidden's)
+        grad_ref = gw_ref = grad_hidden = gw_dest = None
+        if want_grad:
+            if grad_region is not None:
+                grad_ref, grad_hidden = output_region(req, "grad_hidden", grad_region,
+                                                      _field(msg, "grad_offset", (int,), 0), problem.dtype,
+                                                      hidden.shape)
+            else:
+                grad_hidden = req.lease.array(hidden.shape, problem.hidden.dtype)
+            grad_hidden = grad_hidden.reshape(R, H)
+            if gw_region is not None:
+                gw_ref, gw_dest = output_region(req, "grad_weight", gw_region,
+                                                _field(msg, "grad_weight_offset", (int,), 0), "float32", (V, H))
+            if fresh_gw and gw_dest is None:   # a fresh weight gradient, written whole
+                gw_dest = req.lease.array((V, H), np.float32)
+        # The chunk's scratch from the lease's pool, taken here on the event loop (the lease's
+        # owner): fresh (chunk, V) pages would fault in on every call
+        scratch = _Scratch(req.lease, lce.scratch_shapes(problem, want_grad_hidden=want_grad))
+        return grad_ref, gw_ref, grad_hidden, gw_dest, scratch
+
+    grad_ref, gw_ref, grad_hidden, gw_dest, scratch = _allocating(need, buffers)
     record.stage("decode", time.perf_counter() - t0)
 
     def job(device):
         lce = _for_engine(state.engines[device.index])
         if accumulating:
-            with stored.lock:
-                gw, gb = stored.accumulators()
+            stored.lock.acquire()
+            try:
+                gw, gb = stored.grad_weight, stored.grad_bias
+                if gw is None:   # taken by a flush, or dropped, while this micro-batch waited
+                    raise ApiError("not_found", f"weight {stored.name!r} version {stored.version!r}: its "
+                                   "accumulated gradient was taken or dropped while this micro-batch waited; "
+                                   "upload it again")
                 added = False
                 try:
                     result = yield from lce.steps(problem, grad_weight=gw, grad_bias=gb, grad_hidden=grad_hidden,
@@ -411,20 +506,19 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
                 finally:
                     if added:
                         stored.micro_batches += 1
+                        count, accumulation = stored.micro_batches, stored.accumulation
                     else:   # stopped part way: the sum is no longer one of whole micro-batches
                         store.drop(stored)
-            return result
+            finally:
+                stored.release()
+            return result, count, accumulation
         return (yield from lce.steps(problem, want_grad_hidden=want_grad, want_grad_weight=want_grad,
                                      want_grad_bias=want_grad and bias is not None, grad_weight=gw_dest,
                                      overwrite_grad_weight=True, grad_hidden=grad_hidden, empty=scratch.take,
-                                     weight_key=stored))   # a stored version stays in device memory
+                                     weight_key=stored)), None, None   # a stored version stays in device memory
 
     request_bytes = body.nbytes + req.shm_bytes
-    nbytes = request_bytes + 4 * min(R, CHUNK_ROWS) * (V + H)            # the chunk's logits and hidden
-    if want_grad and grad_ref is None:
-        nbytes += grad_hidden.nbytes
-    if want_grad and not accumulating and gw_ref is None:
-        nbytes += V * H * 4 + V * 8
+    nbytes = req.lease.reservation.nbytes      # the body and everything above, held already
     timings: dict = {}
     submit = state.scheduler.submit(req.tenant, nbytes, FunctionJob(job), timings=timings,
                                     request_bytes=request_bytes, reservation=req.lease.reservation)
@@ -437,6 +531,7 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
         if result is None:                 # the client left; nobody to answer
             record.outcome = "cancelled"
             return Response(status_code=499)
+    result, count, accumulation = result
     record.stage("queue", timings.get("queue_s", 0.0))
     record.stage("run", timings.get("compute_s", 0.0))
     record.stage("kernel", result.kernel_seconds)
@@ -447,6 +542,10 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
     if want_grad:
         out["grad_hidden"] = ref_map(*grad_ref) if grad_ref is not None else result.grad_hidden.reshape(hidden.shape)
     out["v"] = protocol.PROTOCOL_VERSION
+    out["instance"] = store.instance
+    if stored is not None:   # the micro-batches the version's accumulators hold, this one included
+        out["accumulation"] = stored.accumulation if count is None else accumulation
+        out["micro_batches"] = stored.micro_batches if count is None else count
     out["loss"] = result.loss
     if result.z_loss is not None:
         out["z_loss"] = result.z_loss

@@ -137,9 +137,10 @@ async def cross_entropy(req: LossRequest) -> Response:
     record.stage("body", time.perf_counter() - t0)
     record.body_bytes = body.nbytes
     args = await decode(body, req)
-    # referenced tensors count as the request's bytes (budgets and fair shares do not depend
-    # on the transport)
-    result = await schedule(req, args, body.nbytes + req.shm_bytes)
+    # Tensors referenced in shared memory are the client's memory, bounded by the tenant's
+    # shared-memory budget when they were registered: only the body and what the server allocates
+    # to answer count against max_request_bytes and the in-flight budgets (jobs.inflight_bytes).
+    result = await schedule(req, args, body.nbytes)
     if result is None:                     # the client left; nobody to answer
         record.outcome = "cancelled"
         return Response(status_code=499)
@@ -234,12 +235,9 @@ def resolve_regions(args: dict[str, Any], req: LossRequest) -> None:
         raise ApiError("bad_request", "this server does not allow shared memory (see /v1/info)")
     if not req.as_msgpack:
         raise ApiError("bad_request", "shared-memory references need application/msgpack")
-    # the request's size limit holds whatever the transport: what it references counts as its body
+    # Not a request body: what it references lies in the tenant's registered regions, counted
+    # against its shared-memory budget (shm_max_bytes) when they were registered.
     req.shm_bytes = sum(args[name].nbytes for name in refs)
-    size = req.record.body_bytes + req.shm_bytes
-    if size > req.body_limit:
-        raise ApiError("payload_too_large", f"request of {size} bytes (with its shared-memory tensors) "
-                       f"exceeds the limit of {req.body_limit} bytes")
     pinned: dict[str, Any] = {}
 
     def region(name: str):
@@ -288,7 +286,7 @@ async def schedule(req: LossRequest, args: dict[str, Any], body_len: int):
     timings: dict = {}
     submit = scheduler.submit(req.tenant, inflight_bytes(args, body_len), job, deadline=deadline,
                               timings=timings, request_bytes=body_len, reservation=req.lease.reservation)
-    if body_len < WATCH_DISCONNECT_BYTES:
+    if body_len + req.shm_bytes < WATCH_DISCONNECT_BYTES:
         # A small job is cheaper to finish than to watch; if its client went, the answer is
         # dropped harmlessly.
         result = await submit
