@@ -276,6 +276,12 @@ class LinearCrossEntropy:
             total += V * H * 4
         if fresh_grad_bias:
             total += V * 8
+        if not self.device.host_unified:
+            # device memory counts too: the chunk's buffers there, and fresh gradients' device copies
+            # (a stored version's resident weight and accumulators are the device's own budget's)
+            want = want_grad_hidden   # the server asks for every gradient or none
+            total += self._discrete().plan(p, want, want, want and p.bias is not None).working
+            total += (V * H * 4 if fresh_grad_weight else 0) + (V * 8 if fresh_grad_bias else 0)
         return total
 
     def __call__(self, *args, **kw) -> LinearResult:
