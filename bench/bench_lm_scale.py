@@ -12,15 +12,19 @@ every earlier figure was taken at: the LM rows' ratios are to be read against it
 grow with the bytes, and no faster).
 
 Memory: the server's is its own allocations (RssAnon: the logits and gradient in shared memory are
-the client's, RssShmem there); the worker's is its RSS (anon + shared: the logits, the regions it
-copies them into, torch's gradient). Peaks are sampled every 2 ms during each side's block, and
-reported above each side's resting level before its first call.
+the client's, RssShmem there), sampled every 2 ms during clce's blocks, above its level before
+them. The worker's is measured apart, in a new process per side that makes the logits and then
+runs 3 steps of that side only: its peak RSS (VmHWM: anon + shared) above its level once the
+logits exist. That is what the step adds to a worker holding its logits (torch: the gradient and
+its own temporaries; clce: the region the logits are copied into and the gradient's, kept for the
+next step).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import statistics
 import sys
@@ -71,13 +75,70 @@ class Peak:
         self._t.join()
 
 
+def _make(dims, dtype):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    x = (torch.randn(*dims, generator=gen) * 2).to(tdt).requires_grad_()
+    t = torch.randint(0, dims[-1], dims[:-1], generator=gen)
+    return x, t
+
+
+def _step(side: str, x, t, shift: bool):
+    import torch.nn.functional as F
+
+    import clce_client
+
+    x.grad = None
+    if side == "torch":
+        V = x.shape[-1]
+        loss = (F.cross_entropy(x[..., :-1, :].reshape(-1, V), t[..., 1:].reshape(-1)) if shift
+                else F.cross_entropy(x, t))
+    else:
+        loss = clce_client.cross_entropy(x, t, shift=1) if shift else clce_client.cross_entropy(x, t)
+    loss.backward()
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def worker_peak(side: str, spec: str, url: str) -> int:
+    """Run in a new process (``--worker-peak SIDE SPEC``): 3 steps of one side, the peak RSS added."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--worker-peak", side, spec, "--url", url],
+                         capture_output=True, text=True, check=True, env={**os.environ, "CLCE_URL": url})
+    return json.loads(out.stdout.strip().splitlines()[-1])["added"]
+
+
+def _worker_peak_main(side: str, spec: str) -> None:
+    import json
+
+    dims, dtype, shift = parse(spec)
+    x, t = _make(dims, dtype)
+    base = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")       # VmHWM from here
+    for _ in range(3):
+        _step(side, x, t, shift)
+    print(json.dumps({"added": _status("VmHWM") - base}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--url", help="a running server (default: start one with default settings)")
+    ap.add_argument("--worker-peak", nargs=2, metavar=("SIDE", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker_peak:
+        return _worker_peak_main(*args.worker_peak)
 
     import torch
     import torch.nn.functional as F
@@ -92,56 +153,48 @@ def main() -> None:
     try:
         for spec in args.shapes.split(","):
             dims, dtype, shift = parse(spec)
-            gen = torch.Generator().manual_seed(0)
-            tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
-            x = (torch.randn(*dims, generator=gen) * 2).to(tdt).requires_grad_()
-            t = torch.randint(0, dims[-1], dims[:-1], generator=gen)
-            V = dims[-1]
+            x, t = _make(dims, dtype)
 
             def local():
-                x.grad = None
-                if shift:
-                    F.cross_entropy(x[..., :-1, :].reshape(-1, V), t[..., 1:].reshape(-1)).backward()
-                else:
-                    F.cross_entropy(x, t).backward()
+                _step("torch", x, t, shift)
 
             def remote():
-                x.grad = None
-                (clce_client.cross_entropy(x, t, shift=1) if shift else clce_client.cross_entropy(x, t)).backward()
+                _step("clce", x, t, shift)
 
             times, peaks = {}, {}
             for b in range(args.blocks):
                 for name, fn in ((("torch", local), ("clce", remote)) if b % 2 == 0
                                  else (("clce", remote), ("torch", local))):
                     gc.collect()
-                    with Peak(os.getpid(), ("RssAnon", "RssShmem", "RssFile")) as worker, \
-                            (Peak(srv.proc.pid, ("RssAnon",)) if srv else Peak(os.getpid(), ())) as server:
+                    with (Peak(srv.proc.pid, ("RssAnon",)) if srv else Peak(os.getpid(), ())) as server:
                         ts = []
                         for _ in range(args.calls):
                             t0 = time.perf_counter()
                             fn()
                             ts.append(time.perf_counter() - t0)
                     times.setdefault(name, []).append(statistics.mean(ts[1:]))
-                    w, s = worker.high - worker.base, (server.high - server.base) if srv else 0
-                    peaks[name] = (max(peaks.get(name, (0, 0))[0], w), max(peaks.get(name, (0, 0))[1], s))
-            gb = x.numel() * x.element_size() / 1e9
+                    if name == "clce" and srv:
+                        peaks["server"] = max(peaks.get("server", 0), server.high - server.base)
+            del x, t
+            gc.collect()
+            for name in ("torch", "clce"):
+                peaks[name] = worker_peak(name, spec, url)
+            gb = math.prod(dims) * (2 if dtype == "bf16" else 4) / 1e9
             med = {k: statistics.median(v) for k, v in times.items()}
             label = "x".join(map(str, dims)) + f" {dtype}" + (" shift" if shift else "")
             ratio = med["clce"] / med["torch"]
             rows.append([label, f"{gb:.2f}", f"{med['torch'] * 1e3:.0f}", f"{med['clce'] * 1e3:.0f}",
-                         f"{ratio:.2f}x", f"{peaks['torch'][0] / MiB:.0f}", f"{peaks['clce'][0] / MiB:.0f}",
-                         f"{peaks['clce'][1] / MiB:.0f}"])
+                         f"{ratio:.2f}x", f"{peaks['torch'] / MiB:.0f}", f"{peaks['clce'] / MiB:.0f}",
+                         f"{peaks.get('server', 0) / MiB:.0f}"])
             doc["rows"].append({"shape": label, "logits_gb": gb, "torch_s": med["torch"], "clce_s": med["clce"],
                                 "ratio": ratio, "blocks": times,
-                                "worker_peak_bytes": {k: v[0] for k, v in peaks.items()},
-                                "server_peak_bytes": peaks["clce"][1]})
-            del x, t
-            gc.collect()
+                                "worker_added_peak_bytes": {"torch": peaks["torch"], "clce": peaks["clce"]},
+                                "server_peak_bytes": peaks.get("server", 0)})
     finally:
         if srv:
             srv.stop()
     common.print_table("The README's call at LM sizes: clce / local torch fwd+bwd (lower is better); "
-                       "peaks in MiB over the resting level",
+                       "MiB a step adds to a worker holding its logits, and the server's own peak",
                        ["shape", "GB", "torch ms", "clce ms", "clce/torch", "worker torch", "worker clce",
                         "server"], rows)
     print(f"wrote {common.write_json(common.RESULTS / 'lm_scale.json', doc)}")

@@ -402,15 +402,26 @@ def test_references_out_of_bounds_or_malformed_are_400_not_500(server, shared):
     assert _idle(server.url) == {"pool_held_bytes": 0, "pinned": 0, "inflight_bytes": 0, "inflight_http": 0}
 
 
-def test_the_request_size_limit_counts_referenced_bytes():
+def test_the_request_size_limit_bounds_the_body_not_referenced_bytes():
+    """As on the loss path: a tensor referenced in shared memory is the client's memory (bounded by
+    its shared-memory budget), not a request body; --max-request-bytes bounds what crosses HTTP."""
     with ServerProcess(args=["--max-request-bytes", "65536"]) as srv:
         shared = Shared(srv.url)
         try:
-            h = np.zeros((600, 32), np.float32)            # 76,800 bytes referenced, a tiny body
+            rng = np.random.default_rng(7)
+            h = rng.standard_normal((600, 32)).astype(np.float32)   # 76,800 bytes referenced, a tiny body
+            w = rng.standard_normal((5, 32)).astype(np.float32)
+            y = rng.integers(0, 5, 600)
             resp = _send(srv.url, "POST", "/v1/linear_cross_entropy",
-                         {"v": 1, "hidden": shared.put(h), "target": np.zeros(600, np.int64),
-                          "weight": np.zeros((5, 32), np.float32)})
-            _error(resp, 413, "with its shared-memory tensors")
+                         {"v": 1, "hidden": shared.put(h), "target": y, "weight": w})
+            import torch
+
+            ref = torch.nn.functional.cross_entropy(torch.from_numpy(h) @ torch.from_numpy(w).T, torch.from_numpy(y))
+            assert abs(float(_ok(resp)["loss"]) - float(ref)) < 1e-5
+            # a body over the limit is still refused, naming the limit and the way out
+            big = rng.standard_normal((600, 32)).astype(np.float32)
+            _error(_send(srv.url, "POST", "/v1/linear_cross_entropy", {"v": 1, "hidden": big, "target": y, "weight": w}),
+                   413, "--max-request-bytes")
         finally:
             shared.close()
 

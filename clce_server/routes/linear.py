@@ -147,6 +147,7 @@ class LinearRequest:
     lease: RequestLease            # owns what the request holds; closed by the endpoint
     body_limit: int
     shm_bytes: int = 0             # bytes of the tensors it references in shared memory
+    copied_bytes: int = 0          # of which copied out of it (checked, then used as indices)
     pinned: dict[str, Region] = field(default_factory=dict)   # region name -> pinned through the lease
 
     @property
@@ -262,17 +263,15 @@ def _require_shm(req: LinearRequest) -> None:
 
 def resolve_regions(req: LinearRequest, tensors: dict[str, Any]) -> dict[str, Any]:
     """`tensors` with each region reference replaced by an array over the tenant's region, checked
-    against its bounds and pinned until the lease lets go. What they reference counts as the
-    request's bytes against its size limit (the limit holds whatever the transport)."""
+    against its bounds and pinned until the lease lets go. Not a request body, as on the loss
+    path: what they reference is the client's memory, bounded by the tenant's shared-memory budget
+    when it was registered; only the copies made here (`copied_bytes`) are the server's."""
     refs = [name for name, value in tensors.items() if isinstance(value, RegionRef)]
     if not refs:
         return tensors
     _require_shm(req)
     req.shm_bytes = sum(tensors[name].nbytes for name in refs)
-    size = req.record.body_bytes + req.shm_bytes
-    if size > req.body_limit:
-        raise ApiError("payload_too_large", f"request of {size} bytes (with its shared-memory tensors) "
-                       f"exceeds the limit of {req.body_limit} bytes")
+    req.copied_bytes = sum(tensors[name].nbytes for name in refs if name in _COPIED)
     out = dict(tensors)
     for name in refs:
         ref = tensors[name]
@@ -450,7 +449,7 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
     # unless it goes to a region), the chunk's scratch; an accumulating version's accumulators are
     # the stored weight's own (reserved once per accumulation, below).
     fresh_gw = want_grad and not accumulating and gw_region is None
-    need = (req.shm_bytes + (hidden.size * problem.hidden.dtype.itemsize if want_grad and grad_region is None else 0)
+    need = (req.copied_bytes + (hidden.size * problem.hidden.dtype.itemsize if want_grad and grad_region is None else 0)
             + lce.work_bytes(problem, want_grad_hidden=want_grad, fresh_grad_weight=fresh_gw,
                              fresh_grad_bias=want_grad and bias is not None and not accumulating))
     if stored is not None:   # what can never fit beside the weight (and its accumulators) is 413, not 429s
@@ -517,12 +516,12 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
                                      overwrite_grad_weight=True, grad_hidden=grad_hidden, empty=scratch.take,
                                      weight_key=stored)), None, None   # a stored version stays in device memory
 
-    request_bytes = body.nbytes + req.shm_bytes
+    request_bytes = body.nbytes                # what crossed HTTP: max_request_bytes bounds it
     nbytes = req.lease.reservation.nbytes      # the body and everything above, held already
     timings: dict = {}
     submit = state.scheduler.submit(req.tenant, nbytes, FunctionJob(job), timings=timings,
                                     request_bytes=request_bytes, reservation=req.lease.reservation)
-    if accumulating or request_bytes < WATCH_DISCONNECT_BYTES:
+    if accumulating or request_bytes + req.shm_bytes < WATCH_DISCONNECT_BYTES:
         # An accumulating job runs to its end even if its client goes: stopped part way it would
         # cost the version its gradient. A small job is cheaper to finish than to watch.
         result = await submit
