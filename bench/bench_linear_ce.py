@@ -15,6 +15,11 @@ For each N x H x V (fp32) it reports, from one run:
                 1/k of it per micro-batch
       tcp       the README's call with transport="tcp"
       stateless transport="tcp", stateless=True: the weight travels with every call
+      cce       Cut Cross-Entropy's own linear_cross_entropy(h, W, y, impl="torch_compile"), run
+                locally (pip install --no-deps cut-cross-entropy, plus triton for its import):
+                the peer the shared-memory call is held against
+      discrete  the README's call to a second server started with --device-memory discrete
+                (--memory-modes): PoCL through the path GPUs take, beside "clce" (host memory)
   * bytes per micro-batch: on the wire (request + response bodies, measured from the encoded
     messages) and, over shared memory, copied into the arena; beside the logits path
     (client.cross_entropy on (N, V) logits: logits up, gradient down); and per optimizer step
@@ -45,7 +50,7 @@ import numpy as np  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
-METHODS = ("local", "clce", "shared", "accum", "tcp", "stateless")
+METHODS = ("local", "clce", "shared", "accum", "tcp", "stateless", "cce")
 
 
 def _hwm(pid: int | str = "self") -> int:
@@ -76,7 +81,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8, help="micro-batches per optimizer step")
     ap.add_argument("--gemm", action="store_true", help="also the server's GEMM GFLOP/s")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
+    ap.add_argument("--memory-modes", action="store_true",
+                    help="also a server with --device-memory discrete: the 'discrete' method")
     args = ap.parse_args()
+    if args.memory_modes and "discrete" not in args.methods.split(","):
+        args.methods += ",discrete"
 
     import torch
     import torch.nn.functional as F
@@ -90,6 +99,13 @@ def main() -> None:
                                   env={"CLCE_TENANT_MAX_INFLIGHT_BYTES": str(16 * GiB),
                                        "CLCE_TENANT_MAX_REQUEST_BYTES": str(4 * GiB)},
                                   log_path=args.out / "linear-ce-server.log").start()
+    discrete = None
+    if args.memory_modes:
+        discrete = common.ServerProcess(["--max-request-bytes", str(4 * GiB), "--max-inflight-bytes", str(16 * GiB),
+                                         "--device-memory", "discrete"],
+                                        env={"CLCE_TENANT_MAX_INFLIGHT_BYTES": str(16 * GiB),
+                                             "CLCE_TENANT_MAX_REQUEST_BYTES": str(4 * GiB)},
+                                        log_path=args.out / "linear-ce-server-discrete.log").start()
     server_idle = _rss(server.proc.pid)
     print(f"# server idle RSS {server_idle / MiB:.0f} MiB (host pool cap "
           f"{int(server.env.get('CLCE_HOST_POOL_BYTES', 1 << 30)) / MiB:.0f} MiB)")
@@ -98,20 +114,23 @@ def main() -> None:
     doc = {"machine": common.machine_info(), "shapes": {}, "server_idle_rss": server_idle}
     try:
         with clce_client.Client(server.url, timeout=3600) as client, \
-                clce_client.Client(server.url, timeout=3600, transport="tcp") as tcp:
+                clce_client.Client(server.url, timeout=3600, transport="tcp") as tcp, \
+                clce_client.Client((discrete or server).url, timeout=3600) as disc:
             for spec in args.shapes.split(","):
                 N, H, V = (int(d) for d in spec.lower().split("x"))
                 doc["shapes"][spec] = run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message,
-                                                message_nbytes)
+                                                message_nbytes, disc if discrete else None)
     finally:
         server.stop()
+        if discrete is not None:
+            discrete.stop()
     if args.gemm:
         import bench_gemm
         doc["gemm"] = bench_gemm.report(1024, 1024, 32000, args.blocks, clblast=False)
     print("json:", common.write_json(args.out / "linear_ce.json", doc))
 
 
-def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, message_nbytes) -> dict:
+def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, message_nbytes, disc=None) -> dict:
     import gc
 
     from clce_client.linear import share_weight, weights_of
@@ -172,8 +191,26 @@ def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, mess
         h.grad = W.grad = None
         tcp.linear_cross_entropy(h, W, y, stateless=True).backward()
 
-    every = {"local": local, "clce": clce, "shared": shared, "accum": accum, "tcp": via_tcp, "stateless": stateless}
+    def discrete():
+        h.grad = W.grad = None
+        disc.linear_cross_entropy(h, W, y).backward()
+
+    cce_linear, cce_reason = _cce()
+
+    def cce():
+        h.grad = W.grad = None
+        cce_linear(h, W, y, impl="torch_compile").backward()
+
+    every = {"local": local, "clce": clce, "shared": shared, "accum": accum, "tcp": via_tcp, "stateless": stateless,
+             "cce": cce, "discrete": discrete}
     methods = {m: every[m] for m in args.methods.split(",")}
+    if "cce" in methods and cce_linear is None:
+        print(f"# Cut Cross-Entropy not importable ({cce_reason}): 'cce' left out "
+              "(pip install --no-deps cut-cross-entropy triton)")
+        methods.pop("cce")
+    if "discrete" in methods and disc is None:
+        print("# no --memory-modes: 'discrete' left out")
+        methods.pop("discrete")
     if "shared" in methods and not share_weight(W_shared, client):
         print("# no shared memory with the server: 'shared' left out")
         methods.pop("shared")
@@ -208,6 +245,11 @@ def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, mess
     print(f"\n## N={N} H={H} V={V}   (load {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
     print(f"wall (median of {args.blocks} blocks of {args.calls - 1} calls): "
           + "  ".join(f"{m} {common.fmt_ms(t)} ms" for m, t in med.items()))
+    if "cce" in med:
+        print("ratio to Cut Cross-Entropy (torch_compile): "
+              + "  ".join(f"{m} {med[m] / med['cce']:.2f}x" for m in med if m != "cce"))
+    if "discrete" in med and "clce" in med:
+        print(f"discrete / host memory (the same call, two servers, in turns): {med['discrete'] / med['clce']:.2f}x")
     if "local" in med:
         print("ratio to local: " + "  ".join(f"{m} {med[m] / med['local']:.2f}x" for m in med if m != "local")
               + (f"   (accum includes the flush, {common.fmt_ms(flush_s)} ms / k={k})" if flush_s else ""))
@@ -224,6 +266,15 @@ def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, mess
           f"one chunk {sizes['chunk'] / MiB:.0f} MiB, logits {sizes['logits'] / MiB:.0f} MiB")
     return {"wall_median_s": med, "samples": samples, "flush_s": flush_s, "wire": wire, "memory": mem,
             "sizes": sizes}
+
+
+def _cce():
+    """Cut Cross-Entropy's linear_cross_entropy, or None and why it does not import."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:   # not installed, or triton missing for its import
+        return None, f"{type(exc).__name__}: {exc}"
+    return linear_cross_entropy, None
 
 
 if __name__ == "__main__":

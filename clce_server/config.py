@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to serve HTTP (or https) on; 0 picks a free one.")
     device: str | None = Field(None, description="Comma-separated OpenCL device selectors "
                                "(index, platform:device, gpu/cpu, or a name substring); one worker per device.")
+    device_memory: str = Field("auto", pattern="^(auto|host|discrete)$", description="How kernels reach "
+                               "their data: auto (read off each device: host memory on CPU devices, the "
+                               "device's own memory on GPUs), host (USE_HOST_PTR, no copies) or discrete "
+                               "(buffers in device memory, copies in and out; on PoCL this runs the GPU path).")
     tenants: Path | None = Field(None, description="TOML file with one [tenants.NAME] table per job.")
     max_request_bytes: int = Field(256 * MiB, gt=0, description="Largest request body (413 above).")
     max_inflight_bytes: int = Field(2048 * MiB, gt=0, description="Bytes of all requests in flight (429 above).")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import os
 import threading
 import time
 import warnings
@@ -215,12 +216,18 @@ class Device:
     tuning: Tuning
     has_fp64: bool
     programs: dict[tuple, cl.Program] = field(default_factory=dict)
+    #: "host": kernels compute in host memory (USE_HOST_PTR wraps the host's arrays, no copies);
+    #: "discrete": the device has memory of its own (buffers there, copies in and out). Read off
+    #: the device ("auto", `memory_mode`), or forced: "discrete" on PoCL runs the GPU path here.
+    memory: str | None = None
     _build_lock: threading.Lock = field(default_factory=threading.Lock)
     _local: threading.local = field(default_factory=threading.local)
 
     def __post_init__(self) -> None:
         # Device buffers come from a pool: a request's scratch is reused by the next one.
         self.pool = cl.tools.MemoryPool(cl.tools.ImmediateAllocator(self.queue))
+        if self.memory is None:
+            self.memory = memory_mode(self.cl_device)
 
     @property
     def name(self) -> str:
@@ -244,8 +251,8 @@ class Device:
 
     @property
     def host_unified(self) -> bool:
-        """CPU devices compute in host memory: USE_HOST_PTR saves a copy each way."""
-        return self.kind == "cpu" or bool(self.cl_device.host_unified_memory)
+        """Kernels compute in host memory: USE_HOST_PTR saves a copy each way (`memory`)."""
+        return self.memory == "host"
 
     def __str__(self) -> str:
         return f"{self.index}:{self.name}"
@@ -264,6 +271,7 @@ class Device:
             "global_mem_bytes": d.global_mem_size,
             "max_alloc_bytes": d.max_mem_alloc_size,
             "fp64": self.has_fp64,
+            "memory": self.memory,
             "tuning": self.tuning.describe(),
         }
 
@@ -367,13 +375,31 @@ def native_defines(dev: cl.Device) -> dict[str, int]:
     return {"CE_VW": 16 if dev.preferred_vector_width_float >= 16 else 8}
 
 
-def _try_open(index: int, dev: cl.Device, overrides: dict | None, tuning_row: tuple[str, str] | None = None) -> Device:
+#: --device-memory's choices: read off the device, or forced
+MEMORY_MODES = ("auto", "host", "discrete")
+
+
+def memory_mode(dev: cl.Device, requested: str = "auto") -> str:
+    """"host" where the device computes in host memory (CPU devices; integrated GPUs that say
+    CL_DEVICE_HOST_UNIFIED_MEMORY), else "discrete"; `requested` other than "auto" wins (a
+    host-memory device run through the discrete path proves that path without a GPU; "host" on
+    a GPU makes its driver copy USE_HOST_PTR buffers, slower but correct)."""
+    if requested not in MEMORY_MODES:
+        raise ValueError(f"device memory must be one of {', '.join(MEMORY_MODES)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "host" if device_kind(dev) == "cpu" or bool(dev.host_unified_memory) else "discrete"
+
+
+def _try_open(index: int, dev: cl.Device, overrides: dict | None, tuning_row: tuple[str, str] | None = None,
+              memory: str = "auto") -> Device:
     ctx = cl.Context([dev])
     queue = cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
     fp64 = "cl_khr_fp64" in dev.extensions or dev.double_fp_config != 0
     vendor, kind = tuning_row or (dev.vendor, device_kind(dev))
     tuning = tuning_for(vendor, kind, {**native_defines(dev), **(overrides or {})})
-    d = Device(index, dev, ctx, queue, tuning, fp64)
+    mem = memory_mode(dev, memory)
+    d = Device(index, dev, ctx, queue, tuning, fp64, memory=mem)
     d.program("ce", "float32")   # the proof that this device can serve
     d.program("reduce", "float32")
     if tuning.group_target is None or tuning.launch.rows != "group":
@@ -382,7 +408,7 @@ def _try_open(index: int, dev: cl.Device, overrides: dict | None, tuning_row: tu
     widest = "float64" if fp64 else "float32"
     read = read_group_sizes(tuning, dev, d.kernel("ce_rows_group", widest), d.kernel("reduce_rows", widest))
     if read.launch != tuning.launch:   # built at the table's size: build again at the device's
-        d = Device(index, dev, ctx, queue, read, fp64)
+        d = Device(index, dev, ctx, queue, read, fp64, memory=mem)
         d.program("ce", "float32")
         d.program("reduce", "float32")
     else:
@@ -391,15 +417,22 @@ def _try_open(index: int, dev: cl.Device, overrides: dict | None, tuning_row: tu
 
 
 def open_devices(selectors: list[str] | str | None = None, *,
-                 tuning_overrides: dict | None = None, tuning_row: tuple[str, str] | None = None) -> list[Device]:
+                 tuning_overrides: dict | None = None, tuning_row: tuple[str, str] | None = None,
+                 memory: str | None = None) -> list[Device]:
     """Open the devices named by the selectors (all that match and build), or the best one.
 
     A selector is a global index ("0"), a "platform:device" pair ("1:0"), a kind ("gpu", "cpu"),
     or a case-insensitive substring of the device, platform or vendor name ("nvidia", "pocl").
     Without selectors, GPUs are preferred, and the first device that builds is used.
     `tuning_row` (vendor, kind) picks a row of TUNING instead of the device's own (to run one
-    device's shapes on another, e.g. the NVIDIA row under Oclgrind).
+    device's shapes on another, e.g. the NVIDIA row under Oclgrind). `memory`: one of
+    MEMORY_MODES (`memory_mode`); by default $CLCE_DEVICE_MEMORY (the server's setting), else
+    "auto", so a test run with CLCE_DEVICE_MEMORY=discrete drives every engine it opens that way.
     """
+    if memory is None:
+        memory = os.environ.get("CLCE_DEVICE_MEMORY", "auto").strip().lower() or "auto"
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"device memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
     if isinstance(selectors, str):
         selectors = [s for s in selectors.split(",") if s.strip()]
     devs = _candidates()
@@ -425,7 +458,7 @@ def open_devices(selectors: list[str] | str | None = None, *,
     opened: list[Device] = []
     for i, dev in chosen:
         try:
-            opened.append(_try_open(len(opened), dev, tuning_overrides, tuning_row))
+            opened.append(_try_open(len(opened), dev, tuning_overrides, tuning_row, memory))
         except Exception as exc:   # any build or context failure: try the next candidate
             msg = str(exc).strip().splitlines()
             failures.append(f"{dev.name.strip()} ({dev.platform.name.strip()}): {msg[-1] if msg else exc!r}")

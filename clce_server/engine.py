@@ -159,9 +159,27 @@ class _RowBlock:
 def _input_buffer(dev: Device, arr: np.ndarray) -> cl.Buffer:
     if dev.host_unified and arr.flags.writeable and arr.flags.c_contiguous:
         return cl.Buffer(dev.context, MF.READ_ONLY | MF.USE_HOST_PTR, hostbuf=arr)
-    buf = dev.pool.allocate(max(arr.nbytes, 1))
-    cl.enqueue_copy(dev.queue, buf, np.ascontiguousarray(arr), is_blocking=False)
-    return buf
+    return to_device(dev, arr)[0]
+
+
+def to_device(dev: Device, arr: np.ndarray, buf: cl.Buffer | None = None, *, queue: cl.CommandQueue | None = None,
+              wait_for=None) -> tuple[cl.Buffer, cl.Event]:
+    """The discrete-memory upload both operations use: `arr` (bf16 as its bits) copied into
+    `buf`, or into a buffer from the device's pool, without blocking. The copy runs on `queue`
+    (the device's, or a transfer queue of the caller's, to overlap with kernels) after
+    `wait_for`; the returned event says when it is done (pyopencl's event keeps `arr` alive
+    until then, and the caller must not write `arr` before it)."""
+    host = np.ascontiguousarray(as_storage(arr))
+    own = buf is None
+    if own:
+        buf = dev.pool.allocate(max(host.nbytes, 1))
+    try:
+        ev = cl.enqueue_copy(queue or dev.queue, buf, host, is_blocking=False, wait_for=wait_for)
+    except BaseException:
+        if own:
+            buf.release()
+        raise
+    return buf, ev
 
 
 def _output_buffer(dev: Device, host: np.ndarray) -> cl.Buffer:

@@ -27,16 +27,28 @@ t + shift. The last `shift` positions of each sequence are ignored rows (their h
 zero), and 'none' returns (B, T - shift) losses, as F.cross_entropy on the shifted slices would.
 
 The gradients are those of the loss with grad_output = 1 ('none': of the summed rows); callers
-scale them by the actual grad_output. Runs on devices that compute in host memory (PoCL's CPU
-device): the chunk's host arrays are the kernels' buffers.
+scale them by the actual grad_output.
+
+Two memory paths (the device's `memory`, clce-server --device-memory):
+  host      PoCL's CPU device: the chunk's host arrays are the kernels' buffers (USE_HOST_PTR).
+  discrete  a GPU (or PoCL forced to it): the weight lives in device memory, once per weight
+            version when the caller names the version (`weight_key`: a stored or region-backed
+            weight; an inline weight is copied in per request); the logits, the gradient
+            accumulators (dW, db, the hidden's gradient) stay on the device; hidden-state chunks
+            stream in on a second queue, chunk i+1's copy overlapping chunk i's kernels (events
+            order them); the gradients are read back once per request. Device bytes are counted
+            against the device's memory (`device_bytes`); resident weights not in use are evicted,
+            least recently used first, to make room. Both paths give the same bits.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
+import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
 import numpy as np
@@ -44,8 +56,9 @@ import pyopencl as cl
 
 from clce_wire.reduction import REDUCE_BLOCK_ROWS, combine_partials
 
+from . import semantics
 from .device import as_storage
-from .engine import LossEngine, _device_errors, _np_dtype
+from .engine import LossEngine, PreparedLoss, _device_errors, _np_dtype, _RowBlock, to_device
 from .errors import ArgumentError
 from .gemm import Gemm
 
@@ -193,14 +206,14 @@ class LinearCrossEntropy:
         if chunk_rows % REDUCE_BLOCK_ROWS:
             raise ValueError(f"chunk_rows must be a multiple of {REDUCE_BLOCK_ROWS} (the row sums' blocks)")
         self.chunk_rows = chunk_rows
+        self._discrete_lock = threading.Lock()
+        self._discrete_path: _DiscretePath | None = None
 
     def warm_up(self) -> None:
         """One small call per input dtype, with and without a bias, so that every GEMM program and
         kernel a request runs is built (and compiled by PoCL, which compiles at first launch)
-        before the server says it is ready. A device this operation does not run on is skipped:
-        its requests are refused with the reason (`steps`)."""
-        if not self.device.host_unified:
-            return
+        before the server says it is ready (on a device with memory of its own, the discrete
+        path's helpers too)."""
         rng = np.random.default_rng(0)
         for dt in LINEAR_DTYPES:
             h, w, b = (rng.standard_normal(s).astype(np.float32).astype(_np_dtype(dt))
@@ -223,11 +236,28 @@ class LinearCrossEntropy:
         """Rows per chunk for a problem of `rows` rows (whole blocks of the row sums)."""
         return min(self.chunk_rows, -(-rows // REDUCE_BLOCK_ROWS) * REDUCE_BLOCK_ROWS)
 
+    def _discrete(self) -> "_DiscretePath":
+        with self._discrete_lock:
+            if self._discrete_path is None:
+                self._discrete_path = _DiscretePath(self)
+            return self._discrete_path
+
+    def device_bytes(self, p: LinearProblem, *, want_grad_hidden: bool = True, want_grad_weight: bool = True,
+                     want_grad_bias: bool | None = None) -> int:
+        """Device memory one request needs on a device with memory of its own (0 on a host-memory
+        device): the weight, bias and gradient accumulators, and the chunk's buffers."""
+        if self.device.host_unified:
+            return 0
+        want_grad_bias = (p.bias is not None) if want_grad_bias is None else want_grad_bias
+        return self._discrete().plan(p, want_grad_hidden, want_grad_weight, want_grad_bias).total
+
     def scratch_shapes(self, p: LinearProblem, *, want_grad_hidden: bool) -> list[tuple[tuple[int, ...], Any]]:
         """The (shape, dtype) of every scratch buffer `steps` asks `empty` for (a caller that
         allocates them up front, in its own pool)."""
         R, H = p.hidden.shape
         V, chunk = p.weight.shape[0], self.chunk_for(R)
+        if not self.device.host_unified:
+            return self._discrete().scratch_shapes(p, want_grad_hidden)
         shapes = [((chunk, V), np.float32), ((H, chunk), np.float32)]
         if want_grad_hidden and p.dtype == "bfloat16":
             shapes.append(((chunk, H), np.float32))
@@ -246,6 +276,12 @@ class LinearCrossEntropy:
             total += V * H * 4
         if fresh_grad_bias:
             total += V * 8
+        if not self.device.host_unified:
+            # device memory counts too: the chunk's buffers there, and fresh gradients' device copies
+            # (a stored version's resident weight and accumulators are the device's own budget's)
+            want = want_grad_hidden   # the server asks for every gradient or none
+            total += self._discrete().plan(p, want, want, want and p.bias is not None).working
+            total += (V * H * 4 if fresh_grad_weight else 0) + (V * 8 if fresh_grad_bias else 0)
         return total
 
     def __call__(self, *args, **kw) -> LinearResult:
@@ -260,7 +296,8 @@ class LinearCrossEntropy:
               want_grad_bias: bool | None = None, grad_weight: np.ndarray | None = None,
               grad_bias: np.ndarray | None = None, grad_hidden: np.ndarray | None = None,
               overwrite_grad_weight: bool = False,
-              empty: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty) -> Generator[float, None, LinearResult]:
+              empty: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty,
+              weight_key: Any = None) -> Generator[float, None, LinearResult]:
         """Run chunk by chunk, yielding each chunk's device seconds (a scheduler interleaves other
         work there); returns the LinearResult. `grad_weight` (V, H) float32 / `grad_bias` (V,)
         float64: accumulators the weight's and bias's gradients are added into (micro-batches of
@@ -269,11 +306,11 @@ class LinearCrossEntropy:
         read: no zeroing pass). `grad_hidden`: where the hidden's gradient goes (its (R, H) shape
         and dtype, e.g. a shared-memory region). `empty(shape, dtype)` makes the scratch buffers
         (the (chunk, V) logits, the transposed hidden chunk) and a fresh weight gradient: a
-        request's pooled buffers, whose pages a fresh allocation would fault in on every call."""
-        if not self.device.host_unified:
-            raise ArgumentError(RuntimeError(
-                f"fused linear cross-entropy runs on OpenCL devices that compute in host memory "
-                f"(PoCL's CPU device); {self.device.name!r} has its own"))
+        request's pooled buffers, whose pages a fresh allocation would fault in on every call.
+        `weight_key`: an object that stands for this weight version (the weight store's entry),
+        weakly referenced: on a device with memory of its own the weight (and, when accumulating,
+        its gradient accumulators) stay there while it lives. The caller promises the version's
+        bytes do not change under it."""
         R, H = p.hidden.shape
         V = p.weight.shape[0]
         want_grad_bias = (p.bias is not None) if want_grad_bias is None else want_grad_bias
@@ -293,6 +330,9 @@ class LinearCrossEntropy:
                 raise ValueError(f"grad_weight must be a float32 array of shape ({V}, {H})")
         if want_grad_bias:
             res.grad_bias = np.zeros(V, np.float64) if grad_bias is None else grad_bias
+        if not self.device.host_unified:
+            return (yield from self._discrete().steps(p, res, want_grad_hidden, want_grad_weight, want_grad_bias,
+                                                      fresh_w, empty, weight_key))
         chunk = self.chunk_for(R)
         logits = empty((chunk, V), np.float32)               # the one (chunk, V) buffer
         h_t = empty((H, chunk), np.float32)                   # the chunk's hidden, transposed
@@ -426,3 +466,408 @@ def _sync(dev, buf: cl.Buffer, nbytes: int) -> None:
     if nbytes:
         mapped, _ = cl.enqueue_map_buffer(dev.queue, buf, cl.map_flags.READ, 0, (nbytes,), np.uint8)
         mapped.base.release(dev.queue)
+
+
+# ---- devices with memory of their own ----------------------------------------------------------
+
+#: the share of a discrete device's global memory this engine fills at most (its driver, other
+#: contexts and the allocator's slack take the rest)
+DEVICE_MEMORY_SHARE = 0.9
+
+#: id(host accumulator) -> (a weak reference to it, the stamp of the device copy it equals): a
+#: resident device accumulator is used as is only while its host array is the one it last wrote
+#: (another device, a failed request or taking the gradient all break that)
+_ACC_COPIES: dict[int, tuple["weakref.ref", int]] = {}
+_ACC_LOCK = threading.RLock()   # re-entrant: `gone` may run inside it, from a garbage collection
+_stamps = itertools.count(1)
+
+
+def _acc_equal(host: np.ndarray, stamp: int) -> bool:
+    with _ACC_LOCK:
+        e = _ACC_COPIES.get(id(host))
+        return e is not None and e[0]() is host and e[1] == stamp
+
+
+def _acc_mark(host: np.ndarray, stamp: int | None) -> None:
+    """Record that `host` equals the device copy `stamp` (None: that no device copy is known to)."""
+    key = id(host)
+
+    def gone(ref, key=key):
+        with _ACC_LOCK:
+            if _ACC_COPIES.get(key, (None,))[0] is ref:
+                del _ACC_COPIES[key]
+
+    with _ACC_LOCK:
+        if stamp is None:
+            _ACC_COPIES.pop(key, None)
+        else:
+            _ACC_COPIES[key] = (weakref.ref(host, gone), stamp)
+
+
+@dataclass
+class _Plan:
+    """One request's device memory on a discrete device."""
+
+    chunk: int               # rows per chunk
+    span: int                # rows of the hidden's gradient held on the device per read-back (R: one)
+    in_place: bool           # the cross-entropy writes its gradient over the logits (ce_rows_item)
+    weight: int              # bytes of the weight and bias
+    accumulators: int        # bytes of dW (fp32) and db (fp64)
+    working: int             # bytes of the request's own buffers (logits, streamed chunks, dh)
+
+    @property
+    def total(self) -> int:
+        return self.weight + self.accumulators + self.working
+
+
+@dataclass
+class _Resident:
+    """A weight version in device memory (and its gradient accumulators, once accumulated into)."""
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    w: cl.Buffer
+    b: cl.Buffer | None
+    nbytes: int
+    gw: cl.Buffer | None = None
+    gb: cl.Buffer | None = None
+    stamp: int = field(default_factory=lambda: next(_stamps))
+    users: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class _DiscretePath:
+    """The fused linear cross-entropy on a device with memory of its own (LinearCrossEntropy's
+    `steps` there). Per device: a transfer queue beside the device's kernel queue, and the
+    resident weights."""
+
+    def __init__(self, lce: LinearCrossEntropy):
+        self.lce, self.device, self.engine, self.gemm = lce, lce.device, lce.engine, lce.gemm
+        dev = self.device
+        self.copy_queue = cl.CommandQueue(dev.context, dev.cl_device,
+                                          properties=cl.command_queue_properties.PROFILING_ENABLE)
+        self.budget = int(dev.cl_device.global_mem_size * DEVICE_MEMORY_SHARE)
+        self._lock = threading.RLock()   # re-entrant: `forget` may run inside it, from a garbage collection
+        self._resident: dict[int, tuple[weakref.ref, _Resident]] = {}
+        self._working = 0          # bytes of the requests running now
+
+    # ---- memory ----
+    def plan(self, p: LinearProblem, want_gh: bool, want_gw: bool, want_gb: bool) -> _Plan:
+        R, H = p.hidden.shape
+        V = p.weight.shape[0]
+        cl_dev = self.device.cl_device
+        max_alloc = int(cl_dev.max_mem_alloc_size)
+        item = p.hidden.itemsize
+        chunk = max(self.lce.chunk_for(R), REDUCE_BLOCK_ROWS)
+        while chunk > REDUCE_BLOCK_ROWS and chunk * V * 4 > max_alloc:   # the logits: one allocation
+            chunk = max(REDUCE_BLOCK_ROWS, (chunk // 2) // REDUCE_BLOCK_ROWS * REDUCE_BLOCK_ROWS)
+        for what, nbytes in (("a chunk's logits", chunk * V * 4), ("the weight", V * H * item),
+                             ("the weight's gradient", V * H * 4 if want_gw else 0),
+                             ("a chunk's hidden states", H * chunk * 4)):
+            if nbytes > max_alloc:
+                raise ArgumentError(RuntimeError(
+                    f"{what} ({nbytes} bytes) is over the OpenCL device {self.device.name!r}'s largest "
+                    f"allocation ({max_alloc} bytes)"))
+        span = min(max(R, 1), max(chunk, (max_alloc // (H * 4)) // chunk * chunk))
+        in_place = self.device.launch.rows == "item"
+        scratch_rows = self.device.launch.scratch_items_per_cu * cl_dev.max_compute_units if in_place else 0
+        working = (chunk * V * 4 * (1 if in_place else 2) + scratch_rows * V * 4
+                   + 2 * (H * chunk * 4 + chunk * 4) + (2 * chunk * H * item if want_gw else 0)
+                   + 2 * chunk * 4 + (span * H * 4 if want_gh else 0)
+                   + (V * 4 if p.class_weight is not None else 0) + chunk * 32)
+        weight = V * H * item + (V * item if p.bias is not None else 0)
+        acc = (V * H * 4 if want_gw else 0) + (V * 8 if want_gb else 0)
+        return _Plan(chunk, span, in_place, weight, acc, working)
+
+    def scratch_shapes(self, p: LinearProblem, want_gh: bool) -> list[tuple[tuple[int, ...], Any]]:
+        """The host buffers `steps` asks `empty` for: two staging buffers of transposed hidden
+        chunks and, for a bf16 hidden gradient, the fp32 block it is read back into."""
+        R, H = p.hidden.shape
+        plan = self.plan(p, want_gh, want_gh, want_gh and p.bias is not None)
+        shapes = [((H, plan.chunk), np.float32)] * 2
+        if want_gh and p.dtype == "bfloat16":
+            shapes.append(((plan.span, H), np.float32))
+        return shapes
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(r.nbytes for _, r in self._resident.values())
+
+    def _admit(self, plan: _Plan, key: Any) -> None:
+        """Count the request's device bytes; evict resident weights not in use (least recently
+        used first) while the device's share is exceeded. A request over the whole share is an
+        argument error: it can never run here."""
+        if plan.total > self.budget:
+            raise ArgumentError(RuntimeError(
+                f"fused linear cross-entropy needs {plan.total} bytes of memory on the OpenCL device "
+                f"{self.device.name!r} (weight {plan.weight}, gradient accumulators {plan.accumulators}, "
+                f"chunk buffers {plan.working}); it has {self.budget} for clce"))
+        with self._lock:
+            mine = self._resident.get(id(key)) if key is not None else None
+            held = sum(r.nbytes for _, r in self._resident.values()) + self._working
+            need = plan.working + (plan.weight + plan.accumulators
+                                   if mine is None or mine[0]() is not key else plan.accumulators)
+            for k, (ref, r) in sorted(self._resident.items(), key=lambda kv: kv[1][1].last_used):
+                if held + need <= self.budget:
+                    break
+                if r.users == 0 and (mine is None or k != id(key)):
+                    held -= r.nbytes
+                    del self._resident[k]        # its buffers go when no request holds them
+            self._working += plan.working
+
+    def _release(self, plan: _Plan) -> None:
+        with self._lock:
+            self._working -= plan.working
+
+    def _weight(self, p: LinearProblem, key: Any, owned: list) -> tuple[_Resident | None, cl.Buffer,
+                                                                        cl.Buffer | None, list]:
+        """The weight (and bias) in device memory: the resident copy of `key`'s version (made
+        on its first use), or, without a key, a copy for this request alone."""
+        dev, cq = self.device, self.copy_queue
+        if key is None:
+            w, ev = to_device(dev, p.weight, queue=cq)
+            owned.append(w)
+            evs, b = [ev], None
+            if p.bias is not None:
+                b, ev = to_device(dev, p.bias, queue=cq)
+                owned.append(b)
+                evs.append(ev)
+            return None, w, b, evs
+        with self._lock:
+            entry = self._resident.get(id(key))
+            r = entry[1] if entry is not None and entry[0]() is key else None
+            if r is not None and (r.shape != p.weight.shape or r.dtype != p.weight.dtype
+                                  or (r.b is None) != (p.bias is None)):
+                r = None
+            if r is None:
+                w = cl.Buffer(dev.context, MF.READ_ONLY, p.weight.nbytes)
+                evs = [cl.enqueue_copy(cq, w, as_storage(p.weight), is_blocking=False)]
+                b = None
+                if p.bias is not None:
+                    b = cl.Buffer(dev.context, MF.READ_ONLY, p.bias.nbytes)
+                    evs.append(cl.enqueue_copy(cq, b, as_storage(p.bias), is_blocking=False))
+                # waited for here, once per version: the copies' events hold the host arrays (a
+                # region's mapping), which the resident copy must not keep alive
+                cl.wait_for_events(evs)
+                r = _Resident(tuple(p.weight.shape), p.weight.dtype, w, b,
+                              p.weight.nbytes + (p.bias.nbytes if p.bias is not None else 0))
+                this = weakref.ref(self)
+
+                def forget(ref, k=id(key)):
+                    path = this()
+                    if path is not None:
+                        with path._lock:
+                            if path._resident.get(k, (None,))[0] is ref:
+                                del path._resident[k]
+
+                self._resident[id(key)] = (weakref.ref(key, forget), r)
+            r.users += 1
+            r.last_used = time.monotonic()
+        return r, r.w, r.b, []
+
+    def _accumulator(self, r: _Resident | None, host: np.ndarray, what: str, owned: list,
+                     waits: list) -> tuple[cl.Buffer, bool]:
+        """The device copy of a host gradient accumulator to add into: the resident one, as is
+        when it equals `host`, else `host` copied in. Returns it and whether it is resident."""
+        dev = self.device
+        if r is not None:
+            buf = getattr(r, what)
+            if buf is None:
+                buf = cl.Buffer(dev.context, MF.READ_WRITE, host.nbytes)
+                with self._lock:
+                    setattr(r, what, buf)
+                    r.nbytes += host.nbytes
+            if not _acc_equal(host, r.stamp):
+                waits.append(to_device(dev, host, buf, queue=self.copy_queue)[1])
+            _acc_mark(host, None)   # until this request reads it back whole
+            return buf, True
+        buf, ev = to_device(dev, host, queue=self.copy_queue)
+        owned.append(buf)
+        waits.append(ev)
+        return buf, False
+
+    # ---- the request ----
+    def steps(self, p: LinearProblem, res: LinearResult, want_gh: bool, want_gw: bool, want_gb: bool,
+              fresh_w: bool, empty: Callable, key: Any) -> Generator[float, None, LinearResult]:
+        R, H = p.hidden.shape
+        V = p.weight.shape[0]
+        if R == 0:   # nothing to launch: the empty sums (a fresh weight gradient is zeroed by the caller)
+            return LinearCrossEntropy._assemble(p, res, [], [], [])
+        dev, q, cq = self.device, self.device.queue, self.copy_queue
+        plan = self.plan(p, want_gh, want_gw, want_gb)
+        chunk, span = plan.chunk, plan.span
+        gemm_dt = "bfloat16" if p.dtype == "bfloat16" else "float32"
+        want_any = want_gh or want_gw or want_gb
+        owned: list[cl.Buffer] = []
+        resident = None
+        partials, row_losses, row_zlosses = [], [], []
+        self._admit(plan, key)
+        try:
+            with _device_errors():
+                resident, w_buf, b_buf, first_waits = self._weight(p, key, owned)
+                first_waits = list(first_waits)
+
+                def alloc(nbytes: int) -> cl.Buffer:
+                    b = dev.pool.allocate(max(nbytes, 1))
+                    owned.append(b)
+                    return b
+
+                # the gradient accumulators, on the device for the whole request
+                gw_buf = gb_buf = None
+                res_w = res_b = False
+                if want_gw:
+                    if fresh_w:
+                        gw_buf = alloc(V * H * 4)
+                    else:
+                        gw_buf, res_w = self._accumulator(resident, res.grad_weight, "gw", owned, first_waits)
+                if want_gb and dev.has_fp64:   # else summed on the host, chunk by chunk (below)
+                    gb_buf, res_b = self._accumulator(resident, res.grad_bias, "gb", owned, first_waits)
+                cw_buf = None
+                if p.class_weight is not None:
+                    cw_buf, ev = to_device(dev, p.class_weight.astype(np.float32), queue=cq)
+                    owned.append(cw_buf)
+                    first_waits.append(ev)
+                t32 = np.where(p.targets == p.ignore_index, -1, p.targets).astype(np.int32)
+                cp = self._chunk_problem(p, chunk)
+                # per-chunk buffers: the logits (and their gradient), two slots of streamed inputs
+                l_buf = alloc(chunk * V * 4)
+                g_buf = (l_buf if plan.in_place else alloc(chunk * V * 4)) if want_any else None
+                rl_buf, rz_buf = alloc(chunk * 4), alloc(chunk * 4)
+                ht_host = [empty((H, chunk), np.float32) for _ in range(2)]
+                ht_dev = [alloc(H * chunk * 4) for _ in range(2)]
+                hc_dev = [alloc(chunk * H * p.hidden.itemsize) for _ in range(2)] if want_gw else None
+                t_dev = [alloc(chunk * 4) for _ in range(2)]
+                dh_buf = alloc(span * H * 4) if want_gh else None
+                dh_host = empty((span, H), np.float32) if want_gh and p.dtype == "bfloat16" else None
+                uploads: dict[int, list] = {}
+
+                def prefetch(i: int) -> None:
+                    """Chunk i's inputs onto the transfer queue: they copy while chunk i - 1 computes."""
+                    r0 = i * chunk
+                    if r0 >= R:
+                        return
+                    n, slot = min(chunk, R - r0), i % 2
+                    np.copyto(ht_host[slot][:, :n], p.hidden[r0:r0 + n].T, casting="unsafe")
+                    evs = [cl.enqueue_copy(cq, ht_dev[slot], ht_host[slot], is_blocking=False),
+                           cl.enqueue_copy(cq, t_dev[slot], t32[r0:r0 + n], is_blocking=False)]
+                    if want_gw:
+                        evs.append(cl.enqueue_copy(cq, hc_dev[slot], as_storage(p.hidden[r0:r0 + n]),
+                                                   is_blocking=False))
+                    uploads[i] = evs
+
+                prefetch(0)
+                span0 = 0
+                for i, r0 in enumerate(range(0, R, chunk)):
+                    n, slot = min(chunk, R - r0), i % 2
+                    waits = uploads.pop(i) + (first_waits if i == 0 else [])
+                    secs = 0.0
+                    # forward: L^T (V x n) = W . h_c^T, stored into L's rows (after the bias)
+                    if b_buf is not None:
+                        ev_b = self.gemm.bias_rows(n, V, b_buf, gemm_dt, l_buf, V, wait_for=waits)
+                        waits = None
+                    ev_f = self.gemm(V, n, H, w_buf, (H, 1), ht_dev[slot], chunk, l_buf, (1, V),
+                                     beta=1.0 if b_buf is not None else 0.0, dtypes=(gemm_dt, "float32"),
+                                     product="forward", wait_for=waits)
+                    prefetch(i + 1)   # the host's transpose and the copy overlap this chunk's kernels
+                    ev_f.wait()
+                    secs += _seconds(ev_f) + (_seconds(ev_b) if b_buf is not None else 0.0)
+                    # the cross-entropy over the chunk, its gradient over the logits (or beside them)
+                    blk = _RowBlock(0, n, x=l_buf, target=t_dev[slot], weight=cw_buf, grad=g_buf,
+                                    row_loss=rl_buf, row_zloss=rz_buf)
+                    prep = PreparedLoss(cp, self.engine, g_buf is not None, False, False, blocks=[blk])
+                    secs += self.engine.run_chunk(prep, (0, 0, n))
+                    sums, red_secs = self.engine._reduce("float32", blk, reduction_block_starts(n))
+                    secs += red_secs
+                    partials.append(sums)
+                    if p.reduction == "none":
+                        rl = np.empty(n, np.float32)
+                        cl.enqueue_copy(q, rl, rl_buf)
+                        if p.lse_square_scale:
+                            rz = np.empty(n, np.float32)
+                            cl.enqueue_copy(q, rz, rz_buf)
+                            row_zlosses.append(rz)
+                            rl = (rl + rz).astype(np.float32)
+                        row_losses.append(rl)
+                    if want_any:
+                        events = []
+                        if want_gh:   # dh_c (n x H) = G . W, into the request's dh block
+                            events.append(self.gemm(n, H, V, g_buf, (V, 1), w_buf, H, dh_buf, (H, 1),
+                                                    dtypes=("float32", gemm_dt), product="dh",
+                                                    offsets=(0, 0, (r0 - span0) * H)))
+                        if want_gw:   # dW (V x H) += G^T . h_c
+                            first = fresh_w and r0 == 0
+                            events.append(self.gemm(V, H, n, g_buf, (1, V), hc_dev[slot], H, gw_buf, (H, 1),
+                                                    beta=0.0 if first else 1.0, dtypes=("float32", gemm_dt),
+                                                    product="dW"))
+                        if want_gb:
+                            if dev.has_fp64:
+                                events.append(self.gemm.column_sums(n, V, g_buf, V, gb_buf))
+                            else:   # no float64 on the device: the chunk's gradient summed here
+                                G = np.empty((n, V), np.float32)
+                                cl.enqueue_copy(q, G, g_buf)
+                                res.grad_bias += G.sum(axis=0, dtype=np.float64)
+                        for e in events:
+                            e.wait()
+                            secs += _seconds(e)
+                        if want_gh and (r0 + n - span0 == span or r0 + n == R):
+                            self._read_dh(p, res, dh_buf, dh_host, span0, r0 + n)
+                            span0 = r0 + n
+                    res.kernel_seconds += secs
+                    yield secs
+                # the accumulators, read back once
+                if want_gw:
+                    cl.enqueue_copy(q, res.grad_weight, gw_buf)
+                if want_gb and dev.has_fp64:
+                    cl.enqueue_copy(q, res.grad_bias, gb_buf)
+                if resident is not None:
+                    if res_w:
+                        _acc_mark(res.grad_weight, resident.stamp)
+                    if res_b:
+                        _acc_mark(res.grad_bias, resident.stamp)
+        finally:
+            try:
+                q.finish()          # nothing may still read or write a buffer given back below
+                cq.finish()
+            finally:
+                for b in owned:
+                    b.release()
+                if resident is not None:
+                    with self._lock:
+                        resident.users -= 1
+                self._release(plan)
+        return LinearCrossEntropy._assemble(p, res, partials, row_losses, row_zlosses)
+
+    def _read_dh(self, p: LinearProblem, res: LinearResult, dh_buf: cl.Buffer, dh_host: np.ndarray | None,
+                 a: int, b: int) -> None:
+        """Rows [a, b) of the hidden's gradient, from the device's block (fp32) into the result
+        (bf16: rounded here, as the host path rounds its fp32 scratch)."""
+        q = self.device.queue
+        if dh_host is None:
+            cl.enqueue_copy(q, res.grad_hidden[a:b], dh_buf)
+        else:
+            cl.enqueue_copy(q, dh_host[:b - a], dh_buf)
+            np.copyto(res.grad_hidden[a:b], dh_host[:b - a], casting="unsafe")
+
+    @staticmethod
+    def _chunk_problem(p: LinearProblem, chunk: int) -> semantics.Problem:
+        """The cross-entropy's kernel arguments for every chunk: what the host path's
+        engine.prepare makes of a chunk of logits ('mean' runs as 'sum' scaled by the batch's
+        normalisers)."""
+        V = p.weight.shape[0]
+        red = "sum" if p.reduction == "mean" else p.reduction
+        cw = None if p.class_weight is None else np.ascontiguousarray(p.class_weight, np.float32)
+        wsum = float(V) if cw is None else float(np.sum(cw, dtype=np.float64))
+        loss_scale, z_scale = semantics.reduction_scales(red, float(chunk), chunk)
+        if p.reduction == "mean":
+            with np.errstate(divide="ignore"):
+                loss_scale = float(np.float64(1.0) / p.denominator)
+                z_scale = float(np.float64(1.0) / p.valid_rows)
+        return semantics.Problem(np.empty((0, V), np.float32), "float32", "float32", V, chunk, 1, False, None,
+                                 None, cw, wsum, red, p.label_smoothing, loss_scale, z_scale, float(chunk), chunk,
+                                 (chunk,), p.lse_square_scale, p.softcap or 0.0)
+
+
+def reduction_block_starts(n: int) -> np.ndarray:
+    """The row sums' segments of a chunk of n rows (chunks are whole blocks of the whole problem)."""
+    from clce_wire.reduction import block_starts
+    return block_starts(0, n)

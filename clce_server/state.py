@@ -95,7 +95,7 @@ class ServerState:
             from .engine import LossEngine
             from .linear import LinearCrossEntropy
 
-            devices = open_devices(self.settings.device_selectors)
+            devices = open_devices(self.settings.device_selectors, memory=self.settings.device_memory)
             for dev in devices:
                 dev.build_startup_programs()
                 engine = LossEngine(dev)

@@ -17,6 +17,14 @@ Steps, each recorded in runner.json (what ran, how long, what it gave, or why it
            importable, Liger-Kernel's cross-entropy, on CUDA when torch sees a GPU; and the
            device's copy bandwidth (bytes read + written) as the reference: torch's copy_ on
            CUDA, and the OpenCL copy the bench measured. Medians of interleaved runs.
+  linear   the fused linear cross-entropy at --linear-shape (default 8192x4096x128256, bf16: a
+           Llama-3 head) in a child process: clce's LinearCrossEntropy on the device (a GPU takes
+           the discrete-memory path: the weight resident, hidden chunks streamed, gradients read
+           back once), wall time of a call from host arrays and its kernel time; then, where torch
+           sees CUDA, torch's F.cross_entropy(F.linear(h, W).float(), y) and Liger-Kernel's
+           LigerFusedLinearCrossEntropyLoss, forward + backward (CUDA events, interleaved rounds,
+           first dropped); clce's loss and hidden gradient checked against torch's. A method that
+           runs out of memory is recorded as such, the others still run.
 
 Outputs in --out: runner.json, runner.png (times per shape and method), cross_entropy.json,
 cross_entropy.png, tests.log, tests.xml.
@@ -46,7 +54,10 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_cross_entropy.py", "tests/test_inplace_grad.py", "tests/test_kernels_common.py"]
+KERNEL_TESTS = ["tests/test_cross_entropy.py", "tests/test_inplace_grad.py", "tests/test_kernels_common.py",
+                "tests/test_gemm.py", "tests/test_linear.py"]
+#: the fused linear cross-entropy's comparison shape: N x H x V (Llama 3's head at 8192 tokens)
+LINEAR_SHAPE = "8192x4096x128256"
 ICD_LIBRARY = "libnvidia-opencl.so.1"
 #: where GPU machines mount the driver's libraries (the loader's own path is searched first)
 DRIVER_DIRS = ["/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu",
@@ -237,6 +248,156 @@ def compare_cuda(records: list[dict], repeat: int) -> dict:
     return out
 
 
+def run_linear(selector: str, shape: str, dtype: str, repeat: int, env: dict, timeout: int) -> dict:
+    """The linear comparison in a child process (`linear_child`): OpenCL and CUDA memory are
+    given back when it exits, whatever it did."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--linear-child", "--device", selector,
+           "--linear-shape", shape, "--linear-dtype", dtype, "--compare-repeat", str(repeat), "--out", "-"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"the linear comparison exited {r.returncode}:\n{r.stderr[-3000:]}")
+    doc = json.loads(lines[-1])
+    doc["status"] = "ran" if doc.get("clce", {}).get("status") == "ran" else "failed"
+    doc["seconds"] = time.perf_counter() - t0
+    return doc
+
+
+def _timed_rounds(methods: dict, repeat: int, clock) -> dict:
+    """Interleaved rounds of every method, the first dropped: name -> list of seconds, or the
+    error that stopped it (out of memory: the others go on)."""
+    times: dict = {k: [] for k in methods}
+    errors: dict = {}
+    for rnd in range(repeat + 1):
+        for name, fn in methods.items():
+            if name in errors:
+                continue
+            try:
+                secs = clock(fn)
+            except Exception as exc:   # torch.cuda.OutOfMemoryError, a failing kernel
+                errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            if rnd:
+                times[name].append(secs)
+    return {k: ({"status": "error", "error": errors[k]} if k in errors else
+                {"status": "ran", "median_s": statistics.median(v), "runs_s": v}) for k, v in times.items()}
+
+
+def linear_child(selector: str, shape: str, dtype: str, repeat: int) -> dict:
+    """clce's fused linear cross-entropy on `selector`, then torch CUDA and Liger-Kernel's at the
+    same N x H x V (see the module's "linear" step). Returns the JSON document."""
+    import gc
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    N, H, V = (int(v) for v in shape.lower().split("x"))
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, H, generator=g).to(tdt)
+    W = (torch.randn(V, H, generator=g) / H ** 0.5).to(tdt)
+    y = torch.randint(0, V, (N,), generator=g)
+    doc: dict = {"shape": [N, H, V], "dtype": dtype, "repeat": repeat}
+
+    def np_of(t):   # bf16 through its bits: numpy has no bfloat16 of its own
+        return t.view(torch.int16).numpy().view(_bf16()) if t.dtype == torch.bfloat16 else t.numpy()
+
+    clce_loss = clce_gh = None
+    try:
+        from clce_server import linear
+        from clce_server.device import open_devices
+        from clce_server.engine import LossEngine
+
+        dev = open_devices(selector)[0]
+        lce = linear.LinearCrossEntropy(LossEngine(dev))
+        p = linear.check(np_of(h), np_of(W), y.numpy())
+
+        class Version:   # the weight version's stand-in: resident on a discrete device across calls
+            pass
+
+        version = Version()
+        gw = np.empty((V, H), np.float32)
+        gh = np.empty((N, H), p.hidden.dtype)
+        walls, kernels = [], []
+        for rnd in range(repeat + 1):
+            t0 = time.perf_counter()
+            res = lce(p, grad_weight=gw, overwrite_grad_weight=True, grad_hidden=gh, weight_key=version)
+            if rnd:
+                walls.append(time.perf_counter() - t0)
+                kernels.append(res.kernel_seconds)
+        clce_loss, clce_gh = float(np.float32(res.loss)), gh[:64].astype(np.float32)
+        doc["clce"] = {"status": "ran", "device": dev.name, "memory": dev.memory, "median_s": statistics.median(walls),
+                       "kernel_median_s": statistics.median(kernels), "runs_s": walls,
+                       "device_bytes": lce.device_bytes(p), "gemm": lce.gemm.describe(), "loss": clce_loss}
+        del lce, res, gw, gh, p, dev
+    except Exception as exc:
+        doc["clce"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc(limit=6)}
+    gc.collect()
+    cuda = torch.cuda.is_available()
+    tdev = torch.device("cuda" if cuda else "cpu")
+    hd, Wd, yd = h.to(tdev), W.to(tdev), y.to(tdev)
+
+    def torch_fb():
+        hr, Wr = hd.detach().requires_grad_(), Wd.detach().requires_grad_()
+        loss = F.cross_entropy(F.linear(hr, Wr).float(), yd)
+        loss.backward()
+        return loss.detach(), hr.grad
+
+    if not cuda and N * V > 5e8:   # the reference would take minutes on a CPU: only on CUDA
+        doc["cuda"] = {"status": "skipped", "reason": "torch.cuda.is_available() is False (no CUDA GPU here); "
+                                                      "no CPU reference at this size"}
+        return doc
+    ref_loss, ref_gh = torch_fb()   # the reference (on the CPU where there is no CUDA)
+    ref_loss, ref_gh = float(ref_loss), ref_gh[:64].float().cpu().numpy()
+    if clce_loss is not None:
+        doc["check"] = {"loss_rel_diff": abs(clce_loss - ref_loss) / abs(ref_loss),
+                        "grad_hidden_max_abs_diff": float(np.abs(clce_gh - ref_gh).max()),
+                        "grad_hidden_max_abs": float(np.abs(ref_gh).max()), "torch_loss": ref_loss,
+                        "reference_device": str(tdev)}
+    if not cuda:
+        doc["cuda"] = {"status": "skipped", "reason": "torch.cuda.is_available() is False (no CUDA GPU here)"}
+        return doc
+    methods = {"torch_cuda": lambda: torch_fb()}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def liger_fb():
+            hr, Wr = hd.detach().requires_grad_(), Wd.detach().requires_grad_()
+            liger(Wr, hr, yd).backward()
+        methods["liger"] = liger_fb
+        liger_note = "importable"
+    except Exception as exc:
+        liger_note = f"liger_kernel not importable: {type(exc).__name__}: {exc}"
+
+    def clock(fn):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e) * 1e-3
+
+    doc["cuda"] = {"status": "ran", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                   "liger": liger_note, **_timed_rounds(methods, repeat, clock)}
+    c = doc.get("clce", {})
+    for name in ("torch_cuda", "liger"):
+        m = doc["cuda"].get(name, {})
+        if c.get("status") == "ran" and m.get("status") == "ran":
+            doc[f"clce_time_vs_{name}"] = c["median_s"] / m["median_s"]
+            doc[f"clce_kernel_time_vs_{name}"] = c["kernel_median_s"] / m["median_s"]
+    return doc
+
+
+def _bf16():
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+
+
 def summarize(bench_doc: dict, cuda: dict) -> list[dict]:
     """One row per shape: clce's kernel time against the device copies and the CUDA libraries."""
     cuda_rows = {(r["label"], r["dtype"]): r for r in cuda.get("shapes", [])}
@@ -296,7 +457,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-repeat", type=int, default=7, help="CUDA comparison rounds (median)")
     ap.add_argument("--step-timeout", type=int, default=200,
                     help="seconds per step (default 200: tests and bench fit a 480 s call)")
+    ap.add_argument("--linear-shape", default=LINEAR_SHAPE, help="NxHxV of the linear comparison ('' to skip)")
+    ap.add_argument("--linear-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--linear-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.linear_child:   # run_linear's child: one JSON line on stdout
+        print(json.dumps(linear_child(args.device, args.linear_shape, args.linear_dtype, args.compare_repeat),
+                         default=str), flush=True)
+        return 0
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -338,6 +506,9 @@ def main(argv=None) -> int:
             doc["plot"] = plot(rows, out / "runner.png", bench["doc"]["device"]["name"]).name
         except Exception as exc:
             doc["plot_error"] = f"{type(exc).__name__}: {exc}"
+    if args.linear_shape and dev["status"] == "opened":
+        step("linear", run_linear, args.device, args.linear_shape, args.linear_dtype, args.compare_repeat, env,
+             max(args.step_timeout, 300))
     doc["seconds"] = time.perf_counter() - t_all
     (out / "runner.json").write_text(json.dumps(doc, indent=1, default=str))
     for r in doc.get("summary", []):
@@ -346,6 +517,13 @@ def main(argv=None) -> int:
             f"{r['clce_pct_of_cuda_copy']:.0f}% of CUDA copy_")
         print(f"[runner] {r['label']} {r['dtype']}: clce {r['clce_kernel_ms']:.3f} ms, "
               f"{r['clce_pct_of_opencl_copy']:.0f}% of the OpenCL copy{extra}")
+    lin = doc["steps"].get("linear", {})
+    if lin.get("status") == "ran":
+        c, cu = lin["clce"], lin.get("cuda", {})
+        extra = "".join(f"; {k} {cu[k]['median_s'] * 1e3:.1f} ms" for k in ("torch_cuda", "liger")
+                        if cu.get(k, {}).get("status") == "ran")
+        print(f"[runner] linear {'x'.join(map(str, lin['shape']))} {lin['dtype']}: clce {c['median_s'] * 1e3:.1f} ms "
+              f"(kernels {c['kernel_median_s'] * 1e3:.1f} ms, {c['memory']} memory){extra}")
     failed = [n for n, s in doc["steps"].items() if s.get("status") in ("error", "failed")]
     print(f"[runner] wrote {out / 'runner.json'} ({doc['seconds']:.0f}s); failed steps: {failed or 'none'}")
     return 1 if failed else 0

@@ -5,6 +5,13 @@
 #                                       (pyopencl and its needs, liger-kernel; cp312, manylinux x86-64)
 #   scripts/gpu_runner.sh run [ARGS]    there, on the lent GPU: the runner, results into $OUT
 #
+# One `run` call does it all (scripts/gpu_runner.py): the kernel, GEMM and linear tests on the GPU,
+# the cross-entropy bench beside torch CUDA and Liger-Kernel, and the fused linear cross-entropy
+# at 8192 x 4096 x 128256 bf16 (a Llama-3 head) through clce, torch CUDA and Liger-Kernel's
+# LigerFusedLinearCrossEntropyLoss, with clce's loss and gradient checked against torch's.
+# Where GPU memory does not allow a method at that shape it is recorded as out of memory; a
+# smaller one is `run --linear-shape 4096x4096x128256`.
+#
 # The GPU machine's image has torch, triton, numpy, ml_dtypes, hypothesis, pytest, matplotlib,
 # msgpack and tqdm; it has no pyopencl and no Liger-Kernel, and cannot reach an index.
 set -euo pipefail

@@ -96,7 +96,8 @@ class ServerProcess:
             return ""
 
     def _environ(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLCE_")}
+        # CLCE_DEVICE_MEMORY is the test run's mode, not a shell setting: CI runs the tests in both
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLCE_") or k == "CLCE_DEVICE_MEMORY"}
         env.setdefault("PYTHONUNBUFFERED", "1")
         for key, value in self.env_overrides.items():
             if value is None:

@@ -172,3 +172,65 @@ def test_group_rows_read_their_work_group_size_off_the_device():
     fixed = open_devices(tuning_row=("NVIDIA", "gpu"), tuning_overrides={"local_size": 64, "reduce_local_size": 32})[0]
     assert (fixed.launch.local_size, fixed.launch.reduce_local_size) == (64, 32)
     assert "read_off_device" not in fixed.tuning.describe()
+
+
+# ---- --device-memory: host-memory devices through the discrete path ------------------------------
+
+def test_device_memory_flag_and_setting(monkeypatch):
+    from clce_server.__main__ import parse_args
+    from clce_server.config import Settings
+
+    monkeypatch.delenv("CLCE_DEVICE_MEMORY", raising=False)   # CI runs this file in both modes
+    assert parse_args([]).device_memory == "auto"
+    assert parse_args(["--device-memory", "discrete"]).device_memory == "discrete"
+    monkeypatch.setenv("CLCE_DEVICE_MEMORY", "host")
+    assert Settings().device_memory == "host"
+    with pytest.raises(SystemExit):
+        parse_args(["--device-memory", "unified"])
+
+
+@pytest.mark.parametrize("mode, want", [("auto", "host"), ("host", "host"), ("discrete", "discrete")])
+def test_memory_mode_is_read_off_the_device_or_forced(mode, want):
+    dev = open_devices(memory=mode)[0]
+    assert dev.memory == want and dev.describe()["memory"] == want
+    assert dev.host_unified == (want == "host")
+
+
+def test_loss_on_pocl_through_the_discrete_path_matches_the_host_path():
+    """The loss path's discrete branch (pooled device buffers, copies in and out) on PoCL: the
+    same kernels, so the same bits as the host path's USE_HOST_PTR buffers."""
+    from clce_server.engine import LossEngine
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 517)).astype(np.float32)
+    t = rng.integers(0, 517, 300)
+    t[::7] = -100
+    host, disc = (LossEngine(open_devices(memory=m)[0]) for m in ("host", "discrete"))
+    for kw in (dict(), dict(reduction="none", label_smoothing=0.1, return_lse=True, return_argmax=True)):
+        a = host.cross_entropy(x, t, return_grad=True, **kw)
+        b = disc.cross_entropy(x, t, return_grad=True, **kw)
+        for name in ("loss", "grad", "lse", "argmax"):
+            if getattr(a, name) is not None:
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_server_reports_each_devices_memory():
+    """The whole server with --device-memory discrete: /v1/info says so per device, and both
+    operations answer (their values are checked against torch in the linear, service and
+    Oclgrind tests)."""
+    import httpx
+    from serverproc import ServerProcess
+
+    from clce_wire import protocol
+
+    with ServerProcess(args=["--device-memory", "discrete"], env={"CLCE_WARMUP": "0"}) as srv:
+        info = httpx.get(srv.url + "/v1/info").json()
+        assert [d["memory"] for d in info["devices"]] == ["discrete"]
+        rng = np.random.default_rng(4)
+        msg = {"v": 1, "hidden": rng.standard_normal((70, 16)).astype(np.float32),
+               "target": rng.integers(0, 50, 70), "weight": rng.standard_normal((50, 16)).astype(np.float32)}
+        r = httpx.post(srv.url + "/v1/linear_cross_entropy", headers={"Content-Type": protocol.MSGPACK},
+                       content=b"".join(bytes(s) for s in protocol.encode_message(msg)), timeout=60)
+        assert r.status_code == 200, r.text
+    with ServerProcess(env={"CLCE_WARMUP": "0", "CLCE_DEVICE_MEMORY": "host"}) as srv:
+        assert [d["memory"] for d in httpx.get(srv.url + "/v1/info").json()["devices"]] == ["host"]

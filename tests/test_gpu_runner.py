@@ -66,7 +66,7 @@ def test_icd_registered_where_missing_and_left_alone_where_present(tmp_path):
     assert (Path(env["OCL_ICD_VENDORS"]) / "nvidia.icd").read_text().strip() == str(drivers / "libnvidia-opencl.so.1")
 
 
-def _run(tmp_path: Path, selector: str, wrapper: list[str], shapes: str) -> dict:
+def _run(tmp_path: Path, selector: str, wrapper: list[str], shapes: str, linear_shape: str = "200x32x300") -> dict:
     out = tmp_path / "out"
     wheels = tmp_path / "wheels"
     make_wheel(wheels)
@@ -77,7 +77,7 @@ def _run(tmp_path: Path, selector: str, wrapper: list[str], shapes: str) -> dict
     cmd = [*wrapper, sys.executable, str(RUNNER), "--device", selector, "--out", str(out),
            "--wheels", str(wheels), "--site", str(tmp_path / "site"), "--icd-dir", str(tmp_path / "vendors"),
            "--driver-dirs", str(drivers), "--tests", "tests/test_kernels_common.py",
-           "--shapes", shapes, "--repeat", "2"]
+           "--shapes", shapes, "--repeat", "2", "--linear-shape", linear_shape, "--compare-repeat", "2"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((out / "runner.json").read_text())
@@ -94,6 +94,14 @@ def _run(tmp_path: Path, selector: str, wrapper: list[str], shapes: str) -> dict
     assert all(rec["check_fused"]["ok"] for rec in bench["results"])   # the bench checks against torch
     for name in ("runner.png", "cross_entropy.png"):
         assert (out / name).read_bytes()[:8] == PNG
+    # the fused linear cross-entropy: clce on the device, checked against torch (on the CPU here;
+    # CUDA and Liger-Kernel where torch sees a GPU)
+    lin = steps["linear"]
+    assert lin["status"] == "ran" and lin["shape"] == [int(v) for v in linear_shape.split("x")]
+    assert lin["dtype"] == "bfloat16" and lin["clce"]["median_s"] > 0 and lin["clce"]["kernel_median_s"] > 0
+    assert lin["check"]["loss_rel_diff"] < 8e-3                      # the loss is bf16, as the hidden
+    assert lin["check"]["grad_hidden_max_abs_diff"] < 1e-2 * lin["check"]["grad_hidden_max_abs"] + 1e-6
+    assert lin["cuda"]["status"] == "skipped" and "cuda" in lin["cuda"]["reason"].lower()
     return doc
 
 
@@ -112,10 +120,13 @@ def test_runner_end_to_end_on_pocl(tmp_path):
 @pytest.mark.skipif(shutil.which("oclgrind") is None, reason="oclgrind is not installed (scripts/setup.sh dev)")
 def test_runner_end_to_end_under_oclgrind(tmp_path):
     """The GPU kernel shape (Oclgrind is a "gpu" device: ce_rows_group) through the whole runner."""
-    doc = _run(tmp_path, "oclgrind", [shutil.which("oclgrind")], "8x100,8x100:bf16")
+    doc = _run(tmp_path, "oclgrind", [shutil.which("oclgrind")], "8x100,8x100:bf16", linear_shape="64x16x100")
     sel = doc["steps"]["device"]["selected"]
     assert sel["name"] == "Oclgrind Simulator" and sel["tuning"]["launch"]["rows"] == "group"
     assert sel["tuning"]["read_off_device"]["local_size"]["chosen"] == sel["tuning"]["launch"]["local_size"]
+    lin = doc["steps"]["linear"]["clce"]   # the GPU's linear path: discrete memory, gemm_local
+    assert lin["memory"] == "discrete" and lin["gemm"]["dh"]["kernel"] == "gemm_local"
+    assert lin["device_bytes"] > 0
 
 
 def test_runner_fails_and_says_why_when_the_device_is_not_there(tmp_path):
@@ -135,3 +146,28 @@ def test_runner_fails_and_says_why_when_the_device_is_not_there(tmp_path):
     assert "no OpenCL device matches" in doc["steps"]["device"]["error"]
     assert doc["steps"]["bench"]["status"] == "error" and "tests" not in doc["steps"]
     assert "failed steps: ['device', 'bench']" in r.stdout
+
+
+def test_shell_entry_point_runs_the_linear_comparison_in_one_call(tmp_path):
+    """scripts/gpu_runner.sh as a GPU session calls it (`run`, results into $OUT), here on PoCL
+    and small shapes: one call gives the cross-entropy bench and the linear comparison."""
+    sh = ROOT / "scripts" / "gpu_runner.sh"
+    assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
+    assert gpu_runner.LINEAR_SHAPE == "8192x4096x128256"          # the shape the GPU call compares at
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(ROOT)}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])   # python3: this venv's
+    r = subprocess.run(["bash", str(sh), "run", "--device", "pocl", "--tests", "", "--wheels", str(tmp_path / "none"),
+                        "--icd-dir", str(tmp_path / "vendors"), "--driver-dirs", str(tmp_path),
+                        "--shapes", "16x300", "--repeat", "2", "--linear-shape", "128x32x200", "--compare-repeat", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((out / "runner.json").read_text())
+    assert doc["steps"]["linear"]["status"] == "ran" and doc["steps"]["bench"]["status"] == "ran"
+    assert "[runner] linear 128x32x200 bfloat16: clce" in r.stdout
+    assert bash_usage_error(sh)
+
+
+def bash_usage_error(sh: Path) -> bool:
+    r = subprocess.run(["bash", str(sh)], capture_output=True, text=True)
+    return r.returncode == 2 and "usage:" in r.stderr

@@ -240,3 +240,220 @@ def test_empty_weight_and_huge_ignore_index_are_refused():
         linear.check(h, np.zeros((0, 4), np.float32), np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="Overflow"):
         linear.check(h, np.zeros((5, 4), np.float32), np.zeros(3, np.int64), ignore_index=1 << 70)
+
+
+# ---- devices with memory of their own (the discrete path), proven on PoCL ----------------------
+# `memory="discrete"` drives PoCL through the GPU's path: the weight resident in device memory,
+# the accumulators there, hidden chunks streamed on a second queue. The same kernels in the same
+# order: the results are the host path's bits (and so torch's values, above).
+
+@pytest.fixture(scope="module")
+def host_lce():
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+
+    return linear.LinearCrossEntropy(LossEngine(open_devices(memory="host")[0]), chunk_rows=64)
+
+
+@pytest.fixture(scope="module")
+def disc_lce():
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+
+    dev = open_devices(memory="discrete")[0]
+    assert dev.memory == "discrete" and not dev.host_unified and dev.describe()["memory"] == "discrete"
+    return linear.LinearCrossEntropy(LossEngine(dev), chunk_rows=64)
+
+
+@pytest.fixture(scope="module")
+def disc_wg_lce():
+    """Discrete, with the GPU's cross-entropy kernel (a work-group per row), whose gradient may
+    not overwrite the logits it reads: the path keeps a separate gradient buffer there."""
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+
+    dev = open_devices(memory="discrete",
+                       tuning_overrides={"rows": "group", "local_size": 16, "reduce_local_size": 32})[0]
+    return linear.LinearCrossEntropy(LossEngine(dev), chunk_rows=64)
+
+
+def _same_bits(a, b):
+    for name in ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
+                                          np.asarray(y).reshape(-1).view(np.uint8), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_discrete_memory_gives_the_host_paths_bits(host_lce, disc_lce, opts, dtype):
+    rng = np.random.default_rng(len(str(opts)))
+    h, W, b, y = make(rng, (3, 70), 48, 301, dtype=dtype)
+    opts = dict(opts)
+    cw = torch.rand(301) + 0.5 if opts.pop("weighted", False) else None
+    if opts.get("ignore_index") == 3:
+        y[:, ::4] = 3
+    _same_bits(run(disc_lce, h, W, y, b, class_weight=cw, **opts), run(host_lce, h, W, y, b, class_weight=cw, **opts))
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(reduction="none", label_smoothing=0.1, lse_square_scale=1e-3),
+                                  dict(shift=1, weighted=True)], ids=str)
+def test_discrete_with_the_gpu_kernel_shape_matches_torch(disc_wg_lce, opts):
+    rng = np.random.default_rng(21)
+    h, W, b, y = make(rng, (2, 90), 40, 203)
+    opts = dict(opts)
+    cw = torch.rand(203) + 0.5 if opts.pop("weighted", False) else None
+    r = run(disc_wg_lce, h, W, y, b, class_weight=cw, **opts)
+    ropts = {k: v for k, v in opts.items() if k in ("reduction", "label_smoothing", "ignore_index")}
+    loss, gh, gw, gb = reference(h, W, y, b, weight=cw, shift=opts.get("shift", 0),
+                                 lse_square_scale=opts.get("lse_square_scale", 0.0), **ropts)
+    torch.testing.assert_close(_torch(r.loss), loss)
+    torch.testing.assert_close(_torch(r.grad_hidden).reshape(gh.shape), gh)
+    torch.testing.assert_close(_torch(r.grad_weight), gw)
+    torch.testing.assert_close(torch.from_numpy(r.grad_bias).float(), gb)
+
+
+class _Version:
+    """Stands for a stored weight version (the weight store's entry): weakly referenced."""
+
+
+def test_discrete_weight_and_accumulators_stay_resident_per_version(host_lce, disc_lce):
+    """A named version is copied to the device once; its accumulators add up there across
+    micro-batches, read back after each (the host copy always current), and start again from a
+    new host accumulator (the gradient taken). Bits as the host path's."""
+    rng = np.random.default_rng(31)
+    _, W, b, _ = make(rng, (1,), 32, 200)
+    path = disc_lce._discrete()
+    version = _Version()
+    acc = [np.zeros((200, 32), np.float32), np.zeros(200, np.float64)]
+    ref = [np.zeros((200, 32), np.float32), np.zeros(200, np.float64)]
+    for step in range(4):
+        if step == 2:   # the gradient taken: fresh host accumulators, the device's must not carry over
+            acc = [np.zeros((200, 32), np.float32), np.zeros(200, np.float64)]
+            ref = [np.zeros((200, 32), np.float32), np.zeros(200, np.float64)]
+        h, _, _, y = make(rng, (150,), 32, 200)
+        p = linear.check(_np(h), _np(W), y.numpy(), _np(b))
+        r = disc_lce(p, grad_weight=acc[0], grad_bias=acc[1], weight_key=version)
+        host_lce(p, grad_weight=ref[0], grad_bias=ref[1])
+        assert r.grad_weight is acc[0]
+        np.testing.assert_array_equal(acc[0], ref[0])
+        np.testing.assert_array_equal(acc[1], ref[1])
+        (res,) = [r for ref_, r in path._resident.values() if ref_() is version]
+        assert res.users == 0 and res.gw is not None
+    assert path.resident_bytes() >= 200 * 32 * 4 * 2
+    del version, res
+    import gc
+    gc.collect()
+    assert not path._resident, "a version no longer stored keeps no device memory"
+
+
+def test_discrete_accumulator_shared_by_two_devices_stays_exact(host_lce, disc_lce):
+    """Two device workers add into one version's host accumulator in turn: each notices the
+    other wrote it and copies it in again (the resident copy is stale)."""
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+
+    other = linear.LinearCrossEntropy(LossEngine(open_devices(memory="discrete")[0]), chunk_rows=64)
+    rng = np.random.default_rng(33)
+    _, W, b, _ = make(rng, (1,), 24, 130)
+    version = _Version()
+    acc = [np.zeros((130, 24), np.float32), np.zeros(130, np.float64)]
+    ref = [np.zeros((130, 24), np.float32), np.zeros(130, np.float64)]
+    for step in range(4):
+        h, _, _, y = make(rng, (100,), 24, 130)
+        p = linear.check(_np(h), _np(W), y.numpy(), _np(b))
+        (disc_lce if step % 2 else other)(p, grad_weight=acc[0], grad_bias=acc[1], weight_key=version)
+        host_lce(p, grad_weight=ref[0], grad_bias=ref[1])
+    np.testing.assert_array_equal(acc[0], ref[0])
+    np.testing.assert_array_equal(acc[1], ref[1])
+
+
+def test_discrete_request_stopped_part_way_leaves_nothing_stale(host_lce, disc_lce):
+    """A job stopped after one chunk (its client gone): its buffers go back, the version's pin is
+    dropped, and the next micro-batch does not trust the half-added device accumulator."""
+    rng = np.random.default_rng(35)
+    _, W, b, _ = make(rng, (1,), 16, 120)
+    version = _Version()
+    acc = [np.zeros((120, 16), np.float32), np.zeros(120, np.float64)]
+    h, _, _, y = make(rng, (200,), 16, 120)
+    p = linear.check(_np(h), _np(W), y.numpy(), _np(b))
+    disc_lce(p, grad_weight=acc[0], grad_bias=acc[1], weight_key=version)
+    snapshot = [a.copy() for a in acc]
+    steps = disc_lce.steps(p, grad_weight=acc[0], grad_bias=acc[1], weight_key=version)
+    next(steps)
+    steps.close()
+    path = disc_lce._discrete()
+    assert all(r.users == 0 for _, r in path._resident.values()) and path._working == 0
+    # the host accumulator was not written; a caller restoring it (or keeping it) is what counts
+    np.testing.assert_array_equal(acc[0], snapshot[0])
+    disc_lce(p, grad_weight=acc[0], grad_bias=acc[1], weight_key=version)
+    ref = [s.copy() for s in snapshot]
+    host_lce(p, grad_weight=ref[0], grad_bias=ref[1])
+    np.testing.assert_array_equal(acc[0], ref[0])
+    np.testing.assert_array_equal(acc[1], ref[1])
+
+
+def test_discrete_memory_is_counted_and_oversized_requests_refused(disc_lce):
+    """Device bytes: a request over the device's share is an argument error before any chunk;
+    resident versions not in use are evicted, least recently used first, to make room."""
+    from clce_server.errors import ArgumentError
+
+    rng = np.random.default_rng(37)
+    h, W, b, y = make(rng, (100,), 16, 100)
+    p = linear.check(_np(h), _np(W), y.numpy(), _np(b))
+    path = disc_lce._discrete()
+    need = disc_lce.device_bytes(p)
+    assert need >= 100 * 16 * 4 * 2 + 64 * 100 * 4   # weight + dW + the chunk's logits at least
+    budget = path.budget
+    try:
+        path.budget = need - 1
+        with pytest.raises(ArgumentError, match="bytes of memory on the OpenCL device"):
+            disc_lce(p)
+        path.budget = need + 10
+        versions = [_Version() for _ in range(3)]
+        for v in versions:
+            disc_lce(p, weight_key=v)
+        held = [r for ref_, r in path._resident.values() if ref_() in versions]
+        assert len(held) == 1, "each new version evicted the last one to fit the budget"
+    finally:
+        path.budget = budget
+
+
+def test_host_memory_devices_report_it():
+    from clce_server.device import open_devices
+
+    dev = open_devices(memory="auto")[0]   # PoCL's CPU device here: host memory; a GPU: its own
+    want = "host" if dev.kind == "cpu" or dev.cl_device.host_unified_memory else "discrete"
+    assert dev.describe()["memory"] == want
+    with pytest.raises(ValueError, match="device memory must be one of"):
+        open_devices(memory="unified")
+
+
+def test_discrete_without_float64_sums_the_bias_gradient_on_the_host(host_lce):
+    """A device without float64 (some GPUs): the bias gradient's float64 column sums run on the
+    host from the chunk's gradient read back, the same bits; the rest stays on the device."""
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+
+    import threading
+
+    dev = open_devices(memory="discrete")[0]
+    dev.has_fp64 = False   # this instance only, as a device without float64 opens: its programs
+    dev.programs.clear()   # (the row sums' among them) built again without it, its kernels too
+    dev._local = threading.local()
+    lce = linear.LinearCrossEntropy(LossEngine(dev), chunk_rows=64)
+    rng = np.random.default_rng(39)
+    h, W, b, y = make(rng, (150,), 24, 110)
+    version = _Version()
+    acc = [np.zeros((110, 24), np.float32), np.zeros(110, np.float64)]
+    ref = [np.zeros((110, 24), np.float32), np.zeros(110, np.float64)]
+    for _ in range(2):
+        p = linear.check(_np(h), _np(W), y.numpy(), _np(b))
+        r = lce(p, grad_weight=acc[0], grad_bias=acc[1], weight_key=version)
+        want = host_lce(p, grad_weight=ref[0], grad_bias=ref[1])
+        np.testing.assert_array_equal(acc[1], ref[1])
+        np.testing.assert_array_equal(acc[0], ref[0])
+        np.testing.assert_array_equal(r.grad_hidden, want.grad_hidden)
+        np.testing.assert_allclose(r.loss, want.loss, rtol=1e-6)   # row sums in float32 without float64

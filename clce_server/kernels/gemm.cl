@@ -229,3 +229,124 @@ __kernel void gemm(const uint M, const uint N, const uint K, const float alpha, 
     else
         macro_tile(M, N, K, alpha, beta, A + a_off, sam, sak, B + b_off, ldb, C + c_off, scm, scn, mt0, n0, false);
 }
+
+/* ---- the linear cross-entropy's two small helpers on devices with memory of their own ----
+ * (on host-memory devices linear.py does both on the host arrays the kernels share) */
+
+/* C[i, j] = bias[j] (bias of A's element type, e.g. the weight's), i < n, j < V: the forward
+ * product then adds onto it (beta 1). One work-item per element, j fastest: coalesced. */
+__kernel void bias_rows(const uint n, const uint V, __global const a_t *bias, __global float *C, const long ldc) {
+    const uint j = get_global_id(0), i = get_global_id(1);
+    if (j < V && i < n)
+        C[(ulong)i * ldc + j] = LOAD_A(bias, j);
+}
+
+#if defined(cl_khr_fp64)
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+/* out[j] += sum over i < n of (double)G[i * ldg + j], the rows added in order from 0: the same
+ * bits as numpy's G.sum(axis=0, dtype=float64) added into out (linear.py's host path). One
+ * work-item per column, j fastest: each row's read is coalesced. */
+__kernel void column_sums(const uint n, const uint V, __global const float *G, const long ldg,
+                          __global double *out) {
+    const uint j = get_global_id(0);
+    if (j >= V)
+        return;
+    double s = 0.0;
+    for (uint i = 0; i < n; ++i)
+        s += (double)G[(ulong)i * ldg + j];
+    out[j] += s;
+}
+#endif
+
+/* ---- gemm_local: work-group tiles in local memory, for GPUs ----------------------------------
+ * The same product and arguments as `gemm` (a_off, strides, alpha, beta, bf16 A or B), shaped
+ * for a GPU: a work-group of GEMM_WGN x GEMM_WGM work-items computes an LTM x LTN tile of C, each
+ * work-item GEMM_WPM x GEMM_WPN of its outputs in registers, strided by the group's size (so
+ * neighbouring work-items touch neighbouring columns: coalesced stores, no bank conflicts on
+ * the local reads). K is walked in steps of GEMM_TK: the group copies the A (LTM x TK) and B
+ * (TK x LTN) tiles into local memory cooperatively, converted to fp32 once, each global read
+ * coalesced (B's rows are contiguous; A is read along whichever of its strides is 1), and the
+ * outputs past M, N and K are zero. Every output is one fp32 sum over k in order: the same bits
+ * run to run. Chosen by gemm.py's GEMM_TUNING (GEMM_LOCAL 1) on GPU rows; checked under Oclgrind
+ * at GPU work-group sizes (tests/test_gemm.py). */
+#ifndef GEMM_LOCAL
+#define GEMM_LOCAL 0        // 1: gemm.py launches gemm_local (a host-side choice; named here for the table)
+#endif
+#ifndef GEMM_WGM
+#define GEMM_WGM 16         // work-items of a group along M
+#endif
+#ifndef GEMM_WGN
+#define GEMM_WGN 16         // work-items of a group along N (launch dimension 0: the fast one)
+#endif
+#ifndef GEMM_WPM
+#define GEMM_WPM 4          // outputs per work-item along M (registers: GEMM_WPM * GEMM_WPN)
+#endif
+#ifndef GEMM_WPN
+#define GEMM_WPN 4          // outputs per work-item along N
+#endif
+#ifndef GEMM_TK
+#define GEMM_TK 16          // K step: local memory GEMM_TK * (LTM + LTN) floats
+#endif
+#define LTM (GEMM_WGM * GEMM_WPM)
+#define LTN (GEMM_WGN * GEMM_WPN)
+#define LWG (GEMM_WGM * GEMM_WGN)
+
+__kernel __attribute__((reqd_work_group_size(GEMM_WGN, GEMM_WGM, 1)))
+void gemm_local(const uint M, const uint N, const uint K, const float alpha, const float beta,
+                __global const a_t *A, const ulong a_off, const long sam, const long sak,
+                __global const b_t *B, const ulong b_off, const long ldb,
+                __global float *C, const ulong c_off, const long scm, const long scn) {
+    __local float As[GEMM_TK][LTM];
+    __local float Bs[GEMM_TK][LTN];
+    const uint tn = get_local_id(0), tm = get_local_id(1);
+    const uint lid = tm * GEMM_WGN + tn;
+    const uint n0 = get_group_id(0) * LTN, m0 = get_group_id(1) * LTM;
+    A += a_off;
+    B += b_off;
+    C += c_off;
+    float acc[GEMM_WPM][GEMM_WPN];
+    for (int i = 0; i < GEMM_WPM; i++)
+        for (int j = 0; j < GEMM_WPN; j++)
+            acc[i][j] = 0.0f;
+    for (uint k0 = 0; k0 < K; k0 += GEMM_TK) {
+        if (sak == 1) {            /* A's rows contiguous (W in the forward product): k fastest */
+            for (uint i = lid; i < LTM * GEMM_TK; i += LWG) {
+                const uint k = i % GEMM_TK, m = i / GEMM_TK;
+                As[k][m] = (m0 + m < M && k0 + k < K) ? LOAD_A(A, (long)(m0 + m) * sam + (long)(k0 + k)) : 0.0f;
+            }
+        } else {                   /* A read transposed (dW: the logits' gradient): m fastest */
+            for (uint i = lid; i < LTM * GEMM_TK; i += LWG) {
+                const uint m = i % LTM, k = i / LTM;
+                As[k][m] = (m0 + m < M && k0 + k < K) ? LOAD_A(A, (long)(m0 + m) * sam + (long)(k0 + k) * sak) : 0.0f;
+            }
+        }
+        for (uint i = lid; i < LTN * GEMM_TK; i += LWG) {
+            const uint n = i % LTN, k = i / LTN;
+            Bs[k][n] = (n0 + n < N && k0 + k < K) ? LOAD_B1(B, (long)(k0 + k) * ldb + (n0 + n)) : 0.0f;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (uint k = 0; k < GEMM_TK; k++) {
+            float a[GEMM_WPM], b[GEMM_WPN];
+            for (int i = 0; i < GEMM_WPM; i++)
+                a[i] = As[k][tm + i * GEMM_WGM];
+            for (int j = 0; j < GEMM_WPN; j++)
+                b[j] = Bs[k][tn + j * GEMM_WGN];
+            for (int i = 0; i < GEMM_WPM; i++)
+                for (int j = 0; j < GEMM_WPN; j++)
+                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);   /* the tiles are overwritten next step */
+    }
+    for (int i = 0; i < GEMM_WPM; i++) {
+        const uint m = m0 + tm + i * GEMM_WGM;
+        if (m >= M)
+            continue;
+        for (int j = 0; j < GEMM_WPN; j++) {
+            const uint n = n0 + tn + j * GEMM_WGN;
+            if (n < N) {
+                __global float *c = C + (long)m * scm + (long)n * scn;
+                *c = alpha * acc[i][j] + (beta != 0.0f ? beta * *c : 0.0f);   /* beta 0 never reads C */
+            }
+        }
+    }
+}

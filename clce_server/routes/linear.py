@@ -500,7 +500,7 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
                 added = False
                 try:
                     result = yield from lce.steps(problem, grad_weight=gw, grad_bias=gb, grad_hidden=grad_hidden,
-                                                  empty=scratch.take)
+                                                  empty=scratch.take, weight_key=stored)
                     added = True
                 finally:
                     if added:
@@ -513,8 +513,8 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
             return result, count, accumulation
         return (yield from lce.steps(problem, want_grad_hidden=want_grad, want_grad_weight=want_grad,
                                      want_grad_bias=want_grad and bias is not None, grad_weight=gw_dest,
-                                     overwrite_grad_weight=True, grad_hidden=grad_hidden,
-                                     empty=scratch.take)), None, None
+                                     overwrite_grad_weight=True, grad_hidden=grad_hidden, empty=scratch.take,
+                                     weight_key=stored)), None, None   # a stored version stays in device memory
 
     request_bytes = body.nbytes                # what crossed HTTP: max_request_bytes bounds it
     nbytes = req.lease.reservation.nbytes      # the body and everything above, held already
