@@ -1,6 +1,6 @@
 """The fused linear cross-entropy through the client against local torch linear + cross-entropy.
 
-For each N x H x V (fp32) it reports, from one run:
+For each N x H x V (fp32, or bf16 with --dtype bf16) it reports, from one run:
 
   * wall time of forward + backward through autograd, timed in blocks (bench/common.py: a few
     calls per method in a row, the first dropped, the order rotating):
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8, help="micro-batches per optimizer step")
     ap.add_argument("--gemm", action="store_true", help="also the server's GEMM GFLOP/s")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="the hidden states' and the weight's dtype (a language model's are bf16)")
     ap.add_argument("--memory-modes", action="store_true",
                     help="also a server with --device-memory discrete: the 'discrete' method")
     args = ap.parse_args()
@@ -109,7 +111,7 @@ def main() -> None:
     server_idle = _rss(server.proc.pid)
     print(f"# server idle RSS {server_idle / MiB:.0f} MiB (host pool cap "
           f"{int(server.env.get('CLCE_HOST_POOL_BYTES', 1 << 30)) / MiB:.0f} MiB)")
-    print(f"# fused linear cross-entropy, fp32, torch on {threads} threads; load average "
+    print(f"# fused linear cross-entropy, {args.dtype}, torch on {threads} threads; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     doc = {"machine": common.machine_info(), "shapes": {}, "server_idle_rss": server_idle}
     try:
@@ -136,27 +138,32 @@ def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, mess
     from clce_client.linear import share_weight, weights_of
 
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(N, H, generator=g).requires_grad_()
-    W = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    h = torch.randn(N, H, generator=g).to(dt).requires_grad_()
+    W = (torch.randn(V, H, generator=g) / H ** 0.5).to(dt).requires_grad_()
+
+    def _np(t):   # the tensor's bytes as numpy sees them (bf16 as its 16-bit pattern)
+        return t.detach().view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+
     W_shared = torch.nn.Parameter(W.detach().clone())
     y = torch.randint(0, V, (N,), generator=g)
-    f32 = 4
+    f32 = h.element_size()   # bytes per element of the hidden states and weight (4, or 2 in bf16)
     chunk_rows = 1024
     k = args.k
 
     # ---- bytes, from the messages as encoded ----
-    req = {"v": 1, "hidden": h.detach().numpy(), "target": y.numpy(), "accumulate": False, "want_grad": True,
+    req = {"v": 1, "hidden": _np(h), "target": y.numpy(), "accumulate": False, "want_grad": True,
            "weight_name": "auto-0123456789abcdef-1", "weight_version": "0" * 40, "ignore_index": -100,
            "reduction": "mean", "label_smoothing": 0.0, "lse_square_scale": 0.0, "shift": 0}
-    resp = {"v": 1, "grad_hidden": h.detach().numpy(), "loss": np.zeros((), np.float32)}
+    resp = {"v": 1, "grad_hidden": _np(h), "loss": np.zeros((), np.float32)}
     micro = message_nbytes(encode_message(req)) + message_nbytes(encode_message(resp))
-    grad_w = message_nbytes(encode_message({"grad_weight": W.detach().numpy()}))
+    grad_w = message_nbytes(encode_message({"grad_weight": np.empty((V, H), np.float32)}))
     logits = np.empty((N, V), np.float32)
     logits_path = (message_nbytes(encode_message({"v": 1, "input": logits, "target": y.numpy(), "return_grad": True}))
                    + message_nbytes(encode_message({"grad": logits, "v": 1, "loss": np.zeros((), np.float32)})))
     del logits
-    weight_up = message_nbytes(encode_message({"v": 1, "weight_version": "0" * 40, "weight": W.detach().numpy()}))
-    grad_down = message_nbytes(encode_message({"v": 1, "micro_batches": 8, "grad_weight": W.detach().numpy()}))
+    weight_up = message_nbytes(encode_message({"v": 1, "weight_version": "0" * 40, "weight": _np(W)}))
+    grad_down = message_nbytes(encode_message({"v": 1, "micro_batches": 8, "grad_weight": np.empty((V, H), np.float32)}))
     bound = 2 * N * H * f32 + y.numpy().nbytes
     wire = {"micro_batch_accumulated": micro, "micro_batch_grad_back": micro + grad_w,
             "bound_2NH_plus_targets": bound, "logits_path_micro_batch": logits_path,
@@ -239,7 +246,7 @@ def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, mess
         weights_of(client).flush()
         samples["accum"] = [s + flush_s / k for s in samples["accum"]]   # the flush, per micro-batch
     med = {m: common.stats(s)["median"] for m, s in samples.items()}
-    sizes = {"weight": V * H * f32, "weight_grad_fp32": V * H * f32, "chunk": chunk_rows * V * f32,
+    sizes = {"weight": V * H * f32, "weight_grad_fp32": V * H * 4, "chunk": chunk_rows * V * f32,
              "logits": N * V * f32}
 
     print(f"\n## N={N} H={H} V={V}   (load {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
