@@ -34,7 +34,7 @@ GEMM_PARAMS = ("M", "N", "K", "alpha", "beta", "A", "a_off", "sam", "sak", "B", 
                "C", "c_off", "scm", "scn")
 
 #: element types the kernel reads (its GEMM_A_DTYPE / GEMM_B_DTYPE codes); C is float32
-GEMM_DTYPES = {"float32": 0, "bfloat16": 2}
+GEMM_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 #: the products linear.py runs, each tuned on its own
 GEMM_PRODUCTS = ("forward", "dh", "dW")
@@ -177,6 +177,13 @@ class Gemm:
         bias_rows: the forward product's beta-1 start on a device with memory of its own)."""
         k = self._kernel(self.tuning("forward"), bias_dtype, "float32", "bias_rows")
         k.set_args(np.uint32(n), np.uint32(V), bias, C, np.int64(ldc))
+        return cl.enqueue_nd_range_kernel(self.device.queue, k, (V, n), None, wait_for=wait_for)
+
+    def scale_rows(self, n: int, V: int, s: cl.Buffer, C: cl.Buffer, ldc: int, wait_for=None) -> cl.Event:
+        """Enqueue C[i, j] *= s[i] for the n rows of an (n, ldc) float32 buffer (gemm.cl's
+        scale_rows: a per-row grad_output applied to a chunk's logit gradient)."""
+        k = self._kernel(self.tuning("forward"), "float32", "float32", "scale_rows")
+        k.set_args(np.uint32(n), np.uint32(V), s, C, np.int64(ldc))
         return cl.enqueue_nd_range_kernel(self.device.queue, k, (V, n), None, wait_for=wait_for)
 
     def column_sums(self, n: int, V: int, G: cl.Buffer, ldg: int, out: cl.Buffer, wait_for=None) -> cl.Event:

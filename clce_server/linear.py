@@ -65,14 +65,21 @@ from .gemm import Gemm
 MF = cl.mem_flags
 
 #: dtypes of hidden and weight the products run in (fp32 accumulation either way)
-LINEAR_DTYPES = ("float32", "bfloat16")
+LINEAR_DTYPES = ("float32", "bfloat16", "float16")
 INDEX_DTYPES = ("int64", "int32", "int16", "uint8")
 
 
 @dataclass
 class LinearResult:
-    loss: np.ndarray                        # 0-d ('mean', 'sum') or the rows' shape ('none'); hidden's dtype
-    z_loss: np.ndarray | None = None        # the z-loss part of loss (float32), when lse_square_scale > 0
+    """The loss path's LossResult fields where they apply. The loss is float32 whatever the
+    inputs' dtype (the logits are fp32 on the device; Liger-Kernel and Cut Cross-Entropy return
+    an fp32 loss for half-precision inputs); the gradients are in the inputs' dtypes."""
+
+    loss: np.ndarray                        # 0-d ('mean', 'sum') or the rows' shape ('none'); float32
+    z_loss: np.ndarray | None = None        # the z-loss part of loss (float32; zeros at lse_square_scale 0)
+    lse: np.ndarray | None = None           # return_lse: per-row log-sum-exp (float32, the loss rows' shape)
+    argmax: np.ndarray | None = None        # return_argmax: per-row argmax (int64, the loss rows' shape)
+    accuracy: float | None = None           # return_argmax: argmax == target over the non-ignored rows
     grad_hidden: np.ndarray | None = None   # hidden's shape and dtype
     grad_weight: np.ndarray | None = None   # (V, H) float32: the accumulator (added into when given)
     grad_bias: np.ndarray | None = None     # (V,) float64 sums (added into when given)
@@ -84,7 +91,7 @@ class LinearResult:
 class LinearProblem:
     """A validated request: rows flattened, shift applied to the targets."""
 
-    hidden: np.ndarray          # (R, H), C-contiguous, float32 or bfloat16 (ml_dtypes)
+    hidden: np.ndarray          # (R, H), C-contiguous, float32, float16 or bfloat16 (ml_dtypes)
     weight: np.ndarray          # (V, H), the hidden's dtype
     bias: np.ndarray | None     # (V,) the hidden's dtype
     targets: np.ndarray         # (R,) int64, ignored rows (and shifted-out ones) = ignore_index
@@ -99,10 +106,18 @@ class LinearProblem:
     shift: int
     denominator: float          # 'mean': summed class weights of the non-ignored targets
     valid_rows: int
+    return_lse: bool = False
+    return_argmax: bool = False
+    grad_output: np.ndarray | None = None   # (R,) float32 per-row scales of the gradients ('none'), or None: 1
 
     @property
     def dtype(self) -> str:
         return "bfloat16" if self.hidden.dtype == _np_dtype("bfloat16") else self.hidden.dtype.name
+
+    def rows_out(self, per_row: np.ndarray) -> np.ndarray:
+        """Per-row results (R,) in the loss's shape: the row shape, less the shifted-out positions."""
+        a = per_row.reshape(self.row_shape)
+        return np.ascontiguousarray(a[..., :self.loss_shape[-1]] if self.shift else a)
 
 
 def _dtype_name(a: np.ndarray) -> str:
@@ -112,11 +127,14 @@ def _dtype_name(a: np.ndarray) -> str:
 def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.ndarray | None = None, *,
           class_weight: np.ndarray | None = None, ignore_index: int = -100, reduction: str = "mean",
           label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float | None = None,
-          shift: int = 0) -> LinearProblem:
+          shift: int = 0, return_lse: bool = False, return_argmax: bool = False,
+          grad_output: np.ndarray | None = None) -> LinearProblem:
     """F.linear's and F.cross_entropy's checks, in their words where they have them. Every target
     is checked here, before any chunk runs (a weight gradient must not be half accumulated).
     Departure from torch: a weight with no rows or no columns is refused (torch computes logits
-    of zero classes, or of the bias alone)."""
+    of zero classes, or of the bias alone). `grad_output` ('none' only): the loss's gradient, one
+    value per row of the loss's shape, which the gradients are computed for (autograd's
+    backward of a non-uniform grad_output)."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
@@ -139,7 +157,7 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
     if h_dt != w_dt:
         raise RuntimeError(f"expected m1 and m2 to have the same dtype, but got: {h_dt} != {w_dt}")
     if h_dt not in LINEAR_DTYPES:
-        raise RuntimeError(f"fused linear cross-entropy runs float32 and bfloat16, got {h_dt}")
+        raise RuntimeError(f"fused linear cross-entropy runs float32, bfloat16 and float16, got {h_dt}")
     V, H = int(weight.shape[0]), int(weight.shape[1])
     if V == 0 or H == 0:
         raise RuntimeError(f"fused linear cross-entropy needs a weight with rows and columns, got shape [{V}, {H}]")
@@ -178,11 +196,24 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
         denom = float(np.sum(cw[t[valid]], dtype=np.float64))
     else:
         cw, denom = None, float(n_valid)
+    go = None
+    if grad_output is not None:
+        if reduction != "none":
+            raise RuntimeError(f"grad_output is per row, for reduction='none' (got {reduction!r}: the loss is one "
+                               "number, its grad_output a scale)")
+        if tuple(grad_output.shape) != loss_shape:
+            raise RuntimeError(f"Mismatch in shape: grad_output has a shape of {list(grad_output.shape)} and "
+                               f"output has a shape of {list(loss_shape)}")
+        if _dtype_name(grad_output) not in ("float32", "float64", "float16", "bfloat16"):
+            raise TypeError(f"grad_output must be floating point, got {_dtype_name(grad_output)}")
+        full = np.zeros(row_shape, np.float32)   # shifted-out rows are ignored: their gradient is zero anyway
+        (full[..., :loss_shape[-1]] if shift else full)[...] = np.asarray(grad_output, np.float32)
+        go = full.reshape(-1)
     return LinearProblem(_aligned(hidden.reshape(-1, H)), _aligned(weight), None if bias is None else _aligned(bias),
                          t, cw, int(ignore_index),
                          reduction, float(label_smoothing), float(lse_square_scale),
                          None if softcap is None else float(softcap), row_shape, loss_shape, int(shift),
-                         denom, n_valid)
+                         denom, n_valid, bool(return_lse), bool(return_argmax), go)
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
@@ -259,7 +290,7 @@ class LinearCrossEntropy:
         if not self.device.host_unified:
             return self._discrete().scratch_shapes(p, want_grad_hidden)
         shapes = [((chunk, V), np.float32), ((H, chunk), np.float32)]
-        if want_grad_hidden and p.dtype == "bfloat16":
+        if want_grad_hidden and p.dtype != "float32":   # half precision: through an fp32 scratch
             shapes.append(((chunk, H), np.float32))
         return shapes
 
@@ -336,8 +367,8 @@ class LinearCrossEntropy:
         chunk = self.chunk_for(R)
         logits = empty((chunk, V), np.float32)               # the one (chunk, V) buffer
         h_t = empty((H, chunk), np.float32)                   # the chunk's hidden, transposed
-        dh_scratch = empty((chunk, H), np.float32) if want_grad_hidden and p.dtype == "bfloat16" else None
-        gemm_dt = "bfloat16" if p.dtype == "bfloat16" else "float32"
+        dh_scratch = empty((chunk, H), np.float32) if want_grad_hidden and p.dtype != "float32" else None
+        gemm_dt = p.dtype
         store = as_storage   # bf16 arrays reach the kernels as their uint16 bits
         bufs: list[cl.Buffer] = []
 
@@ -346,11 +377,11 @@ class LinearCrossEntropy:
             bufs.append(b)
             return b
 
-        partials, row_losses, row_zlosses = [], [], []
+        rows = _PerRow()
         try:
             with _device_errors():
                 if R == 0:   # nothing to launch (OpenCL has no empty buffers): the empty sums below
-                    return self._assemble(p, res, partials, row_losses, row_zlosses)
+                    return self._assemble(p, res, rows)
                 w_buf = buf(p.weight)
                 l_buf = buf(logits, MF.READ_WRITE)
                 ht_buf = buf(h_t)
@@ -376,13 +407,16 @@ class LinearCrossEntropy:
                     # cross-entropy over the chunk, its gradient written over the logits
                     ce, ce_secs = self._cross_entropy(p, L, r0, n, want_any)
                     secs += ce_secs
-                    partials.append(ce.block_sums)
-                    if p.reduction == "none":
-                        row_losses.append(np.asarray(ce.loss, np.float32))
-                        if ce.z_loss is not None:
-                            row_zlosses.append(ce.z_loss)
+                    rows.add(p, ce.block_sums, ce.loss if p.reduction == "none" else None, ce.z_loss, ce.lse,
+                             ce.argmax)
                     if want_any:
                         events = []
+                        if p.grad_output is not None:   # the rows' grad_output, before the products read L
+                            s_buf = buf(np.ascontiguousarray(p.grad_output[r0:r0 + n]))
+                            ev = self.gemm.scale_rows(n, V, s_buf, l_buf, V)
+                            ev.wait()
+                            secs += _seconds(ev)
+                            _sync(self.device, l_buf, logits.nbytes)
                         if want_grad_hidden:   # dh_c (n x H) = L . W (bf16: through the fp32 scratch)
                             events.append(self.gemm(n, H, V, l_buf, (V, 1), w_buf, H, gh_buf, (H, 1),
                                                     dtypes=("float32", gemm_dt), product="dh",
@@ -409,27 +443,31 @@ class LinearCrossEntropy:
         finally:
             for b in bufs:
                 b.release()
-        return self._assemble(p, res, partials, row_losses, row_zlosses)
+        return self._assemble(p, res, rows)
 
     @staticmethod
-    def _assemble(p: LinearProblem, res: LinearResult, partials, row_losses, row_zlosses) -> LinearResult:
-        """The loss (and z-loss) from the chunks' per-row losses or block sums."""
-        out_dt = _np_dtype(p.dtype)
+    def _assemble(p: LinearProblem, res: LinearResult, rows: "_PerRow") -> LinearResult:
+        """The loss, z-loss, lse, argmax and accuracy from the chunks' per-row results and block
+        sums (clce_wire.reduction, as the loss engine's result is made). The loss is float32 for
+        every input dtype; the z-loss is always there (zeros without lse_square_scale)."""
+        blocks = np.concatenate(rows.partials) if rows.partials else np.zeros((0, 4))
+        loss, z, accuracy = combine_partials(blocks[:, :3], p.reduction, p.denominator, p.valid_rows,
+                                             True, np.float32, want_accuracy=p.return_argmax)
         if p.reduction == "none":
-            loss = np.concatenate(row_losses) if row_losses else np.zeros(0, np.float32)
-            loss = loss.reshape(p.row_shape)[..., :p.loss_shape[-1]] if p.shift else loss.reshape(p.row_shape)
-            res.loss = np.ascontiguousarray(loss).astype(out_dt)
+            res.loss = p.rows_out(rows.cat(rows.loss, np.float32))
             if p.lse_square_scale:
-                z = (np.concatenate(row_zlosses) if row_zlosses else np.zeros(0, np.float32)).reshape(p.row_shape)
-                res.z_loss = np.ascontiguousarray(z[..., :p.loss_shape[-1]] if p.shift else z)
+                res.z_loss = p.rows_out(rows.cat(rows.zloss, np.float32))
         else:
-            blocks = np.concatenate(partials) if partials else np.zeros((0, 4))
-            loss, z, _ = combine_partials(blocks[:, :3], p.reduction, p.denominator, p.valid_rows,
-                                          bool(p.lse_square_scale), np.float32, want_accuracy=False)
             if p.hidden.shape[0] == 0 and p.reduction == "mean":
-                loss = np.array(np.nan, np.float32)
-            res.loss = np.asarray(loss).astype(out_dt)
-            res.z_loss = z
+                loss, z = np.array(np.nan, np.float32), np.array(np.nan, np.float32)
+            res.loss, res.z_loss = np.asarray(loss, np.float32), np.asarray(z, np.float32)
+        if not p.lse_square_scale:   # exactly zero, whatever the empty-batch arithmetic above gave
+            res.z_loss = np.zeros(res.loss.shape, np.float32)
+        if p.return_lse:
+            res.lse = p.rows_out(rows.cat(rows.lse, np.float32))
+        if p.return_argmax:
+            res.argmax = p.rows_out(rows.cat(rows.argmax, np.int64))
+            res.accuracy = accuracy
         return res
 
     def _cross_entropy(self, p: LinearProblem, L: np.ndarray, r0: int, n: int, want_grad: bool):
@@ -439,7 +477,8 @@ class LinearCrossEntropy:
                   reduction="sum" if p.reduction == "mean" else p.reduction,
                   label_smoothing=p.label_smoothing, lse_square_scale=p.lse_square_scale, softcap=p.softcap)
         prep = self.engine.prepare(L, p.targets[r0:r0 + n], return_grad=want_grad, grad_dtype="float32",
-                                   grad_out=L if want_grad else None, **kw)
+                                   grad_out=L if want_grad else None, return_lse=p.return_lse,
+                                   return_argmax=p.return_argmax, **kw)
         try:
             if p.reduction == "mean":
                 # 'sum' per chunk, the gradient scaled by the whole batch's 'mean' factors
@@ -455,6 +494,35 @@ class LinearCrossEntropy:
         if res.block_sums is None:   # no rows or no classes
             res.block_sums = np.zeros((0, 4))
         return res, secs + res.kernel_seconds - prep.kernel_seconds
+
+
+class _PerRow:
+    """What each chunk adds to the result: its block sums, and per-row loss, z-loss, lse and
+    argmax where asked (the rows in order)."""
+
+    def __init__(self):
+        self.partials, self.loss, self.zloss, self.lse, self.argmax = [], [], [], [], []
+
+    def add(self, p: LinearProblem, sums, loss, zloss, lse, argmax) -> None:
+        self.partials.append(sums)
+        if p.reduction == "none":
+            self.loss.append(np.asarray(loss, np.float32).reshape(-1))
+            if zloss is not None:
+                self.zloss.append(np.asarray(zloss, np.float32).reshape(-1))
+        if p.return_lse:
+            self.lse.append(np.asarray(lse, np.float32).reshape(-1))
+        if p.return_argmax:
+            self.argmax.append(np.asarray(argmax).reshape(-1))
+
+    @staticmethod
+    def cat(parts: list, dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+
+def _read(q: cl.CommandQueue, buf: cl.Buffer, n: int, dtype) -> np.ndarray:
+    out = np.empty(n, dtype)
+    cl.enqueue_copy(q, out, buf)
+    return out
 
 
 def _seconds(ev: cl.Event) -> float:
@@ -574,7 +642,8 @@ class _DiscretePath:
         working = (chunk * V * 4 * (1 if in_place else 2) + scratch_rows * V * 4
                    + 2 * (H * chunk * 4 + chunk * 4) + (2 * chunk * H * item if want_gw else 0)
                    + 2 * chunk * 4 + (span * H * 4 if want_gh else 0)
-                   + (V * 4 if p.class_weight is not None else 0) + chunk * 32)
+                   + (V * 4 if p.class_weight is not None else 0) + chunk * 32
+                   + chunk * 4 * (p.return_lse + p.return_argmax + (p.grad_output is not None)))
         weight = V * H * item + (V * item if p.bias is not None else 0)
         acc = (V * H * 4 if want_gw else 0) + (V * 8 if want_gb else 0)
         return _Plan(chunk, span, in_place, weight, acc, working)
@@ -585,7 +654,7 @@ class _DiscretePath:
         R, H = p.hidden.shape
         plan = self.plan(p, want_gh, want_gh, want_gh and p.bias is not None)
         shapes = [((H, plan.chunk), np.float32)] * 2
-        if want_gh and p.dtype == "bfloat16":
+        if want_gh and p.dtype != "float32":
             shapes.append(((plan.span, H), np.float32))
         return shapes
 
@@ -692,15 +761,15 @@ class _DiscretePath:
         R, H = p.hidden.shape
         V = p.weight.shape[0]
         if R == 0:   # nothing to launch: the empty sums (a fresh weight gradient is zeroed by the caller)
-            return LinearCrossEntropy._assemble(p, res, [], [], [])
+            return LinearCrossEntropy._assemble(p, res, _PerRow())
         dev, q, cq = self.device, self.device.queue, self.copy_queue
         plan = self.plan(p, want_gh, want_gw, want_gb)
         chunk, span = plan.chunk, plan.span
-        gemm_dt = "bfloat16" if p.dtype == "bfloat16" else "float32"
+        gemm_dt = p.dtype
         want_any = want_gh or want_gw or want_gb
         owned: list[cl.Buffer] = []
         resident = None
-        partials, row_losses, row_zlosses = [], [], []
+        rows = _PerRow()
         self._admit(plan, key)
         try:
             with _device_errors():
@@ -733,12 +802,15 @@ class _DiscretePath:
                 l_buf = alloc(chunk * V * 4)
                 g_buf = (l_buf if plan.in_place else alloc(chunk * V * 4)) if want_any else None
                 rl_buf, rz_buf = alloc(chunk * 4), alloc(chunk * 4)
+                lse_buf = alloc(chunk * 4) if p.return_lse else None
+                am_buf = alloc(chunk * 4) if p.return_argmax else None
+                go_buf = alloc(chunk * 4) if p.grad_output is not None and want_any else None
                 ht_host = [empty((H, chunk), np.float32) for _ in range(2)]
                 ht_dev = [alloc(H * chunk * 4) for _ in range(2)]
                 hc_dev = [alloc(chunk * H * p.hidden.itemsize) for _ in range(2)] if want_gw else None
                 t_dev = [alloc(chunk * 4) for _ in range(2)]
                 dh_buf = alloc(span * H * 4) if want_gh else None
-                dh_host = empty((span, H), np.float32) if want_gh and p.dtype == "bfloat16" else None
+                dh_host = empty((span, H), np.float32) if want_gh and p.dtype != "float32" else None
                 uploads: dict[int, list] = {}
 
                 def prefetch(i: int) -> None:
@@ -773,23 +845,30 @@ class _DiscretePath:
                     secs += _seconds(ev_f) + (_seconds(ev_b) if b_buf is not None else 0.0)
                     # the cross-entropy over the chunk, its gradient over the logits (or beside them)
                     blk = _RowBlock(0, n, x=l_buf, target=t_dev[slot], weight=cw_buf, grad=g_buf,
-                                    row_loss=rl_buf, row_zloss=rz_buf)
-                    prep = PreparedLoss(cp, self.engine, g_buf is not None, False, False, blocks=[blk])
+                                    row_loss=rl_buf, row_zloss=rz_buf, row_lse=lse_buf, row_argmax=am_buf)
+                    prep = PreparedLoss(cp, self.engine, g_buf is not None, p.return_lse, p.return_argmax,
+                                        blocks=[blk])
                     secs += self.engine.run_chunk(prep, (0, 0, n))
                     sums, red_secs = self.engine._reduce("float32", blk, reduction_block_starts(n))
                     secs += red_secs
-                    partials.append(sums)
+                    rl = rz = lse = am = None
                     if p.reduction == "none":
-                        rl = np.empty(n, np.float32)
-                        cl.enqueue_copy(q, rl, rl_buf)
+                        rl = _read(q, rl_buf, n, np.float32)
                         if p.lse_square_scale:
-                            rz = np.empty(n, np.float32)
-                            cl.enqueue_copy(q, rz, rz_buf)
-                            row_zlosses.append(rz)
+                            rz = _read(q, rz_buf, n, np.float32)
                             rl = (rl + rz).astype(np.float32)
-                        row_losses.append(rl)
+                    if p.return_lse:
+                        lse = _read(q, lse_buf, n, np.float32)
+                    if p.return_argmax:
+                        am = _read(q, am_buf, n, np.int32)
+                    rows.add(p, sums, rl, rz, lse, am)
                     if want_any:
                         events = []
+                        if go_buf is not None:   # the rows' grad_output, before the products read G
+                            cl.enqueue_copy(q, go_buf, p.grad_output[r0:r0 + n], is_blocking=False)
+                            ev = self.gemm.scale_rows(n, V, go_buf, g_buf, V)   # (in order after the copy)
+                            ev.wait()
+                            secs += _seconds(ev)
                         if want_gh:   # dh_c (n x H) = G . W, into the request's dh block
                             events.append(self.gemm(n, H, V, g_buf, (V, 1), w_buf, H, dh_buf, (H, 1),
                                                     dtypes=("float32", gemm_dt), product="dh",
@@ -835,7 +914,7 @@ class _DiscretePath:
                     with self._lock:
                         resident.users -= 1
                 self._release(plan)
-        return LinearCrossEntropy._assemble(p, res, partials, row_losses, row_zlosses)
+        return LinearCrossEntropy._assemble(p, res, rows)
 
     def _read_dh(self, p: LinearProblem, res: LinearResult, dh_buf: cl.Buffer, dh_host: np.ndarray | None,
                  a: int, b: int) -> None:

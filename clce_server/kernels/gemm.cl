@@ -25,8 +25,8 @@
  * Edges: rows past M are handled by a last micro-tile shifted up to end at row M (its rows
  * before the tile's own are not stored); columns past N are zero in the panel and not stored.
  *
- * Types (build defines): GEMM_A_DTYPE, GEMM_B_DTYPE, 0 float32 or 2 bfloat16 (bf16 travels as
- * ushort bits). Tunables are set per device and per product in clce_server/gemm.py's
+ * Types (build defines): GEMM_A_DTYPE, GEMM_B_DTYPE, 0 float32, 1 float16 or 2 bfloat16 (bf16
+ * travels as ushort bits; fp16 is read with vload_half, core OpenCL: no cl_khr_fp16 needed). Tunables are set per device and per product in clce_server/gemm.py's
  * GEMM_TUNING; the defaults were measured on PoCL's CPU device (bench/bench_gemm.py).
  * ============================================================================================ */
 
@@ -71,6 +71,9 @@ typedef GEMM_CAT(float, GEMM_VW) vec_t;
 #if GEMM_A_DTYPE == 2
 typedef ushort a_t;
 #define LOAD_A(p, i) as_float(((uint)(p)[(i)]) << 16)
+#elif GEMM_A_DTYPE == 1
+typedef half a_t;
+#define LOAD_A(p, i) vload_half((i), (p))
 #else
 typedef float a_t;
 #define LOAD_A(p, i) ((p)[(i)])
@@ -84,6 +87,10 @@ typedef ushort b_t;
 #undef LOAD_BV
 #define LOAD_BV(p, i) as_float8(convert_uint8(vload8(0, (p) + (i))) << 16)
 #endif
+#elif GEMM_B_DTYPE == 1
+typedef half b_t;
+#define LOAD_B1(p, i) vload_half((i), (p))
+#define LOAD_BV(p, i) GEMM_CAT(vload_half, GEMM_VW)(0, (p) + (i))
 #else
 typedef float b_t;
 #define LOAD_B1(p, i) ((p)[(i)])
@@ -239,6 +246,14 @@ __kernel void bias_rows(const uint n, const uint V, __global const a_t *bias, __
     const uint j = get_global_id(0), i = get_global_id(1);
     if (j < V && i < n)
         C[(ulong)i * ldc + j] = LOAD_A(bias, j);
+}
+
+/* C[i, j] *= s[i], i < n, j < V: a per-row grad_output ('none') applied to a chunk's logit
+ * gradient before the three products read it (so dh, dW and db are all scaled). */
+__kernel void scale_rows(const uint n, const uint V, __global const float *s, __global float *C, const long ldc) {
+    const uint j = get_global_id(0), i = get_global_id(1);
+    if (j < V && i < n)
+        C[(ulong)i * ldc + j] *= s[i];
 }
 
 #if defined(cl_khr_fp64)
