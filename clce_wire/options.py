@@ -33,7 +33,7 @@ from .protocol import (
 from .reduction import REDUCE_BLOCK_ROWS
 from .shm import is_ref_map, parse_ref
 
-__all__ = ["Option", "OPTIONS", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
+__all__ = ["Option", "OPTIONS", "OPTION_BY_NAME", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
            "engine_kwargs", "shared_values", "coalescing_key", "options_doc"]
 
 _KINDS = ("tensor", "int", "float", "bool", "str")
@@ -115,6 +115,8 @@ OPTIONS: tuple[Option, ...] = (
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 REQUIRED = frozenset(o.name for o in OPTIONS if o.required)
 _BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+#: the options by name, for an operation that takes some of them (the fused linear cross-entropy)
+OPTION_BY_NAME = _BY_NAME
 #: what a request that leaves an option out gets (each default is a valid parsed value)
 _DEFAULTS: Mapping[str, Any] = {o.name: o.default for o in OPTIONS}
 

@@ -186,7 +186,7 @@ def test_no_gradient_asked_computes_loss_only(lce):
     ("reduction", ValueError, "is not a valid value for reduction"),
     ("float_target", RuntimeError, "expected target dtype"),
     ("shift", ValueError, "shift must be in"),
-    ("fp16", RuntimeError, "float32 and bfloat16"),
+    ("fp64", RuntimeError, "runs float32, bfloat16 and float16"),
 ])
 def test_bad_arguments_raise_before_any_chunk(case, exc, match):
     rng = np.random.default_rng(0)
@@ -206,8 +206,8 @@ def test_bad_arguments_raise_before_any_chunk(case, exc, match):
         y = y.astype(np.float32)
     elif case == "shift":
         kw["shift"] = 5
-    elif case == "fp16":
-        h, W, b = h.astype(np.float16), W.astype(np.float16), b.astype(np.float16)
+    elif case == "fp64":
+        h, W, b = h.astype(np.float64), W.astype(np.float64), b.astype(np.float64)
     with pytest.raises(exc, match=match):
         linear.check(h, W, y, b, **kw)
 

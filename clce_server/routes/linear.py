@@ -41,6 +41,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from clce_wire import fastpath, protocol
+from clce_wire import options as wire_options
 from clce_wire.shm import RegionRef, is_ref_map, parse_ref, ref_map
 
 from ..deps import check_ready, tenant_for
@@ -57,11 +58,15 @@ from ..weights import IDLE_S, MAX_ENTRIES, NO_MEMORY, WeightStore, accumulator_b
 from .leased import (LeasedEndpoint, announced_length, msgpack_answer, receive_body, timing_headers,
                      unless_disconnected)
 
-#: the request's options with their defaults (F.cross_entropy's where they apply)
-OPTION_DEFAULTS: dict[str, Any] = dict(ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                                       lse_square_scale=0.0, softcap=None, shift=0)
-_OPTION_TYPES = {"ignore_index": (int,), "reduction": (str,), "shift": (int,)}
-TENSORS = ("hidden", "target", "weight", "bias", "class_weight")
+#: the request's options: the loss request's of these names (clce_wire.options.OPTIONS), with
+#: their defaults and wire types from there
+LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift",
+                "return_lse", "return_argmax")
+OPTION_DEFAULTS: dict[str, Any] = {name: wire_options.OPTION_BY_NAME[name].default for name in LOSS_OPTIONS}
+_WIRE_TYPES = {"int": (int,), "str": (str,), "bool": (bool,), "float": (float, int)}
+_OPTION_TYPES = {name: _WIRE_TYPES[wire_options.OPTION_BY_NAME[name].kind] for name in LOSS_OPTIONS}
+#: grad_output: autograd's per-row grad_output of a 'none' loss (the gradients are computed for it)
+TENSORS = ("hidden", "target", "weight", "bias", "class_weight", "grad_output")
 # copied out of shared memory before they are checked: bounds-checked, then used as indices
 _COPIED = frozenset(("target", "class_weight"))
 FIELDS = frozenset({"v", *TENSORS, "weight_name", "weight_version", "accumulate", "want_grad", "grad_region",
@@ -405,8 +410,7 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
     tensors = {name: _tensor(msg, name, required=name in ("hidden", "target")) for name in TENSORS}
     accumulate = bool(_field(msg, "accumulate", (bool,), False))
     want_grad = bool(_field(msg, "want_grad", (bool,), True))
-    opts = {name: _field(msg, name, _OPTION_TYPES.get(name, (float, int)), default)
-            for name, default in OPTION_DEFAULTS.items()}
+    opts = {name: _field(msg, name, _OPTION_TYPES[name], default) for name, default in OPTION_DEFAULTS.items()}
     grad_region = _field(msg, "grad_region", (str,), None)
     gw_region = _field(msg, "grad_weight_region", (str,), None)
     store = weight_store(state)
@@ -438,7 +442,8 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
         weight, bias = arrays["weight"], arrays["bias"]
     hidden = arrays["hidden"]
     try:
-        problem = check(hidden, weight, arrays["target"], bias, class_weight=arrays["class_weight"], **opts)
+        problem = check(hidden, weight, arrays["target"], bias, class_weight=arrays["class_weight"],
+                        grad_output=arrays["grad_output"], **opts)
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise ArgumentError(exc) from None
     R, H = problem.hidden.shape
@@ -545,9 +550,15 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
     if stored is not None:   # the micro-batches the version's accumulators hold, this one included
         out["accumulation"] = stored.accumulation if count is None else accumulation
         out["micro_batches"] = stored.micro_batches if count is None else count
+    # the loss request's answer fields (routes/loss.py's result_message), the z-loss always
     out["loss"] = result.loss
-    if result.z_loss is not None:
-        out["z_loss"] = result.z_loss
+    out["z_loss"] = result.z_loss
+    if result.lse is not None:
+        out["lse"] = result.lse
+    if result.argmax is not None:
+        out["argmax"] = result.argmax
+        if result.accuracy is not None:
+            out["accuracy"] = float(result.accuracy)
     if not accumulating and result.grad_weight is not None:
         out["grad_weight"] = ref_map(*gw_ref) if gw_ref is not None else result.grad_weight
         if result.grad_bias is not None:
