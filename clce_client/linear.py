@@ -3,7 +3,7 @@
     loss = clce_client.linear_cross_entropy(hidden, lm_head.weight, labels, shift=1)
     loss.backward()           # hidden, weight (and bias) get their gradients
 
-    loss_fn = clce_client.LinearCrossEntropyLoss(client)   # Liger's argument order (linear_nn.py):
+    loss_fn = clce_client.LinearCrossEntropyLoss(client=client)  # Liger's constructor (linear_nn.py)
     loss = loss_fn(lm_head.weight, hidden, labels)  # forward(lin_weight, _input, target, bias=None)
 
 The server computes `F.cross_entropy(F.linear(hidden, weight, bias), target, **options)` in row
@@ -44,9 +44,20 @@ gradients into the arena, and a stored weight is a reference to a region. `share
 parameter into shared memory once, so its versions cost no copy at all; otherwise each version
 is copied into a region once.
 
+What comes back is the loss path's: the loss (float32 for every input dtype, as Liger-Kernel and
+Cut Cross-Entropy return it; the gradients in the inputs' dtypes), and with `return_lse` /
+`return_argmax` a `CrossEntropyResult` holding the loss, the per-row lse, the argmax (Liger's
+predicted tokens) and the accuracy over the non-ignored rows (Liger's token accuracy), with the
+z-loss (zeros without lse_square_scale); `return_z_loss=True` alone gives (loss, z_loss), as
+Liger's. Inputs are float32, bfloat16 or float16. Under torch.autocast the hidden states, the
+weight and the bias go in the autocast dtype (torch's policy for F.linear, and Liger's), the
+loss stays float32 (torch's for cross_entropy), eagerly and compiled alike.
+
 The gradients the server returns are those of grad_output = 1 ('none': of the summed rows); the
-autograd backward scales them by the actual grad_output, which must be one value (for 'none',
-the same for every row, as loss.sum() or loss.mean() give).
+autograd backward scales them by the actual grad_output. For 'none' with a grad_output that
+differs per row, backward asks the server again, with that grad_output (the weight's gradient is
+a sum over rows: it cannot be rescaled afterwards); an accumulating call cannot (its unscaled
+gradient is already added on the server), nor an AsyncClient's (backward cannot await).
 
 `LinearCall.flow` is a generator of I/O steps (clce_client/client.py's flows), so `Client` and
 `AsyncClient` run the same call; autograd is attached after the I/O, never inside it.
@@ -80,8 +91,9 @@ from .flows import is_torch_tensor as _is_torch_tensor
 from .flows import prepared
 
 LINEAR_PATH = "/v1/linear_cross_entropy"
-OPTION_NAMES = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift")
-RESULT_NAMES = ("loss", "z_loss", "grad_hidden", "grad_weight", "grad_bias")
+OPTION_NAMES = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift",
+                "return_lse", "return_argmax")
+RESULT_NAMES = ("loss", "z_loss", "lse", "argmax", "accuracy", "grad_hidden", "grad_weight", "grad_bias")
 #: how many times one call uploads its weight again after the server said it no longer has it,
 #: beyond one per replica (the weight moving to the next replica as each fails), within the
 #: client's retry budget
@@ -95,13 +107,15 @@ class AccumulationLost(RuntimeError):
     an eviction or an expiry) and could not replay them: the optimizer step must not run."""
 
 
-def _to_numpy(t: Any) -> np.ndarray:
+def _to_numpy(t: Any, dtype: Any = None) -> np.ndarray:
     """A torch tensor's (or an array's) data as a C-contiguous numpy array, without a copy when
-    it already is one (bf16 through ml_dtypes)."""
+    it already is one (bf16 through ml_dtypes); `dtype`: a torch floating dtype to cast to first."""
     if _is_torch_tensor(t):
         import torch
 
         t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
@@ -110,6 +124,16 @@ def _to_numpy(t: Any) -> np.ndarray:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     return np.ascontiguousarray(t)
+
+
+def _autocast_dtype(t: Any) -> Any:
+    """The autocast dtype of `t`'s device while autocast is on there, else None."""
+    import torch
+
+    dev = t.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
 
 
 def _widened(a: np.ndarray) -> np.ndarray:
@@ -494,10 +518,9 @@ def _autograd_function():
                                    "its gradient is already part of loss's")
             g = grad_loss.reshape(-1).float()
             if g.numel() > 1 and not bool((g == g[0]).all()):
-                raise RuntimeError("reduction='none': the server computes the gradients for grad_output = 1 "
-                                   "and backward can only scale them by one number, so every row's grad_output "
-                                   "must be the same value (as loss.sum() or loss.mean() give; per-class weights "
-                                   "go in class_weight=)")
+                # per-row: the rows' gradients summed into the weight's cannot be rescaled, so
+                # the server computes them again for this grad_output
+                return (*call.regrad(grad_loss.float()), None)
             scale = float(g[0]) if g.numel() else 0.0
             return (*call.gradients(scale), None)
 
@@ -517,7 +540,8 @@ class LinearCall:
                  reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                  softcap: float | None = None, shift: int = 0, return_z_loss: bool = False,
                  weight_name: str | None = None, weights: LinearWeights | None = None, accumulate: bool = False,
-                 stateless: bool = False, want_grad: bool | None = None):
+                 stateless: bool = False, want_grad: bool | None = None, return_lse: bool = False,
+                 return_argmax: bool = False, grad_output: Any = None):
         if accumulate and stateless:
             raise ValueError("accumulate=True keeps the gradient with a stored weight; it cannot be stateless")
         self.client = client
@@ -534,15 +558,26 @@ class LinearCall:
         self.options = {k: v for k, v in dict(ignore_index=ignore_index, reduction=reduction,
                                               label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
                                               softcap=softcap, shift=shift).items() if v is not None}
+        # the extras are asked for only when wanted (the answer's lse and argmax are per row)
+        self.options.update({k: True for k, v in (("return_lse", return_lse), ("return_argmax", return_argmax)) if v})
         self.return_z_loss = return_z_loss
-        self.arrays = {"hidden": _to_numpy(hidden), "target": _to_numpy(target)}
+        self.want_result = bool(return_lse or return_argmax)
+        #: under torch.autocast: the dtype hidden, weight and bias travel in (torch's F.linear policy)
+        self.cast = _autocast_dtype(hidden) if self.torch else None
+        self.arrays = {"hidden": _to_numpy(hidden, self.cast), "target": _to_numpy(target)}
         if class_weight is not None:
             self.arrays["class_weight"] = _to_numpy(class_weight)
+        if grad_output is not None:
+            self.arrays["grad_output"] = _to_numpy(grad_output)
         # stored unless asked not to; a numpy weight without a name has no version counter
         if weight_name is None and not stateless and _is_torch_tensor(weight):
             weights = weights or weights_of(client)
             with weights._lock:
                 weight_name = f"auto-{weights.owner}-{weights._token(weight)}"
+        if weight_name is not None and self.cast is not None:
+            # the version under autocast is the weight's bytes in the autocast dtype: stored apart
+            # from the weight's own (a name is 1-64 of A-Z a-z 0-9 _ . -)
+            weight_name = f"{weight_name[:64 - 9]}.{str(self.cast).removeprefix('torch.')[:8]}"
         self.weight_name = None if stateless else weight_name
         if accumulate and self.weight_name is None:
             raise ValueError("accumulate=True needs a stored weight (a torch weight, or weight_name=)")
@@ -555,9 +590,9 @@ class LinearCall:
         self.answered: dict[str, Any] = {}
         self.result: dict[str, Any] = {}
         self.placement: Any = None
-        w = _to_numpy(weight)
+        w = _to_numpy(weight, self.cast)
         self._weight_np = w
-        self._bias_np = None if bias is None else _to_numpy(bias)
+        self._bias_np = None if bias is None else _to_numpy(bias, self.cast)
         self.grad_weight_bytes = int(w.shape[0]) * int(w.shape[1]) * 4 if w.ndim == 2 else 0
         self.nbytes = self.arrays["hidden"].nbytes + (w.nbytes if self.weight_name is None else 0)
 
@@ -655,25 +690,75 @@ class LinearCall:
 
     # ---- results ----
     def finish(self, result: dict[str, Any]) -> Any:
-        """numpy inputs: a dict of arrays (loss, z_loss, grad_hidden, grad_weight, grad_bias);
-        torch: the loss (and z-loss with return_z_loss), differentiable when a gradient was asked."""
+        """numpy inputs: a dict of arrays (loss, z_loss, lse, argmax, grad_hidden, grad_weight,
+        grad_bias; None where not asked) and accuracy (a float, or None); torch: the loss (and
+        z-loss with return_z_loss), differentiable when a gradient was asked, or with return_lse
+        / return_argmax the loss path's CrossEntropyResult."""
         if not self.torch:
-            return {k: (None if v is None else decode_tensor(v, name=k)) for k, v in result.items()}
+            out = {k: (None if v is None or k == "accuracy" else decode_tensor(v, name=k)) for k, v in result.items()}
+            out["accuracy"] = None if result.get("accuracy") is None else float(result["accuracy"])
+            return out
         global _FUNCTION
+        extras = self._extras() if self.want_result else {}
         if self.want_grad:
             if _FUNCTION is None:
                 _FUNCTION = _autograd_function()
             loss, z = _FUNCTION.apply(self.hidden, self.weight, self.bias, self)
         else:
             loss, z = self.loss_tensors()
+        if self.want_result:
+            from .client import CrossEntropyResult
+
+            return CrossEntropyResult(loss=loss, z_loss=z, **extras)
         return (loss, z) if self.return_z_loss else loss
 
-    def loss_tensors(self) -> tuple[Any, Any]:
+    def _extras(self) -> dict[str, Any]:
+        """lse, argmax (torch tensors, on the hidden's device) and accuracy, as asked."""
         import torch
 
-        loss = torch.from_numpy(_widened(decode_tensor(self.result["loss"], name="loss"))).to(self.hidden.dtype)
+        out: dict[str, Any] = {}
+        for key in ("lse", "argmax"):
+            wt = self.result.get(key)
+            out[key] = None if wt is None else _tensor(wt, key).to(self.hidden.device)
+        acc = self.result.get("accuracy")
+        out["accuracy"] = None if acc is None else float(acc)
+        if out["argmax"] is not None and out["argmax"].dtype != torch.int64:
+            out["argmax"] = out["argmax"].long()
+        return out
+
+    def loss_tensors(self) -> tuple[Any, Any]:
+        """The loss and z-loss, float32 whatever the inputs' dtype (the z-loss zeros without
+        lse_square_scale: a server that leaves it out means none)."""
+        import torch
+
+        loss = torch.from_numpy(_widened(decode_tensor(self.result["loss"], name="loss")))
         z = self.result.get("z_loss")
-        return loss, (None if z is None else torch.from_numpy(_widened(decode_tensor(z, name="z_loss"))))
+        z = torch.zeros_like(loss) if z is None else torch.from_numpy(_widened(decode_tensor(z, name="z_loss")))
+        dev = self.hidden.device
+        return loss.to(dev), z.to(dev)
+
+    def regrad(self, grad_output: Any) -> tuple[Any, Any, Any]:
+        """The gradients of hidden, weight and bias for a per-row `grad_output` ('none'): a second
+        request, the same call with grad_output (the first call's gradients are dropped)."""
+        self.result = {}
+        if self.accumulate:
+            raise RuntimeError("reduction='none' with a grad_output that differs per row cannot accumulate on the "
+                               "server (the micro-batch's gradient for grad_output = 1 is already added there): use "
+                               "accumulate=False, or a grad_output of one value (loss.sum(), loss.mean())")
+        if _is_async(self.client):
+            raise RuntimeError("reduction='none' with a grad_output that differs per row needs a second request from "
+                               "backward, which an AsyncClient cannot make (backward cannot await): use a Client, or "
+                               "a grad_output of one value (loss.sum(), loss.mean())")
+        opts = {k: v for k, v in self.options.items() if k not in ("return_lse", "return_argmax")}
+        again = LinearCall(self.client, self.hidden, self.weight, self.arrays["target"], self.bias,
+                           class_weight=self.arrays.get("class_weight"), weight_name=self.weight_name,
+                           weights=self.weights, stateless=self.weight_name is None, want_grad=True,
+                           grad_output=grad_output.detach().cpu(), **opts)
+        again.cast = self.cast   # the dtype the forward ran in (backward runs outside autocast)
+        again.arrays["hidden"] = self.arrays["hidden"]
+        again._weight_np, again._bias_np = self._weight_np, self._bias_np
+        again.client._run(again.flow())
+        return again.gradients(1.0)
 
     def gradients(self, scale: float) -> tuple[Any, Any, Any]:
         """The gradients of hidden, weight and bias for this grad_output (None where not sent:

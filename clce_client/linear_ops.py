@@ -6,6 +6,10 @@ The op returns the loss and the server's gradients of hidden, weight and bias (f
 1, as Liger-Kernel's fused linear cross-entropy does); backward multiplies them by grad_output.
 The weight travels with every call (the stateless mode of clce_client/linear.py: a compiled
 graph holds no per-version state), over shared memory when the client has it. Reductions 'mean' and 'sum' (one grad_output value).
+The loss is float32 for every input dtype, as in eager mode. Under torch.autocast the wrapper
+casts hidden, weight and bias to the autocast dtype before the operator (torch's policy for
+F.linear; the cross-entropy's fp32 policy holds: the logits are fp32 on the server and the loss
+is float32), as the eager call does: eager and compiled give the same dtypes.
 Clients are named by ops.client_key. Importing this module imports torch.
 """
 
@@ -43,7 +47,7 @@ def _op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], 
 @_op.register_fake
 def _fake(hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
           softcap, shift, client, need_grad):
-    loss = hidden.new_empty(())
+    loss = hidden.new_empty((), dtype=torch.float32)   # float32 for every input dtype (Liger's, CCE's)
     if not need_grad:
         return loss, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
     return (loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
@@ -83,6 +87,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
                          "eagerly only (the operator keeps no per-version state and returns the loss)")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"torch.ops.clce.linear_cross_entropy takes reduction 'mean' or 'sum', got {reduction!r}")
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):   # F.linear's autocast policy: the autocast dtype (differentiable casts)
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, _, _, _ = torch.ops.clce.linear_cross_entropy(
         hidden, weight, target, bias, class_weight, int(ignore_index), reduction, float(label_smoothing),

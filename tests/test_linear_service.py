@@ -43,7 +43,7 @@ def test_liger_order_module_and_shift(client):
     h = torch.randn(2, 33, 24, generator=g, requires_grad=True)
     W = torch.randn(90, 24, generator=g, requires_grad=True)
     y = torch.randint(0, 90, (2, 33), generator=g)
-    loss = clce_client.LinearCrossEntropyLoss(client, shift=1)(W, h, y)
+    loss = clce_client.LinearCrossEntropyLoss(client=client, shift=1)(W, h, y)
     loss.backward()
     h2, W2 = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
     logits = F.linear(h2, W2)
