@@ -208,7 +208,8 @@ class _Call:
         self.classes_last = bool(options.get("classes_last")) or self.shift != 0
         return_grad = options.get("return_grad")
         self.return_grad = bool(return_grad)
-        self.want_result = any(bool(options.get(k)) for k in ("return_grad", "return_lse", "return_argmax"))
+        self.want_result = any(bool(options.get(k)) for k in ("return_grad", "return_lse", "return_argmax",
+                                                               "return_z_loss"))
         self.autograd = False
         if self.torch:
             import torch
@@ -1119,6 +1120,8 @@ class _BaseClient:
         sent the result (or thrown the error); it returns the call's result. A call that meets a
         new server instance over shared memory has the arena moved there and runs again, within
         the retry budget."""
+        if _is_torch_tensor(input):   # torch's autocast policy for cross_entropy (fp32), as the operator's
+            input, target, options = _torch_support().autocast_fp32(input, target, options)
         nbytes = _nbytes(input)
         deadline = time.monotonic() + self.retry_budget_s
         split = False

@@ -17,7 +17,7 @@ try:
 except ImportError:
     torch = None
 
-__all__ = ["to_wire", "from_wire", "wire_dtype", "attach_grad", "input_grad"]
+__all__ = ["to_wire", "from_wire", "wire_dtype", "attach_grad", "input_grad", "autocast_fp32"]
 
 if torch is not None:
     _WIRE_BY_TORCH = {
@@ -72,6 +72,24 @@ def from_wire(wt: Any, *, name: str, device: Any = None) -> Any:
     if device is not None and torch.device(device).type != "cpu":
         t = t.to(device)
     return t
+
+
+def autocast_fp32(input: Any, target: Any, options: dict) -> tuple[Any, Any, dict]:
+    """torch's autocast policy for cross_entropy ("fp32": half-precision floating tensors cast to
+    float32, float64 left alone), applied to an eager call's tensors while autocast is on for the
+    input's device: what `torch.library.register_autocast` does for the operator under
+    torch.compile (clce_client/ops.py), so both give a float32 loss. The casts are differentiable:
+    the gradient reaches a bf16 input as bf16, as F.cross_entropy's does."""
+    if not torch.is_autocast_enabled(input.device.type):
+        return input, target, options
+
+    def cast(t: Any) -> Any:
+        half = isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+        return t.float() if half else t
+
+    if isinstance(options.get("weight"), torch.Tensor):
+        options = {**options, "weight": cast(options["weight"])}
+    return cast(input), cast(target), options
 
 
 def input_grad(grad: Any, grad_output: Any, *, class_dim: Any, shift: int, dtype: Any, owned: bool) -> Any:

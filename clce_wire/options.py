@@ -83,6 +83,9 @@ OPTIONS: tuple[Option, ...] = (
            doc="per-row argmax, and accuracy for class targets"),
     Option("lse_square_scale", "float", 0.0, ge=0.0, shared=True,
            doc="z-loss coefficient (PaLM): adds c * lse^2 per row"),
+    Option("return_z_loss", "bool", False, engine=False,
+           doc="always answer z_loss, the z-loss part of loss (zeros at lse_square_scale 0), as Liger's "
+               "return_z_loss; without it z_loss comes only with lse_square_scale > 0"),
     Option("softcap", "float", None, nullable=True, gt=0.0, shared=True,
            doc="Gemma soft-capping: logits -> cap * tanh(logits / cap)"),
     # Layout (clce_server/layouts.py): rewritten into the plain (N, C) rows above before the engine

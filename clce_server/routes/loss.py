@@ -321,6 +321,8 @@ def result_message(result, args: dict[str, Any]) -> dict[str, Any]:
             out["accuracy"] = float(result.accuracy)
     if result.z_loss is not None:
         out["z_loss"] = result.z_loss
+    elif args.get("return_z_loss"):   # asked for: zeros, the z-loss of lse_square_scale 0 (Liger's)
+        out["z_loss"] = np.zeros(np.shape(result.loss), np.float32)
     if args.get("return_partials"):
         sums = result.block_sums if result.block_sums is not None else np.zeros((0, 4))
         out["partials"] = np.ascontiguousarray(sums[:, :3], np.float64)
