@@ -51,7 +51,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Union
 
 import httpx
@@ -67,6 +66,7 @@ from .flows import SEND as _SEND
 from .flows import SEND_AFFINE as _SEND_AFFINE
 from .flows import is_torch_tensor as _is_torch_tensor
 from .flows import prepared
+from .results import CrossEntropyResult
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
     ALIGN,
@@ -138,23 +138,6 @@ _RETRYABLE = (
     httpx.ReadError,
     httpx.WriteError,
 )
-
-
-@dataclass
-class CrossEntropyResult:
-    """The loss and the extras asked for; a field is None when not requested.
-
-    Arrays are numpy arrays for numpy input, torch tensors (on the input's device) for torch input.
-    ``server_timing`` holds the server's phases in milliseconds (decode, queue, kernel, total).
-    """
-
-    loss: Any
-    grad: Any = None
-    lse: Any = None
-    argmax: Any = None
-    accuracy: float | None = None
-    z_loss: Any = None
-    server_timing: dict[str, float] = field(default_factory=dict)
 
 
 def _torch_support():

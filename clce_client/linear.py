@@ -89,6 +89,7 @@ from .flows import SEND as _SEND
 from .flows import SEND_AFFINE as _SEND_AFFINE
 from .flows import is_torch_tensor as _is_torch_tensor
 from .flows import prepared
+from .results import CrossEntropyResult
 
 LINEAR_PATH = "/v1/linear_cross_entropy"
 OPTION_NAMES = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift",
@@ -707,8 +708,6 @@ class LinearCall:
         else:
             loss, z = self.loss_tensors()
         if self.want_result:
-            from .client import CrossEntropyResult
-
             return CrossEntropyResult(loss=loss, z_loss=z, **extras)
         return (loss, z) if self.return_z_loss else loss
 

@@ -252,6 +252,9 @@ class LinearCrossEntropy:
             t = rng.integers(0, 37, 70)
             for bias in (None, b):
                 self(check(h, w, t, bias, label_smoothing=0.1))
+        # gemm.cl's scale_rows (a per-row grad_output), launched once: PoCL compiles at first launch
+        self(check(h, w, t, b, reduction="none", grad_output=np.ones(70, np.float32), return_lse=True,
+                   return_argmax=True))
 
     @classmethod
     def for_engine(cls, engine: LossEngine) -> "LinearCrossEntropy":

@@ -323,7 +323,8 @@ async def put_weight(req: LinearRequest) -> Response:
                                          f"got shape {list(weight.shape)}"))
     dtype = protocol.dtype_name(weight.dtype)
     if dtype not in LINEAR_DTYPES:
-        raise ArgumentError(RuntimeError(f"fused linear cross-entropy runs float32 and bfloat16 weights, got {dtype}"))
+        raise ArgumentError(RuntimeError(f"fused linear cross-entropy runs float32, bfloat16 and float16 weights, "
+                                         f"got {dtype}"))
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ArgumentError(RuntimeError(f"bias must be a ({weight.shape[0]},) tensor of the weight's dtype"))
     # Inline parts are aligned once here (a tensor in a msgpack body may start at any byte), not
