@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from clce_server import linear
+from linear_reference import to_numpy, to_torch
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +19,7 @@ def lce(engine):
     return linear.LinearCrossEntropy(engine, chunk_rows=64)   # small chunks: many per batch
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).reshape(a.shape)
-    return torch.from_numpy(np.ascontiguousarray(a)).reshape(a.shape)
+_np, _torch = to_numpy, to_torch
 
 
 def reference(h, W, y, b=None, *, shift=0, lse_square_scale=0.0, softcap=None, **opts):

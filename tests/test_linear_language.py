@@ -6,25 +6,15 @@ Against torch: F.cross_entropy(F.linear(h, W, b), y) through autograd, and what 
 fused linear cross-entropy returns (its token accuracy: argmax == target over the non-ignored
 rows; its predicted tokens: the argmax)."""
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from clce_server import linear
+from linear_reference import to_numpy, to_torch
 
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).reshape(a.shape)
-    return torch.from_numpy(np.ascontiguousarray(a)).reshape(a.shape)
+_np, _torch = to_numpy, to_torch
 
 
 def make(rng, rows_shape, H, V, dtype=torch.float32):
