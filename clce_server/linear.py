@@ -5,7 +5,7 @@ Rows go in chunks (Liger-Kernel's FusedLinearCrossEntropy, on an OpenCL device):
 
     L      = h_c . W^T + b            one (chunk, V) fp32 buffer, reused       kernels/gemm.cl
     L      = dloss/dlogits, in place  the fused cross-entropy kernel           kernels/cross_entropy.cl
-    dh_c   = L . W                    into the hidden's gradient (bf16: by an  kernels/gemm.cl
+    dh_c   = L . W                    into the hidden's gradient (half: by an  kernels/gemm.cl
                                       fp32 (chunk, H) scratch, then rounded)
     dW    += L^T . h_c                an fp32 accumulator of W's shape         kernels/gemm.cl
     db    += column sums of L         float64, on the host
@@ -27,7 +27,14 @@ t + shift. The last `shift` positions of each sequence are ignored rows (their h
 zero), and 'none' returns (B, T - shift) losses, as F.cross_entropy on the shifted slices would.
 
 The gradients are those of the loss with grad_output = 1 ('none': of the summed rows); callers
-scale them by the actual grad_output.
+scale them by the actual grad_output. A per-row grad_output ('none', `check(grad_output=)`) scales
+each chunk's logit gradient by rows (gemm.cl's scale_rows) before the three products read it: the
+weight's gradient is a sum over rows and cannot be rescaled afterwards.
+
+The result is the loss engine's, assembled the same way (clce_wire.reduction over the chunks'
+block sums): a float32 loss for every input dtype (float32, bfloat16, float16), the z-loss always
+(zeros without lse_square_scale), and with return_lse / return_argmax the rows' lse, argmax and
+the accuracy over the non-ignored rows, from the cross-entropy kernel's own per-row outputs.
 
 Two memory paths (the device's `memory`, clce-server --device-memory):
   host      PoCL's CPU device: the chunk's host arrays are the kernels' buffers (USE_HOST_PTR).
