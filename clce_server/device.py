@@ -42,7 +42,9 @@ class LaunchShape:
     """How the engine launches the kernels on a device (the host side of the tuning)."""
 
     rows: str = "item"            # "item": a work-item per row (ce_rows_item; ce_spatial8/16 for spatial
-                                  # rows); "group": a work-group per row (ce_rows_group)
+                                  # rows); "group": a work-group per row (ce_rows_group); spatial rows
+                                  # that no ce_spatial width fits, and every device's spatial rows
+                                  # under "group", a work-item per row (ce_rows_strided)
     local_size: int = 1           # work-group size: work-items per group ("item"), per row ("group")
     reduce_local_size: int = 16   # reduce_rows's work-group size (power of two)
     scratch_items_per_cu: int = 8 # "item" rows whose gradient cannot hold the exps (fp16/bf16):
@@ -120,7 +122,8 @@ PROGRAM_SOURCES = {"ce": ("common.cl", "cross_entropy.cl", ("ce_spatial.cl", {"S
                           ("ce_spatial.cl", {"SPW": 16})),
                    "reduce": ("reduce_rows.cl",)}
 #: kernel name -> the program that holds it
-KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "ce_spatial16": "ce",
+KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_rows_strided": "ce", "ce_spatial8": "ce",
+           "ce_spatial16": "ce",
            "reduce_rows": "reduce"}
 
 

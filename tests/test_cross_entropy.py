@@ -163,11 +163,13 @@ def test_true_class_term_rounded_once(engine):
     assert abs(float(r.grad[0, 0]) - ref[0, 0]) <= abs(ref[0, 0]) * 2**-8
 
 
-@pytest.mark.parametrize("shape", [(4, 5), (3, 37), (5, 1000), (2, 5, 3, 4), (6,)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 5), (3, 37), (5, 1000), (2, 5, 3, 4), (2, 3, 300), (6,)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_work_group_per_row_shape(wg_engine, shape, reduction, soft):
-    """The GPU kernel shape, run on PoCL, against the same oracle."""
+    """The GPU kernel shapes, run on PoCL, against the same oracle: a work-group per row, and a
+    work-item per row for spatial input (ce_rows_strided, its global size rounded up to whole
+    work-groups: 600 rows in the fixture's groups of 16)."""
     rng = np.random.default_rng(shape[-1])
     x, t = make(shape, "float32", rng, soft=soft)
     C = x.shape[0] if x.ndim == 1 else x.shape[1]
@@ -437,10 +439,17 @@ def test_coalesced_requests_share_the_launch_time(engine):
     np.testing.assert_allclose(np.array(secs) / launch, np.array(sizes) / sum(sizes), rtol=1e-9)
 
 
+@pytest.mark.parametrize("shape_of", ["engine", "wg_engine"], ids=["cpu-spatial-rows", "gpu-strided-rows"])
 @pytest.mark.parametrize("soft", [False, True])
-def test_spatial_rows_kernel_extras_and_non_finite(engine, soft):
-    """(N, C, d...) with S % 8 == 0 runs eight rows per work-item: lse, argmax, accuracy, z-loss,
-    softcap, ignored rows and non-finite logits, per lane."""
+def test_spatial_rows_kernel_extras_and_non_finite(request, shape_of, soft):
+    """(N, C, d...) with S % 8 == 0 runs eight rows per work-item on a CPU (ce_spatial8/16) and a
+    work-item per row under the GPU rows (ce_rows_strided): lse, argmax, accuracy, z-loss,
+    softcap, ignored rows and non-finite logits, per lane and per row."""
+    engine = request.getfixturevalue(shape_of)
+    from clce_server import semantics
+    want = "ce_rows_strided" if shape_of == "wg_engine" else ("ce_spatial8", "ce_spatial16")
+    assert engine.kernel_name(semantics.check(np.zeros((3, 9, 4, 8), np.float32),
+                                              np.zeros((3, 4, 8), np.int64))) in want
     rng = np.random.default_rng(13)
     x, t = make((3, 9, 4, 6), "float32", rng, soft=soft)
     x[0, 2, 1, 1] = np.nan

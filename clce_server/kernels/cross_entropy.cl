@@ -45,7 +45,11 @@
  *                  PoCL measured ~6x faster than a work-group striding a row)
  *   ce_spatial8/16 eight or sixteen spatial rows per work-item, lanes are rows (CPU, (N, C, d..)
  *                  input): ce_spatial.cl, instantiated at both widths after this file
- *   ce_rows_group  one work-group of CE_WG_SIZE work-items per row (GPUs)
+ *   ce_rows_group  one work-group of CE_WG_SIZE work-items per row (GPUs, contiguous rows)
+ *   ce_rows_strided one work-item per row, classes S apart (spatial input that no ce_spatial
+ *                  width divides, and spatial input on GPUs: neighbouring work-items then read
+ *                  neighbouring positions, one coalesced line per class, where ce_rows_group
+ *                  would have a whole group read one row's classes S elements apart)
  * ============================================================================================ */
 
 #ifndef CE_WG_SIZE
@@ -239,7 +243,7 @@ typedef acc8_t accv_t;
 
 /* One row r. `stash`: C accumulators where pass 1 parks e_j (the gradient row itself when the
  * gradient has the accumulation type, else the work-item's scratch row), or NULL: two exps. */
-inline void ce_row_item(const ulong r, __global acc_t *stash,
+inline void ce_row_item(const ulong r, __global acc_t *stash, const bool strided,
                         __global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
                         __global const acc_t *weight, __global grad_t *grad,
                         __global acc_t *row_loss, __global acc_t *row_zloss, __global float *row_lse,
@@ -249,7 +253,9 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
     ROW_POINTERS(r)
     const int t = tgt ? tgt[r] : 0;
     const int valid = !tgt || t >= 0;
-    const bool contig = (S == 1);
+    /* `strided`: a literal at each call; true compiles the blocked (contiguous) code and its
+     * private bmax array out of ce_rows_strided, which GPU registers would pay for */
+    const bool contig = !strided && (S == 1);
 
     if (row_amax) row_amax[r] = row_argmax(xr, S, C);
     if (!valid) {                               /* ignored row: zero loss and gradient */
@@ -385,7 +391,8 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
                 }
             }
         }
-        sum2 = hsumv(sum8);
+        if (CV) sum2 = hsumv(sum8);   /* (Oclgrind 21.10 crashes on a vector element read under
+                                          * --uninitialized: none in ce_rows_strided, its GPU shape) */
         for (uint j = CV; j < C; ++j) {
             acc_t v = cap1(LOAD1(xr, j * S), cap);
             acc_t bj = pass2_one(v, weight, yr, j, S, m, lsum, soft_hi, soft_lo, loss_scale, b_smooth, smooth, &sum2);
@@ -419,9 +426,21 @@ __kernel void ce_rows_item(CE_KERNEL_PARAMS) {
 #else
         __global acc_t *stash = (grad && scratch && S == 1) ? scratch + gid * (ulong)C : 0;
 #endif
-        ce_row_item(r, stash, x, tgt, ysoft, weight, grad, row_loss, row_zloss, row_lse, row_amax,
+        ce_row_item(r, stash, false, x, tgt, ysoft, weight, grad, row_loss, row_zloss, row_lse, row_amax,
                     C, S, eps, wsum, loss_scale, z_scale, zcoef, cap);
     }
+}
+
+/* Spatial rows (S > 1), one per work-item, rows row0 + gid, + the global size, ...: the global
+ * size may be rounded up to the work-group size, the surplus work-items find no row. Row r + 1
+ * is the position next to row r's for every class, so a warp's loads of one class are one
+ * contiguous run (coalesced on a GPU). No stash (a row's classes are S apart in the gradient
+ * too): p_j = exp(z_j - lse), two exps per element, which a memory-bound GPU affords. */
+__kernel void ce_rows_strided(CE_KERNEL_PARAMS) {
+    const ulong gid = get_global_id(0), items = get_global_size(0);
+    for (ulong r = row0 + gid; r < row0 + nrows; r += items)
+        ce_row_item(r, 0, true, x, tgt, ysoft, weight, grad, row_loss, row_zloss, row_lse, row_amax,
+                    C, S, eps, wsum, loss_scale, z_scale, zcoef, cap);
 }
 
 /* ============================== one work-group per row (GPU) ============================== */
