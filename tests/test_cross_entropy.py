@@ -546,3 +546,25 @@ def test_a_late_block_far_above_the_running_max(engine, dtype):
     assert_close(r.grad, ref_grad, 1e-6, 2e-5, "grad")
     lse_ref = torch.logsumexp(to_torch(x).double(), 1).numpy()
     assert_close(r.lse, lse_ref, 1e-2, 1e-6, "lse")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=[d[0] for d in DTYPES])
+@pytest.mark.parametrize("C", [21, 32, 33, 40])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_spatial_tile_and_its_fallback(engine, dtype, atol, rtol, C, soft):
+    """ce_spatial8/16 keep a row tile of at most CE_SP_TILE (32) classes in private arrays (one
+    read of the logits), and stream more classes from memory as before: both sides of the
+    boundary, every dtype, weights and smoothing, against torch in fp64."""
+    from clce_server import semantics
+    rng = np.random.default_rng(C)
+    x, t = make((2, C, 3, 16), dtype, rng, soft=soft)
+    assert engine.kernel_name(semantics.check(x, t)).startswith("ce_spatial")
+    w = (rng.random(C) + 0.5).astype(x.dtype)
+    kw = dict(reduction="sum", label_smoothing=0.1)
+    if not soft:
+        t[0, 1, :5] = -100
+    ref_loss, ref_grad = reference(x, t, w, ref_dtype=torch.float64, **kw)
+    r = engine.cross_entropy(x, t, w, return_grad=True, **kw)
+    scale = max(1.0, float(np.abs(ref_loss).max()))
+    assert_close(r.loss, ref_loss, atol * scale, rtol, "loss")
+    assert_close(r.grad, ref_grad, atol, rtol, "grad")
