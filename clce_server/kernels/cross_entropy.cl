@@ -175,7 +175,11 @@ typedef acc16_t accv_t;
 #define hmaxv hmax16
 #define hsumv hsum16
 #define VLOADA(p) vload16(0, p)
-#define VSTOREA(v, o, p) vstore16(v, o, p)
+#if IN_DTYPE == 3
+#define VSTOREA(v, o, p) VSTORE16_U(double16, v, (p) + 16 * (o))
+#else
+#define VSTOREA(v, o, p) VSTORE16_U(float16, v, (p) + 16 * (o))
+#endif
 #else
 typedef acc8_t accv_t;
 #define LOADV LOAD8
