@@ -182,6 +182,16 @@ def to_device(dev: Device, arr: np.ndarray, buf: cl.Buffer | None = None, *, que
     return buf, ev
 
 
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """np.empty on a 64-byte boundary, as the server's pooled gradients are (np.empty's large
+    arrays sit 16 bytes past a page): ce_spatial's non-temporal stores need whole lines."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _output_buffer(dev: Device, host: np.ndarray) -> cl.Buffer:
     """Where a kernel writes `host`'s contents: `host` itself on devices that compute in host
     memory, else pooled device memory (read back by `_read_rows`)."""
@@ -329,7 +339,7 @@ class LossEngine:
             try:
                 if return_grad:   # the server passes a pooled grad_out: fresh pages cost the kernel faults
                     prep.grad = (grad_out if grad_out is not None
-                                 else np.empty(p.input.shape, _np_dtype(p.grad_dtype)))
+                                 else _aligned_empty(p.input.shape, _np_dtype(p.grad_dtype)))
                 grad = as_storage(prep.grad.reshape(p.batch, -1)) if return_grad else None
                 y = as_storage(p.soft_target.reshape(p.batch, -1)) if p.soft else None
                 for n0 in range(0, p.batch, per_block):

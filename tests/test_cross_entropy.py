@@ -568,3 +568,28 @@ def test_spatial_tile_and_its_fallback(engine, dtype, atol, rtol, C, soft):
     scale = max(1.0, float(np.abs(ref_loss).max()))
     assert_close(r.loss, ref_loss, atol * scale, rtol, "loss")
     assert_close(r.grad, ref_grad, atol, rtol, "grad")
+
+
+def test_spatial_non_temporal_stores_change_no_bit(engine):
+    """The CPU row writes a tiled spatial row's fp32 gradient with non-temporal stores when it is
+    64-byte aligned (as the engine's and the server's gradients are): the same bits as ordinary
+    stores, on a gradient the engine allocates and on a caller's misaligned one (which falls back)."""
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+    if not engine.device.tuning.defines.get("CE_SP_NT_STORE"):
+        pytest.skip("this device's tuning row has no non-temporal stores")
+    plain = LossEngine(open_devices("pocl", tuning_overrides={"CE_SP_NT_STORE": 0})[0])
+    rng = np.random.default_rng(29)
+    x, t = make((3, 21, 4, 32), "float32", rng)
+    t[0, 1, :7] = -100
+    kw = dict(label_smoothing=0.05, return_grad=True)
+    a, b = engine.cross_entropy(x, t, **kw), plain.cross_entropy(x, t, **kw)
+    assert a.grad.ctypes.data % 64 == 0
+    assert a.grad.tobytes() == b.grad.tobytes() and a.loss.tobytes() == b.loss.tobytes()
+    raw = np.empty(x.nbytes + 128, np.uint8)
+    off = (-raw.ctypes.data) % 64 + 4                        # 4 bytes past a line: ordinary stores
+    odd = raw[off:off + x.nbytes].view(np.float32).reshape(x.shape)
+    c = engine.cross_entropy(x, t, grad_out=odd, **kw)
+    assert c.grad.tobytes() == b.grad.tobytes()
+    ref_loss, ref_grad = reference(x, t, ref_dtype=torch.float64, label_smoothing=0.05)
+    assert_close(a.grad, ref_grad, 1e-6, 2e-5, "grad")
