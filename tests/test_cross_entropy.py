@@ -593,3 +593,32 @@ def test_spatial_non_temporal_stores_change_no_bit(engine):
     assert c.grad.tobytes() == b.grad.tobytes()
     ref_loss, ref_grad = reference(x, t, ref_dtype=torch.float64, label_smoothing=0.05)
     assert_close(a.grad, ref_grad, 1e-6, 2e-5, "grad")
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["grad", "in-place"])
+def test_bf16_rows_non_temporal_stores_change_no_bit(engine, in_place):
+    """The CPU row writes an aligned bf16 gradient row (exps in a scratch row) with non-temporal
+    stores: the same bits as ordinary stores, with and without NaN rows, and written over the
+    logits (in place) too."""
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+    if not engine.device.tuning.defines.get("CE_NT_STORE"):
+        pytest.skip("this device's tuning row has no non-temporal stores")
+    plain = LossEngine(open_devices("pocl", tuning_overrides={"CE_NT_STORE": 0})[0])
+    rng = np.random.default_rng(31)
+    x, t = make((9, 1024), "bfloat16", rng)
+    x[4, 17] = np.nan
+    t[2] = -100
+    outs = []
+    for eng in (engine, plain):
+        if in_place:
+            from clce_server.engine import _aligned_empty
+            xi = _aligned_empty(x.shape, x.dtype)   # 64-byte aligned rows, as pooled buffers are
+            xi[...] = x
+            eng.cross_entropy(xi, t, return_grad=True, grad_out=xi, reduction="sum")
+            outs.append(xi.tobytes())
+        else:
+            r = eng.cross_entropy(x, t, return_grad=True, reduction="sum")
+            assert r.grad.ctypes.data % 64 == 0
+            outs.append(r.grad.tobytes())
+    assert outs[0] == outs[1]

@@ -64,6 +64,9 @@
 #ifndef CE_VW
 #define CE_VW 8             // ce_rows_item: vector width along a row, 8 or 16 (one AVX-512 register)
 #endif
+#ifndef CE_NT_STORE
+#define CE_NT_STORE 0       // ce_rows_item: 1 writes bf16 gradient rows with non-temporal stores (ROW_NT)
+#endif
 #ifndef CE_SOFTCAP
 #define CE_SOFTCAP 0        // 1 compiles soft-capping in (its code slows the common case ~1.5x on PoCL)
 #endif
@@ -223,6 +226,17 @@ typedef acc8_t accv_t;
     else if (smooth) { P2_HARD_STASH(1, 0, STORE) }                                             \
     else if (weight) { P2_HARD_STASH(0, 1, STORE) }                                             \
     else { P2_HARD_STASH(0, 0, STORE) }
+/* ROW_NT: pass 2 writes a bf16 gradient row (its exps in a scratch row) with non-temporal
+ * stores where the row is 64-byte aligned: an ordinary store first reads its line for ownership,
+ * and in pass 2 those reads were the stalls (perf) of a loop that does little else. x86 only; an
+ * sfence orders them before the row's true-class store. */
+#if CE_NT_STORE && defined(__x86_64__) && CE_VW == 16 && GRAD_DTYPE == 2
+#define ROW_NT 1
+#define STOREV_NT(p, i, v) __builtin_nontemporal_store(f32_to_bf16_16(convert_float16(v)), (__global ushort16 *)((p) + (i)))
+#define STOREV_NT_NONAN(p, i, v) __builtin_nontemporal_store(f32_to_bf16_16_nonan(convert_float16(v)), (__global ushort16 *)((p) + (i)))
+#else
+#define ROW_NT 0
+#endif
 /* bf16 gradients: the NaN test of the rounding is needed only in rows that can hold a NaN */
 #if GRAD_DTYPE == 2 && CE_VW == 16
 #define STOREV_NONAN STORE16_NONAN
@@ -363,10 +377,18 @@ inline void ce_row_item(const ulong r, __global acc_t *stash, const bool strided
 #endif
         /* finite s, K and weights: no gradient of this row can be NaN (every exp is at most 1) */
         const bool row_finite = isfinite(s) && isfinite(K) && isfinite(b_smooth * wsum);
+#if ROW_NT
+        const bool nt = contig && stash && ((ulong)gr & 63) == 0;   /* stash: a scratch row here */
+#endif
         for (uint b0 = 0; b0 < CV; b0 += bs, ++b) {
             const uint b1 = min(b0 + bs, CV);
             const acc_t fK = stash ? EXP((bmax[b] - m) - lsum) * K : (acc_t)0;
             if (hot) {                 /* class targets, stashed exps: no exp per element */
+#if ROW_NT
+                if (nt && row_finite) { P2_HARD_STASH_VERSIONS(STOREV_NT_NONAN) }
+                else if (nt) { P2_HARD_STASH_VERSIONS(STOREV_NT) }
+                else
+#endif
 #if GRAD_DTYPE == 2 && CE_VW == 16
                 if (row_finite) { P2_HARD_STASH_VERSIONS(STOREV_NONAN) }
                 else { P2_HARD_STASH_VERSIONS(STOREV) }
@@ -395,7 +417,10 @@ inline void ce_row_item(const ulong r, __global acc_t *stash, const bool strided
                 }
             }
         }
-        if (CV) sum2 = hsumv(sum8);   /* (Oclgrind 21.10 crashes on a vector element read under
+        if (CV) sum2 = hsumv(sum8);
+#if ROW_NT
+        if (nt) __builtin_ia32_sfence();   /* the row's non-temporal stores before its true class */
+#endif   /* (Oclgrind 21.10 crashes on a vector element read under
                                           * --uninitialized: none in ce_rows_strided, its GPU shape) */
         for (uint j = CV; j < C; ++j) {
             acc_t v = cap1(LOAD1(xr, j * S), cap);
