@@ -42,7 +42,9 @@ class LaunchShape:
     """How the engine launches the kernels on a device (the host side of the tuning)."""
 
     rows: str = "item"            # "item": a work-item per row (ce_rows_item; ce_spatial8/16 for spatial
-                                  # rows); "group": a work-group per row (ce_rows_group)
+                                  # rows); "group": a work-group per row (ce_rows_group); spatial rows
+                                  # that no ce_spatial width fits, and every device's spatial rows
+                                  # under "group", a work-item per row (ce_rows_strided)
     local_size: int = 1           # work-group size: work-items per group ("item"), per row ("group")
     reduce_local_size: int = 16   # reduce_rows's work-group size (power of two)
     scratch_items_per_cu: int = 8 # "item" rows whose gradient cannot hold the exps (fp16/bf16):
@@ -95,11 +97,14 @@ def group_size(target: int, multiple: int, kernel_max: int, local_mem_limit: int
 # Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build defines, launch
 # shape and the provenance of its figures. First match wins.
 _CPU = Tuning(
-    defines={"CE_FAST_EXP": 1}, launch=LaunchShape("item", 1, 16),
+    defines={"CE_FAST_EXP": 1, "CE_WIDE_STORE": 1, "CE_SP_NT_STORE": 1, "CE_NT_STORE": 1},
+    launch=LaunchShape("item", 1, 16),
     source="measured: PoCL 3.1 CPU device, 2-core Xeon with AVX-512 (this project's CI machine): "
            "a work-item per row ~6x faster than a work-group striding a row; CE_FAST_EXP 1.4x cheaper "
            "than PoCL's exp2; CE_VW read off the device (native_defines); reduce_local_size 16 a guess "
-           "(the reduction is < 1% of a launch)")
+           "(the reduction is < 1% of a launch); CE_WIDE_STORE (one store per AVX-512 register, not "
+           "PoCL's three), CE_SP_NT_STORE and CE_NT_STORE (non-temporal gradient lines in ce_spatial's "
+           "tiles and in scratch-row bf16 rows) measured A/B, interleaved, in one process each")
 TUNING: list[tuple[str, str, Tuning]] = [
     ("*", "cpu", _CPU),
     ("NVIDIA", "gpu", Tuning(
@@ -120,7 +125,8 @@ PROGRAM_SOURCES = {"ce": ("common.cl", "cross_entropy.cl", ("ce_spatial.cl", {"S
                           ("ce_spatial.cl", {"SPW": 16})),
                    "reduce": ("reduce_rows.cl",)}
 #: kernel name -> the program that holds it
-KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_spatial8": "ce", "ce_spatial16": "ce",
+KERNELS = {"ce_rows_item": "ce", "ce_rows_group": "ce", "ce_rows_strided": "ce", "ce_spatial8": "ce",
+           "ce_spatial16": "ce",
            "reduce_rows": "reduce"}
 
 

@@ -182,6 +182,16 @@ def to_device(dev: Device, arr: np.ndarray, buf: cl.Buffer | None = None, *, que
     return buf, ev
 
 
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """np.empty on a 64-byte boundary, as the server's pooled gradients are (np.empty's large
+    arrays sit 16 bytes past a page): ce_spatial's non-temporal stores need whole lines."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _output_buffer(dev: Device, host: np.ndarray) -> cl.Buffer:
     """Where a kernel writes `host`'s contents: `host` itself on devices that compute in host
     memory, else pooled device memory (read back by `_read_rows`)."""
@@ -329,7 +339,7 @@ class LossEngine:
             try:
                 if return_grad:   # the server passes a pooled grad_out: fresh pages cost the kernel faults
                     prep.grad = (grad_out if grad_out is not None
-                                 else np.empty(p.input.shape, _np_dtype(p.grad_dtype)))
+                                 else _aligned_empty(p.input.shape, _np_dtype(p.grad_dtype)))
                 grad = as_storage(prep.grad.reshape(p.batch, -1)) if return_grad else None
                 y = as_storage(p.soft_target.reshape(p.batch, -1)) if p.soft else None
                 for n0 in range(0, p.batch, per_block):
@@ -492,6 +502,18 @@ class LossEngine:
         widths = (16, 8) if self.device.tuning.defines.get("CE_VW") == 16 else (8,)
         return next((w for w in widths if p.spatial % w == 0), 1)
 
+    def kernel_name(self, p: semantics.Problem) -> str:
+        """The fused kernel a launch over `p`'s rows runs. Spatial rows on a "group" device (GPUs)
+        take ce_rows_strided, a work-item per row: ce_rows_group would have one work-group read
+        a row's classes S elements apart, while a work-item per row lets neighbouring work-items
+        read neighbouring positions (coalesced), and there are S times as many rows as samples."""
+        per_item = self.rows_per_item(p)
+        if per_item > 1:
+            return f"ce_spatial{per_item}"
+        if p.spatial > 1:
+            return "ce_rows_strided"
+        return "ce_rows_group" if self.device.launch.rows == "group" else "ce_rows_item"
+
     @staticmethod
     def _scalars(p: semantics.Problem, shared: bool = False) -> dict:
         """The fused kernel's scalar arguments. `shared`: a coalesced launch, whose gradient and
@@ -506,7 +528,7 @@ class LossEngine:
         """The fused kernel over rows [start, start + count) of `blk`, in the device's launch shape."""
         dev, launch = self.device, self.device.launch
         per_item = self.rows_per_item(p)
-        name = f"ce_spatial{per_item}" if per_item > 1 else ("ce_rows_group" if launch.rows == "group" else "ce_rows_item")
+        name = self.kernel_name(p)
         k = dev.kernel(name, p.compute_dtype, grad_dtype, p.softcap > 0)
         items = count // per_item
         scratch = None
@@ -525,8 +547,14 @@ class LossEngine:
         try:
             set_args(k, CE_PARAMS, **blk.buffer_args(), scratch=scratch, row0=np.uint64(start),
                      nrows=np.uint64(count), spatial=np.uint64(p.spatial), **scalars)
-            if launch.rows == "group" and per_item == 1:   # one work-group per row
+            if name == "ce_rows_group":   # one work-group per row
                 return cl.enqueue_nd_range_kernel(dev.queue, k, (count * launch.local_size,), (launch.local_size,))
+            if name == "ce_rows_strided" and launch.rows == "group":
+                # GPU work-groups of the tuned size (at most what this kernel allows), the global
+                # size rounded up to them: the surplus work-items find no row
+                wg = min(launch.local_size, k.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE,
+                                                                  dev.cl_device))
+                return cl.enqueue_nd_range_kernel(dev.queue, k, (-(-count // wg) * wg,), (wg,))
             local = (launch.local_size,) if items % launch.local_size == 0 else None
             ev = cl.enqueue_nd_range_kernel(dev.queue, k, (items,), local)
             if scratch is not None:

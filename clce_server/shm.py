@@ -218,11 +218,11 @@ class ShmRegistry:
                     f"registering {size} bytes would hold {held + size} bytes of shared memory for tenant "
                     f"{session.tenant!r}", "shm_max_bytes", lim.max_bytes_per_tenant))
             if self._total_count >= lim.max_total_regions:
-                raise ApiError("queue_full", over_limit(f"the server holds {self._total_count} regions of all "
-                                                      "tenants together", "shm_max_regions", lim.max_total_regions))
+                raise ApiError("queue_full", over_limit(f"the server holds {self._total_count} regions for all "
+                                                      "tenants", "shm_max_regions", lim.max_total_regions))
             if self._total_bytes + size > lim.max_total_bytes:
                 raise ApiError("queue_full", over_limit(
-                    f"registering {size} bytes would take the shared memory of all tenants together to "
+                    f"registering {size} bytes would take the shared memory held for all tenants to "
                     f"{self._total_bytes + size} bytes", "shm_max_total_bytes", lim.max_total_bytes))
             self.descriptors.take(1, "registering a region")   # the mapping's duplicate of fd
             self._account(session.tenant, size, 1)

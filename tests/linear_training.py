@@ -1,8 +1,11 @@
-"""The training loop of the replica tests (tests/test_linear_replicas.py, tests/test_ray.py): a small
+"""The training loop of the replica and restart tests (tests/test_linear_replicas.py, tests/test_ray.py,
+tests/test_linear_restart_replay.py): a small
 model whose LM head (2000x64) accumulates on the server over K micro-batches per optimizer step,
 flushed by `weights_of(client).attach(optimizer)`, and the same loop in torch alone."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -10,27 +13,39 @@ from clce_client.linear import AccumulationLost, weights_of
 
 F = torch.nn.functional
 
-STEPS, K = 4, 4                 # optimizer steps, micro-batches per step
-N, D, H, V = 96, 24, 64, 2000   # rows per micro-batch, input features, hidden, vocabulary
+class Loop(NamedTuple):
+    """A training loop's sizes (the replica tests use DEFAULT; the restart tests their own)."""
+
+    steps: int          # optimizer steps
+    k: int              # micro-batches per step
+    n: int              # rows per micro-batch
+    d: int              # input features
+    h: int              # hidden
+    v: int              # vocabulary
+    ignore_every: int   # every this-th label is ignore_index
+
+
+DEFAULT = Loop(4, 4, 96, 24, 64, 2000, 7)
+STEPS, K, N, D, H, V = DEFAULT[:6]
 KILL = (1, 2)                   # (step, micro-batch): where a test kills the weight's replica
 
 
 # ---- the model and torch's own run -----------------------------------------------------------------
 
-def data(seed: int = 0):
+def data(seed: int = 0, loop: Loop = DEFAULT):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(STEPS * K):
-        x = torch.randn(N, D, generator=g)
-        y = torch.randint(0, V, (N,), generator=g)
-        y[::7] = -100
+    for _ in range(loop.steps * loop.k):
+        x = torch.randn(loop.n, loop.d, generator=g)
+        y = torch.randint(0, loop.v, (loop.n,), generator=g)
+        y[::loop.ignore_every] = -100
         out.append((x, y))
     return out
 
 
-def make_model():
+def make_model(loop: Loop = DEFAULT):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.Tanh()), torch.nn.Linear(H, V)
+    return torch.nn.Sequential(torch.nn.Linear(loop.d, loop.h), torch.nn.Tanh()), torch.nn.Linear(loop.h, loop.v)
 
 
 def params(body, head):
@@ -38,16 +53,16 @@ def params(body, head):
             **{f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}}
 
 
-def local_steps():
+def local_steps(loop: Loop = DEFAULT):
     """Each step's parameters, trained by torch alone (loss / K accumulated over K micro-batches)."""
-    body, head = make_model()
+    body, head = make_model(loop)
     opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
-    batches = iter(data())
+    batches = iter(data(loop=loop))
     out = []
-    for _ in range(STEPS):
-        for _ in range(K):
+    for _ in range(loop.steps):
+        for _ in range(loop.k):
             x, y = next(batches)
-            (F.cross_entropy(head(body(x)), y) / K).backward()
+            (F.cross_entropy(head(body(x)), y) / loop.k).backward()
         opt.step()
         opt.zero_grad()
         out.append(params(body, head))

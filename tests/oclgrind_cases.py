@@ -215,6 +215,14 @@ def cases(row_kind: str, full: bool = True):
     add("soft targets + weights", x, y.astype(np.float32), w)
     xsp, tsp = make((2, 6, 8), "float32", rng, ignore_every=5)
     add("spatial soft-capped + z-loss", xsp, tsp, softcap=3.0, lse_square_scale=1e-2)
+    # spatial rows past one work-group (GPU rows: ce_rows_strided, a work-item per row, the last
+    # group part-filled), soft targets and options; a width no ce_spatial kernel takes on a CPU
+    xsp, tsp = make((2, 5, 131), "float32", rng, ignore_every=7)
+    add("spatial 2x5x131 weights + smoothing + lse + argmax", xsp, tsp, (rng.random(5) + 0.5).astype(np.float32),
+        label_smoothing=0.1, return_lse=True, return_argmax=True)
+    ysp = rng.random((2, 5, 131))
+    ysp /= ysp.sum(1, keepdims=True)
+    add("spatial 2x5x131 soft targets, bf16", xsp.astype(BF16), ysp.astype(BF16))
     # chunked rows: ranges that start past row 0, as the scheduler runs a big batch
     x, t = make((7, 33), "float32", rng, ignore_every=3)
     add("chunked rows 7x33 by 3", x, t, chunk=3)

@@ -163,11 +163,13 @@ def test_true_class_term_rounded_once(engine):
     assert abs(float(r.grad[0, 0]) - ref[0, 0]) <= abs(ref[0, 0]) * 2**-8
 
 
-@pytest.mark.parametrize("shape", [(4, 5), (3, 37), (5, 1000), (2, 5, 3, 4), (6,)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 5), (3, 37), (5, 1000), (2, 5, 3, 4), (2, 3, 300), (6,)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_work_group_per_row_shape(wg_engine, shape, reduction, soft):
-    """The GPU kernel shape, run on PoCL, against the same oracle."""
+    """The GPU kernel shapes, run on PoCL, against the same oracle: a work-group per row, and a
+    work-item per row for spatial input (ce_rows_strided, its global size rounded up to whole
+    work-groups: 600 rows in the fixture's groups of 16)."""
     rng = np.random.default_rng(shape[-1])
     x, t = make(shape, "float32", rng, soft=soft)
     C = x.shape[0] if x.ndim == 1 else x.shape[1]
@@ -437,10 +439,17 @@ def test_coalesced_requests_share_the_launch_time(engine):
     np.testing.assert_allclose(np.array(secs) / launch, np.array(sizes) / sum(sizes), rtol=1e-9)
 
 
+@pytest.mark.parametrize("shape_of", ["engine", "wg_engine"], ids=["cpu-spatial-rows", "gpu-strided-rows"])
 @pytest.mark.parametrize("soft", [False, True])
-def test_spatial_rows_kernel_extras_and_non_finite(engine, soft):
-    """(N, C, d...) with S % 8 == 0 runs eight rows per work-item: lse, argmax, accuracy, z-loss,
-    softcap, ignored rows and non-finite logits, per lane."""
+def test_spatial_rows_kernel_extras_and_non_finite(request, shape_of, soft):
+    """(N, C, d...) with S % 8 == 0 runs eight rows per work-item on a CPU (ce_spatial8/16) and a
+    work-item per row under the GPU rows (ce_rows_strided): lse, argmax, accuracy, z-loss,
+    softcap, ignored rows and non-finite logits, per lane and per row."""
+    engine = request.getfixturevalue(shape_of)
+    from clce_server import semantics
+    want = "ce_rows_strided" if shape_of == "wg_engine" else ("ce_spatial8", "ce_spatial16")
+    assert engine.kernel_name(semantics.check(np.zeros((3, 9, 4, 8), np.float32),
+                                              np.zeros((3, 4, 8), np.int64))) in want
     rng = np.random.default_rng(13)
     x, t = make((3, 9, 4, 6), "float32", rng, soft=soft)
     x[0, 2, 1, 1] = np.nan
@@ -537,3 +546,79 @@ def test_a_late_block_far_above_the_running_max(engine, dtype):
     assert_close(r.grad, ref_grad, 1e-6, 2e-5, "grad")
     lse_ref = torch.logsumexp(to_torch(x).double(), 1).numpy()
     assert_close(r.lse, lse_ref, 1e-2, 1e-6, "lse")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES, ids=[d[0] for d in DTYPES])
+@pytest.mark.parametrize("C", [21, 32, 33, 40])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_spatial_tile_and_its_fallback(engine, dtype, atol, rtol, C, soft):
+    """ce_spatial8/16 keep a row tile of at most CE_SP_TILE (32) classes in private arrays (one
+    read of the logits), and stream more classes from memory as before: both sides of the
+    boundary, every dtype, weights and smoothing, against torch in fp64."""
+    from clce_server import semantics
+    rng = np.random.default_rng(C)
+    x, t = make((2, C, 3, 16), dtype, rng, soft=soft)
+    assert engine.kernel_name(semantics.check(x, t)).startswith("ce_spatial")
+    w = (rng.random(C) + 0.5).astype(x.dtype)
+    kw = dict(reduction="sum", label_smoothing=0.1)
+    if not soft:
+        t[0, 1, :5] = -100
+    ref_loss, ref_grad = reference(x, t, w, ref_dtype=torch.float64, **kw)
+    r = engine.cross_entropy(x, t, w, return_grad=True, **kw)
+    scale = max(1.0, float(np.abs(ref_loss).max()))
+    assert_close(r.loss, ref_loss, atol * scale, rtol, "loss")
+    assert_close(r.grad, ref_grad, atol, rtol, "grad")
+
+
+def test_spatial_non_temporal_stores_change_no_bit(engine):
+    """The CPU row writes a tiled spatial row's fp32 gradient with non-temporal stores when it is
+    64-byte aligned (as the engine's and the server's gradients are): the same bits as ordinary
+    stores, on a gradient the engine allocates and on a caller's misaligned one (which falls back)."""
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+    if not engine.device.tuning.defines.get("CE_SP_NT_STORE"):
+        pytest.skip("this device's tuning row has no non-temporal stores")
+    plain = LossEngine(open_devices("pocl", tuning_overrides={"CE_SP_NT_STORE": 0})[0])
+    rng = np.random.default_rng(29)
+    x, t = make((3, 21, 4, 32), "float32", rng)
+    t[0, 1, :7] = -100
+    kw = dict(label_smoothing=0.05, return_grad=True)
+    a, b = engine.cross_entropy(x, t, **kw), plain.cross_entropy(x, t, **kw)
+    assert a.grad.ctypes.data % 64 == 0
+    assert a.grad.tobytes() == b.grad.tobytes() and a.loss.tobytes() == b.loss.tobytes()
+    raw = np.empty(x.nbytes + 128, np.uint8)
+    off = (-raw.ctypes.data) % 64 + 4                        # 4 bytes past a line: ordinary stores
+    odd = raw[off:off + x.nbytes].view(np.float32).reshape(x.shape)
+    c = engine.cross_entropy(x, t, grad_out=odd, **kw)
+    assert c.grad.tobytes() == b.grad.tobytes()
+    ref_loss, ref_grad = reference(x, t, ref_dtype=torch.float64, label_smoothing=0.05)
+    assert_close(a.grad, ref_grad, 1e-6, 2e-5, "grad")
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["grad", "in-place"])
+def test_bf16_rows_non_temporal_stores_change_no_bit(engine, in_place):
+    """The CPU row writes an aligned bf16 gradient row (exps in a scratch row) with non-temporal
+    stores: the same bits as ordinary stores, with and without NaN rows, and written over the
+    logits (in place) too."""
+    from clce_server.device import open_devices
+    from clce_server.engine import LossEngine
+    if not engine.device.tuning.defines.get("CE_NT_STORE"):
+        pytest.skip("this device's tuning row has no non-temporal stores")
+    plain = LossEngine(open_devices("pocl", tuning_overrides={"CE_NT_STORE": 0})[0])
+    rng = np.random.default_rng(31)
+    x, t = make((9, 1024), "bfloat16", rng)
+    x[4, 17] = np.nan
+    t[2] = -100
+    outs = []
+    for eng in (engine, plain):
+        if in_place:
+            from clce_server.engine import _aligned_empty
+            xi = _aligned_empty(x.shape, x.dtype)   # 64-byte aligned rows, as pooled buffers are
+            xi[...] = x
+            eng.cross_entropy(xi, t, return_grad=True, grad_out=xi, reduction="sum")
+            outs.append(xi.tobytes())
+        else:
+            r = eng.cross_entropy(x, t, return_grad=True, reduction="sum")
+            assert r.grad.ctypes.data % 64 == 0
+            outs.append(r.grad.tobytes())
+    assert outs[0] == outs[1]

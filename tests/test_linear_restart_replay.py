@@ -25,55 +25,16 @@ import clce_client  # noqa: E402
 from clce_client.linear import AccumulationLost, weights_of  # noqa: E402
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
+from linear_training import Loop, compare, data, local_steps, make_model, params  # noqa: E402
 
-STEPS, K = 3, 4                  # optimizer steps, micro-batches per step
-N, D, H, V = 256, 24, 48, 1024   # rows per micro-batch, input features, hidden, vocabulary
+LOOP = Loop(3, 4, 256, 24, 48, 1024, 9)   # steps, micro-batches per step, rows, features, hidden, vocabulary
+STEPS, K = LOOP.steps, LOOP.k
 RESTART = (1, 2)                 # (step, micro-batch): the server is replaced before this one
-
-
-def data():
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(STEPS * K):
-        x = torch.randn(N, D, generator=g)
-        y = torch.randint(0, V, (N,), generator=g)
-        y[::9] = -100
-        out.append((x, y))
-    return out
-
-
-def make_model():
-    torch.manual_seed(0)
-    body = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.Tanh())
-    head = torch.nn.Linear(H, V)
-    return body, head
-
-
-def params(body, head):
-    return {**{f"body.{k}": v.detach().clone() for k, v in body.state_dict().items()},
-            **{f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}}
-
-
-def local_steps():
-    """Each step's parameters, trained by torch alone (loss / K accumulated over K micro-batches)."""
-    body, head = make_model()
-    opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
-    batches = iter(data())
-    out = []
-    for _ in range(STEPS):
-        for _ in range(K):
-            x, y = next(batches)
-            (F.cross_entropy(head(body(x)), y) / K).backward()
-        opt.step()
-        opt.zero_grad()
-        out.append(params(body, head))
-    return out
 
 
 @pytest.fixture(scope="module")
 def local():
-    return local_steps()
+    return local_steps(LOOP)
 
 
 def restart(srv: ServerProcess, sig: signal.Signals) -> ServerProcess:
@@ -85,25 +46,15 @@ def restart(srv: ServerProcess, sig: signal.Signals) -> ServerProcess:
     return ServerProcess(port=srv.port).start()
 
 
-def compare(step: int, got: dict, want: dict) -> float:
-    """The largest difference of any parameter; fails the step when it is off torch's."""
-    worst = 0.0
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, name=name: f"step {step}, parameter {name}: {m}")
-        worst = max(worst, float((got[name] - want[name]).abs().max()))
-    return worst
-
-
 def run(client, srv, sig, replay: bool, local):
     """Train with the head accumulating on the server, replacing it at RESTART; returns the
     server still running, the worst difference per step, and the flush errors (step, message)."""
-    body, head = make_model()
+    body, head = make_model(LOOP)
     opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
     weights = weights_of(client)
     weights.replay = replay
     weights.attach(opt)
-    batches = data()
+    batches = data(loop=LOOP)
     worst, refused = [], []
     step = 0
     while step < STEPS:
@@ -174,10 +125,10 @@ def test_an_async_client_replays_across_a_restart_too(local):
     loop = asyncio.new_event_loop()
     client = clce_client.AsyncClient(srv.url, retry_budget_s=60, transport="tcp")
     try:
-        body, head = make_model()
+        body, head = make_model(LOOP)
         opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
         weights = weights_of(client)
-        batches = data()
+        batches = data(loop=LOOP)
         for step in range(STEPS):
             for mb in range(K):
                 if (step, mb) == RESTART:

@@ -16,6 +16,9 @@
 #ifndef CE_NATIVE_EXP
 #define CE_NATIVE_EXP 0     // 1: native_exp / native_log (faster on some GPUs, less exact)
 #endif
+#ifndef CE_WIDE_STORE
+#define CE_WIDE_STORE 0     // 1: 16-wide stores as one unaligned vector store (see VSTORE16_U)
+#endif
 #ifndef CE_EXP2
 #define CE_EXP2 0           // 1: exp(x) as exp2(x log2 e) (cheaper in PoCL's vector math)
 #endif
@@ -126,6 +129,24 @@ typedef double in_t;
 #endif
 
 /* ---- gradient stores ---- */
+/* VSTORE16_U(v, p): v (a 16-vector) to p, which need only be aligned to its element. PoCL 3.1's
+ * vstore16 and vstore8 write in 16- and 32-byte pieces (three stores for one AVX-512 register,
+ * measured in ce_rows_item's hot loops); a pointer to an under-aligned vector type lets the
+ * compiler emit one unaligned store. CE_WIDE_STORE 0 keeps vstore16 (other compilers). */
+#if CE_WIDE_STORE
+typedef float float16_u __attribute__((ext_vector_type(16), aligned(4)));
+typedef ushort ushort16_u __attribute__((ext_vector_type(16), aligned(2)));
+#if IN_DTYPE == 3 || GRAD_DTYPE == 3
+typedef double double16_u __attribute__((ext_vector_type(16), aligned(8)));
+#define VSTORE16_U_double16(v, p) (*(__global double16_u *)(p) = (v))
+#endif
+#define VSTORE16_U_float16(v, p) (*(__global float16_u *)(p) = (v))
+#define VSTORE16_U_ushort16(v, p) (*(__global ushort16_u *)(p) = (v))
+#define VSTORE16_U(T, v, p) VSTORE16_U_##T(v, p)
+#else
+#define VSTORE16_U(T, v, p) vstore16(v, 0, p)
+#endif
+
 inline ushort f32_to_bf16(float f) {
     uint b = as_uint(f);
     /* round to nearest even; NaN stays a quiet NaN instead of rounding into Inf */
@@ -196,15 +217,17 @@ inline ushort16 f32_to_bf16_16(float16 f) {
     uint16 r = b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u);
     return HIGH_HALVES16(select(r, (uint16)0x7FC00000u, as_uint16(isnan(f))));
 }
-#define STORE16(p, i, v) vstore16(f32_to_bf16_16(convert_float16(v)), 0, (p) + (i))
+#define STORE16(p, i, v) VSTORE16_U(ushort16, f32_to_bf16_16(convert_float16(v)), (p) + (i))
 /* for values known not to be NaN (then the rounding alone is right, infinities included) */
 inline ushort16 f32_to_bf16_16_nonan(float16 f) {
     uint16 b = as_uint16(f);
     return HIGH_HALVES16(b + (uint16)0x7FFFu + ((b >> 16) & (uint16)1u));
 }
-#define STORE16_NONAN(p, i, v) vstore16(f32_to_bf16_16_nonan(convert_float16(v)), 0, (p) + (i))
+#define STORE16_NONAN(p, i, v) VSTORE16_U(ushort16, f32_to_bf16_16_nonan(convert_float16(v)), (p) + (i))
 #elif GRAD_DTYPE == 1
 #define STORE16 STORE16_
+#elif GRAD_DTYPE == 0
+#define STORE16(p, i, v) VSTORE16_U(float16, convert_float16(v), (p) + (i))
 #else
 #define STORE16(p, i, v) do { acc16_t v16_ = (v); STORE8(p, i, v16_.lo); STORE8(p, (i) + 8, v16_.hi); } while (0)
 #endif

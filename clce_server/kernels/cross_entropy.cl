@@ -45,7 +45,11 @@
  *                  PoCL measured ~6x faster than a work-group striding a row)
  *   ce_spatial8/16 eight or sixteen spatial rows per work-item, lanes are rows (CPU, (N, C, d..)
  *                  input): ce_spatial.cl, instantiated at both widths after this file
- *   ce_rows_group  one work-group of CE_WG_SIZE work-items per row (GPUs)
+ *   ce_rows_group  one work-group of CE_WG_SIZE work-items per row (GPUs, contiguous rows)
+ *   ce_rows_strided one work-item per row, classes S apart (spatial input that no ce_spatial
+ *                  width divides, and spatial input on GPUs: neighbouring work-items then read
+ *                  neighbouring positions, one coalesced line per class, where ce_rows_group
+ *                  would have a whole group read one row's classes S elements apart)
  * ============================================================================================ */
 
 #ifndef CE_WG_SIZE
@@ -59,6 +63,9 @@
 #endif
 #ifndef CE_VW
 #define CE_VW 8             // ce_rows_item: vector width along a row, 8 or 16 (one AVX-512 register)
+#endif
+#ifndef CE_NT_STORE
+#define CE_NT_STORE 0       // ce_rows_item: 1 writes bf16 gradient rows with non-temporal stores (ROW_NT)
 #endif
 #ifndef CE_SOFTCAP
 #define CE_SOFTCAP 0        // 1 compiles soft-capping in (its code slows the common case ~1.5x on PoCL)
@@ -171,7 +178,11 @@ typedef acc16_t accv_t;
 #define hmaxv hmax16
 #define hsumv hsum16
 #define VLOADA(p) vload16(0, p)
-#define VSTOREA(v, o, p) vstore16(v, o, p)
+#if IN_DTYPE == 3
+#define VSTOREA(v, o, p) VSTORE16_U(double16, v, (p) + 16 * (o))
+#else
+#define VSTOREA(v, o, p) VSTORE16_U(float16, v, (p) + 16 * (o))
+#endif
 #else
 typedef acc8_t accv_t;
 #define LOADV LOAD8
@@ -215,6 +226,17 @@ typedef acc8_t accv_t;
     else if (smooth) { P2_HARD_STASH(1, 0, STORE) }                                             \
     else if (weight) { P2_HARD_STASH(0, 1, STORE) }                                             \
     else { P2_HARD_STASH(0, 0, STORE) }
+/* ROW_NT: pass 2 writes a bf16 gradient row (its exps in a scratch row) with non-temporal
+ * stores where the row is 64-byte aligned: an ordinary store first reads its line for ownership,
+ * and in pass 2 those reads were the stalls (perf) of a loop that does little else. x86 only; an
+ * sfence orders them before the row's true-class store. */
+#if CE_NT_STORE && defined(__x86_64__) && CE_VW == 16 && GRAD_DTYPE == 2
+#define ROW_NT 1
+#define STOREV_NT(p, i, v) __builtin_nontemporal_store(f32_to_bf16_16(convert_float16(v)), (__global ushort16 *)((p) + (i)))
+#define STOREV_NT_NONAN(p, i, v) __builtin_nontemporal_store(f32_to_bf16_16_nonan(convert_float16(v)), (__global ushort16 *)((p) + (i)))
+#else
+#define ROW_NT 0
+#endif
 /* bf16 gradients: the NaN test of the rounding is needed only in rows that can hold a NaN */
 #if GRAD_DTYPE == 2 && CE_VW == 16
 #define STOREV_NONAN STORE16_NONAN
@@ -239,7 +261,7 @@ typedef acc8_t accv_t;
 
 /* One row r. `stash`: C accumulators where pass 1 parks e_j (the gradient row itself when the
  * gradient has the accumulation type, else the work-item's scratch row), or NULL: two exps. */
-inline void ce_row_item(const ulong r, __global acc_t *stash,
+inline void ce_row_item(const ulong r, __global acc_t *stash, const bool strided,
                         __global const in_t *x, __global const int *tgt, __global const in_t *ysoft,
                         __global const acc_t *weight, __global grad_t *grad,
                         __global acc_t *row_loss, __global acc_t *row_zloss, __global float *row_lse,
@@ -249,7 +271,9 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
     ROW_POINTERS(r)
     const int t = tgt ? tgt[r] : 0;
     const int valid = !tgt || t >= 0;
-    const bool contig = (S == 1);
+    /* `strided`: a literal at each call; true compiles the blocked (contiguous) code and its
+     * private bmax array out of ce_rows_strided, which GPU registers would pay for */
+    const bool contig = !strided && (S == 1);
 
     if (row_amax) row_amax[r] = row_argmax(xr, S, C);
     if (!valid) {                               /* ignored row: zero loss and gradient */
@@ -353,10 +377,18 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
 #endif
         /* finite s, K and weights: no gradient of this row can be NaN (every exp is at most 1) */
         const bool row_finite = isfinite(s) && isfinite(K) && isfinite(b_smooth * wsum);
+#if ROW_NT
+        const bool nt = contig && stash && ((ulong)gr & 63) == 0;   /* stash: a scratch row here */
+#endif
         for (uint b0 = 0; b0 < CV; b0 += bs, ++b) {
             const uint b1 = min(b0 + bs, CV);
             const acc_t fK = stash ? EXP((bmax[b] - m) - lsum) * K : (acc_t)0;
             if (hot) {                 /* class targets, stashed exps: no exp per element */
+#if ROW_NT
+                if (nt && row_finite) { P2_HARD_STASH_VERSIONS(STOREV_NT_NONAN) }
+                else if (nt) { P2_HARD_STASH_VERSIONS(STOREV_NT) }
+                else
+#endif
 #if GRAD_DTYPE == 2 && CE_VW == 16
                 if (row_finite) { P2_HARD_STASH_VERSIONS(STOREV_NONAN) }
                 else { P2_HARD_STASH_VERSIONS(STOREV) }
@@ -385,7 +417,11 @@ inline void ce_row_item(const ulong r, __global acc_t *stash,
                 }
             }
         }
-        sum2 = hsumv(sum8);
+        if (CV) sum2 = hsumv(sum8);
+#if ROW_NT
+        if (nt) __builtin_ia32_sfence();   /* the row's non-temporal stores before its true class */
+#endif   /* (Oclgrind 21.10 crashes on a vector element read under
+                                          * --uninitialized: none in ce_rows_strided, its GPU shape) */
         for (uint j = CV; j < C; ++j) {
             acc_t v = cap1(LOAD1(xr, j * S), cap);
             acc_t bj = pass2_one(v, weight, yr, j, S, m, lsum, soft_hi, soft_lo, loss_scale, b_smooth, smooth, &sum2);
@@ -419,9 +455,21 @@ __kernel void ce_rows_item(CE_KERNEL_PARAMS) {
 #else
         __global acc_t *stash = (grad && scratch && S == 1) ? scratch + gid * (ulong)C : 0;
 #endif
-        ce_row_item(r, stash, x, tgt, ysoft, weight, grad, row_loss, row_zloss, row_lse, row_amax,
+        ce_row_item(r, stash, false, x, tgt, ysoft, weight, grad, row_loss, row_zloss, row_lse, row_amax,
                     C, S, eps, wsum, loss_scale, z_scale, zcoef, cap);
     }
+}
+
+/* Spatial rows (S > 1), one per work-item, rows row0 + gid, + the global size, ...: the global
+ * size may be rounded up to the work-group size, the surplus work-items find no row. Row r + 1
+ * is the position next to row r's for every class, so a warp's loads of one class are one
+ * contiguous run (coalesced on a GPU). No stash (a row's classes are S apart in the gradient
+ * too): p_j = exp(z_j - lse), two exps per element, which a memory-bound GPU affords. */
+__kernel void ce_rows_strided(CE_KERNEL_PARAMS) {
+    const ulong gid = get_global_id(0), items = get_global_size(0);
+    for (ulong r = row0 + gid; r < row0 + nrows; r += items)
+        ce_row_item(r, 0, true, x, tgt, ysoft, weight, grad, row_loss, row_zloss, row_lse, row_amax,
+                    C, S, eps, wsum, loss_scale, z_scale, zcoef, cap);
 }
 
 /* ============================== one work-group per row (GPU) ============================== */
