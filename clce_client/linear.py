@@ -149,8 +149,8 @@ class _Request:
     def __init__(self, method: str, path: str, msg: dict[str, Any], placement: Any = None,
                  affinity: str | None = None):
         self.method, self.path, self.placement, self.affinity = method, path, placement, affinity
-        self.segments = encode_message(msg)
-        self.nbytes = message_nbytes(self.segments)
+        self.segments = None if msg is None else encode_message(msg)      # None: no body (DELETE)
+        self.nbytes = 0 if msg is None else message_nbytes(self.segments)
 
 
 def _place(arena: Any, parts: list[tuple[str, Any, int]]) -> Any:
@@ -188,6 +188,11 @@ class LinearWeights:
         #: a token per tensor object (weakly held): a new object is a new version even at an old address
         self._tokens: dict[int, tuple[weakref.ref, int]] = {}
         self._next_token = itertools.count(1)
+        #: auto-named weights (a torch weight without a weight_name) by their tensor's token, and
+        #: the names of those whose tensor is gone: deleted from the server by the next call, so
+        #: that a loop making new head tensors does not fill the tenant's --max-stored-weights
+        self._auto: dict[int, str] = {}
+        self._gone: collections.deque[str] = collections.deque()
         #: this object's versions are its own: another process (or client) of the same tenant
         #: storing under the same name replaces them, and is never taken for them
         self.owner = f"{os.getpid():x}.{os.urandom(4).hex()}"
@@ -220,8 +225,34 @@ class LinearWeights:
         if entry is not None and entry[0]() is t:
             return entry[1]
         token = next(self._next_token)
-        self._tokens[key] = (weakref.ref(t, lambda _, key=key: self._tokens.pop(key, None)), token)
+        self._tokens[key] = (weakref.ref(t, lambda _, key=key, token=token: self._dropped(key, token)), token)
         return token
+
+    def _dropped(self, key: int, token: int) -> None:
+        # a weakref callback: it may run inside the lock (the GC), so no lock and no I/O here
+        entry = self._tokens.get(key)
+        if entry is not None and entry[1] == token:
+            self._tokens.pop(key, None)
+        name = self._auto.pop(token, None)
+        if name is not None:
+            self._gone.append(name)
+
+    def auto_name(self, weight: Any) -> str:
+        """The name a torch weight without a weight_name is stored under: one per tensor object,
+        deleted from the server once the tensor is gone (`take_gone`)."""
+        with self._lock:
+            token = self._token(weight)
+            return self._auto.setdefault(token, f"auto-{self.owner}-{token}")
+
+    def take_gone(self) -> list[str]:
+        """Auto-named weights whose tensors are gone, to delete from the server (once each)."""
+        out = []
+        while self._gone:
+            name = self._gone.popleft()
+            with self._lock:
+                self._stored.pop(name, None)
+            out.append(name)
+        return out
 
     def version_of(self, name: str, weight: Any, bias: Any = None) -> str:
         """This weight's version: the flushes of `name`, the optimizer steps taken in this process,
@@ -573,8 +604,7 @@ class LinearCall:
         # stored unless asked not to; a numpy weight without a name has no version counter
         if weight_name is None and not stateless and _is_torch_tensor(weight):
             weights = weights or weights_of(client)
-            with weights._lock:
-                weight_name = f"auto-{weights.owner}-{weights._token(weight)}"
+            weight_name = weights.auto_name(weight)
         if weight_name is not None and self.cast is not None:
             # the version under autocast is the weight's bytes in the autocast dtype: stored apart
             # from the weight's own (a name is 1-64 of A-Z a-z 0-9 _ . -)
@@ -653,6 +683,13 @@ class LinearCall:
                 arena = None
             generation = arena.generation if arena is not None else 0
             request = None
+            for gone in self.weights.take_gone() if self.weights is not None else ():
+                # best effort: a name the server no longer has (evicted, expired) is as good
+                try:
+                    yield _SEND_AFFINE, (_Request("DELETE", f"/v1/weights/{gone}", None, None,
+                                                  self.weights.affinity(gone)),)
+                except errors.ClceError:
+                    pass
             try:
                 if self.weight_name is not None:
                     if self.replay_version is not None:

@@ -404,3 +404,27 @@ def test_an_unflushed_accumulation_expires_and_its_returning_client_replays_it()
             weights.flush()             # it comes back: the 2 expired micro-batches are replayed
             assert weights.replayed == 2
             torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_loop_of_new_head_tensors_never_fills_the_stores_names(transport):
+    """A torch weight without a weight_name is stored under a name of its own tensor object; once
+    the tensor is gone, the client deletes it from the server with its next call. A loop that
+    makes a new head tensor each step (a sweep, a test grid) stays under --max-stored-weights, with
+    no 429 to wait through (retry_budget_s=0 would raise it)."""
+    import gc
+
+    import clce_client
+
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(3)
+    h, y = torch.randn(64, 16, generator=g), torch.randint(0, 40, (64,), generator=g)
+    with ServerProcess(args=["--max-stored-weights", "3"]) as srv, \
+            clce_client.Client(srv.url, transport=transport, retry_budget_s=0) as client:
+        for _ in range(10):
+            w = torch.randn(40, 16, generator=g)
+            loss = client.linear_cross_entropy(h, w, y)
+            torch.testing.assert_close(loss, F.cross_entropy(h @ w.T, y), rtol=1e-5, atol=1e-6)
+            del w
+            gc.collect()
+        assert tenant_row(srv.url)["stored_bytes"] <= 3 * 8192, tenant_row(srv.url)
