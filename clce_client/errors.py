@@ -19,6 +19,7 @@
         │   └── ClceOverflowError (also OverflowError) /
         ├── AuthenticationError (401)
         ├── NotFound (404)             the message names the URL asked
+        │   └── WeightNotStored        a stored weight version is not on this server: upload it
         ├── PayloadTooLarge (413)
         ├── Overloaded (429)
         ├── ServiceUnavailable (503)
@@ -49,6 +50,7 @@ __all__ = [
     "BadRequest",
     "AuthenticationError",
     "NotFound",
+    "WeightNotStored",
     "PayloadTooLarge",
     "Overloaded",
     "ServiceUnavailable",
@@ -139,6 +141,12 @@ class NotFound(ServerError):
     """No such endpoint (404): check the URL."""
 
 
+class WeightNotStored(NotFound):
+    """The stored weight version a call names is not on this server (404 `weight_not_stored`):
+    never uploaded here, replaced, evicted, expired, dropped with its accumulated gradient, or
+    lost in a restart. The client uploads it again (once per call) and retries."""
+
+
 class PayloadTooLarge(ServerError):
     """The request is larger than the server accepts (413)."""
 
@@ -185,6 +193,7 @@ _CLASS_BY_CODE: dict[str, type[ServerError]] = {
     "unsupported_media_type": BadRequest,
     "unauthorized": AuthenticationError,
     "not_found": NotFound,
+    "weight_not_stored": WeightNotStored,
     "payload_too_large": PayloadTooLarge,
     "queue_full": Overloaded,
     "deadline_exceeded": DeadlineExceeded,

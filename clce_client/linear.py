@@ -405,7 +405,7 @@ class LinearWeights:
                 resp = yield _SEND_AFFINE, (request,)
                 answer = client._decode(resp)
             except errors.ClceError as exc:
-                if isinstance(exc, errors.NotFound) and "upload it again" in str(exc):
+                if isinstance(exc, errors.WeightNotStored):
                     self.forget(name)
                     return {}, (None, None)
                 if not client._renewal_due(exc, request, arena, deadline):
@@ -716,8 +716,8 @@ class LinearCall:
                                                         self.answered, self.arrays, self.options)
                 return self.result
             except errors.ClceError as exc:
-                if (isinstance(exc, errors.NotFound) and self.weight_name is not None
-                        and "upload it again" in str(exc) and reuploads < max_reuploads
+                if (isinstance(exc, errors.WeightNotStored) and self.weight_name is not None
+                        and reuploads < max_reuploads
                         and time.monotonic() < deadline):
                     reuploads += 1
                     self.weights.forget(self.weight_name)

@@ -175,7 +175,7 @@ def check_version(version: str) -> None:
 
 
 def _not_stored(name: str, version: str, why: str) -> ApiError:
-    return ApiError("not_found", f"weight {name!r} version {version!r} is not stored on this server{why}; "
+    return ApiError("weight_not_stored", f"weight {name!r} version {version!r} is not stored on this server{why}; "
                                  "upload it again")
 
 

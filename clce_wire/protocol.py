@@ -143,6 +143,7 @@ ERROR_CODES: Mapping[str, tuple[int, type[Exception] | None]] = MappingProxyType
         "unsupported_media_type": (415, None),
         "unauthorized": (401, None),
         "not_found": (404, None),
+        "weight_not_stored": (404, None),
         "payload_too_large": (413, None),
         "queue_full": (429, None),
         "deadline_exceeded": (504, None),

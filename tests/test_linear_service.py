@@ -97,8 +97,9 @@ def test_evicted_weight_is_uploaded_again(client, server):
 
 def test_unknown_version_answers_not_found(client):
     from clce_client.linear import _post
-    with pytest.raises(errors.NotFound, match="upload it again"):
+    with pytest.raises(errors.WeightNotStored, match="upload it again") as err:
         _post(client, "/v1/weights/nothing/grad", {"v": 1, "weight_version": "x"})
+    assert err.value.code == "weight_not_stored" and isinstance(err.value, errors.NotFound)
 
 
 def test_bad_arguments_are_torch_errors(client):

@@ -229,7 +229,7 @@ def test_a_stored_weight_whose_region_is_gone_answers_upload_again_and_a_new_upl
             break
         time.sleep(0.02)
     err = _error(resp, 404, "upload it again")
-    assert err["code"] == "not_found" and "is gone" in err["message"]
+    assert err["code"] == "weight_not_stored" and "is gone" in err["message"]
     _error(_send(server.url, "POST", "/v1/linear_cross_entropy", msg), 404, "upload it again")   # and stays so
     second = Shared(server.url)
     try:

@@ -520,7 +520,7 @@ def test_error_code_table():
         "value_error": (400, ValueError), "index_error": (400, IndexError),
         "runtime_error": (400, RuntimeError), "type_error": (400, TypeError),
         "overflow_error": (400, OverflowError), "bad_request": (400, None), "unsupported_media_type": (415, None),
-        "unauthorized": (401, None), "not_found": (404, None), "payload_too_large": (413, None),
+        "unauthorized": (401, None), "not_found": (404, None), "weight_not_stored": (404, None), "payload_too_large": (413, None),
         "queue_full": (429, None), "deadline_exceeded": (504, None), "not_ready": (503, None),
         "device_unavailable": (503, None), "internal": (500, None),
     }  # fmt: skip

@@ -52,7 +52,8 @@ def test_new_version_replaces_and_old_answers_not_found():
     assert s.get(t, "x", "2").version == "2"
     with pytest.raises(ApiError, match="version '1' is not stored.*upload it again") as e:
         s.get(t, "x", "1")
-    assert e.value.status == 404 and s.tenant_bytes("a") == sched.tenant_bytes("a") == ENTRY
+    assert e.value.status == 404 and e.value.code == "weight_not_stored"
+    assert s.tenant_bytes("a") == sched.tenant_bytes("a") == ENTRY
 
 
 def test_budget_evicts_least_recently_used_and_refuses_what_cannot_fit():

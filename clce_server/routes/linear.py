@@ -360,7 +360,7 @@ async def take_grad(req: LinearRequest) -> Response:
     await entry.acquire()
     try:
         if not store.current(entry):      # replaced, evicted or expired while this waited
-            raise ApiError("not_found", f"weight {name!r} version {version!r} was dropped while its gradient was "
+            raise ApiError("weight_not_stored", f"weight {name!r} version {version!r} was dropped while its gradient was "
                            "being taken (replaced, evicted or expired); upload it again")
         accumulation = entry.accumulation
         gw, gb, n, charge = store.take_grad(entry)
@@ -500,7 +500,7 @@ async def linear_cross_entropy(req: LinearRequest) -> Response:
             try:
                 gw, gb = stored.grad_weight, stored.grad_bias
                 if gw is None:   # taken by a flush, or dropped, while this micro-batch waited
-                    raise ApiError("not_found", f"weight {stored.name!r} version {stored.version!r}: its "
+                    raise ApiError("weight_not_stored", f"weight {stored.name!r} version {stored.version!r}: its "
                                    "accumulated gradient was taken or dropped while this micro-batch waited; "
                                    "upload it again")
                 added = False
