@@ -342,8 +342,8 @@ def make_data(shape, dt: str, seed: int = 0):
 def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
     import torch.nn.functional as F
 
-    from clce_server.device import as_storage
-    from clce_server.hostmem import HostPool
+    from clce_server.rails.device import as_storage
+    from clce_server.rails.hostmem import HostPool
 
     pool = HostPool()   # as the server's: gradient buffers reused with their pages mapped
 
@@ -533,8 +533,8 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     t0 = time.perf_counter()
     dev = open_devices(args.device)[0]

@@ -2,7 +2,7 @@
 its override API) beside torch's matmul on the same cores, in GFLOP/s.
 
 Shapes: the plain (2048x1024).(1024x32000), and the three products of one row chunk of the
-fused linear cross-entropy (clce_server/linear.py) at chunk n, hidden H, vocabulary V:
+fused linear cross-entropy (clce_server/linear/engine.py) at chunk n, hidden H, vocabulary V:
 
   forward   logits (n, V) = h (n, H) . W^T        (clce: W . h^T, stored transposed)
   dh        (n, H) = dlogits (n, V) . W (V, H)
@@ -15,7 +15,7 @@ memory, long vectors along N, a few rows per work-item), set with pyclblast.over
 CLBlast needs `pip install pyclblast` over the system's libclblast-dev (skipped without it).
 
 With --engine it also measures the whole fused linear cross-entropy in-process, the GEMMs'
-end-to-end effect: clce_server.linear.LinearCrossEntropy on the OpenCL device (loss and the
+end-to-end effect: clce_server.linear.engine.LinearCrossEntropy on the OpenCL device (loss and the
 gradients of hidden and weight, no server, no wire) against torch's
 F.cross_entropy(F.linear(h, W), y) forward + backward through autograd on the same cores, in
 blocks (bench/common.py: a few calls per method in a row, the first dropped, methods rotating).
@@ -51,7 +51,7 @@ CLBLAST_BASE = dict(GEMMK=0, KREG=1, KWG=32, KWI=2, MDIMA=8, MDIMC=8, MWG=64, ND
 
 def shapes(n: int, H: int, V: int) -> dict[str, tuple[int, int, int]]:
     """name -> (M, N, K) of C = A . B as torch computes it (row-major); the name's first word is
-    clce_server.gemm's product ("plain": the table's default row)."""
+    clce_server.linear.gemm's product ("plain": the table's default row)."""
     return {"plain (2048x1024).(1024x32000)": (2048, 32000, 1024),
             f"forward h.W^T ({n}x{H}).({H}x{V})": (n, V, H),
             f"dh dlogits.W ({n}x{V}).({V}x{H})": (n, H, V),
@@ -84,9 +84,9 @@ def engine_report(N: int, H: int, V: int, n_blocks: int, *, chunk_rows: int | No
     import torch
     import torch.nn.functional as F
 
-    from clce_server import linear
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.linear import engine as linear
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     dev = open_devices("cpu")[0]
     torch.set_num_threads(dev.cl_device.max_compute_units)
@@ -121,8 +121,8 @@ def report(n: int, H: int, V: int, repeat: int, *, clblast: bool = True) -> dict
     import pyopencl as cl
     import torch
 
-    from clce_server.device import open_devices
-    from clce_server.gemm import GEMM_PRODUCTS, Gemm
+    from clce_server.rails.device import open_devices
+    from clce_server.linear.gemm import GEMM_PRODUCTS, Gemm
 
     dev = open_devices("cpu")[0]
     gemm = Gemm(dev)
@@ -165,7 +165,7 @@ def report(n: int, H: int, V: int, repeat: int, *, clblast: bool = True) -> dict
         methods = {"torch": lambda: (ta @ tb, None)[1]}
 
         def clce_layout():
-            """The layout clce_server/linear.py runs each product in (see gemm.cl's banner)."""
+            """The layout clce_server/linear/engine.py runs each product in (see gemm.cl's banner)."""
             if name.startswith("forward"):   # C^T (N x M) = B^T . A^T, stored transposed
                 Bt = np.ascontiguousarray(B.T)   # W (V, H): A operand rows along K
                 At = np.ascontiguousarray(A.T)   # h^T (H, n): the chunk transposed, rows along n

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--list-devices", action="store_true", help="list OpenCL devices and whether they build")
     ns = p.parse_args(argv)
     if ns.list_devices:
-        from .device import describe_devices
+        from .rails.device import describe_devices
         print(describe_devices())
         raise SystemExit(0)
     overrides = {k: v for k, v in vars(ns).items() if v is not None and k != "list_devices"}

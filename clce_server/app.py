@@ -29,8 +29,10 @@ from clce_wire import options
 from . import __version__
 from .config import Settings
 from .limits import ClientGuard
-from .responses import install_exception_handlers
-from .routes import linear, loss, ops
+from .rails.responses import install_exception_handlers
+from .linear import operation as linear
+from .cross_entropy import operation as loss
+from .routes import ops
 from .state import ServerState
 
 LOSS_PATH = loss.PATH

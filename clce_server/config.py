@@ -71,7 +71,7 @@ class Settings(BaseSettings):
                                    "(default: shm.sock in a new private directory).")
     shm_max_bytes: int = Field(8192 * MiB, gt=0, description="Shared-memory bytes one tenant may "
                                "register (413 above).")
-    # --- the registration socket on a shared host (clce_server/shm.py; docs/protocol.md) ---
+    # --- the registration socket on a shared host (clce_server/rails/shm.py; docs/protocol.md) ---
     shm_socket_group: str | None = Field(None, description="Group (name or gid) given the registration "
                                          "socket, which is created 0660: its members may connect. Default: "
                                          "the server's own group.")

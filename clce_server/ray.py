@@ -258,7 +258,7 @@ class ClceDeployment:
             return
         slot = await self.weight_slot(model_id)
         if put is not None:
-            from .deps import tenant_for
+            from .rails.deps import tenant_for
 
             state = self._app_state()
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
@@ -273,7 +273,7 @@ class ClceDeployment:
             del self._slots[slot.model_id]
 
     def _weight_store(self):
-        from .routes.linear import weight_store
+        from .linear.operation import weight_store
 
         return weight_store(self._app_state())
 

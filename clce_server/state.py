@@ -12,9 +12,9 @@ import uuid
 
 from . import __version__
 from .config import Settings
-from .hostmem import HostPool
+from .rails.hostmem import HostPool
 from .metrics import Metrics
-from .scheduler import Scheduler
+from .rails.scheduler import Scheduler
 from .tenants import TenantRegistry
 
 log = logging.getLogger("clce.server")
@@ -56,7 +56,7 @@ class ServerState:
         if not self.settings.shm_enabled:
             return
         from .config import parse_gid, parse_uids
-        from .shm import ShmLimits, ShmRegistry, ShmServer
+        from .rails.shm import ShmLimits, ShmRegistry, ShmServer
 
         s = self.settings
         self.shm_registry = ShmRegistry(ShmLimits.from_settings(s))
@@ -91,9 +91,9 @@ class ServerState:
                 # PoCL reads this when OpenCL first starts (below): its CPU device then runs kernels
                 # on this many threads, leaving the other cores to the event loop
                 os.environ["POCL_MAX_PTHREAD_COUNT"] = str(self.settings.device_threads)
-            from .device import open_devices
-            from .engine import LossEngine
-            from .linear import LinearCrossEntropy
+            from .rails.device import open_devices
+            from .cross_entropy.engine import LossEngine
+            from .linear.engine import LinearCrossEntropy
 
             devices = open_devices(self.settings.device_selectors, memory=self.settings.device_memory)
             for dev in devices:

@@ -88,7 +88,7 @@ OPTIONS: tuple[Option, ...] = (
                "return_z_loss; without it z_loss comes only with lse_square_scale > 0"),
     Option("softcap", "float", None, nullable=True, gt=0.0, shared=True,
            doc="Gemma soft-capping: logits -> cap * tanh(logits / cap)"),
-    # Layout (clce_server/layouts.py): rewritten into the plain (N, C) rows above before the engine
+    # Layout (clce_server/cross_entropy/layouts.py): rewritten into the plain (N, C) rows above before the engine
     # sees the request. Shared: a launch never mixes layouts (layout requests also run alone).
     Option("classes_last", "bool", False, engine=False, shared=True,
            doc="input is (..., C) with class-index target (...) or probabilities (..., C): the class "

@@ -131,7 +131,7 @@ def describe_device(selector: str, env: dict) -> dict:
     """The device the selector opens, and the default device (which the tests' fixtures open),
     in a child process: the ICD registration of this run must be seen by the loader."""
     code = (
-        "import json, sys; from clce_server.device import open_devices\n"
+        "import json, sys; from clce_server.rails.device import open_devices\n"
         "sel = open_devices(sys.argv[1])[0]; dflt = open_devices()[0]\n"
         "print(json.dumps({'selected': sel.describe(), 'default': dflt.describe()}))\n")
     r = subprocess.run([sys.executable, "-c", code, selector], capture_output=True, text=True, env=env,
@@ -306,9 +306,9 @@ def linear_child(selector: str, shape: str, dtype: str, repeat: int) -> dict:
 
     clce_loss = clce_gh = None
     try:
-        from clce_server import linear
-        from clce_server.device import open_devices
-        from clce_server.engine import LossEngine
+        from clce_server.linear import engine as linear
+        from clce_server.rails.device import open_devices
+        from clce_server.cross_entropy.engine import LossEngine
 
         dev = open_devices(selector)[0]
         lce = linear.LinearCrossEntropy(LossEngine(dev))

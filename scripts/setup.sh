@@ -51,4 +51,4 @@ else
     "$py" -m pip install --quiet "torch==${CLCE_TORCH_VERSION:-2.13.0}"
     "$py" -m pip install --quiet -e ".[dev]"
 fi
-"$py" -c "import clce_server.device as d; print(d.describe_devices())" || true
+"$py" -c "import clce_server.rails.device as d; print(d.describe_devices())" || true

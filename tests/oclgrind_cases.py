@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clce_server.device import open_devices  # noqa: E402
-from clce_server.engine import LossEngine, _RowBlock, _RowOutputs  # noqa: E402
+from clce_server.rails.device import open_devices  # noqa: E402
+from clce_server.cross_entropy.engine import LossEngine, _RowBlock, _RowOutputs  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -125,7 +125,7 @@ def run_in_place(eng: LossEngine, x, t, grad_dtype):
     """ce_rows_item with the gradient written over the logits (one buffer for both, and scratch
     rows for pass 1's exps), as the engine runs it on host-memory devices; Oclgrind's device
     is not one, so the launch is made here through the engine's own launch layer."""
-    from clce_server import semantics
+    from clce_server.cross_entropy import semantics
 
     p = semantics.check(x, t, grad_dtype=grad_dtype)
     acc = np.float64 if p.compute_dtype == "float64" else np.float32

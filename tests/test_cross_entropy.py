@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clce_server.errors import ArgumentError
+from clce_server.rails.errors import ArgumentError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TORCH_DT = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -446,7 +446,7 @@ def test_spatial_rows_kernel_extras_and_non_finite(request, shape_of, soft):
     work-item per row under the GPU rows (ce_rows_strided): lse, argmax, accuracy, z-loss,
     softcap, ignored rows and non-finite logits, per lane and per row."""
     engine = request.getfixturevalue(shape_of)
-    from clce_server import semantics
+    from clce_server.cross_entropy import semantics
     want = "ce_rows_strided" if shape_of == "wg_engine" else ("ce_spatial8", "ce_spatial16")
     assert engine.kernel_name(semantics.check(np.zeros((3, 9, 4, 8), np.float32),
                                               np.zeros((3, 4, 8), np.int64))) in want
@@ -555,7 +555,7 @@ def test_spatial_tile_and_its_fallback(engine, dtype, atol, rtol, C, soft):
     """ce_spatial8/16 keep a row tile of at most CE_SP_TILE (32) classes in private arrays (one
     read of the logits), and stream more classes from memory as before: both sides of the
     boundary, every dtype, weights and smoothing, against torch in fp64."""
-    from clce_server import semantics
+    from clce_server.cross_entropy import semantics
     rng = np.random.default_rng(C)
     x, t = make((2, C, 3, 16), dtype, rng, soft=soft)
     assert engine.kernel_name(semantics.check(x, t)).startswith("ce_spatial")
@@ -574,8 +574,8 @@ def test_spatial_non_temporal_stores_change_no_bit(engine):
     """The CPU row writes a tiled spatial row's fp32 gradient with non-temporal stores when it is
     64-byte aligned (as the engine's and the server's gradients are): the same bits as ordinary
     stores, on a gradient the engine allocates and on a caller's misaligned one (which falls back)."""
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
     if not engine.device.tuning.defines.get("CE_SP_NT_STORE"):
         pytest.skip("this device's tuning row has no non-temporal stores")
     plain = LossEngine(open_devices("pocl", tuning_overrides={"CE_SP_NT_STORE": 0})[0])
@@ -600,8 +600,8 @@ def test_bf16_rows_non_temporal_stores_change_no_bit(engine, in_place):
     """The CPU row writes an aligned bf16 gradient row (exps in a scratch row) with non-temporal
     stores: the same bits as ordinary stores, with and without NaN rows, and written over the
     logits (in place) too."""
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
     if not engine.device.tuning.defines.get("CE_NT_STORE"):
         pytest.skip("this device's tuning row has no non-temporal stores")
     plain = LossEngine(open_devices("pocl", tuning_overrides={"CE_NT_STORE": 0})[0])
@@ -612,7 +612,7 @@ def test_bf16_rows_non_temporal_stores_change_no_bit(engine, in_place):
     outs = []
     for eng in (engine, plain):
         if in_place:
-            from clce_server.engine import _aligned_empty
+            from clce_server.cross_entropy.engine import _aligned_empty
             xi = _aligned_empty(x.shape, x.dtype)   # 64-byte aligned rows, as pooled buffers are
             xi[...] = x
             eng.cross_entropy(xi, t, return_grad=True, grad_out=xi, reduction="sum")

@@ -7,7 +7,7 @@ import numpy as np
 import pyopencl as cl
 import pytest
 
-from clce_server.device import (
+from clce_server.rails.device import (
     INSTALL_HINT,
     KERNELS,
     PROGRAM_SOURCES,
@@ -57,7 +57,7 @@ def test_no_match_names_the_package_to_install():
 def test_a_device_that_cannot_build_is_skipped_and_reported(monkeypatch):
     """The PoCL in pyopencl's wheel lists a device and then fails to compile ('unknown target CPU
     generic'): listing proves nothing, building decides."""
-    import clce_server.device as device
+    import clce_server.rails.device as device
 
     def broken(index, dev, *config):
         raise cl.RuntimeError("clBuildProgram failed: unknown target CPU 'generic'")
@@ -199,7 +199,7 @@ def test_memory_mode_is_read_off_the_device_or_forced(mode, want):
 def test_loss_on_pocl_through_the_discrete_path_matches_the_host_path():
     """The loss path's discrete branch (pooled device buffers, copies in and out) on PoCL: the
     same kernels, so the same bits as the host path's USE_HOST_PTR buffers."""
-    from clce_server.engine import LossEngine
+    from clce_server.cross_entropy.engine import LossEngine
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((300, 517)).astype(np.float32)

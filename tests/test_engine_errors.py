@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clce_server.device as device_mod
-from clce_server.device import open_devices
-from clce_server.engine import LossEngine
-from clce_server.errors import ArgumentError, DeviceError, classify
+import clce_server.rails.device as device_mod
+from clce_server.rails.device import open_devices
+from clce_server.cross_entropy.engine import LossEngine
+from clce_server.rails.errors import ArgumentError, DeviceError, classify
 
 
 def torch_error(x, t, **kw):

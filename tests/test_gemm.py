@@ -1,4 +1,4 @@
-"""kernels/gemm.cl through clce_server/gemm.py against numpy in float64: the three layouts the
+"""kernels/gemm.cl through clce_server/linear/gemm.py against numpy in float64: the three layouts the
 fused linear cross-entropy uses (A row-major, A transposed, C stored transposed), under every
 product's tuning from the table and under tunings that make the edges common (several K blocks,
 several micro-tiles per work-item in both directions, the other launch order); edges in every
@@ -10,7 +10,7 @@ import numpy as np
 import pyopencl as cl
 import pytest
 
-from clce_server.gemm import GEMM_PRODUCTS, Gemm, gemm_tuning
+from clce_server.linear.gemm import GEMM_PRODUCTS, Gemm, gemm_tuning
 
 MF = cl.mem_flags
 
@@ -161,7 +161,7 @@ LOCAL_SMALL = {"GEMM_LOCAL": 1, "GEMM_WGM": 4, "GEMM_WGN": 8, "GEMM_WPM": 3, "GE
 @pytest.fixture(scope="module", params=["small", "nvidia-row", "gpu-row"])
 def local_gemm(request, cpu_device):
     """gemm_local on PoCL: small tiles, and the GPU rows' own shapes (256 and 128 work-items)."""
-    from clce_server.gemm import gemm_tuning
+    from clce_server.linear.gemm import gemm_tuning
 
     tuning = LOCAL_SMALL if request.param == "small" else gemm_tuning(
         "NVIDIA" if request.param == "nvidia-row" else "AMD", "gpu")
@@ -202,7 +202,7 @@ def test_local_kernel_alpha_beta_offsets_bf16_and_bits(cpu_device):
 
 
 def test_gpu_rows_are_guesses_cut_to_the_device():
-    from clce_server.gemm import GEMM_TUNING, fit_to_device, gemm_row
+    from clce_server.linear.gemm import GEMM_TUNING, fit_to_device, gemm_row
 
     for vendor, kind, product, defines, source in GEMM_TUNING:
         assert source.startswith(("measured:", "guess:")), (vendor, kind, product)
@@ -218,9 +218,9 @@ def test_gpu_rows_are_guesses_cut_to_the_device():
 def test_linear_through_the_local_kernel_matches_torch(cpu_device):
     """The fused linear cross-entropy with gemm_local for all three products (as on a GPU), on
     the discrete path: against the host path's values (CPU kernel) within fp32 rounding."""
-    from clce_server import linear
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.linear import engine as linear
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     rng = np.random.default_rng(12)
     h = rng.standard_normal((150, 40)).astype(np.float32)
@@ -236,7 +236,7 @@ def test_linear_through_the_local_kernel_matches_torch(cpu_device):
         np.testing.assert_allclose(getattr(a, name), getattr(r, name), rtol=2e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.skipif(not __import__("clce_server.gemm", fromlist=["x"]).clblast_available(),
+@pytest.mark.skipif(not __import__("clce_server.linear.gemm", fromlist=["x"]).clblast_available(),
                     reason="pyclblast is not installed (pip install 'clce[gpu]')")
 @pytest.mark.parametrize("M, N, K", [(1, 1, 1), (37, 17, 64), (97, 130, 600), (200, 3, 1)], ids=str)
 @pytest.mark.parametrize("layout", ["nn", "tn", "nt_store"])
@@ -247,12 +247,12 @@ def test_clblast_alternative_against_numpy(cpu_device, M, N, K, layout):
     _layout(g, M, N, K, layout, np.random.default_rng(M + N + K))
 
 
-@pytest.mark.skipif(not __import__("clce_server.gemm", fromlist=["x"]).clblast_available(),
+@pytest.mark.skipif(not __import__("clce_server.linear.gemm", fromlist=["x"]).clblast_available(),
                     reason="pyclblast is not installed (pip install 'clce[gpu]')")
 def test_linear_through_clblast_matches_the_cpu_kernel(cpu_device):
-    from clce_server import linear
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.linear import engine as linear
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     rng = np.random.default_rng(13)
     h = rng.standard_normal((150, 40)).astype(np.float32)
@@ -271,8 +271,8 @@ def test_linear_through_clblast_matches_the_cpu_kernel(cpu_device):
 OCLGRIND_GEMM = r'''
 import sys, numpy as np, ml_dtypes, pyopencl as cl
 sys.path.insert(0, sys.argv[1])
-from clce_server.device import open_devices
-from clce_server.gemm import Gemm, gemm_tuning
+from clce_server.rails.device import open_devices
+from clce_server.linear.gemm import Gemm, gemm_tuning
 dev = open_devices()[0]
 assert dev.name == "Oclgrind Simulator", dev.name
 MF = cl.mem_flags
@@ -329,7 +329,7 @@ def test_local_kernel_is_clean_under_oclgrind_at_gpu_work_group_sizes(tmp_path):
     import sys
     from pathlib import Path
 
-    from clce_server.gemm import clblast_available
+    from clce_server.linear.gemm import clblast_available
 
     clblast = clblast_available()   # and CLBlast's kernels, where pyclblast is installed
     tests = Path(__file__).resolve().parent

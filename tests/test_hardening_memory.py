@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from serverproc import ServerProcess  # noqa: E402
 from test_scheduler import GATE_TIMEOUT, holding, make, queued, run, steps_job, tenant, wait_until  # noqa: E402,F401
 
-from clce_server.scheduler import QueueFull  # noqa: E402
+from clce_server.rails.scheduler import QueueFull  # noqa: E402
 
 MiB = 1 << 20
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from clce_server.hostmem import HostPool, PoolError
+from clce_server.rails.hostmem import HostPool, PoolError
 from test_cross_entropy import DTYPES, assert_close, make, np_dtype, reference
 
 

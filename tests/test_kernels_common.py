@@ -7,7 +7,7 @@ import numpy as np
 import pyopencl as cl
 import pytest
 
-from clce_server.device import kernel_source
+from clce_server.rails.device import kernel_source
 
 PROBE = r"""
 __kernel void store16(__global const float *x, __global grad_t *out) {

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_server_imports_the_wire_format_without_the_client_or_httpx():
-    code = ("import sys, clce_server.app, clce_server.scheduler, clce_wire; "
+    code = ("import sys, clce_server.app, clce_server.rails.scheduler, clce_wire; "
             "bad = sorted(m for m in ('httpx', 'clce_client', 'torch') if m in sys.modules); "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from clce_wire import options, protocol
-from clce_server.hostmem import HostPool
-from clce_server.lease import LeaseClosed, RequestLease
-from clce_server.recording import RequestRecord
+from clce_server.rails.hostmem import HostPool
+from clce_server.rails.lease import LeaseClosed, RequestLease
+from clce_server.rails.recording import RequestRecord
 
 from test_faults import FailingEngine, InProcessServer, _inject
 

@@ -1,4 +1,4 @@
-"""The fused linear cross-entropy on the server (clce_server/linear.py) against torch's
+"""The fused linear cross-entropy on the server (clce_server/linear/engine.py) against torch's
 F.cross_entropy(F.linear(h, W, b), y, **options) through autograd: loss and the gradients of
 hidden, weight and bias, for every option, several chunks per batch (so the 'mean' normaliser
 spans chunks), shift, bf16 with fp32 accumulation, the same bits run to run, and weight
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clce_server import linear
+from clce_server.linear import engine as linear
 from linear_reference import to_numpy, to_torch
 
 
@@ -241,16 +241,16 @@ def test_empty_weight_and_huge_ignore_index_are_refused():
 
 @pytest.fixture(scope="module")
 def host_lce():
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     return linear.LinearCrossEntropy(LossEngine(open_devices(memory="host")[0]), chunk_rows=64)
 
 
 @pytest.fixture(scope="module")
 def disc_lce():
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     dev = open_devices(memory="discrete")[0]
     assert dev.memory == "discrete" and not dev.host_unified and dev.describe()["memory"] == "discrete"
@@ -261,8 +261,8 @@ def disc_lce():
 def disc_wg_lce():
     """Discrete, with the GPU's cross-entropy kernel (a work-group per row), whose gradient may
     not overwrite the logits it reads: the path keeps a separate gradient buffer there."""
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     dev = open_devices(memory="discrete",
                        tuning_overrides={"rows": "group", "local_size": 16, "reduce_local_size": 32})[0]
@@ -344,8 +344,8 @@ def test_discrete_weight_and_accumulators_stay_resident_per_version(host_lce, di
 def test_discrete_accumulator_shared_by_two_devices_stays_exact(host_lce, disc_lce):
     """Two device workers add into one version's host accumulator in turn: each notices the
     other wrote it and copies it in again (the resident copy is stale)."""
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     other = linear.LinearCrossEntropy(LossEngine(open_devices(memory="discrete")[0]), chunk_rows=64)
     rng = np.random.default_rng(33)
@@ -390,7 +390,7 @@ def test_discrete_request_stopped_part_way_leaves_nothing_stale(host_lce, disc_l
 def test_discrete_memory_is_counted_and_oversized_requests_refused(disc_lce):
     """Device bytes: a request over the device's share is an argument error before any chunk;
     resident versions not in use are evicted, least recently used first, to make room."""
-    from clce_server.errors import ArgumentError
+    from clce_server.rails.errors import ArgumentError
 
     rng = np.random.default_rng(37)
     h, W, b, y = make(rng, (100,), 16, 100)
@@ -414,7 +414,7 @@ def test_discrete_memory_is_counted_and_oversized_requests_refused(disc_lce):
 
 
 def test_host_memory_devices_report_it():
-    from clce_server.device import open_devices
+    from clce_server.rails.device import open_devices
 
     dev = open_devices(memory="auto")[0]   # PoCL's CPU device here: host memory; a GPU: its own
     want = "host" if dev.kind == "cpu" or dev.cl_device.host_unified_memory else "discrete"
@@ -426,8 +426,8 @@ def test_host_memory_devices_report_it():
 def test_discrete_without_float64_sums_the_bias_gradient_on_the_host(host_lce):
     """A device without float64 (some GPUs): the bias gradient's float64 column sums run on the
     host from the chunk's gradient read back, the same bits; the rest stays on the device."""
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     import threading
 

@@ -1,5 +1,5 @@
 """The fused linear cross-entropy speaks the loss path's language (issue 27, must-have 5), on the
-server's engine (clce_server/linear.py), host and discrete memory: return_lse, return_argmax and
+server's engine (clce_server/linear/engine.py), host and discrete memory: return_lse, return_argmax and
 accuracy, fp16 inputs, a z-loss always (zeros at lse_square_scale 0), a float32 loss for half
 inputs with gradients in the input's dtype, and a per-row grad_output for reduction='none'.
 Against torch: F.cross_entropy(F.linear(h, W, b), y) through autograd, and what Liger-Kernel's
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clce_server import linear
+from clce_server.linear import engine as linear
 from linear_reference import to_numpy, to_torch
 
 _np, _torch = to_numpy, to_torch
@@ -35,8 +35,8 @@ def _same_bits(a, b):
 
 
 def _lce(memory):
-    from clce_server.device import open_devices
-    from clce_server.engine import LossEngine
+    from clce_server.rails.device import open_devices
+    from clce_server.cross_entropy.engine import LossEngine
 
     return linear.LinearCrossEntropy(LossEngine(open_devices(memory=memory)[0]), chunk_rows=64)
 

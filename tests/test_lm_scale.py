@@ -175,8 +175,8 @@ def test_pipelined_tcp_scores_shifted_labels_exactly(server):
 def test_every_program_is_built_and_warmed_before_ready(cpu_device):
     """What state.open_devices does before /readyz answers 200: every cross-entropy program (each
     dtype, soft-capped or not) and the fused linear path's GEMM programs for each dtype."""
-    from clce_server.engine import LossEngine
-    from clce_server.linear import LINEAR_DTYPES, LinearCrossEntropy
+    from clce_server.cross_entropy.engine import LossEngine
+    from clce_server.linear.engine import LINEAR_DTYPES, LinearCrossEntropy
 
     cpu_device.build_startup_programs()
     keys = set(cpu_device.programs)
@@ -189,8 +189,8 @@ def test_every_program_is_built_and_warmed_before_ready(cpu_device):
     built = set(lce.gemm._programs)
     programs = set(cpu_device.programs)
     # a request of any dtype, with a bias or without, at a size of its own, builds nothing more
-    from clce_server.engine import _np_dtype
-    from clce_server.linear import check
+    from clce_server.cross_entropy.engine import _np_dtype
+    from clce_server.linear.engine import check
 
     rng = np.random.default_rng(5)
     for dt in LINEAR_DTYPES:

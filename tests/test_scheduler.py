@@ -14,7 +14,7 @@ import pytest
 
 from clce_server.metrics import Metrics
 from clce_wire.protocol import ERROR_CODES
-from clce_server.scheduler import (
+from clce_server.rails.scheduler import (
     QueueTimeout,
     AdmissionError,
     DeadlineExceeded,

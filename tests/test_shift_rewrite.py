@@ -1,4 +1,4 @@
-"""clce_server.layouts without a server: the rewrite into (N, C) rows is a view of the input (the
+"""clce_server.cross_entropy.layouts without a server: the rewrite into (N, C) rows is a view of the input (the
 point of the server-side shift), the shifted targets are what the manual shift scores, and the
 results are mapped back to the request's layout."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clce_server import layouts
-from clce_server.engine import LossResult
-from clce_server.errors import ArgumentError
+from clce_server.cross_entropy import layouts
+from clce_server.cross_entropy.engine import LossResult
+from clce_server.rails.errors import ArgumentError
 
 
 def args(x, t, **kw):

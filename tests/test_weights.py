@@ -1,4 +1,4 @@
-"""The weight store (clce_server/weights.py): versions replace each other, bytes count against the
+"""The weight store (clce_server/linear/weights.py): versions replace each other, bytes count against the
 tenant's and the server's budgets (the scheduler's) with least-recently-used eviction, refusals
 and unknown versions say what to do, entries follow their rules, idle versions expire, and
 gradients are taken once."""
@@ -8,10 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from clce_server.errors import ApiError
-from clce_server.scheduler import PayloadTooLarge, QueueFull, Scheduler
+from clce_server.rails.errors import ApiError
+from clce_server.rails.scheduler import PayloadTooLarge, QueueFull, Scheduler
 from clce_server.tenants import Tenant, TenantRegistry
-from clce_server.weights import ENTRY_FLOOR_BYTES, WeightStore, accumulator_bytes, entry_bytes, stored_bytes
+from clce_server.linear.weights import ENTRY_FLOOR_BYTES, WeightStore, accumulator_bytes, entry_bytes, stored_bytes
 
 V, H = 100, 16
 ONE = stored_bytes((V, H), 4, True)   # weight + bias + fp32 / float64 accumulators
@@ -210,7 +210,7 @@ def test_a_version_a_job_is_accumulating_into_is_neither_evicted_nor_expired():
 def _region(name: str, data: np.ndarray):
     import mmap
 
-    from clce_server.shm import Region
+    from clce_server.rails.shm import Region
 
     mm = mmap.mmap(-1, data.nbytes)
     mm[:] = data.tobytes()
@@ -218,7 +218,7 @@ def _region(name: str, data: np.ndarray):
 
 
 def test_a_region_weight_counts_its_accumulators_only_and_is_read_where_it_lies():
-    from clce_server.weights import accumulator_bytes
+    from clce_server.linear.weights import accumulator_bytes
     from clce_wire.shm import RegionRef
 
     W, b = _w(3)

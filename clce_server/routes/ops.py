@@ -12,8 +12,8 @@ from clce_wire import protocol
 from clce_wire.shm import host_id
 
 from .. import __version__
-from ..deps import admin_only, ready_state, server_state, status_viewer
-from ..errors import ApiError
+from ..rails.deps import admin_only, ready_state, server_state, status_viewer
+from ..rails.errors import ApiError
 from ..state import ServerState
 
 router = APIRouter()

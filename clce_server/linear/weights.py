@@ -48,14 +48,14 @@ import numpy as np
 
 from clce_wire.shm import REGION_NAME, RegionRef
 
-from .config import over_limit
-from .errors import ApiError
-from .scheduler import QueueFull
-from .shm import Region, view
-from .tenants import Tenant
+from ..config import over_limit
+from ..rails.errors import ApiError
+from ..rails.scheduler import QueueFull
+from ..rails.shm import Region, view
+from ..tenants import Tenant
 
 if TYPE_CHECKING:
-    from .scheduler import Reservation, Scheduler
+    from ..rails.scheduler import Reservation, Scheduler
 
 #: a stored part: its bytes (viewing the upload's body), or where they lie in shared memory
 Part = Union[np.ndarray, RegionRef]

@@ -1,7 +1,7 @@
 """Matrix products on an OpenCL device for the fused linear cross-entropy: kernels/gemm.cl.
 
 One kernel, `C = alpha * A . B + beta * C` (fp32 C) with B's rows contiguous and A and C at any
-strides, serves the three products of a row chunk (clce_server/linear.py). Chosen over CLBlast by
+strides, serves the three products of a row chunk (clce_server/linear/engine.py). Chosen over CLBlast by
 measurement (bench/bench_gemm.py): on PoCL's CPU device CLBlast has no tuned parameters, and
 the best of its Xgemm parameters we tried through its override API stayed below this kernel.
 
@@ -27,7 +27,7 @@ import threading
 import numpy as np
 import pyopencl as cl
 
-from .device import Device, kernel_source
+from ..rails.device import Device, kernel_source
 
 #: gemm.cl's parameters, in its signature's order
 GEMM_PARAMS = ("M", "N", "K", "alpha", "beta", "A", "a_off", "sam", "sak", "B", "b_off", "ldb",

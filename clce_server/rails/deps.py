@@ -9,8 +9,8 @@ from __future__ import annotations
 from fastapi import Request
 
 from .errors import ApiError
-from .state import ServerState
-from .tenants import Tenant
+from ..state import ServerState
+from ..tenants import Tenant
 
 
 async def server_state(request: Request) -> ServerState:

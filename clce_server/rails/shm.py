@@ -57,7 +57,7 @@ from clce_wire.protocol import DTYPES, ProtocolError, numpy_dtype
 from clce_wire.shm import (FRAME_HEADER, MAX_FRAME, REGION_NAME, SEALS_REQUIRED, RegionRef, decode_frame,
                            encode_frame)
 
-from .config import over_limit
+from ..config import over_limit
 from .errors import ApiError
 
 log = logging.getLogger("clce.shm")

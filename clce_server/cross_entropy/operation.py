@@ -30,17 +30,17 @@ from pydantic import BaseModel
 from clce_wire import fastpath, options, protocol
 from clce_wire.shm import RegionRef, parse_ref, ref_map
 
-from .. import layouts
-from ..deps import check_ready, tenant_for
-from ..errors import ApiError, ArgumentError
-from ..jobs import LossJob, inflight_bytes
-from ..lease import RequestLease
-from ..recording import RequestRecord
-from ..shm import view as region_view
+from . import layouts
+from ..rails.deps import check_ready, tenant_for
+from ..rails.errors import ApiError, ArgumentError
+from .job import LossJob, inflight_bytes
+from ..rails.lease import RequestLease
+from ..rails.recording import RequestRecord
+from ..rails.shm import view as region_view
 from ..state import ServerState
 from ..tenants import Tenant
-from . import leased
-from .leased import LeasedEndpoint, msgpack_answer, receive_body, timing_headers, unless_disconnected
+from ..rails import endpoint as leased
+from ..rails.endpoint import LeasedEndpoint, msgpack_answer, receive_body, timing_headers, unless_disconnected
 
 PATH = "/v1/cross_entropy"
 

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .state import ServerState
+from ..state import ServerState
 
 access_log = logging.getLogger("clce.access")
 

@@ -30,9 +30,9 @@ import time
 from collections import deque
 from typing import Any, Callable, ClassVar, Generator, Hashable, Iterable, Sequence
 
-from .config import over_limit
-from .metrics import Metrics
-from .tenants import Tenant, TenantRegistry
+from ..config import over_limit
+from ..metrics import Metrics
+from ..tenants import Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -654,7 +654,7 @@ class Scheduler:
     def reserve(self, tenant: Tenant, nbytes: int, stored: bool = False) -> Reservation:
         """Hold `nbytes` (a request body, from its Content-Length) against the in-flight budgets
         before the body is read, so that a burst is turned away with 429 before its bodies are in
-        memory, not after. `stored`: bytes kept between requests (clce_server/weights.py), the
+        memory, not after. `stored`: bytes kept between requests (clce_server/linear/weights.py), the
         same budgets, shown apart in stats(). Raises QueueFull or ShuttingDown."""
         if not self._accepting:
             raise ShuttingDown("server is shutting down")

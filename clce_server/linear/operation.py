@@ -15,7 +15,7 @@ hidden-gradient buffers; its pins on shared-memory regions), all given back once
 out, or when a job still computing into them ends. The stages: the API key names a tenant, the
 server must take work, the body is read against the tenant's size limit, arguments fail with
 PyTorch's exception type and message (400), the work goes through the scheduler's fair queue to a
-device thread (clce_server/linear.py, a chunk per step), and the answer leaves by
+device thread (clce_server/linear/engine.py, a chunk per step), and the answer leaves by
 `leased.msgpack_answer`.
 
 Shared memory: any tensor of a POST (hidden, target, weight, bias, class_weight) or of a PUT
@@ -44,18 +44,18 @@ from clce_wire import fastpath, protocol
 from clce_wire import options as wire_options
 from clce_wire.shm import RegionRef, is_ref_map, parse_ref, ref_map
 
-from ..deps import check_ready, tenant_for
-from ..errors import ApiError, ArgumentError
-from ..lease import RequestLease
-from ..linear import LINEAR_DTYPES, LinearCrossEntropy, check
-from ..recording import RequestRecord
-from ..scheduler import FunctionJob
-from ..shm import Region
-from ..shm import view as region_view
+from ..rails.deps import check_ready, tenant_for
+from ..rails.errors import ApiError, ArgumentError
+from ..rails.lease import RequestLease
+from .engine import LINEAR_DTYPES, LinearCrossEntropy, check
+from ..rails.recording import RequestRecord
+from ..rails.scheduler import FunctionJob
+from ..rails.shm import Region
+from ..rails.shm import view as region_view
 from ..state import ServerState
 from ..tenants import Tenant
-from ..weights import IDLE_S, MAX_ENTRIES, NO_MEMORY, WeightStore, accumulator_bytes, check_name, no_memory
-from .leased import (LeasedEndpoint, announced_length, msgpack_answer, receive_body, timing_headers,
+from .weights import IDLE_S, MAX_ENTRIES, NO_MEMORY, WeightStore, accumulator_bytes, check_name, no_memory
+from ..rails.endpoint import (LeasedEndpoint, announced_length, msgpack_answer, receive_body, timing_headers,
                      unless_disconnected)
 
 #: the request's options: the loss request's of these names (clce_wire.options.OPTIONS), with

@@ -24,10 +24,10 @@ from starlette.requests import ClientDisconnect
 from clce_wire import fastpath, protocol
 
 from ..config import over_limit
-from ..errors import ApiError
-from ..lease import RequestLease
-from ..recording import RequestRecord, new_request_id
-from ..responses import error_for
+from .errors import ApiError
+from .lease import RequestLease
+from .recording import RequestRecord, new_request_id
+from .responses import error_for
 from ..state import ServerState
 
 STREAM_CHUNK = 1 << 20          # response bodies leave in 1 MiB slices: backpressure, no copies

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArgumentError
+from ..rails.errors import ArgumentError
 from .semantics import FLOAT_DTYPES, INDEX_DTYPES, TORCH_NAMES
 
 __all__ = ["wanted", "to_rows", "Restore"]

@@ -32,8 +32,8 @@ from clce_wire import reduction
 from clce_wire.options import coalescing_key
 
 from . import semantics
-from .device import Device, as_storage
-from .errors import ArgumentError, DeviceError, is_opencl_error
+from ..rails.device import Device, as_storage
+from ..rails.errors import ArgumentError, DeviceError, is_opencl_error
 
 MF = cl.mem_flags
 

@@ -63,10 +63,10 @@ import pyopencl as cl
 
 from clce_wire.reduction import REDUCE_BLOCK_ROWS, combine_partials
 
-from . import semantics
-from .device import as_storage
-from .engine import LossEngine, PreparedLoss, _device_errors, _np_dtype, _RowBlock, to_device
-from .errors import ArgumentError
+from ..cross_entropy import semantics
+from ..rails.device import as_storage
+from ..cross_entropy.engine import LossEngine, PreparedLoss, _device_errors, _np_dtype, _RowBlock, to_device
+from ..rails.errors import ArgumentError
 from .gemm import Gemm
 
 MF = cl.mem_flags

@@ -14,8 +14,8 @@ from clce_wire import options, reduction
 from clce_wire.protocol import DTYPES, dtype_name
 
 from . import layouts
-from .errors import classify
-from .scheduler import Job
+from ..rails.errors import classify
+from ..rails.scheduler import Job
 
 
 class LossJob(Job):
