@@ -29,9 +29,10 @@ from clce_wire import options
 from . import __version__
 from .config import Settings
 from .limits import ClientGuard
-from .rails.responses import install_exception_handlers
-from .linear import operation as linear
 from .cross_entropy import operation as loss
+from .linear import operation as linear
+from .linear import weight_endpoints
+from .rails.responses import install_exception_handlers
 from .routes import ops
 from .state import ServerState
 
@@ -69,7 +70,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                               "form below is for curl.")
     app.router.routes.insert(0, loss.route())   # matched first: the path nearly every request takes
     app.include_router(ops.router)
-    app.router.routes.extend(linear.routes())   # fused linear cross-entropy (routes/linear.py)
+    app.router.routes.extend([linear.route(), *weight_endpoints.routes()])   # fused linear cross-entropy
     install_exception_handlers(app)
     app.add_middleware(ClientGuard, body_timeout_s=settings.body_timeout_s)
     app.openapi = lambda: _openapi(app)

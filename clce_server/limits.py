@@ -9,7 +9,7 @@
 * `ClientGuard`: ASGI middleware (app.build_app adds it). A client that stalls mid-body for
   `body_timeout_s` (no further chunk arrives) is answered 408 and its connection closed, whatever
   the app was doing. (A client that vanishes mid-download costs nothing more: the request's lease
-  gives its buffers back when the endpoint returns, lease.py.)
+  gives its buffers back when the endpoint returns, rails/lease.py.)
 
 `http_protocol` builds on uvicorn's private protocol attributes (`connections`, `cycle`,
 `cycle.response_complete`, `transport`, `loop`); pyproject.toml bounds uvicorn to the versions

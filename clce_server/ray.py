@@ -273,9 +273,7 @@ class ClceDeployment:
             del self._slots[slot.model_id]
 
     def _weight_store(self):
-        from .linear.operation import weight_store
-
-        return weight_store(self._app_state())
+        return self._app_state().weight_store
 
     def _app_state(self):
         state = self._state()

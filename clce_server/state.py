@@ -1,5 +1,6 @@
-"""What the lifespan creates and the endpoints use: devices, engines, tenants, metrics, scheduler,
-the host buffer pool."""
+"""What the lifespan creates and the endpoints use: devices and their runtimes (a loss engine and a
+fused linear cross-entropy per device), tenants, metrics, the scheduler, the weight store, the
+host buffer pool."""
 
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ class ServerState:
         self.instance_id = uuid.uuid4().hex[:12]
         self.started = time.time()
         self.devices: list = []
-        self.engines: dict[int, object] = {}     # device index -> LossEngine
+        self.engines: dict[int, object] = {}          # device index -> LossEngine
+        self.linear_engines: dict[int, object] = {}   # device index -> LinearCrossEntropy
+        #: stored weights of the fused linear cross-entropy (made with the scheduler, whose budgets it uses)
+        self.weight_store = None
         self.registry = self._registry(settings)
         self.metrics = Metrics(tenants=[t.name for t in self.registry.tenants], version=__version__,
                                instance=self.instance_id)
@@ -40,7 +44,7 @@ class ServerState:
         self.inflight_http = 0                   # leased requests being served (loss and linear routes)
         #: bodies and gradients, reused with their pages mapped (taken and given back by the leases)
         self.pool = HostPool(settings.host_pool_bytes)
-        self.shm_registry = None                 # shared memory (shm.py), when settings allow it
+        self.shm_registry = None                 # shared memory (rails/shm.py), when settings allow it
         self.shm_server = None
 
     @staticmethod
@@ -94,19 +98,24 @@ class ServerState:
             from .rails.device import open_devices
             from .cross_entropy.engine import LossEngine
             from .linear.engine import LinearCrossEntropy
+            from .linear.weights import WeightStore
 
-            devices = open_devices(self.settings.device_selectors, memory=self.settings.device_memory)
+            s = self.settings
+            devices = open_devices(s.device_selectors, memory=s.device_memory)
             for dev in devices:
                 dev.build_startup_programs()
                 engine = LossEngine(dev)
-                if self.settings.warmup:   # PoCL compiles each kernel at its first launch
+                linear = LinearCrossEntropy(engine)
+                if s.warmup:   # PoCL compiles each kernel at its first launch
                     engine.warm_up()
-                    LinearCrossEntropy.for_engine(engine).warm_up()
+                    linear.warm_up()
                 self.engines[dev.index] = engine
+                self.linear_engines[dev.index] = linear
             self.devices = devices
-            self.scheduler = Scheduler(devices, self.registry, max_inflight_bytes=self.settings.max_inflight_bytes,
-                                       metrics=self.metrics, policy=self.settings.scheduling,
-                                       max_batch=self.settings.max_batch)
+            self.scheduler = Scheduler(devices, self.registry, max_inflight_bytes=s.max_inflight_bytes,
+                                       metrics=self.metrics, policy=s.scheduling, max_batch=s.max_batch)
+            self.weight_store = WeightStore(self.scheduler, max_entries=s.max_stored_weights,
+                                            idle_s=s.weight_idle_s, instance=self.instance_id)
             self.scheduler.start()
             self.ready.set()
             log.info("ready: %s", ", ".join(f"{d.name} [{d.platform}]" for d in devices))

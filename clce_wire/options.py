@@ -7,6 +7,10 @@ from `OPTIONS`: msgpack and JSON parsing (`parse_request`), the client's message
 (`shared_values`) and, in the server, the OpenAPI model. Adding an option is one declaration
 here plus its math in the server.
 
+The fused linear cross-entropy's messages are declared the same way (`LINEAR_OPTIONS`,
+`WEIGHT_PUT_OPTIONS`, `WEIGHT_GRAD_OPTIONS`), taking the loss request's options that apply by
+name, and are parsed by the same `parse_fields`.
+
 Only wire types are checked here; values (reduction names, index ranges...) are the server's
 semantics, checked with PyTorch's messages.
 """
@@ -33,8 +37,9 @@ from .protocol import (
 from .reduction import REDUCE_BLOCK_ROWS
 from .shm import is_ref_map, parse_ref
 
-__all__ = ["Option", "OPTIONS", "OPTION_BY_NAME", "OPTION_NAMES", "REQUIRED", "parse_request", "request_message",
-           "engine_kwargs", "shared_values", "coalescing_key", "options_doc"]
+__all__ = ["Option", "OPTIONS", "OPTION_BY_NAME", "OPTION_NAMES", "REQUIRED", "LINEAR_OPTIONS", "WEIGHT_PUT_OPTIONS",
+           "WEIGHT_GRAD_OPTIONS", "parse_fields", "parse_request", "request_message", "engine_kwargs",
+           "shared_values", "coalescing_key", "options_doc"]
 
 _KINDS = ("tensor", "int", "float", "bool", "str")
 
@@ -117,11 +122,49 @@ OPTIONS: tuple[Option, ...] = (
 )
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 REQUIRED = frozenset(o.name for o in OPTIONS if o.required)
-_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
 #: the options by name, for an operation that takes some of them (the fused linear cross-entropy)
-OPTION_BY_NAME = _BY_NAME
-#: what a request that leaves an option out gets (each default is a valid parsed value)
-_DEFAULTS: Mapping[str, Any] = {o.name: o.default for o in OPTIONS}
+OPTION_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+
+# ---- the fused linear cross-entropy (docs/protocol.md, "Fused linear cross-entropy") ---------------
+
+#: the loss request's options that mean the same in a linear cross-entropy request
+LINEAR_LOSS_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "lse_square_scale", "softcap", "shift",
+                       "return_lse", "return_argmax")
+
+#: POST /v1/linear_cross_entropy
+LINEAR_OPTIONS: tuple[Option, ...] = (
+    Option("hidden", "tensor", required=True, doc="hidden states (..., H)"),
+    Option("target", "tensor", required=True, doc="class indices (...), the hidden states' rows"),
+    Option("weight", "tensor", nullable=True, doc="the (V, H) weight, sent with the request (stateless)"),
+    Option("bias", "tensor", nullable=True, doc="the (V,) bias, with `weight`"),
+    Option("class_weight", "tensor", nullable=True, doc="class weights (V): cross_entropy's weight"),
+    Option("grad_output", "tensor", nullable=True,
+           doc="reduction 'none': the loss's per-row gradient, which the gradients are computed for"),
+    Option("weight_name", "str", None, nullable=True, doc="a stored weight (PUT /v1/weights/{name})"),
+    Option("weight_version", "str", None, nullable=True, doc="the stored weight's version"),
+    Option("accumulate", "bool", False,
+           doc="add the weight's and bias's gradients into the stored version's accumulators"),
+    Option("want_grad", "bool", True, doc="compute the gradients"),
+    *(OPTION_BY_NAME[name] for name in LINEAR_LOSS_OPTIONS),
+    # shared memory: grad_region places the hidden's gradient, grad_weight_region the weight's
+    OPTION_BY_NAME["grad_region"],
+    OPTION_BY_NAME["grad_offset"],
+    Option("grad_weight_region", "str", None, nullable=True,
+           doc="shared memory: write the weight's gradient into this registered region"),
+    Option("grad_weight_offset", "int", 0, ge=0, doc="shared memory: byte offset of the weight's gradient"),
+)
+#: PUT /v1/weights/{name}
+WEIGHT_PUT_OPTIONS: tuple[Option, ...] = (
+    Option("weight_version", "str", required=True, doc="the version stored (one per name)"),
+    Option("weight", "tensor", required=True, doc="the (V, H) weight"),
+    Option("bias", "tensor", nullable=True, doc="the (V,) bias"),
+)
+#: POST /v1/weights/{name}/grad
+WEIGHT_GRAD_OPTIONS: tuple[Option, ...] = (
+    Option("weight_version", "str", required=True, doc="the version whose accumulated gradient is taken"),
+    LINEAR_OPTIONS[-2],
+    LINEAR_OPTIONS[-1],
+)
 
 
 def _parse_value(opt: Option, value: Any, json: bool) -> Any:
@@ -154,18 +197,31 @@ def _parse_value(opt: Option, value: Any, json: bool) -> Any:
     return value
 
 
-def parse_request(msg: Any, *, json: bool = False) -> dict[str, Any]:
-    """Check a decoded request's fields and wire types and fill in the defaults.
+_SPECS: dict[int, tuple] = {}
 
-    Returns every option by name, tensors as numpy arrays. `json=True` reads tensors in the JSON
-    form (see `tensor_from_json`).
-    """
+
+def _spec(fields: tuple[Option, ...]) -> tuple[frozenset, tuple[str, ...], dict[str, Any]]:
+    """The field names, the required ones and the defaults of a declaration (made once: a small
+    request's parsing is on the CPU's critical path)."""
+    spec = _SPECS.get(id(fields))
+    if spec is None or spec[0] is not fields:
+        spec = _SPECS[id(fields)] = (fields, frozenset(o.name for o in fields),
+                                     tuple(o.name for o in fields if o.required), {o.name: o.default for o in fields})
+    return spec[1:]
+
+
+def parse_fields(msg: Any, fields: tuple[Option, ...], *, json: bool = False) -> dict[str, Any]:
+    """Check a decoded message's fields and wire types against `fields` and fill in the defaults.
+
+    Returns every field by name, tensors as numpy arrays (or region references). `json=True`
+    reads tensors in the JSON form (see `tensor_from_json`)."""
     if not isinstance(msg, Mapping):
         raise ProtocolError("a request must be a map")
+    names, required, defaults = _spec(fields)
     for key in msg:
-        if key not in OPTION_NAMES and key != "v":
+        if key not in names and key != "v":
             raise ProtocolError(f"unknown request field {key!r}")
-    missing = sorted(REQUIRED - msg.keys())
+    missing = [name for name in required if name not in msg]
     if missing:
         raise ProtocolError(f"missing request field {missing[0]!r}")
     v = msg.get("v", PROTOCOL_VERSION)
@@ -173,11 +229,16 @@ def parse_request(msg: Any, *, json: bool = False) -> dict[str, Any]:
         raise ProtocolError(f"v: expected an integer, got {kind_of(v)}")
     if v != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {v}; this server speaks version {PROTOCOL_VERSION}")
-    out = dict(_DEFAULTS)
-    for o in OPTIONS:   # in declaration order: the first bad field named is the same whatever the message's order
+    out = dict(defaults)
+    for o in fields:   # in declaration order: the first bad field named is the same whatever the message's order
         if o.name in msg:
             out[o.name] = _parse_value(o, msg[o.name], json)
     return out
+
+
+def parse_request(msg: Any, *, json: bool = False) -> dict[str, Any]:
+    """A cross_entropy request's options (`parse_fields` over `OPTIONS`)."""
+    return parse_fields(msg, OPTIONS, json=json)
 
 
 def request_message(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,15 +6,26 @@ Against torch: F.cross_entropy(F.linear(h, W, b), y) through autograd, and what 
 fused linear cross-entropy returns (its token accuracy: argmax == target over the non-ignored
 rows; its predicted tokens: the argmax)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from clce_server.linear import engine as linear
+from clce_server.rails.errors import ArgumentError
 from linear_reference import to_numpy, to_torch
 
 _np, _torch = to_numpy, to_torch
+
+
+@contextlib.contextmanager
+def refused(exc_type, match):
+    """A check's deliberate refusal: an ArgumentError carrying PyTorch's exception type."""
+    with pytest.raises(ArgumentError, match=match) as info:
+        yield info
+    assert type(info.value.error) is exc_type, info.value.error
 
 
 def make(rng, rows_shape, H, V, dtype=torch.float32):
@@ -189,13 +200,13 @@ def test_extras_on_discrete_memory_are_the_host_paths_bits(host_lce, disc_lce):
 ])
 def test_bad_grad_output_is_refused(case, exc, match):
     h, W = np.zeros((10, 4), np.float32), np.zeros((5, 4), np.float32)
-    with pytest.raises(exc, match=match):
+    with refused(exc, match):
         linear.check(h, W, np.zeros(10, np.int64), **case)
 
 
 def test_fp16_needs_matching_dtypes():
     h = np.zeros((3, 4), np.float16)
-    with pytest.raises(RuntimeError, match="same dtype"):
+    with refused(RuntimeError, "same dtype"):
         linear.check(h, np.zeros((5, 4), np.float32), np.zeros(3, np.int64))
-    with pytest.raises(RuntimeError, match="runs float32, bfloat16 and float16"):
+    with refused(RuntimeError, "runs float32, bfloat16 and float16"):
         linear.check(h.astype(np.float64), np.zeros((5, 4), np.float64), np.zeros(3, np.int64))

@@ -152,7 +152,7 @@ def test_custom_op_under_torch_compile(client):
     ({"v": 1, "hidden": np.zeros((3, 4), np.float32), "target": np.zeros(3, np.int64), "bogus": 1}, 400,
      "unknown request field 'bogus'"),
     ({"v": 1, "hidden": np.zeros((3, 4), np.float32), "target": np.zeros(3, np.int64),
-      "weight": np.zeros((5, 4), np.float32), "reduction": 3}, 400, "reduction: expected str"),
+      "weight": np.zeros((5, 4), np.float32), "reduction": 3}, 400, "reduction: expected a string"),
     ({"v": 1, "hidden": np.zeros((0, 4), np.float32), "target": np.zeros(0, np.int64),
       "weight": np.zeros((5, 4), np.float32), "reduction": "sum"}, 200, None),
     ({"v": 1, "hidden": np.zeros((3, 4), np.float32), "target": np.zeros(3, np.int64),
@@ -233,13 +233,15 @@ def test_an_accumulating_micro_batch_failing_part_way_drops_the_version_and_give
     with InProcessServer(max_batch=1) as srv:
         assert send(srv, "PUT", "/v1/weights/w", {"v": 1, "weight_version": "1", "weight": W}).status_code == 200
         assert send(srv, "POST", "/v1/linear_cross_entropy", post).status_code == 200
+        from clce_server.linear.engine import LinearCrossEntropy
+
         index = srv.state.devices[0].index
-        real = srv.state.engines[index]
-        srv.state.engines[index] = FailsOnSecondChunk(real)
+        real = srv.state.linear_engines[index]   # the device's runtime, over a loss engine that fails
+        srv.state.linear_engines[index] = LinearCrossEntropy(FailsOnSecondChunk(real.engine), real.gemm)
         try:
             failed = send(srv, "POST", "/v1/linear_cross_entropy", post)
         finally:
-            srv.state.engines[index] = real
+            srv.state.linear_engines[index] = real
         assert failed.status_code == 503, failed.content[:300]
         for path, msg in (("/v1/linear_cross_entropy", post), ("/v1/weights/w/grad", {"v": 1, "weight_version": "1"})):
             gone = send(srv, "POST", path, msg)

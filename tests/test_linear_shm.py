@@ -382,10 +382,10 @@ def test_references_out_of_bounds_or_malformed_are_400_not_500(server, shared):
         ({"hidden": ref_map("float32", h.shape, "../etc", 0)}, 400, "a region name is"),
         ({"grad_region": region, "grad_offset": size - 4}, 400, "past the end of region"),
         ({"grad_region": region, "grad_offset": -1}, 400, "non-negative integer"),
-        ({"grad_region": region, "grad_offset": "0"}, 400, "grad_offset: expected int"),
+        ({"grad_region": region, "grad_offset": "0"}, 400, "grad_offset: expected an integer"),
         ({"grad_weight_region": region, "grad_weight_offset": size}, 400, "past the end of region"),
         ({"grad_region": region, "want_grad": False}, 400, "need want_grad"),
-        ({"grad_region": 5}, 400, "grad_region: expected str"),
+        ({"grad_region": 5}, 400, "grad_region: expected a string"),
         ({"v": 2}, 400, "unsupported protocol version 2"),
     ]
     for extra, status, match in cases:

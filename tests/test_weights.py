@@ -217,6 +217,32 @@ def _region(name: str, data: np.ndarray):
     return Region("a", name, data.nbytes, mm, session=None)
 
 
+class _Registry:
+    """The registry's side of a lease's pins (rails/shm.py ShmRegistry.pin/unpin), over `pin`."""
+
+    def __init__(self, pin):
+        self.pin_region, self.pinned = pin, []
+
+    def pin(self, tenant, name):
+        region = self.pin_region(name)
+        self.pinned.append(name)
+        return region
+
+    def unpin(self, region):
+        self.pinned.remove(region.name)
+
+
+def _lease(pin):
+    """A request's lease whose shared-memory pins go to `pin(name)`."""
+    from clce_server.rails.hostmem import HostPool
+    from clce_server.rails.lease import RequestLease
+    from clce_server.rails.recording import RequestRecord
+
+    lease = RequestLease(RequestRecord("r"), HostPool(0), _Registry(pin))
+    lease.tenant = "a"
+    return lease
+
+
 def test_a_region_weight_counts_its_accumulators_only_and_is_read_where_it_lies():
     from clce_server.linear.weights import accumulator_bytes
     from clce_wire.shm import RegionRef
@@ -234,10 +260,12 @@ def test_a_region_weight_counts_its_accumulators_only_and_is_read_where_it_lies(
     assert s.tenant_bytes("a") == sched.tenant_bytes("a") == floor   # inline evicted: only the region weight
     s.reserve_accumulators(entry, t)
     assert sched.tenant_bytes("a") == floor + accumulator_bytes((V, H), True) == floor + V * H * 4 + V * 8
-    pins = []
-    w, bias = s.resolve(entry, lambda name: pins.append(name) or region)
-    assert pins == ["r", "r"] and np.array_equal(w, W) and np.array_equal(bias, b)
-    assert np.shares_memory(w, np.frombuffer(region.mm, np.uint8)) and not w.flags.writeable
+    lease = _lease(lambda name: region)
+    w, bias = s.resolve(entry, lease)
+    assert lease.shm.pinned == ["r"] and np.array_equal(w, W) and np.array_equal(bias, b)   # pinned once
+    assert np.shares_memory(w, np.frombuffer(region.mm, np.uint8))
+    lease.close()
+    assert lease.shm.pinned == []
 
 
 @pytest.mark.parametrize("how", ["gone", "registered_anew"])
@@ -256,7 +284,7 @@ def test_a_region_weight_whose_region_is_gone_answers_upload_again_and_is_droppe
         return _region(name, W)       # the same name and bytes, another registration
 
     with pytest.raises(ApiError, match="region 'r' its weight was uploaded in is gone.*upload it again") as e:
-        s.resolve(entry, pin)
+        s.resolve(entry, _lease(pin))
     assert e.value.status == 404
     with pytest.raises(ApiError, match="not stored.*upload it again"):
         s.get(t, "head", "1")

@@ -20,7 +20,6 @@ buffers come from the device's memory pool and are copied.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -33,7 +32,7 @@ from clce_wire.options import coalescing_key
 
 from . import semantics
 from ..rails.device import Device, as_storage
-from ..rails.errors import ArgumentError, DeviceError, is_opencl_error
+from ..rails.errors import ArgumentError, device_faults
 
 MF = cl.mem_flags
 
@@ -76,22 +75,6 @@ def _np_dtype(name: str) -> np.dtype:
 def _acc_dtype(compute_dtype: str) -> type:
     """The kernels' accumulation type: double for fp64 input, float otherwise."""
     return np.float64 if compute_dtype == "float64" else np.float32
-
-
-@contextlib.contextmanager
-def _device_errors():
-    """pyopencl failures (out of resources, allocation, lost device) and host memory exhaustion
-    become DeviceError: the request may succeed later or elsewhere."""
-    try:
-        yield
-    except (ArgumentError, DeviceError):
-        raise
-    except MemoryError as exc:
-        raise DeviceError(f"out of memory: {exc}") from exc
-    except Exception as exc:
-        if is_opencl_error(exc):
-            raise DeviceError(f"OpenCL device error: {type(exc).__name__}: {exc}") from exc
-        raise
 
 
 @dataclass
@@ -335,7 +318,7 @@ class LossEngine:
                 if not in_place:
                     prep.copy_to, grad_out = grad_out, None
             # (a device with its own memory has copied the logits before the gradient comes back)
-        with _device_errors():
+        with device_faults():
             try:
                 if return_grad:   # the server passes a pooled grad_out: fresh pages cost the kernel faults
                     prep.grad = (grad_out if grad_out is not None
@@ -364,7 +347,7 @@ class LossEngine:
         if start % per_item or count % per_item:
             raise ValueError(f"this problem runs {per_item} rows per work-item: chunk ({start}, {count}) "
                              "must be a multiple of that")
-        with _device_errors():
+        with device_faults():
             ev = self._launch_rows(p, prep.blocks[bi], start, count,
                                    grad_dtype=p.grad_dtype if prep.want_grad else p.compute_dtype,
                                    scalars=self._scalars(p))
@@ -386,7 +369,7 @@ class LossEngine:
                                 prep.want_lse, prep.want_argmax)
         secs = prep.kernel_seconds
         blocks = []
-        with _device_errors():
+        with device_faults():
             for blk in prep.blocks:
                 seg, red_secs = self._reduce(p.compute_dtype, blk, reduction.block_starts(blk.row0, blk.rows))
                 blocks.append(seg)
@@ -431,7 +414,7 @@ class LossEngine:
                         out[i] = exc
                 continue
             try:
-                with _device_errors():
+                with device_faults():
                     results = self._run_merged([m[1] for m in members], *members[0][2])
                 for (i, _, _), res in zip(members, results):
                     out[i] = res
@@ -485,11 +468,8 @@ class LossEngine:
                return_argmax=False) -> semantics.Problem:
         """PyTorch's argument checks, then what this device can run (return_* are accepted so a
         request's keyword dict can be passed whole). Raises ArgumentError."""
-        try:
-            p = semantics.check(input, target, weight, ignore_index, reduction, label_smoothing,
-                                grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
-        except Exception as exc:
-            raise ArgumentError(exc) from exc
+        p = semantics.check(input, target, weight, ignore_index, reduction, label_smoothing,
+                            grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
         if "float64" in (p.compute_dtype, p.grad_dtype) and not self.device.has_fp64:
             raise ArgumentError(RuntimeError(f"the OpenCL device {self.device.name!r} has no float64 support"))
         return p

@@ -14,7 +14,7 @@ from clce_wire import options, reduction
 from clce_wire.protocol import DTYPES, dtype_name
 
 from . import layouts
-from ..rails.errors import classify
+from ..rails.errors import classify, device_faults
 from ..rails.scheduler import Job
 
 
@@ -62,19 +62,16 @@ class LossJob(Job):
 
     def run(self, device) -> Generator[float, None, Any]:
         engine = self.engines[device.index]
-        try:
+        with device_faults():
             prep = engine.prepare(**self.request, grad_out=self._rows_grad_out)
-        except Exception as exc:
-            raise _classified(exc)
         if self.mean_of is not None:
             prep.problem = whole_batch_mean(prep.problem, *self.mean_of)
         try:
-            for chunk in prep.chunks(self.chunk_s):
-                yield engine.run_chunk(prep, chunk)
-            result = engine.finish(prep)
+            with device_faults():
+                for chunk in prep.chunks(self.chunk_s):
+                    yield engine.run_chunk(prep, chunk)
+                result = engine.finish(prep)
             return self._deliver(result if self.restore is None else self.restore(result))
-        except Exception as exc:
-            raise _classified(exc)
         finally:
             prep.release()
 
@@ -83,16 +80,6 @@ class LossJob(Job):
         engine = jobs[0].engines[device.index]
         return [classify(r) if isinstance(r, BaseException) else j._deliver(r)
                 for j, r in zip(jobs, engine.cross_entropy_many([j.request for j in jobs]))]
-
-
-def _classified(exc: Exception) -> Exception:
-    """What to raise for `exc`: itself when it is already an ArgumentError or a DeviceError (never
-    "raise exc from exc": an exception that is its own cause is a reference cycle, and would keep
-    its traceback's frames, the request's arrays among them, until the garbage collector ran)."""
-    raised = classify(exc)
-    if raised is not exc:
-        raised.__cause__ = exc
-    return raised
 
 
 def whole_batch_mean(p, denominator: float | None, rows: int | None):

@@ -35,10 +35,6 @@ from .semantics import FLOAT_DTYPES, INDEX_DTYPES, TORCH_NAMES
 
 __all__ = ["wanted", "to_rows", "Restore"]
 
-# what PyTorch raises for bad arguments; answered 4xx with that type (see errors.ArgumentError)
-_TORCH_ERRORS = (ValueError, IndexError, TypeError, RuntimeError)
-
-
 def _dims(shape) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
@@ -80,32 +76,32 @@ class Restore:
 def _check(args: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
     x, t, shift = args["input"], args["target"], args.get("shift", 0)
     if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)):
-        raise TypeError(f"shift must be an int, got {type(shift).__name__}")
+        raise ArgumentError(TypeError(f"shift must be an int, got {type(shift).__name__}"))
     shift = int(shift)
     if shift < 0:
-        raise ValueError(f"shift must be >= 0, got {shift}")
+        raise ArgumentError(ValueError(f"shift must be >= 0, got {shift}"))
     soft = x.ndim >= 1 and tuple(t.shape) == tuple(x.shape) and t.dtype.name in FLOAT_DTYPES
     if soft:
         if shift:
-            raise ValueError("shift needs class-index targets; got class probabilities shaped like the input "
-                             f"{_dims(x.shape)}")
+            raise ArgumentError(ValueError("shift needs class-index targets; got class probabilities shaped like the input "
+                                           f"{_dims(x.shape)}"))
         return x, t, 0
     if x.ndim == 0:
-        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got -1)")
+        raise ArgumentError(IndexError("Dimension out of range (expected to be in range of [-1, 0], but got -1)"))
     if x.ndim == 1 and not shift:
         return x, t, 0           # (C,) with a () target: already PyTorch's layout
     if tuple(t.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"with the class dimension last, input {_dims(x.shape)} needs target "
-                         f"{_dims(x.shape[:-1])}, got target {_dims(t.shape)}")
+        raise ArgumentError(ValueError(f"with the class dimension last, input {_dims(x.shape)} needs target "
+                                       f"{_dims(x.shape[:-1])}, got target {_dims(t.shape)}"))
     if shift:
         if x.ndim < 2:
-            raise ValueError(f"shift needs a sequence dimension: input (..., T, C), got {_dims(x.shape)}")
+            raise ArgumentError(ValueError(f"shift needs a sequence dimension: input (..., T, C), got {_dims(x.shape)}"))
         T = int(x.shape[-2])
         if shift >= T:
-            raise ValueError(f"shift must be smaller than the sequence length T = {T}, got {shift}")
+            raise ArgumentError(ValueError(f"shift must be smaller than the sequence length T = {T}, got {shift}"))
         t_dt = t.dtype.name
         if t_dt not in INDEX_DTYPES:
-            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {TORCH_NAMES.get(t_dt, t_dt)}")
+            raise ArgumentError(RuntimeError(f"expected target dtype to be Long or Byte, but got {TORCH_NAMES.get(t_dt, t_dt)}"))
     return x, t, shift
 
 
@@ -114,10 +110,7 @@ def to_rows(args: Mapping[str, Any]) -> tuple[dict[str, Any], Restore | None]:
     when there is nothing to rewrite). Bad arguments raise ArgumentError with PyTorch's type."""
     if not wanted(args):
         return args, None
-    try:
-        x, t, shift = _check(args)
-    except _TORCH_ERRORS as exc:
-        raise ArgumentError(exc) from None
+    x, t, shift = _check(args)
     out = {**args, "classes_last": False, "shift": 0}
     if x.ndim <= 1:
         return out, None

@@ -1,46 +1,37 @@
-"""POST /v1/cross_entropy: one endpoint, as named stages.
+"""POST /v1/cross_entropy: the loss as an operation of the staged endpoint (rails/endpoint.py).
 
-    admit    the tenant's API key, a server that takes work, a format we speak (deps.py)
-    read     read_body: the body into one aligned, pooled buffer, within the size limits
-    decode   decode: msgpack or JSON into the request's options (clce_wire.options)
-    schedule schedule: a LossJob through the tenant's fair queue to a device; cancelled if the
-             client goes
-    encode   encode: loss, gradient and extras in the request's format, streamed
+    admit    the tenant's API key, a server that takes work, msgpack or JSON (the rails)
+    read     the body into one aligned, pooled buffer, within the size limits (the rails)
+    decode   msgpack or JSON into the request's options (clce_wire.options)
+    resolve  shared-memory references through the lease; where the gradient goes (the client's
+             region, over the body, or a pooled buffer of the lease)
+    schedule a LossJob (job.py) through the tenant's fair queue to a device; big requests are
+             cancelled if the client goes
+    encode   loss, gradient and extras in the request's format, streamed
 
-`LossEndpoint` is the route's ASGI app (a `leased.LeasedEndpoint`): it makes the request's record
-and lease, runs the stages with a typed context (`LossRequest`), renders any failure through
-`responses.error_for`, sends the answer, then closes the lease and publishes the record, once. `route()` declares it to
-FastAPI for the OpenAPI document only: FastAPI's request handling (dependency solving, body
+`route()` declares the endpoint to FastAPI for the OpenAPI document only: its ASGI app is the
+`StagedEndpoint` of `CrossEntropy`, and FastAPI's request handling (dependency solving, body
 parsing) is not on this path, which a small request would pay for in CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from clce_wire import fastpath, options, protocol
-from clce_wire.shm import RegionRef, parse_ref, ref_map
+from clce_wire.shm import RegionRef, ref_map
 
-from . import layouts
-from ..rails.deps import check_ready, tenant_for
-from ..rails.errors import ApiError, ArgumentError
-from .job import LossJob, inflight_bytes
+from ..rails.endpoint import Call, Operation, StagedEndpoint, Work, msgpack_answer, timing_headers, wire_errors
+from ..rails.errors import ApiError
 from ..rails.lease import RequestLease
-from ..rails.recording import RequestRecord
-from ..rails.shm import view as region_view
-from ..state import ServerState
-from ..tenants import Tenant
-from ..rails import endpoint as leased
-from ..rails.endpoint import LeasedEndpoint, msgpack_answer, receive_body, timing_headers, unless_disconnected
+from . import layouts
+from .job import LossJob, inflight_bytes
 
 PATH = "/v1/cross_entropy"
 
@@ -61,28 +52,46 @@ JSON_IN_THREAD_BYTES = 1 << 20  # JSON bodies bigger than this are parsed off th
 JSON_OUT_THREAD_ROWS = 4096     # and JSON answers with more rows are rendered off it
 
 
-@dataclass
-class LossRequest:
-    """One loss request as the stages see it: established by `admit`."""
+class CrossEntropy(Operation):
+    """The loss: F.cross_entropy's arguments and the request's options in, LossJob's result out."""
 
-    request: Request
-    state: ServerState
-    tenant: Tenant
-    lease: RequestLease            # owns what the request holds; closed by the endpoint
-    as_msgpack: bool
-    body_limit: int
-    shm_bytes: int = 0             # bytes of the tensors it references in shared memory
+    async def decode(self, body: np.ndarray, call: Call) -> dict[str, Any]:
+        with wire_errors():
+            if call.as_msgpack:
+                return options.parse_request(fastpath.decode_small(memoryview(body)))
+            if body.nbytes > JSON_IN_THREAD_BYTES:
+                return await asyncio.to_thread(lambda: options.parse_request(protocol.loads_json(body), json=True))
+            return options.parse_request(protocol.loads_json(body), json=True)
 
-    @property
-    def record(self) -> RequestRecord:
-        return self.lease.record
+    def resolve(self, args: dict[str, Any], body: np.ndarray, call: Call) -> dict[str, Any]:
+        resolve_regions(args, call)
+        if args["return_grad"] and args.get("grad_out") is None:
+            args["grad_out"] = gradient_over_body(args, body) if call.as_msgpack else None
+            if args["grad_out"] is None:
+                args["grad_out"] = gradient_buffer(args, call.lease)
+        return args
 
+    def work(self, args: dict[str, Any], body: np.ndarray, call: Call) -> Work:
+        state, settings = call.state, call.state.settings
+        deadline = None
+        if args["deadline_ms"] is not None:
+            if not args["deadline_ms"] > 0:
+                raise ApiError("bad_request", "deadline_ms must be positive")
+            deadline = state.scheduler.clock() + args["deadline_ms"] / 1000.0
+        # FIFO runs whole requests: the baseline that chunked fair queueing is measured against
+        chunk_s = settings.chunk_ms / 1000.0 if settings.scheduling == "fair" else None
+        job = LossJob(args, state.engines, chunk_s=chunk_s,
+                      max_batch_elements=settings.batch_max_elements if settings.max_batch > 1 else 0)
+        # Tensors referenced in shared memory are the client's memory, bounded by the tenant's
+        # shared-memory budget when they were registered: only the body and what the server
+        # allocates to answer count against max_request_bytes and the in-flight budgets.
+        # A small job is cheaper to finish than to watch; if its client went, the answer is
+        # dropped harmlessly.
+        return Work(job, inflight_bytes(args, body.nbytes), body.nbytes, deadline,
+                    watch=body.nbytes + call.lease.shm_bytes >= WATCH_DISCONNECT_BYTES)
 
-class LossEndpoint(LeasedEndpoint):
-    """The ASGI app of POST /v1/cross_entropy."""
-
-    async def handle(self, request: Request, state: ServerState, lease: RequestLease) -> Response:
-        return await cross_entropy(admit(request, state, lease))
+    async def encode(self, result, args: dict[str, Any], call: Call) -> Response:
+        return await _encoded(result_message(result, args), result, call)
 
 
 def route() -> APIRoute:
@@ -107,82 +116,11 @@ def route() -> APIRoute:
                    503: {"description": "starting, draining, or the device failed (Retry-After)"},
                    504: {"description": "deadline exceeded"}},
     )
-    r.app = LossEndpoint()
+    r.app = StagedEndpoint(CrossEntropy())
     return r
 
 
-# ---- admit ---------------------------------------------------------------------------------------
-
-def admit(request: Request, state: ServerState, lease: RequestLease) -> LossRequest:
-    headers = request.headers
-    tenant = tenant_for(state, headers.get("authorization"))
-    lease.record.tenant = tenant.name
-    check_ready(state)
-    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in (protocol.MSGPACK, protocol.JSON):
-        raise ApiError("unsupported_media_type",
-                       f"Content-Type must be {protocol.MSGPACK} or {protocol.JSON}, got {ctype or 'none'!r}")
-    return LossRequest(request, state, tenant, lease, ctype == protocol.MSGPACK,
-                       min(state.settings.max_request_bytes, tenant.max_request_bytes))
-
-
-async def cross_entropy(req: LossRequest) -> Response:
-    record = req.record
-    # The body's bytes count against the in-flight budgets from before it is read until the
-    # response has gone out (the lease gives them back): a burst is answered 429 before its
-    # bodies are in memory, and peak memory stays near max_inflight_bytes + the host pool.
-    req.lease.hold(req.state.scheduler.reserve(req.tenant, announced_length(req)))
-    t0 = time.perf_counter()
-    body = await read_body(req)
-    record.stage("body", time.perf_counter() - t0)
-    record.body_bytes = body.nbytes
-    args = await decode(body, req)
-    # Tensors referenced in shared memory are the client's memory, bounded by the tenant's
-    # shared-memory budget when they were registered: only the body and what the server allocates
-    # to answer count against max_request_bytes and the in-flight budgets (jobs.inflight_bytes).
-    result = await schedule(req, args, body.nbytes)
-    if result is None:                     # the client left; nobody to answer
-        record.outcome = "cancelled"
-        return Response(status_code=499)
-    return await encode(result, args, req)
-
-
-def announced_length(req: LossRequest) -> int:
-    return leased.announced_length(req.request, req.body_limit)
-
-
-# ---- read ----------------------------------------------------------------------------------------
-
-async def read_body(req: LossRequest) -> np.ndarray:
-    """The body in one writable buffer, placed so its first tensor is aligned (it is decoded in
-    place: tensors are views into it, and the CPU device computes on them directly); a pooled
-    buffer of the request's lease when Content-Length says how big."""
-    return await receive_body(req.request, req.body_limit, req.lease.buffer)
-
-
-# ---- decode --------------------------------------------------------------------------------------
-
-async def decode(body: np.ndarray, req: LossRequest) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    try:
-        if req.as_msgpack:
-            args = options.parse_request(fastpath.decode_small(memoryview(body)))
-        elif body.nbytes > JSON_IN_THREAD_BYTES:
-            args = await asyncio.to_thread(lambda: options.parse_request(protocol.loads_json(body), json=True))
-        else:
-            args = options.parse_request(protocol.loads_json(body), json=True)
-    except protocol.RefusedArgument as exc:   # a value torch refuses too: its type and message
-        raise ArgumentError(exc.error) from None
-    except protocol.ProtocolError as exc:     # loads_json and decode_message raise only this
-        raise ApiError("bad_request", f"malformed request: {exc}") from None
-    resolve_regions(args, req)
-    if args["return_grad"] and args.get("grad_out") is None:
-        args["grad_out"] = gradient_over_body(args, body) if req.as_msgpack else None
-        if args["grad_out"] is None:
-            args["grad_out"] = gradient_buffer(args, req.lease)
-    req.record.stage("decode", time.perf_counter() - t0)
-    return args
-
+# ---- resolve -------------------------------------------------------------------------------------
 
 def gradient_over_body(args: dict[str, Any], body: np.ndarray) -> np.ndarray | None:
     """The logits' own bytes in the received body, when the gradient can be written over them
@@ -219,86 +157,30 @@ def gradient_buffer(args: dict[str, Any], lease: RequestLease) -> np.ndarray | N
 _GRAD_DTYPES = frozenset(("float32", "float64", "float16", "bfloat16"))
 
 
-# Tensors used where they lie in shared memory (the client may keep writing them: garbage in,
-# garbage out, never out of bounds). Class indices and weights are copied out first: they are
-# bounds-checked and then used as indices, and a client must not change them in between.
-_IN_PLACE = frozenset(("input",))
-
-
-def resolve_regions(args: dict[str, Any], req: LossRequest) -> None:
+def resolve_regions(args: dict[str, Any], call: Call) -> None:
     """Replace region references (clce_wire.shm.RegionRef) by arrays over the tenant's regions,
-    checked and pinned until the response is out; map `grad_region` to `args["grad_out"]`."""
+    resolved by the request's lease (checked, pinned until the job is over); map `grad_region` to
+    `args["grad_out"]`. The logits and probability targets are read where they lie (the client
+    may keep writing them: garbage in, garbage out, never out of bounds); class indices and class
+    weights are copied out first: they are bounds-checked and then used as indices, and a client
+    must not change them in between."""
     refs = [o.name for o in options.OPTIONS if isinstance(args.get(o.name), RegionRef)]
     if not refs and args["grad_region"] is None:
         return
-    if req.state.shm_registry is None:
-        raise ApiError("bad_request", "this server does not allow shared memory (see /v1/info)")
-    if not req.as_msgpack:
+    if not call.as_msgpack:
         raise ApiError("bad_request", "shared-memory references need application/msgpack")
-    # Not a request body: what it references lies in the tenant's registered regions, counted
-    # against its shared-memory budget (shm_max_bytes) when they were registered.
-    req.shm_bytes = sum(args[name].nbytes for name in refs)
-    pinned: dict[str, Any] = {}
-
-    def region(name: str):
-        if name not in pinned:
-            pinned[name] = req.lease.pin(req.tenant.name, name)
-        return pinned[name]
-
     for name in refs:
         ref = args[name]
-        arr = region_view(region(ref.region), ref, name=name)
-        if name not in _IN_PLACE and not (name == "target" and arr.dtype.kind == "f"):
-            arr = arr.copy()
-        args[name] = arr
+        as_indices = name != "input" and not (name == "target" and protocol.numpy_dtype(ref.dtype).kind == "f")
+        args[name] = call.lease.resolve(ref, what=name, copy=as_indices)
     args["grad_out"] = None
     if args["grad_region"] is not None:
         if not args["return_grad"]:
             raise ApiError("bad_request", "grad_region needs return_grad")
         x = args["input"]
         gdt = args["grad_dtype"] or protocol.dtype_name(x.dtype)
-        if type(args["grad_offset"]) is not int or args["grad_offset"] < 0:
-            raise ApiError("bad_request", "grad_offset must be a non-negative integer")
-        try:
-            gref = RegionRef(gdt, tuple(x.shape), args["grad_region"], args["grad_offset"])
-            parse_ref(ref_map(*gref), name="grad")     # the same checks as any reference
-        except protocol.ProtocolError as exc:
-            raise ApiError("bad_request", str(exc)) from None
-        args["grad_ref"] = gref
-        args["grad_out"] = region_view(region(gref.region), gref, name="grad")
-
-
-# ---- schedule ------------------------------------------------------------------------------------
-
-async def schedule(req: LossRequest, args: dict[str, Any], body_len: int):
-    """The engine's LossResult, or None when the client disconnected first (the job is dropped)."""
-    state, settings, record = req.state, req.state.settings, req.record
-    scheduler = state.scheduler
-    deadline = None
-    if args["deadline_ms"] is not None:
-        if not args["deadline_ms"] > 0:
-            raise ApiError("bad_request", "deadline_ms must be positive")
-        deadline = scheduler.clock() + args["deadline_ms"] / 1000.0
-    # FIFO runs whole requests: the baseline that chunked fair queueing is measured against
-    chunk_s = settings.chunk_ms / 1000.0 if settings.scheduling == "fair" else None
-    job = LossJob(args, state.engines, chunk_s=chunk_s,
-                  max_batch_elements=settings.batch_max_elements if settings.max_batch > 1 else 0)
-    timings: dict = {}
-    submit = scheduler.submit(req.tenant, inflight_bytes(args, body_len), job, deadline=deadline,
-                              timings=timings, request_bytes=body_len, reservation=req.lease.reservation)
-    if body_len + req.shm_bytes < WATCH_DISCONNECT_BYTES:
-        # A small job is cheaper to finish than to watch; if its client went, the answer is
-        # dropped harmlessly.
-        result = await submit
-    else:
-        result = await unless_disconnected(submit, req.request)
-        if result is None:
-            return None
-    record.stage("queue", timings.get("queue_s", 0.0))
-    record.stage("run", timings.get("compute_s", 0.0))   # the job on its worker thread
-    record.stage("kernel", result.kernel_seconds)        # of which device time
-    record.rows = result.rows
-    return result
+        args["grad_ref"], args["grad_out"] = call.lease.output("grad", gdt, x.shape, args["grad_region"],
+                                                               args["grad_offset"])
 
 
 # ---- encode --------------------------------------------------------------------------------------
@@ -329,22 +211,10 @@ def result_message(result, args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def encode(result, args: dict[str, Any], req: LossRequest) -> Response:
-    record = req.record
-    t0 = time.perf_counter()
-    # The answer carries no bytes of a shared-memory region (the gradient is already in it, the
-    # answer names it), so the regions are let go before it is sent.
-    req.lease.unpin()
-    msg = result_message(result, args)
-    response = await _encoded(msg, result, req)
-    record.stage("encode", time.perf_counter() - t0)
-    return response
-
-
-async def _encoded(msg: dict[str, Any], result, req: LossRequest) -> Response:
-    headers = timing_headers(req.record)
+async def _encoded(msg: dict[str, Any], result, call: Call) -> Response:
+    headers = timing_headers(call.record)
     # The body and the gradient stay the lease's until the response is out (LeasedEndpoint).
-    if req.as_msgpack:
+    if call.as_msgpack:
         return msgpack_answer(msg, headers)
     if result.rows > JSON_OUT_THREAD_ROWS:
         payload = await asyncio.to_thread(protocol.message_to_json, msg)

@@ -51,7 +51,6 @@ Two memory paths (the device's `memory`, clce-server --device-memory):
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 import weakref
@@ -65,8 +64,8 @@ from clce_wire.reduction import REDUCE_BLOCK_ROWS, combine_partials
 
 from ..cross_entropy import semantics
 from ..rails.device import as_storage
-from ..cross_entropy.engine import LossEngine, PreparedLoss, _device_errors, _np_dtype, _RowBlock, to_device
-from ..rails.errors import ArgumentError
+from ..cross_entropy.engine import LossEngine, PreparedLoss, _np_dtype, _RowBlock, to_device
+from ..rails.errors import ArgumentError, device_faults
 from .gemm import Gemm
 
 MF = cl.mem_flags
@@ -92,6 +91,8 @@ class LinearResult:
     grad_bias: np.ndarray | None = None     # (V,) float64 sums (added into when given)
     kernel_seconds: float = 0.0
     rows: int = 0
+    micro_batches: int | None = None        # accumulated into a stored version: the micro-batches it holds now
+    accumulation: str | None = None         # and which accumulation they are
 
 
 @dataclass
@@ -142,51 +143,45 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
     of zero classes, or of the bias alone). `grad_output` ('none' only): the loss's gradient, one
     value per row of the loss's shape, which the gradients are computed for (autograd's
     backward of a non-uniform grad_output)."""
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -(1 << 63) <= int(ignore_index) < (1 << 63):
-        raise ValueError("Overflow when unpacking long long")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {float(label_smoothing):g}")
-    if not math.isfinite(lse_square_scale) or lse_square_scale < 0:
-        raise ValueError(f"lse_square_scale must be a non-negative finite number, got {lse_square_scale}")
-    if softcap is not None and not (float(softcap) > 0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a positive finite number, got {softcap}")
+    ignore_index, label_smoothing = semantics.check_options(reduction, ignore_index, label_smoothing)
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        raise ArgumentError(ValueError("Overflow when unpacking long long"))
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ArgumentError(RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}"))
+    semantics.check_extras(lse_square_scale, softcap)
     h_dt, w_dt = _dtype_name(hidden), _dtype_name(weight)
     if weight.ndim != 2:
-        raise RuntimeError(f"weight must be 2-D (vocabulary, hidden), got shape {list(weight.shape)}")
+        raise ArgumentError(RuntimeError(f"weight must be 2-D (vocabulary, hidden), got shape {list(weight.shape)}"))
     if hidden.ndim < 1 or hidden.shape[-1] != weight.shape[1]:
         rows = int(np.prod(hidden.shape[:-1])) if hidden.ndim else 1
-        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{hidden.shape[-1] if hidden.ndim else 1} "
-                           f"and {weight.shape[1]}x{weight.shape[0]})")
+        raise ArgumentError(RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{hidden.shape[-1] if hidden.ndim else 1} "
+                                         f"and {weight.shape[1]}x{weight.shape[0]})"))
     if h_dt != w_dt:
-        raise RuntimeError(f"expected m1 and m2 to have the same dtype, but got: {h_dt} != {w_dt}")
+        raise ArgumentError(RuntimeError(f"expected m1 and m2 to have the same dtype, but got: {h_dt} != {w_dt}"))
     if h_dt not in LINEAR_DTYPES:
-        raise RuntimeError(f"fused linear cross-entropy runs float32, bfloat16 and float16, got {h_dt}")
+        raise ArgumentError(RuntimeError(f"fused linear cross-entropy runs float32, bfloat16 and float16, got {h_dt}"))
     V, H = int(weight.shape[0]), int(weight.shape[1])
     if V == 0 or H == 0:
-        raise RuntimeError(f"fused linear cross-entropy needs a weight with rows and columns, got shape [{V}, {H}]")
+        raise ArgumentError(RuntimeError(f"fused linear cross-entropy needs a weight with rows and columns, got shape [{V}, {H}]"))
     if bias is not None:
         if bias.shape != (V,):
-            raise RuntimeError(f"bias must have shape ({V},), got {list(bias.shape)}")
+            raise ArgumentError(RuntimeError(f"bias must have shape ({V},), got {list(bias.shape)}"))
         if _dtype_name(bias) != h_dt:
-            raise RuntimeError(f"expected bias of dtype {h_dt}, got {_dtype_name(bias)}")
+            raise ArgumentError(RuntimeError(f"expected bias of dtype {h_dt}, got {_dtype_name(bias)}"))
     if class_weight is not None and (class_weight.ndim != 1 or class_weight.shape[0] != V):
-        raise RuntimeError(f"weight tensor should be defined either for all {V} classes or no classes "
-                           f"but got weight tensor of shape: [{', '.join(map(str, class_weight.shape))}]")
+        raise ArgumentError(RuntimeError(f"weight tensor should be defined either for all {V} classes or no classes "
+                                         f"but got weight tensor of shape: [{', '.join(map(str, class_weight.shape))}]"))
     row_shape = tuple(int(d) for d in hidden.shape[:-1])
     if tuple(target.shape) != row_shape:
-        raise ValueError(f"Expected target of shape {list(row_shape)} (the hidden states' rows), "
-                         f"got {list(target.shape)}")
+        raise ArgumentError(ValueError(f"Expected target of shape {list(row_shape)} (the hidden states' rows), "
+                                       f"got {list(target.shape)}"))
     if _dtype_name(target) not in INDEX_DTYPES:
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target)}")
+        raise ArgumentError(RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target)}"))
     t = np.array(target, np.int64).reshape(row_shape)   # a copy: the shift writes into it
     loss_shape = row_shape
     if shift:
         if len(row_shape) < 1 or not 0 <= shift < row_shape[-1]:
-            raise ValueError(f"shift must be in [0, T) for T = {row_shape[-1] if row_shape else 0} positions, got {shift}")
+            raise ArgumentError(ValueError(f"shift must be in [0, T) for T = {row_shape[-1] if row_shape else 0} positions, got {shift}"))
         T = row_shape[-1]
         t[..., :T - shift] = t[..., shift:].copy()
         t[..., T - shift:] = ignore_index
@@ -195,7 +190,7 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
     ignored = t == ignore_index
     bad = ~ignored & ((t < 0) | (t >= V))
     if bad.any():
-        raise IndexError(f"Target {int(t[int(np.argmax(bad))])} is out of bounds.")
+        raise ArgumentError(IndexError(f"Target {int(t[int(np.argmax(bad))])} is out of bounds."))
     valid = ~ignored
     n_valid = int(valid.sum())
     if class_weight is not None:
@@ -206,13 +201,13 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
     go = None
     if grad_output is not None:
         if reduction != "none":
-            raise RuntimeError(f"grad_output is per row, for reduction='none' (got {reduction!r}: the loss is one "
-                               "number, its grad_output a scale)")
+            raise ArgumentError(RuntimeError(f"grad_output is per row, for reduction='none' (got {reduction!r}: the loss is one "
+                                             "number, its grad_output a scale)"))
         if tuple(grad_output.shape) != loss_shape:
-            raise RuntimeError(f"Mismatch in shape: grad_output has a shape of {list(grad_output.shape)} and "
-                               f"output has a shape of {list(loss_shape)}")
+            raise ArgumentError(RuntimeError(f"Mismatch in shape: grad_output has a shape of {list(grad_output.shape)} and "
+                                             f"output has a shape of {list(loss_shape)}"))
         if _dtype_name(grad_output) not in ("float32", "float64", "float16", "bfloat16"):
-            raise TypeError(f"grad_output must be floating point, got {_dtype_name(grad_output)}")
+            raise ArgumentError(TypeError(f"grad_output must be floating point, got {_dtype_name(grad_output)}"))
         full = np.zeros(row_shape, np.float32)   # shifted-out rows are ignored: their gradient is zero anyway
         (full[..., :loss_shape[-1]] if shift else full)[...] = np.asarray(grad_output, np.float32)
         go = full.reshape(-1)
@@ -226,10 +221,6 @@ def check(hidden: np.ndarray, weight: np.ndarray, target: np.ndarray, bias: np.n
 def _aligned(a: np.ndarray) -> np.ndarray:
     """C-contiguous and aligned to its element (a tensor inside a msgpack body may sit at any byte)."""
     return np.require(a, requirements=("C", "A"))
-
-
-_per_engine_lock = threading.Lock()
-_per_engine: "weakref.WeakKeyDictionary[LossEngine, LinearCrossEntropy]" = weakref.WeakKeyDictionary()
 
 
 class LinearCrossEntropy:
@@ -262,16 +253,6 @@ class LinearCrossEntropy:
         # gemm.cl's scale_rows (a per-row grad_output), launched once: PoCL compiles at first launch
         self(check(h, w, t, b, reduction="none", grad_output=np.ones(70, np.float32), return_lse=True,
                    return_argmax=True))
-
-    @classmethod
-    def for_engine(cls, engine: LossEngine) -> "LinearCrossEntropy":
-        """The one LinearCrossEntropy of `engine`'s device (its GEMM programs built once, warmed by
-        the server's start-up)."""
-        with _per_engine_lock:
-            lce = _per_engine.get(engine)
-            if lce is None:
-                lce = _per_engine[engine] = cls(engine)
-            return lce
 
     def chunk_for(self, rows: int) -> int:
         """Rows per chunk for a problem of `rows` rows (whole blocks of the row sums)."""
@@ -389,7 +370,7 @@ class LinearCrossEntropy:
 
         rows = _PerRow()
         try:
-            with _device_errors():
+            with device_faults():
                 if R == 0:   # nothing to launch (OpenCL has no empty buffers): the empty sums below
                     return self._assemble(p, res, rows)
                 w_buf = buf(p.weight)
@@ -782,7 +763,7 @@ class _DiscretePath:
         rows = _PerRow()
         self._admit(plan, key)
         try:
-            with _device_errors():
+            with device_faults():
                 resident, w_buf, b_buf, first_waits = self._weight(p, key, owned)
                 first_waits = list(first_waits)
 

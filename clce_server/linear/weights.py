@@ -51,10 +51,11 @@ from clce_wire.shm import REGION_NAME, RegionRef
 from ..config import over_limit
 from ..rails.errors import ApiError
 from ..rails.scheduler import QueueFull
-from ..rails.shm import Region, view
+from ..rails.shm import Region
 from ..tenants import Tenant
 
 if TYPE_CHECKING:
+    from ..rails.lease import RequestLease
     from ..rails.scheduler import Reservation, Scheduler
 
 #: a stored part: its bytes (viewing the upload's body), or where they lie in shared memory
@@ -277,6 +278,22 @@ class WeightStore:
             entry.accumulation = f"{next(self._accumulations)}"
             entry.micro_batches = 0
 
+    def admit(self, tenant: Tenant, reservation: "Reservation", need: int, entry: StoredWeight | None = None,
+              accumulating: bool = False) -> None:
+        """A request's `need` bytes (linear/job.py's held_bytes) added to its reservation, the
+        tenant's least recently used other weights evicted to make room; with a stored version,
+        what could never fit beside it (and the accumulators an `accumulating` request makes) is
+        413, not 429s; the accumulators are reserved and made before the job is admitted."""
+        if entry is not None:
+            acc = accumulator_bytes(entry.shape, entry.bias is not None) if accumulating else 0
+            self.scheduler.check_fits(tenant, reservation.nbytes + need + entry.nbytes
+                                      + (acc if entry.grad_weight is None else 0),
+                                      f"this request with weight {entry.name!r}"
+                                      + (" and its gradient accumulators" if acc else ""))
+        self.making_room(tenant, lambda: self.scheduler.grow(reservation, need), keep=entry)
+        if accumulating:
+            self.reserve_accumulators(entry, tenant)
+
     def _reserve(self, tenant: Tenant, nbytes: int, keep: StoredWeight) -> "Reservation":
         return self.making_room(tenant, lambda: self.scheduler.reserve(tenant, nbytes, stored=True), keep)
 
@@ -326,17 +343,17 @@ class WeightStore:
         with self._lock:
             return self._weights.get((entry.tenant, entry.name)) is entry
 
-    def resolve(self, entry: StoredWeight, pin: Callable[[str], Region]) -> tuple[np.ndarray, np.ndarray | None]:
-        """The stored version's weight and bias as arrays: a part in a region is viewed there,
-        pinned by `pin(region name)` (the request's lease). A region gone or registered anew since
-        the upload answers not_found (upload it again), and the entry is dropped."""
+    def resolve(self, entry: StoredWeight, lease: "RequestLease") -> tuple[np.ndarray, np.ndarray | None]:
+        """The stored version's weight and bias as arrays: a part in a region is resolved by the
+        request's lease (pinned for the request, read where it lies). A region gone or registered
+        anew since the upload answers weight_not_stored (upload it again), and the entry is dropped."""
         out = []
         for what, part in (("weight", entry.weight), ("bias", entry.bias)):
             if not isinstance(part, RegionRef):
                 out.append(part)
                 continue
             try:
-                region = pin(part.region)
+                region = lease.pin(part.region)
             except ApiError as exc:
                 if exc.code != "not_found":
                     raise
@@ -346,7 +363,7 @@ class WeightStore:
                 raise _not_stored(entry.name, entry.version,
                                   f": the shared-memory region {part.region!r} its {what} was uploaded in is gone "
                                   "(the client closed or re-registered it, or the server restarted)")
-            out.append(view(region, part, name=what, writable=False))
+            out.append(lease.resolve(part, what=what))
         return out[0], out[1]
 
     # ---- dropping ----------------------------------------------------------------------------

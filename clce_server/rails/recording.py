@@ -2,7 +2,7 @@
 outcome, timings and sizes, taken once when the response has gone out (or failed) and sent to the
 metrics and the access log.
 
-Their endpoint (routes/leased.py) makes the record first, so requests refused by auth or
+Their endpoint (rails/endpoint.py) makes the record first, so requests refused by auth or
 readiness, or answered with an error, are recorded by the same one path as answered ones.
 """
 
@@ -26,7 +26,7 @@ def new_request_id() -> str:
 
 
 # outcome label by status, where the stages did not name one
-_OUTCOME_BY_STATUS = {200: "ok", 401: "unauthorized", 413: "too_large", 429: "rejected", 499: "cancelled",
+_OUTCOME_BY_STATUS = {200: "ok", 204: "ok", 401: "unauthorized", 413: "too_large", 429: "rejected", 499: "cancelled",
                       503: "rejected", 504: "deadline"}
 
 
@@ -48,7 +48,7 @@ class RequestRecord:
         self.timings[name] = seconds
 
     async def send(self, response, scope, receive, send) -> None:
-        """Send `response` (a starlette Response, or routes/leased.py's SlicedResponse) with
+        """Send `response` (a starlette Response, or endpoint.py's SlicedResponse) with
         X-Request-ID, noting its status, its size and how long it took to go out."""
         self.status = response.status_code
         headers = response.raw_headers

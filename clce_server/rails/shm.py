@@ -320,13 +320,11 @@ def _mmap_refusal(exc: OSError, st: os.stat_result) -> tuple[str, str]:
     return "bad_request", f"the memfd cannot be mapped: {os.strerror(exc.errno or 0)}"
 
 
-def view(region: Region, ref: RegionRef, *, name: str, writable: bool = True) -> np.ndarray:
-    """The array a reference names, checked against the region's bounds (the region is pinned).
-    The reference's shape passed clce_wire.protocol.check_tensor_shape (parse_ref). "grad" is
-    written: a read-only region cannot take it."""
-    if name == "grad" and region.read_only:
-        raise ApiError("bad_request", f"grad: region {ref.region!r} is read-only (sealed against writes, or "
-                       "passed read-only): it cannot take the gradient")
+def view(region: Region, ref: RegionRef, *, name: str) -> np.ndarray:
+    """The array a reference names, checked against the region's bounds (the region is pinned;
+    a read-only region's array is read-only). The reference's shape passed
+    clce_wire.protocol.check_tensor_shape (parse_ref). `name` only words the refusals: what the
+    request does with the array is its lease's business (lease.RequestLease.resolve)."""
     nbytes = ref.nbytes
     end = ref.offset + nbytes
     if end > region.size:
@@ -339,10 +337,7 @@ def view(region: Region, ref: RegionRef, *, name: str, writable: bool = True) ->
     assert dtype.itemsize == DTYPES[ref.dtype]
     if nbytes == 0:
         return np.empty(ref.shape, dtype)
-    arr = np.frombuffer(region.mm, dtype, count=nbytes // dtype.itemsize, offset=ref.offset).reshape(ref.shape)
-    if not writable:
-        arr.flags.writeable = False
-    return arr
+    return np.frombuffer(region.mm, dtype, count=nbytes // dtype.itemsize, offset=ref.offset).reshape(ref.shape)
 
 
 # ---- the socket ------------------------------------------------------------------------------------
