@@ -7,18 +7,13 @@ in this process, so a test can put a fault inside a check), real OpenCL."""
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 
 pytest.importorskip("uvicorn")
-import uvicorn  # noqa: E402
 
-from clce_server.app import build_app  # noqa: E402
-from clce_server.config import Settings  # noqa: E402
 from clce_server.cross_entropy import semantics  # noqa: E402
 from clce_server.cross_entropy.operation import CrossEntropy  # noqa: E402
 from clce_server.linear import engine as linear_engine  # noqa: E402
@@ -28,30 +23,10 @@ from clce_server.linear.weights import WeightStore  # noqa: E402
 from clce_server.rails.endpoint import HandlerEndpoint, StagedEndpoint  # noqa: E402
 from clce_server.rails.scheduler import Job  # noqa: E402
 from clce_wire import options, protocol  # noqa: E402
+from test_faults import InProcessServer  # noqa: E402
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
-
-
-class InProcessServer:
-    def __init__(self, **settings):
-        self.app = build_app(Settings(port=0, warmup=False, **settings))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not (self.server.started and self.app.state.clce.ready.is_set()):
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

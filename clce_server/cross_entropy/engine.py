@@ -290,6 +290,13 @@ class LossEngine:
         gone). The engine owns no host memory beyond the call: whoever passes grad_out keeps it."""
         p = self._check(input, target, weight, ignore_index, reduction, label_smoothing,
                         grad_dtype=grad_dtype, lse_square_scale=lse_square_scale, softcap=softcap)
+        return self.prepare_checked(p, return_grad=return_grad, return_lse=return_lse, return_argmax=return_argmax,
+                                    grad_out=grad_out)
+
+    def prepare_checked(self, p: semantics.Problem, *, return_grad: bool = False, return_lse: bool = False,
+                        return_argmax: bool = False, grad_out: np.ndarray | None = None) -> PreparedLoss:
+        """`prepare` of a problem already checked (the fused linear cross-entropy's chunks: their
+        targets were checked once, for the whole batch)."""
         prep = PreparedLoss(p, self, bool(return_grad), bool(return_lse), bool(return_argmax))
         if p.rows == 0 or p.classes == 0:
             return prep

@@ -356,6 +356,7 @@ class LinearCrossEntropy:
             return (yield from self._discrete().steps(p, res, want_grad_hidden, want_grad_weight, want_grad_bias,
                                                       fresh_w, empty, weight_key))
         chunk = self.chunk_for(R)
+        t32 = np.where(p.targets == p.ignore_index, -1, p.targets).astype(np.int32)   # checked by `check`
         logits = empty((chunk, V), np.float32)               # the one (chunk, V) buffer
         h_t = empty((H, chunk), np.float32)                   # the chunk's hidden, transposed
         dh_scratch = empty((chunk, H), np.float32) if want_grad_hidden and p.dtype != "float32" else None
@@ -396,7 +397,7 @@ class LinearCrossEntropy:
                     secs += _seconds(ev)
                     _sync(self.device, l_buf, logits.nbytes)
                     # cross-entropy over the chunk, its gradient written over the logits
-                    ce, ce_secs = self._cross_entropy(p, L, r0, n, want_any)
+                    ce, ce_secs = self._cross_entropy(p, L, t32[r0:r0 + n], want_any)
                     secs += ce_secs
                     rows.add(p, ce.block_sums, ce.loss if p.reduction == "none" else None, ce.z_loss, ce.lse,
                              ce.argmax)
@@ -461,21 +462,14 @@ class LinearCrossEntropy:
             res.accuracy = accuracy
         return res
 
-    def _cross_entropy(self, p: LinearProblem, L: np.ndarray, r0: int, n: int, want_grad: bool):
+    def _cross_entropy(self, p: LinearProblem, L: np.ndarray, targets: np.ndarray, want_grad: bool):
         """The fused kernel over one chunk of logits, in place, scaled by the whole batch's
-        reduction ('none' and 'sum' scale by 1 per row; 'mean' by the batch's normalisers)."""
-        kw = dict(weight=p.class_weight, ignore_index=p.ignore_index,
-                  reduction="sum" if p.reduction == "mean" else p.reduction,
-                  label_smoothing=p.label_smoothing, lse_square_scale=p.lse_square_scale, softcap=p.softcap)
-        prep = self.engine.prepare(L, p.targets[r0:r0 + n], return_grad=want_grad, grad_dtype="float32",
-                                   grad_out=L if want_grad else None, return_lse=p.return_lse,
-                                   return_argmax=p.return_argmax, **kw)
+        reduction ('none' and 'sum' scale by 1 per row; 'mean' by the batch's normalisers). The
+        chunk's targets (int32, -1 ignored) were checked with the whole batch's (`check`)."""
+        prep = self.engine.prepare_checked(_chunk_problem(p, len(targets), L, targets), return_grad=want_grad,
+                                           grad_out=L if want_grad else None, return_lse=p.return_lse,
+                                           return_argmax=p.return_argmax)
         try:
-            if p.reduction == "mean":
-                # 'sum' per chunk, the gradient scaled by the whole batch's 'mean' factors
-                with np.errstate(divide="ignore"):
-                    prep.problem.loss_scale = float(np.float64(1.0) / p.denominator)
-                    prep.problem.z_scale = float(np.float64(1.0) / p.valid_rows)
             secs = 0.0
             for c in prep.chunks():
                 secs += self.engine.run_chunk(prep, c)
@@ -788,7 +782,7 @@ class _DiscretePath:
                     owned.append(cw_buf)
                     first_waits.append(ev)
                 t32 = np.where(p.targets == p.ignore_index, -1, p.targets).astype(np.int32)
-                cp = self._chunk_problem(p, chunk)
+                cp = _chunk_problem(p, chunk)
                 # per-chunk buffers: the logits (and their gradient), two slots of streamed inputs
                 l_buf = alloc(chunk * V * 4)
                 g_buf = (l_buf if plan.in_place else alloc(chunk * V * 4)) if want_any else None
@@ -918,23 +912,26 @@ class _DiscretePath:
             cl.enqueue_copy(q, dh_host[:b - a], dh_buf)
             np.copyto(res.grad_hidden[a:b], dh_host[:b - a], casting="unsafe")
 
-    @staticmethod
-    def _chunk_problem(p: LinearProblem, chunk: int) -> semantics.Problem:
-        """The cross-entropy's kernel arguments for every chunk: what the host path's
-        engine.prepare makes of a chunk of logits ('mean' runs as 'sum' scaled by the batch's
-        normalisers)."""
-        V = p.weight.shape[0]
-        red = "sum" if p.reduction == "mean" else p.reduction
-        cw = None if p.class_weight is None else np.ascontiguousarray(p.class_weight, np.float32)
-        wsum = float(V) if cw is None else float(np.sum(cw, dtype=np.float64))
-        loss_scale, z_scale = semantics.reduction_scales(red, float(chunk), chunk)
-        if p.reduction == "mean":
-            with np.errstate(divide="ignore"):
-                loss_scale = float(np.float64(1.0) / p.denominator)
-                z_scale = float(np.float64(1.0) / p.valid_rows)
-        return semantics.Problem(np.empty((0, V), np.float32), "float32", "float32", V, chunk, 1, False, None,
-                                 None, cw, wsum, red, p.label_smoothing, loss_scale, z_scale, float(chunk), chunk,
-                                 (chunk,), p.lse_square_scale, p.softcap or 0.0)
+
+def _chunk_problem(p: LinearProblem, rows: int, logits: np.ndarray | None = None,
+                   targets: np.ndarray | None = None) -> semantics.Problem:
+    """The cross-entropy's kernel arguments for a chunk of `rows` logits (int32 `targets`, -1
+    ignored), as semantics.check would make them for that chunk, without checking it again:
+    'mean' runs as 'sum' scaled by the whole batch's normalisers."""
+    V = p.weight.shape[0]
+    red = "sum" if p.reduction == "mean" else p.reduction
+    cw = None if p.class_weight is None else np.ascontiguousarray(p.class_weight, np.float32)
+    wsum = float(V) if cw is None else float(np.sum(cw, dtype=np.float64))
+    valid = rows if targets is None else int(np.count_nonzero(targets >= 0))
+    loss_scale, z_scale = semantics.reduction_scales(red, float(valid), valid)
+    if p.reduction == "mean":
+        with np.errstate(divide="ignore"):
+            loss_scale = float(np.float64(1.0) / p.denominator)
+            z_scale = float(np.float64(1.0) / p.valid_rows)
+    x = np.empty((0, V), np.float32) if logits is None else logits
+    return semantics.Problem(x, "float32", "float32", V, rows, 1, False, targets, None, cw, wsum, red,
+                             p.label_smoothing, loss_scale, z_scale, float(valid), valid, (rows,),
+                             p.lse_square_scale, p.softcap or 0.0)
 
 
 def reduction_block_starts(n: int) -> np.ndarray:

@@ -1,2 +1,3 @@
-"""The routers: `ops` (health, readiness, info, status, metrics, the status page) and `loss`
-(POST /v1/cross_entropy)."""
+"""The operational router: `ops` (health, readiness, info, status, metrics, the status page). The
+operations' endpoints are in cross_entropy/operation.py and linear/ (operation.py,
+weight_endpoints.py)."""
