@@ -1358,10 +1358,11 @@ class Client(_BaseClient):
     def _probe(self, path: str) -> bool:
         for i in self._replicas.order():
             try:
-                if self._once("GET", self._replicas.urls[i] + path, None, 0).status < 300:
-                    return True
+                resp = self._once("GET", self._replicas.urls[i] + path, None, 0)
             except httpx.HTTPError:
                 continue
+            if resp.status < 300:
+                return True
         return False
 
 

@@ -807,8 +807,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, client, **options
 
 
 def _post(client, path: str, msg: dict) -> dict:
+    """One request by hand (tests, tools; "PUT /v1/..." for a PUT): its decoded answer."""
     method, path = ("PUT", path.removeprefix("PUT ")) if path.startswith("PUT ") else ("POST", path)
-    """One request by hand (tests, tools): its decoded answer."""
     req = _Request(method, path, msg)
     return client._json_or_msgpack(client._request(req.method, req.path, req.segments, req.nbytes))
 

@@ -101,7 +101,7 @@ def _normalised(fn) -> str:
 
 
 def test_the_sync_and_async_drivers_differ_only_by_await():
-    for name in ("_run", "_shm_ready", "_renew_arena", "_once", "_request"):
+    for name in ("_run", "_shm_ready", "_renew_arena", "_once", "_request", "_probe"):
         sync, asyn = getattr(Client, name), getattr(AsyncClient, name)
         assert inspect.iscoroutinefunction(asyn) and not inspect.iscoroutinefunction(sync), name
         assert _normalised(sync) == _normalised(asyn), name
