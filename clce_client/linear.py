@@ -207,7 +207,10 @@ class LinearWeights:
 
     @property
     def client(self) -> Any:
-        return self._client()
+        client = self._client()
+        if client is None:
+            raise RuntimeError("these LinearWeights' client is gone: keep the client (client.weights is its own)")
+        return client
 
     def affinity(self, name: str) -> str:
         """The affinity key of the weight `name`: "<tenant tag>.<name>", sent in the

@@ -159,9 +159,11 @@ def test_the_client_owns_its_weights_and_nothing_sets_state_on_it(server):
     assert set(vars(client)) == before        # no attribute was set on the client from outside
     # the weights hold their client weakly: a client nobody holds is freed (and its key is gone)
     client.close()
-    gone = weakref.ref(client)
+    gone, weights = weakref.ref(client), client.weights
     del client
     assert gone() is None
+    with pytest.raises(RuntimeError, match="client is gone"):
+        weights.flush()
 
 
 def test_empty_and_the_loss_renew_their_arena_after_a_restart():
