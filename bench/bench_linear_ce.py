@@ -135,7 +135,7 @@ def main() -> None:
 def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, message_nbytes, disc=None) -> dict:
     import gc
 
-    from clce_client.linear import share_weight, weights_of
+    from clce_client.linear import share_weight
 
     g = torch.Generator().manual_seed(0)
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -227,7 +227,7 @@ def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, mess
     if "accum" in methods:
         import time
         t0 = time.perf_counter()
-        weights_of(client).flush()
+        client.weights.flush()
         flush_s = time.perf_counter() - t0
     mem = {}
     for name, fn in methods.items():
@@ -240,10 +240,10 @@ def run_shape(client, tcp, server, N, H, V, args, torch, F, encode_message, mess
         mem[name] = {"worker_peak_over_start": _hwm() - base, "server_peak": _hwm(server.proc.pid),
                      "server_peak_over_start": _hwm(server.proc.pid) - sbase}
     if "accum" in methods:
-        weights_of(client).flush()
+        client.weights.flush()
     samples = common.blocks(methods, args.blocks, args.calls)
     if "accum" in methods:
-        weights_of(client).flush()
+        client.weights.flush()
         samples["accum"] = [s + flush_s / k for s in samples["accum"]]   # the flush, per micro-batch
     med = {m: common.stats(s)["median"] for m, s in samples.items()}
     sizes = {"weight": V * H * f32, "weight_grad_fp32": V * H * 4, "chunk": chunk_rows * V * f32,

@@ -5,7 +5,8 @@
     with clce_client.Client("http://gpu-box:8000") as c:
         result = c.cross_entropy(logits, target, return_grad=True)
 
-torch is optional; `CrossEntropyLoss` (and torch itself) is imported on first use only.
+torch is optional; `CrossEntropyLoss`, `LinearCrossEntropyLoss` (and torch itself) are imported
+on first use only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .client import (
     cross_entropy,
     default_client,
 )
-from . import client, errors
+from . import errors
 from .errors import *  # noqa: F403  (the exception tree, listed once in errors.__all__)
 from clce_wire.protocol import PROTOCOL_VERSION, ProtocolError
 
@@ -51,32 +52,10 @@ def linear_cross_entropy(hidden: Any, weight: Any, target: Any, bias: Any = None
     return (client or default_client()).linear_cross_entropy(hidden, weight, target, bias, **options)
 
 
-def _traced_cross_entropy(*args: Any) -> Any:
-    # reached only while torch.compile traces a call, so torch is imported already
-    from .ops import traced_cross_entropy
-
-    return traced_cross_entropy(*args)
-
-
-def _traced_linear_cross_entropy(*args: Any, **kwargs: Any) -> Any:
-    from .linear_ops import linear_cross_entropy
-
-    return linear_cross_entropy(*args, **kwargs)
-
-
-# the client reaches the operators through the package, which sits above both (no import circle)
-client.traced_route = _traced_cross_entropy
-client.traced_linear_route = _traced_linear_cross_entropy
-
-
 def __getattr__(name: str) -> Any:
     # Importing torch takes seconds; pay for it only when CrossEntropyLoss is asked for.
-    if name == "CrossEntropyLoss":
-        from .nn import CrossEntropyLoss
+    if name in ("CrossEntropyLoss", "LinearCrossEntropyLoss"):
+        from . import nn
 
-        return CrossEntropyLoss
-    if name == "LinearCrossEntropyLoss":
-        from .linear_nn import LinearCrossEntropyLoss
-
-        return LinearCrossEntropyLoss
+        return getattr(nn, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

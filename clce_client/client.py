@@ -27,8 +27,9 @@ is a real NotFound.
 
 Layout (as httpx): `_BaseClient` holds the one constructor and every step that does no I/O (the
 shared-memory decision, planning, encoding, the retry policy, pipelining, decoding); a call is a
-generator of the I/O it needs, which `Client` does in the calling thread and `AsyncClient` on its
-event loop, with blocking work (registration, big copies) in a thread.
+flow of typed I/O steps (clce_client/flows.py; one loop, `flows.renewing`, owns the arena's
+renewal and the retry deadline), which `Client` does in the calling thread and `AsyncClient` on
+its event loop, with blocking work (registration, big copies) in a thread.
 
 What a client does is logged on ``logging.getLogger("clce")``: the transport it chose and why
 (INFO, once), every retry, reconnection and shared-memory renewal with its cause (INFO, WARNING
@@ -58,14 +59,8 @@ import numpy as np
 
 from . import errors, pipeline
 from .buffers import BufferPool, size_class
-from .flows import ARENA as _ARENA
-from .flows import BLOCKING as _BLOCKING
-from .flows import CHUNKS as _CHUNKS
-from .flows import RENEW as _RENEW
-from .flows import SEND as _SEND
-from .flows import SEND_AFFINE as _SEND_AFFINE
-from .flows import is_torch_tensor as _is_torch_tensor
-from .flows import prepared
+from .flows import Blocking, Chunks, Done, Send, Try, is_torch_tensor as _is_torch_tensor, prepared, renewing, resume
+from .linear import LinearCall, LinearWeights, _Request
 from .results import CrossEntropyResult
 from clce_wire.options import options_doc, request_message
 from clce_wire.protocol import (
@@ -146,22 +141,10 @@ def _torch_support():
     return torch_support
 
 
-def traced_route(*args: Any) -> Any:
-    """Where torch tensors go while torch.compile traces a call: the operator clce::cross_entropy
-    (clce_client.ops.traced_cross_entropy). The package sets it (clce_client/__init__.py): the
-    operator is built on this module, so this module reaches it by injection, not by an import."""
-    raise RuntimeError("clce_client.client.traced_route is unset: import clce_client, not its modules alone")
-
-
-def traced_linear_route(*args: Any, **kwargs: Any) -> Any:
-    """Where the fused linear cross-entropy goes while torch.compile traces it: the operator
-    clce::linear_cross_entropy (clce_client.linear_ops), injected by the package as traced_route is."""
-    raise RuntimeError("clce_client.client.traced_linear_route is unset: import clce_client, not its modules alone")
-
-
 def _compiling() -> bool:
-    """True while torch.compile traces the caller: torch tensors then go through the operator
-    clce::cross_entropy (clce_client.ops), one opaque node, instead of being traced into the client."""
+    """True while torch.compile traces the caller: torch tensors then go through the operators of
+    clce_client/operators.py (one opaque node each) instead of being traced into the client; that
+    module is imported then, and imports nothing of this one."""
     torch = sys.modules.get("torch")
     return torch is not None and torch.compiler.is_compiling()
 
@@ -179,7 +162,7 @@ class _Call:
     """One cross_entropy call: its request message and how to turn the response into results.
     `options` are the request's options by name (clce_wire.options), as the caller gave them."""
 
-    method, path = "POST", CROSS_ENTROPY_PATH   # where `_SEND` sends it
+    method, path, affinity = "POST", CROSS_ENTROPY_PATH, None   # where `Send` sends it
 
     def __init__(self, input: Any, target: Any, options: dict[str, Any], arena: Any = None, split: bool = False):
         inplace = bool(options.pop("inplace_grad", False))
@@ -313,7 +296,7 @@ class _ShmChunk:
     """One row chunk of a batch split over shared memory (`_BaseClient._shm_split`): its tensors
     placed in the arena, its request, and where its answer goes (the Pipeline's buffers)."""
 
-    method, path = "POST", CROSS_ENTROPY_PATH   # where `_SEND` sends it
+    method, path, affinity = "POST", CROSS_ENTROPY_PATH, None   # where `Send` sends it
 
     def __init__(self, arena: Any, pipe: pipeline.Pipeline, i: int, values: dict[str, Any]):
         self.pipe, self.i = pipe, i
@@ -786,12 +769,38 @@ _CLIENT_ARGS = """
 """
 
 
+_CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
+
+        Positional arguments mirror torch.nn.functional.cross_entropy. Every request option
+        (clce_wire.options) is a keyword argument; return_grad=None (the default) sends the
+        gradient back for torch tensors that require grad, so loss.backward() works.
+        Returns the loss, or a CrossEntropyResult when return_grad/return_lse/return_argmax is set.
+
+        Options:
+        """ + "\n".join("        " + line for line in options_doc(skip=("input", "target")).splitlines()) + "\n"
+
+_LINEAR_DOC = """F.cross_entropy(F.linear(hidden, weight, bias), target, ...) on the server, which never
+        holds the (N, V) logits (clce_client/linear.py). torch tensors get autograd for hidden,
+        weight and bias; numpy arrays get a dict of loss and gradients.
+
+        Options: class_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+        softcap, shift, return_z_loss; weight_name (the stored weight's name; a torch weight is
+        stored under one made for it), accumulate (its gradient stays on the server until
+        client.weights.flush()), stateless (the weight travels with every call)."""
+
+_EMPTY_DOC = """An uninitialised array (numpy, or torch for a torch dtype) in memory shared with the
+        server: logits computed into it travel without a copy, and ``inplace_grad=True`` writes the
+        gradient over them. Without shared memory (another host, transport="tcp"), an ordinary
+        array. Asks the server about shared memory first, as a big call does."""
+
+
 class _BaseClient:
-    """What `Client` and `AsyncClient` share: the constructor and every step of a call that does no
-    I/O. The shared-memory decision, planning (one request or row chunks), encoding, the retry
-    policy (`_Attempts`), pipelining (`_ChunkRun`) and decoding live here; a call is a generator
-    (`_cross_entropy_flow`) that yields the I/O it needs. The subclasses only do that I/O: send
-    and receive, sleep, wait, lock, and run blocking work (in a thread, for AsyncClient).
+    """What `Client` and `AsyncClient` share: the constructor, the API and every step of a call that
+    does no I/O. The shared-memory decision, planning (one request or row chunks), encoding, the
+    retry policy (`_Attempts`), pipelining (`_ChunkRun`) and decoding live here; a call is a flow
+    (clce_client/flows.py) of the typed I/O steps it needs, which the subclass's `_run` does. The
+    subclasses only do that I/O, the same code but for `await`: send and receive, sleep, wait,
+    lock, and run blocking work (in a thread, for AsyncClient).
 
     The constructor's arguments are listed under `_CLIENT_ARGS` (clce_client.client).
     """
@@ -841,6 +850,10 @@ class _BaseClient:
         self._ca = _ca_description(verify)     # named when a server's certificate does not verify
         self._announced = False                # the transport was logged (once per client)
         self._http = self._open_io(self.timeout, _ssl_verify(verify))
+        #: the weights this client has stored on its server (linear_cross_entropy), by name: their
+        #: versions, uploads and accumulated micro-batches; ``weights.flush()`` takes the gradients
+        #: accumulated there, ``weights.attach(optimizer)`` does it before every step
+        self.weights = LinearWeights(self)
 
     def _open_io(self, timeout: httpx.Timeout, verify: Any) -> Any:
         """The subclass's I/O state (its locks, workers), and its HTTP client, which it returns."""
@@ -902,6 +915,28 @@ class _BaseClient:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         return headers
+
+    def _outgoing(self, segments: list[Segment] | None, nbytes: int, cancel: Any,
+                  affinity: str | None) -> tuple[dict[str, str], Any]:
+        """A request's headers and content: none, its bytes, or (big) its chunks (`_body_chunks`)."""
+        headers = self._headers(nbytes if segments is not None else None)
+        if affinity is not None:
+            headers[AFFINITY_HEADER] = affinity
+        content = None
+        if segments is not None:
+            content = b"".join(segments) if nbytes <= self.chunk_bytes else self._body_chunks(segments, cancel)
+        return headers, content
+
+    def _failed(self, exc: httpx.HTTPError, attempts: _Attempts, i: int, url: str) -> None:
+        """A request to replica `i` raised `exc`: a connection failure is the retry policy's to
+        judge (`attempts.next()` then says what is next); anything else is raised as clce's error."""
+        if isinstance(exc, _RETRYABLE):
+            self._raise_if_permanent(exc, i)
+            attempts.connection_failed(i, exc)
+        elif isinstance(exc, httpx.TimeoutException):
+            self._raise_for_timeout(exc, url)
+        else:
+            raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
     def _body_chunks(self, segments: list[Segment], cancel: Any) -> Iterator[Any]:
         """A big body as chunks (an iterator: httpx re-copies the unsent rest of a bytes body
@@ -1001,6 +1036,17 @@ class _BaseClient:
             raise self._shm_error
         return None
 
+    def _outdated_arena(self) -> Any:
+        """The arena, when the server instance holding its registrations has gone (to renew)."""
+        arena = self._use_arena()
+        return arena if arena is not None and self._arena_outdated(arena) else None
+
+    def _arena_in_use(self) -> Any:
+        """The arena a call may use now (None: TCP), once the transport is chosen (logged once)."""
+        arena = self._use_arena()
+        self._announce()
+        return arena
+
     def _arena_outdated(self, arena: Any) -> bool:
         """The server holding the arena's registrations has gone: its socket closed, or /v1/info
         (asked by anyone through this client) named another instance."""
@@ -1091,7 +1137,7 @@ class _BaseClient:
         timing: dict[str, float] = {}
         for i, values in pipe.chunk_values():
             chunk = yield from prepared(_ShmChunk, (arena, pipe, i, values), arena=arena, nbytes=0)
-            resp = yield _SEND, (chunk,)
+            resp = yield Send(chunk)
             chunk.add(self._decode(resp))
             for k, v in parse_server_timing(resp.headers.get("server-timing")).items():
                 timing[k] = timing.get(k, 0.0) + v
@@ -1099,71 +1145,86 @@ class _BaseClient:
         return pipe.result(), timing
 
     def _cross_entropy_flow(self, input: Any, target: Any, options: dict[str, Any]) -> Any:
-        """One cross_entropy call. A generator: it yields the I/O it needs as (kind, args) and is
-        sent the result (or thrown the error); it returns the call's result. A call that meets a
-        new server instance over shared memory has the arena moved there and runs again, within
-        the retry budget."""
+        """One cross_entropy call (flows.renewing: a call that meets a new server instance over
+        shared memory has the arena moved there and runs again, within the retry budget)."""
         if _is_torch_tensor(input):   # torch's autocast policy for cross_entropy (fp32), as the operator's
             input, target, options = _torch_support().autocast_fp32(input, target, options)
         nbytes = _nbytes(input)
-        deadline = time.monotonic() + self.retry_budget_s
-        split = False
-        while True:
-            arena = yield _ARENA, (nbytes,)
-            if arena is not None and nbytes < self.shm_min_bytes and not options.get("inplace_grad"):
-                arena = None
-            generation = arena.generation if arena is not None else 0
-            call = None
+        inplace = bool(options.get("inplace_grad"))
+        split = [False]   # once a batch did not fit the tenant's shared memory, its renewals split too
+
+        def attempt(t: Try) -> Any:
+            arena = t.arena
             try:
-                try:
-                    call = yield from prepared(self._prepare, (input, target, options, arena, split),
-                                               arena=arena, nbytes=nbytes)
-                except errors.PayloadTooLarge:
-                    # the tenant's shared memory is taken (by regions the caller still holds, or
-                    # other clients of the tenant): the batch goes as row chunks that fit
-                    if arena is None or split or options.get("inplace_grad"):
-                        raise
-                    split = True
-                    continue
-                if call.shm_split is not None:
-                    msg, timing = yield from self._shm_chunks_flow(call, arena)
-                    return call.finish(msg, timing)
-                if call.pipe is not None:
-                    msg, timing = yield _CHUNKS, (call.pipe,)
-                    return call.finish(msg, timing)
-                resp = yield _SEND, (call,)
-                return self._finish(call, resp)
-            except errors.ClceError as exc:
-                if not self._renewal_due(exc, call, arena, deadline):
+                call = yield from prepared(self._prepare, (input, target, options, arena, split[0]),
+                                           arena=arena, nbytes=nbytes)
+            except errors.PayloadTooLarge:
+                # the tenant's shared memory is taken (by regions the caller still holds, or
+                # other clients of the tenant): the batch goes as row chunks that fit
+                if arena is None or split[0] or inplace:
                     raise
-                yield _RENEW, (arena, generation, exc)
+                split[0] = True
+                call = yield from prepared(self._prepare, (input, target, options, arena, True),
+                                           arena=arena, nbytes=nbytes)
+            t.placed = call.placement is not None or call.shm_split is not None
+            if call.shm_split is not None:
+                return call.finish(*(yield from self._shm_chunks_flow(call, arena)))
+            if call.pipe is not None:
+                return call.finish(*(yield Chunks(call.pipe)))
+            return self._finish(call, (yield Send(call)))
+
+        return (yield from renewing(self, nbytes, attempt, inline=nbytes < self.shm_min_bytes and not inplace))
 
     def _empty_flow(self, shape: Any, dtype: Any) -> Any:
-        while True:
-            arena = yield _ARENA, (None,)
-            if arena is None:
+        def attempt(t: Try) -> Any:
+            if t.arena is None:
                 return _ordinary_empty(shape, dtype)
-            generation = arena.generation
-            try:
-                return (yield _BLOCKING, (arena.empty, (shape, dtype)))   # may register a region
-            except errors.ClceError as exc:
-                from .shm import ArenaLost
+            return (yield Blocking(t.arena.empty, (shape, dtype)))   # may register a region
 
-                if not isinstance(exc, ArenaLost):
-                    raise
-                yield _RENEW, (arena, generation, exc)
+        return (yield from renewing(self, None, attempt))
 
-    def _renewal_due(self, exc: BaseException, call: Any, arena: Any, deadline: float) -> bool:
-        """Whether `exc`, raised by a call over `arena`, is the sign of a server restart that
-        moving the arena can repair (within the retry budget)."""
-        from . import shm
+    # ---- the API: flows, which `_run` runs (in an AsyncClient, a coroutine to await) ----
+    def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
+                      reduction: str = "mean", label_smoothing: float = 0.0, **options: Any) -> Any:
+        if _compiling():
+            from . import operators
 
-        if arena is None or time.monotonic() > deadline:
-            return False
-        if isinstance(exc, shm.ArenaLost):
-            return True
-        return isinstance(exc, errors.NotFound) and call is not None and (call.placement is not None
-                                                                          or call.shm_split is not None)
+            return operators.traced_cross_entropy(operators.client_key(self), input, target, weight, ignore_index,
+                                                  reduction, label_smoothing, options)
+        return self._run(self._cross_entropy_flow(
+            input, target, self._options(weight, ignore_index, reduction, label_smoothing, options)))
+
+    cross_entropy.__doc__ = _CE_DOC
+
+    def linear_cross_entropy(self, hidden: Any, weight: Any, target: Any, bias: Any = None, **options: Any) -> Any:
+        if _compiling() and _is_torch_tensor(hidden):
+            from . import operators
+
+            return operators.linear_cross_entropy(hidden, weight, target, bias, key=operators.client_key(self),
+                                                  **options)
+        return self._run(LinearCall(self, hidden, weight, target, bias, **options).finished())
+
+    linear_cross_entropy.__doc__ = _LINEAR_DOC
+
+    def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
+        return self._run(self._empty_flow(shape, dtype))
+
+    empty.__doc__ = _EMPTY_DOC
+
+    def info(self) -> Any:
+        """The server's /v1/info document (version, devices, limits, instance_id)."""
+        return self._run(self._info_flow())
+
+    def _info_flow(self) -> Any:
+        return self._json_or_msgpack((yield Send(_Request("GET", "/v1/info", None))))
+
+    def healthz(self) -> Any:
+        """True when some replica is alive (GET /healthz answers 2xx)."""
+        return self._probe("/healthz")
+
+    def readyz(self) -> Any:
+        """True when some replica is ready to compute (GET /readyz answers 2xx)."""
+        return self._probe("/readyz")
 
     @staticmethod
     def _options(weight: Any, ignore_index: int, reduction: str, label_smoothing: float,
@@ -1172,37 +1233,18 @@ class _BaseClient:
                     label_smoothing=label_smoothing, **options)
 
 
+def _restarted() -> BaseException:
+    from .shm import ArenaLost
+
+    return ArenaLost("the server restarted")
+
+
 def _ordinary_empty(shape: Any, dtype: Any) -> Any:
     if type(dtype).__module__ == "torch":
         import torch
 
         return torch.empty(shape, dtype=dtype)
     return np.empty(shape, dtype)
-
-
-_CE_DOC = """Compute F.cross_entropy(input, target, ...) on the server.
-
-        Positional arguments mirror torch.nn.functional.cross_entropy. Every request option
-        (clce_wire.options) is a keyword argument; return_grad=None (the default) sends the
-        gradient back for torch tensors that require grad, so loss.backward() works.
-        Returns the loss, or a CrossEntropyResult when return_grad/return_lse/return_argmax is set.
-
-        Options:
-        """ + "\n".join("        " + line for line in options_doc(skip=("input", "target")).splitlines()) + "\n"
-
-_LINEAR_DOC = """F.cross_entropy(F.linear(hidden, weight, bias), target, ...) on the server, which never
-        holds the (N, V) logits (clce_client/linear.py). torch tensors get autograd for hidden,
-        weight and bias; numpy arrays get a dict of loss and gradients.
-
-        Options: class_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-        softcap, shift, return_z_loss; weight_name (the stored weight's name; a torch weight is
-        stored under one made for it), accumulate (its gradient stays on the server until
-        weights_of(client).flush()), stateless (the weight travels with every call)."""
-
-_EMPTY_DOC = """An uninitialised array (numpy, or torch for a torch dtype) in memory shared with the
-        server: logits computed into it travel without a copy, and ``inplace_grad=True`` writes the
-        gradient over them. Without shared memory (another host, transport="tcp"), an ordinary
-        array. Asks the server about shared memory first, as a big call does."""
 
 
 class Client(_BaseClient):
@@ -1226,68 +1268,46 @@ class Client(_BaseClient):
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    # ---- the I/O the flows ask for ----
+    # ---- the I/O the flows ask for (flows.Step.on names these) ----
     def _run(self, flow: Any) -> Any:
-        result: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                kind, args = flow.send(result) if error is None else flow.throw(error)
-            except StopIteration as stop:
-                return stop.value
+        result, error = None, None
+        while not isinstance(step := resume(flow, result, error), Done):
             result, error = None, None
             try:
-                if kind == _ARENA:
-                    result = self._shm_ready(*args)
-                elif kind == _BLOCKING:
-                    fn, fn_args = args
-                    result = fn(*fn_args)
-                elif kind == _SEND:
-                    (call,) = args
-                    result = self._request(call.method, call.path, call.segments, call.nbytes)
-                elif kind == _SEND_AFFINE:
-                    (call,) = args
-                    result = self._request(call.method, call.path, call.segments, call.nbytes,
-                                           affinity=call.affinity)
-                elif kind == _CHUNKS:
-                    result = self._send_chunks(*args)
-                elif kind == _RENEW:
-                    self._renew_arena(*args)
+                result = step.on(self)
             except Exception as exc:     # thrown into the flow, which decides
                 error = exc
+        return step.value
+
+    @staticmethod
+    def _blocking(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    def _lock(self) -> threading.Lock:
+        return self._shm_lock
 
     def _shm_ready(self, nbytes: int | None = None) -> Any:
         """The arena when this call goes through shared memory, else None (TCP)."""
         if self._shm_wanted(nbytes):
-            with self._shm_lock:
+            with self._lock():
                 if self._shm_wanted(nbytes):
                     try:
                         info: Any = self.info() if len(self._replicas.urls) == 1 else {}
                     except errors.ClceError as exc:
                         info = exc
-                    self._shm_choice(info)
-        arena = self._use_arena()
-        if arena is not None and self._arena_outdated(arena):
-            from .shm import ArenaLost
-
-            self._renew_arena(arena, arena.generation, ArenaLost("the server restarted"))
-            arena = self._use_arena()
-        self._announce()
-        return arena
+                    self._blocking(self._shm_choice, info)
+        if (arena := self._outdated_arena()) is not None:
+            self._renew_arena(arena, arena.generation, _restarted())
+        return self._arena_in_use()
 
     def _renew_arena(self, arena: Any, generation: int, cause: BaseException) -> None:
-        with self._shm_lock:
+        with self._lock():
             if arena is self._arena and arena.generation == generation:   # else another call did it
-                self._move_arena(arena, self.info(), cause)
+                self._blocking(self._move_arena, arena, self.info(), cause)
 
     def _once(self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None,
               cancel: Any = None, affinity: str | None = None) -> _Response:
-        headers = self._headers(nbytes if segments is not None else None)
-        if affinity is not None:
-            headers[AFFINITY_HEADER] = affinity
-        content = None
-        if segments is not None:
-            content = b"".join(segments) if nbytes <= self.chunk_bytes else self._body_chunks(segments, cancel)
+        headers, content = self._outgoing(segments, nbytes, cancel, affinity)
         with self._http.stream(method, url, content=content, headers=headers) as resp:
             reader = self._reader(resp, into)
             for chunk in resp.iter_raw() if reader.raw else resp.iter_bytes():
@@ -1308,14 +1328,9 @@ class Client(_BaseClient):
             url = self._replicas.urls[i] + path
             try:
                 resp = self._once(method, url, segments, nbytes, into, cancel, affinity)
-            except _RETRYABLE as exc:
-                self._raise_if_permanent(exc, i)
-                attempts.connection_failed(i, exc)
-                continue
-            except httpx.TimeoutException as exc:
-                self._raise_for_timeout(exc, url)
             except httpx.HTTPError as exc:
-                raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
+                self._failed(exc, attempts, i, url)
+                continue
             if attempts.answered(resp, i, path):
                 return resp
 
@@ -1340,56 +1355,20 @@ class Client(_BaseClient):
         wait([self._pool.submit(worker) for _ in range(run.workers)])
         return run.result()
 
-    # ---- the API ----
-    def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
-                      reduction: str = "mean", label_smoothing: float = 0.0, **options: Any) -> Any:
-        if _compiling():
-            return traced_route(self, input, target, weight, ignore_index, reduction, label_smoothing, options)
-        return self._run(self._cross_entropy_flow(
-            input, target, self._options(weight, ignore_index, reduction, label_smoothing, options)))
-
-    cross_entropy.__doc__ = _CE_DOC
-
-    def linear_cross_entropy(self, hidden: Any, weight: Any, target: Any, bias: Any = None, **options: Any) -> Any:
-        if _compiling() and _is_torch_tensor(hidden):
-            return traced_linear_route(hidden, weight, target, bias, client=self, **options)
-        from .linear import LinearCall
-
-        call = LinearCall(self, hidden, weight, target, bias, **options)
-        return call.finish(self._run(call.flow()))
-
-    linear_cross_entropy.__doc__ = _LINEAR_DOC
-
-    def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
-        return self._run(self._empty_flow(shape, dtype))
-
-    empty.__doc__ = _EMPTY_DOC
-
-    def info(self) -> dict[str, Any]:
-        """The server's /v1/info document (version, devices, limits, instance_id)."""
-        return self._json_or_msgpack(self._request("GET", "/v1/info"))
-
     def _probe(self, path: str) -> bool:
         for i in self._replicas.order():
             try:
-                if self._once("GET", self._replicas.urls[i] + path, None, 0).status < 300:
-                    return True
+                resp = self._once("GET", self._replicas.urls[i] + path, None, 0)
             except httpx.HTTPError:
                 continue
+            if resp.status < 300:
+                return True
         return False
-
-    def healthz(self) -> bool:
-        """True when some replica is alive (GET /healthz answers 2xx)."""
-        return self._probe("/healthz")
-
-    def readyz(self) -> bool:
-        """True when some replica is ready to compute (GET /readyz answers 2xx)."""
-        return self._probe("/readyz")
 
 
 class AsyncClient(_BaseClient):
-    __doc__ = """`Client` for asyncio: the same constructor, and the same methods as coroutines (``empty``
-    included). Registration with the server's shared-memory socket and the copies of big inputs
+    __doc__ = """`Client` for asyncio: the same constructor, and the same methods, each returning an
+    awaitable (``empty`` and ``weights.flush()`` included). Registration with the server's shared-memory socket and the copies of big inputs
     run in a thread (asyncio.to_thread), never on the event loop.
 """ + _CLIENT_ARGS
 
@@ -1415,35 +1394,20 @@ class AsyncClient(_BaseClient):
             self._shm_alock = asyncio.Lock()
         return self._shm_alock
 
-    # ---- the I/O the flows ask for ----
+    # ---- the I/O the flows ask for (flows.Step.on names these) ----
     async def _run(self, flow: Any) -> Any:
-        result: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                kind, args = flow.send(result) if error is None else flow.throw(error)
-            except StopIteration as stop:
-                return stop.value
+        result, error = None, None
+        while not isinstance(step := resume(flow, result, error), Done):
             result, error = None, None
             try:
-                if kind == _ARENA:
-                    result = await self._shm_ready(*args)
-                elif kind == _BLOCKING:
-                    fn, fn_args = args
-                    result = await asyncio.to_thread(fn, *fn_args)
-                elif kind == _SEND:
-                    (call,) = args
-                    result = await self._request(call.method, call.path, call.segments, call.nbytes)
-                elif kind == _SEND_AFFINE:
-                    (call,) = args
-                    result = await self._request(call.method, call.path, call.segments, call.nbytes,
-                                                 affinity=call.affinity)
-                elif kind == _CHUNKS:
-                    result = await self._send_chunks(*args)
-                elif kind == _RENEW:
-                    await self._renew_arena(*args)
+                result = await step.on(self)
             except Exception as exc:     # thrown into the flow, which decides
                 error = exc
+        return step.value
+
+    @staticmethod
+    async def _blocking(fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
 
     async def _shm_ready(self, nbytes: int | None = None) -> Any:
         if self._shm_wanted(nbytes):
@@ -1453,30 +1417,19 @@ class AsyncClient(_BaseClient):
                         info: Any = await self.info() if len(self._replicas.urls) == 1 else {}
                     except errors.ClceError as exc:
                         info = exc
-                    await asyncio.to_thread(self._shm_choice, info)
-        arena = self._use_arena()
-        if arena is not None and self._arena_outdated(arena):
-            from .shm import ArenaLost
-
-            await self._renew_arena(arena, arena.generation, ArenaLost("the server restarted"))
-            arena = self._use_arena()
-        self._announce()
-        return arena
+                    await self._blocking(self._shm_choice, info)
+        if (arena := self._outdated_arena()) is not None:
+            await self._renew_arena(arena, arena.generation, _restarted())
+        return self._arena_in_use()
 
     async def _renew_arena(self, arena: Any, generation: int, cause: BaseException) -> None:
         async with self._lock():
             if arena is self._arena and arena.generation == generation:   # else another call did it
-                info = await self.info()
-                await asyncio.to_thread(self._move_arena, arena, info, cause)
+                await self._blocking(self._move_arena, arena, await self.info(), cause)
 
     async def _once(self, method: str, url: str, segments: list[Segment] | None, nbytes: int, into: Any = None,
                     cancel: Any = None, affinity: str | None = None) -> _Response:
-        headers = self._headers(nbytes if segments is not None else None)
-        if affinity is not None:
-            headers[AFFINITY_HEADER] = affinity
-        content = None
-        if segments is not None:
-            content = b"".join(segments) if nbytes <= self.chunk_bytes else _aiter(self._body_chunks(segments, cancel))
+        headers, content = self._outgoing(segments, nbytes, cancel, affinity)
         async with self._http.stream(method, url, content=content, headers=headers) as resp:
             reader = self._reader(resp, into)
             async for chunk in resp.aiter_raw() if reader.raw else resp.aiter_bytes():
@@ -1497,16 +1450,14 @@ class AsyncClient(_BaseClient):
             url = self._replicas.urls[i] + path
             try:
                 resp = await self._once(method, url, segments, nbytes, into, cancel, affinity)
-            except _RETRYABLE as exc:
-                self._raise_if_permanent(exc, i)
-                attempts.connection_failed(i, exc)
-                continue
-            except httpx.TimeoutException as exc:
-                self._raise_for_timeout(exc, url)
             except httpx.HTTPError as exc:
-                raise errors.TransportError(f"{url}: {type(exc).__name__}: {exc}") from exc
+                self._failed(exc, attempts, i, url)
+                continue
             if attempts.answered(resp, i, path):
                 return resp
+
+    def _body_chunks(self, segments: list[Segment], cancel: Any) -> Any:
+        return _aiter(super()._body_chunks(segments, cancel))
 
     async def _send_chunks(self, pipe: pipeline.Pipeline) -> tuple[dict[str, Any], dict[str, float]]:
         run = _ChunkRun(pipe, self.connections)
@@ -1533,32 +1484,6 @@ class AsyncClient(_BaseClient):
             await asyncio.gather(*tasks, return_exceptions=True)
         return run.result()
 
-    # ---- the API ----
-    async def cross_entropy(self, input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
-                            reduction: str = "mean", label_smoothing: float = 0.0, **options: Any) -> Any:
-        return await self._run(self._cross_entropy_flow(
-            input, target, self._options(weight, ignore_index, reduction, label_smoothing, options)))
-
-    cross_entropy.__doc__ = _CE_DOC
-
-    async def linear_cross_entropy(self, hidden: Any, weight: Any, target: Any, bias: Any = None,
-                                   **options: Any) -> Any:
-        from .linear import LinearCall
-
-        call = LinearCall(self, hidden, weight, target, bias, **options)
-        return call.finish(await self._run(call.flow()))
-
-    linear_cross_entropy.__doc__ = _LINEAR_DOC
-
-    async def empty(self, shape: Any, dtype: Any = np.float32) -> Any:
-        return await self._run(self._empty_flow(shape, dtype))
-
-    empty.__doc__ = _EMPTY_DOC
-
-    async def info(self) -> dict[str, Any]:
-        """The server's /v1/info document (version, devices, limits, instance_id)."""
-        return self._json_or_msgpack(await self._request("GET", "/v1/info"))
-
     async def _probe(self, path: str) -> bool:
         for i in self._replicas.order():
             try:
@@ -1568,14 +1493,6 @@ class AsyncClient(_BaseClient):
             if resp.status < 300:
                 return True
         return False
-
-    async def healthz(self) -> bool:
-        """True when some replica is alive (GET /healthz answers 2xx)."""
-        return await self._probe("/healthz")
-
-    async def readyz(self) -> bool:
-        """True when some replica is ready to compute (GET /readyz answers 2xx)."""
-        return await self._probe("/readyz")
 
 
 async def _aiter(chunks: Iterator[Any]) -> AsyncIterator[Any]:
@@ -1607,7 +1524,10 @@ def cross_entropy(
 ) -> Any:
     """`Client.cross_entropy` on the default client (CLCE_URL, CLCE_API_KEY)."""
     if _compiling():
-        return traced_route(None, input, target, weight, ignore_index, reduction, label_smoothing, options)
+        from . import operators
+
+        return operators.traced_cross_entropy(operators.client_key(None, default_client), input, target, weight,
+                                              ignore_index, reduction, label_smoothing, options)
     return default_client().cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, **options
     )

@@ -3,7 +3,7 @@
     loss = clce_client.linear_cross_entropy(hidden, lm_head.weight, labels, shift=1)
     loss.backward()           # hidden, weight (and bias) get their gradients
 
-    loss_fn = clce_client.LinearCrossEntropyLoss(client=client)  # Liger's constructor (linear_nn.py)
+    loss_fn = clce_client.LinearCrossEntropyLoss(client=client)  # Liger's constructor (nn.py)
     loss = loss_fn(lm_head.weight, hidden, labels)  # forward(lin_weight, _input, target, bias=None)
 
 The server computes `F.cross_entropy(F.linear(hidden, weight, bias), target, **options)` in row
@@ -59,7 +59,7 @@ differs per row, backward asks the server again, with that grad_output (the weig
 a sum over rows: it cannot be rescaled afterwards); an accumulating call cannot (its unscaled
 gradient is already added on the server), nor an AsyncClient's (backward cannot await).
 
-`LinearCall.flow` is a generator of I/O steps (clce_client/client.py's flows), so `Client` and
+`LinearCall.flow` and the flush are flows of I/O steps (clce_client/flows.py), so `Client` and
 `AsyncClient` run the same call; autograd is attached after the I/O, never inside it.
 """
 
@@ -82,13 +82,7 @@ from clce_wire.protocol import (PROTOCOL_VERSION, ProtocolError, decode_tensor, 
 from clce_wire.shm import is_ref_map
 
 from . import errors
-from .flows import ARENA as _ARENA
-from .flows import BLOCKING as _BLOCKING
-from .flows import RENEW as _RENEW
-from .flows import SEND as _SEND
-from .flows import SEND_AFFINE as _SEND_AFFINE
-from .flows import is_torch_tensor as _is_torch_tensor
-from .flows import prepared
+from .flows import Blocking, Send, Try, is_torch_tensor as _is_torch_tensor, prepared, renewing
 from .results import CrossEntropyResult
 
 LINEAR_PATH = "/v1/linear_cross_entropy"
@@ -143,8 +137,8 @@ def _widened(a: np.ndarray) -> np.ndarray:
 
 
 class _Request:
-    """One request of a flow, as `_SEND` sends it; `placement`: the shared memory it uses;
-    `affinity`: a stored weight's affinity key (sent as `_SEND_AFFINE`, to the weight's replica)."""
+    """One request of a flow, as `Send` sends it; `placement`: the shared memory it uses;
+    `affinity`: a stored weight's affinity key (sent to the weight's replica, as a header)."""
 
     def __init__(self, method: str, path: str, msg: dict[str, Any], placement: Any = None,
                  affinity: str | None = None):
@@ -175,7 +169,7 @@ class LinearWeights:
     scale of the micro-batches accumulated since (one value per version)."""
 
     def __init__(self, client, replay: bool = True):
-        self.client = client
+        self._client = weakref.ref(client)   # the client owns its weights (client.weights), not the reverse
         #: keep each accumulated micro-batch's inputs until the flush, to replay what the server
         #: lost; False: keep nothing, and a flush that finds micro-batches missing raises
         self.replay = replay
@@ -210,6 +204,13 @@ class LinearWeights:
         self.upload_log: collections.deque = collections.deque(maxlen=1024)
         #: micro-batches replayed at a flush because the server had lost them
         self.replayed = 0
+
+    @property
+    def client(self) -> Any:
+        client = self._client()
+        if client is None:
+            raise RuntimeError("these LinearWeights' client is gone: keep the client (client.weights is its own)")
+        return client
 
     def affinity(self, name: str) -> str:
         """The affinity key of the weight `name`: "<tenant tag>.<name>", sent in the
@@ -389,34 +390,28 @@ class LinearWeights:
         """POST .../grad: (the answer, (grad_weight, grad_bias) as torch tensors or None). A version
         the server no longer has is an answer of 0 micro-batches; a restarted server's arena moves."""
         client = self.client
-        deadline = time.monotonic() + client.retry_budget_s
         nbytes = p.weight.numel() * 4
-        while True:
-            arena = yield _ARENA, (nbytes,)
-            generation = arena.generation if arena is not None else 0
+
+        def attempt(t: Try) -> Any:
             msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "weight_version": p.version}
-            request = None
+            placement = None
             try:
-                placement = None
-                if arena is not None and nbytes >= client.shm_min_bytes:
-                    placement = yield _BLOCKING, (_place, (arena, [("grad_weight", None, nbytes)]))
+                if t.arena is not None and nbytes >= client.shm_min_bytes:
+                    placement = yield Blocking(_place, (t.arena, [("grad_weight", None, nbytes)]))
                     msg["grad_weight_region"], msg["grad_weight_offset"] = placement.refs["grad_weight"]
+                    t.placed = True
                 request = _Request("POST", f"/v1/weights/{name}/grad", msg, placement, self.affinity(name))
-                resp = yield _SEND_AFFINE, (request,)
-                answer = client._decode(resp)
-            except errors.ClceError as exc:
-                if isinstance(exc, errors.WeightNotStored):
-                    self.forget(name)
-                    return {}, (None, None)
-                if not client._renewal_due(exc, request, arena, deadline):
-                    raise
-                yield _RENEW, (arena, generation, exc)
-                continue
+                answer = client._decode((yield Send(request)))
+            except errors.WeightNotStored:
+                self.forget(name)
+                return {}, (None, None)
             grads = []
             for key in ("grad_weight", "grad_bias"):
                 g = _received(answer, key, placement)
                 grads.append(None if g is None else _tensor(g, key))
             return answer, tuple(grads)
+
+        return (yield from renewing(client, nbytes, attempt))
 
     def attach(self, optimizer) -> Any:
         """Flush before every step of `optimizer`; returns the hook's handle (a Client's weights:
@@ -480,18 +475,6 @@ def _optimizer_steps() -> int:
 
 def _is_async(client: Any) -> bool:
     return inspect.iscoroutinefunction(client._run)
-
-
-_weights_lock = threading.Lock()
-
-
-def weights_of(client) -> LinearWeights:
-    """The LinearWeights of a client (one per client object)."""
-    with _weights_lock:
-        w = getattr(client, "_linear_weights", None)
-        if w is None:
-            w = client._linear_weights = LinearWeights(client)
-        return w
 
 
 def share_weight(param: Any, client: Any) -> bool:
@@ -603,7 +586,7 @@ class LinearCall:
             self.arrays["grad_output"] = _to_numpy(grad_output)
         # stored unless asked not to; a numpy weight without a name has no version counter
         if weight_name is None and not stateless and _is_torch_tensor(weight):
-            weights = weights or weights_of(client)
+            weights = weights or client.weights
             weight_name = weights.auto_name(weight)
         if weight_name is not None and self.cast is not None:
             # the version under autocast is the weight's bytes in the autocast dtype: stored apart
@@ -612,7 +595,7 @@ class LinearCall:
         self.weight_name = None if stateless else weight_name
         if accumulate and self.weight_name is None:
             raise ValueError("accumulate=True needs a stored weight (a torch weight, or weight_name=)")
-        self.weights = (weights or weights_of(client)) if self.weight_name is not None else None
+        self.weights = (weights or client.weights) if self.weight_name is not None else None
         self.accumulate = bool(accumulate) and self.want_grad
         self.version: str | None = None
         #: a replay's: the version its micro-batch ran with (set by the flush), not the weight's now
@@ -667,64 +650,64 @@ class LinearCall:
         return _Request("POST", LINEAR_PATH, msg, placement, affinity)
 
     def flow(self) -> Any:
-        """The call as I/O steps (clce_client/client.py's flow kinds); returns the result fields.
+        """The call as I/O steps (clce_client/flows.py); returns the result fields.
         Uploads the weight first when the server lacks this version; uploads again (and retries)
         when the server answers that it no longer has it (evicted, expired, restarted, or the weight
         moved to this replica because its own failed), to the replica that answered, since the
         upload goes where the call goes (the weight's affinity), within the retry budget; moves the
         arena to a restarted server."""
         client = self.client
-        deadline = time.monotonic() + client.retry_budget_s
         reuploads = 0
         max_reuploads = _REUPLOADS + len(client.urls)
-        while True:
-            arena = yield _ARENA, (self.nbytes,)
-            if arena is not None and self.nbytes < client.shm_min_bytes:
-                arena = None
-            generation = arena.generation if arena is not None else 0
-            request = None
-            for gone in self.weights.take_gone() if self.weights is not None else ():
-                # best effort: a name the server no longer has (evicted, expired) is as good
-                try:
-                    yield _SEND_AFFINE, (_Request("DELETE", f"/v1/weights/{gone}", None, None,
-                                                  self.weights.affinity(gone)),)
-                except errors.ClceError:
-                    pass
+
+        def again(exc: BaseException, t: Try) -> bool:
+            nonlocal reuploads
+            if (isinstance(exc, errors.WeightNotStored) and self.weight_name is not None
+                    and reuploads < max_reuploads and time.monotonic() < t.deadline):
+                reuploads += 1
+                self.weights.forget(self.weight_name)
+                return True
+            return False
+
+        return (yield from renewing(client, self.nbytes, self._attempt, inline=self.nbytes < client.shm_min_bytes,
+                                    again=again))
+
+    def _attempt(self, t: Try) -> Any:
+        client, arena = self.client, t.arena
+        for gone in self.weights.take_gone() if self.weights is not None else ():
+            # best effort: a name the server no longer has (evicted, expired) is as good
             try:
-                if self.weight_name is not None:
-                    if self.replay_version is not None:
-                        self.version = self.replay_version
-                    else:
-                        self.version = self.weights.version_of(self.weight_name, self.weight, self.bias)
-                        self.weights.check_unchanged(self.weight_name, self.version)
-                    if not self.weights.is_stored(self.weight_name, self.version):
-                        request = yield from prepared(self._upload, (arena,), arena=arena,
-                                                      nbytes=self._weight_np.nbytes)
-                        put = client._decode((yield _SEND_AFFINE, (request,)))
-                        self.weights.stored(self.weight_name, self.version, request.placement, put.get("instance"))
-                request = yield from prepared(self._request, (arena,), arena=arena, nbytes=self.nbytes)
-                resp = yield (_SEND if request.affinity is None else _SEND_AFFINE), (request,)
-                msg = client._decode(resp)
-                self.placement = request.placement
-                self.result = {k: _received(msg, k, request.placement) for k in RESULT_NAMES}
-                if self.result["loss"] is None:
-                    raise ProtocolError("the response has no loss")
-                if self.accumulate:
-                    self.answered = {k: msg.get(k) for k in ("instance", "accumulation", "micro_batches")}
-                    if self.replay_version is None:
-                        self.weights.record_micro_batch(self.weight_name, self.weight, self.bias, self.version,
-                                                        self.answered, self.arrays, self.options)
-                return self.result
-            except errors.ClceError as exc:
-                if (isinstance(exc, errors.WeightNotStored) and self.weight_name is not None
-                        and reuploads < max_reuploads
-                        and time.monotonic() < deadline):
-                    reuploads += 1
-                    self.weights.forget(self.weight_name)
-                    continue
-                if not client._renewal_due(exc, request, arena, deadline):
-                    raise
-                yield _RENEW, (arena, generation, exc)
+                yield Send(_Request("DELETE", f"/v1/weights/{gone}", None, None, self.weights.affinity(gone)))
+            except errors.ClceError:
+                pass
+        if self.weight_name is not None:
+            if self.replay_version is not None:
+                self.version = self.replay_version
+            else:
+                self.version = self.weights.version_of(self.weight_name, self.weight, self.bias)
+                self.weights.check_unchanged(self.weight_name, self.version)
+            if not self.weights.is_stored(self.weight_name, self.version):
+                request = yield from prepared(self._upload, (arena,), arena=arena, nbytes=self._weight_np.nbytes)
+                t.placed = request.placement is not None
+                put = client._decode((yield Send(request)))
+                self.weights.stored(self.weight_name, self.version, request.placement, put.get("instance"))
+        request = yield from prepared(self._request, (arena,), arena=arena, nbytes=self.nbytes)
+        t.placed = request.placement is not None
+        msg = client._decode((yield Send(request)))
+        self.placement = request.placement
+        self.result = {k: _received(msg, k, request.placement) for k in RESULT_NAMES}
+        if self.result["loss"] is None:
+            raise ProtocolError("the response has no loss")
+        if self.accumulate:
+            self.answered = {k: msg.get(k) for k in ("instance", "accumulation", "micro_batches")}
+            if self.replay_version is None:
+                self.weights.record_micro_batch(self.weight_name, self.weight, self.bias, self.version,
+                                                self.answered, self.arrays, self.options)
+        return self.result
+
+    def finished(self) -> Any:
+        """The call as I/O steps, then its result as the caller gets it (`finish`)."""
+        return self.finish((yield from self.flow()))
 
     # ---- results ----
     def finish(self, result: dict[str, Any]) -> Any:
@@ -827,10 +810,10 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, client, **options
 
 
 def _post(client, path: str, msg: dict) -> dict:
+    """One request by hand (tests, tools; "PUT /v1/..." for a PUT): its decoded answer."""
     method, path = ("PUT", path.removeprefix("PUT ")) if path.startswith("PUT ") else ("POST", path)
-    """One request by hand (tests, tools): its decoded answer."""
     req = _Request(method, path, msg)
     return client._json_or_msgpack(client._request(req.method, req.path, req.segments, req.nbytes))
 
 
-__all__ = ["AccumulationLost", "LinearCall", "LinearWeights", "linear_cross_entropy", "share_weight", "weights_of"]
+__all__ = ["AccumulationLost", "LinearCall", "LinearWeights", "linear_cross_entropy", "share_weight"]

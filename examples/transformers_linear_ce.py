@@ -1,6 +1,6 @@
 """Hugging Face Transformers with clce's fused linear cross-entropy: a tiny LlamaForCausalLM
 (built from a config, no downloads) trained by `Trainer` with gradient accumulation, its lm_head
-+ loss replaced so that only hidden states travel (``clce_client.transformers_linear.patch``).
++ loss replaced so that only hidden states travel (``clce_client.transformers.patch_linear``).
 
     CLCE_URL=http://127.0.0.1:8000 python examples/transformers_linear_ce.py
 
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import clce_client  # noqa: E402
-import clce_client.transformers_linear as clce_lce  # noqa: E402
+import clce_client.transformers as clce_hf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from transformers_trainer import ACCUM, BATCH, STEPS, dataset, tiny_llama  # noqa: E402
@@ -46,9 +46,9 @@ def main():
     with clce_client.Client(os.environ.get("CLCE_URL", clce_client.DEFAULT_URL)) as client, \
             tempfile.TemporaryDirectory() as tmp:
         local = train(tiny_llama(), tmp)
-        per_call = train(clce_lce.patch(tiny_llama(), client), tmp)
-        model = clce_lce.patch(tiny_llama(), client, accumulate=True)
-        accumulated = train(model, tmp, callbacks=[clce_lce.flush_callback(model)])
+        per_call = train(clce_hf.patch_linear(tiny_llama(), client), tmp)
+        model = clce_hf.patch_linear(tiny_llama(), client, accumulate=True)
+        accumulated = train(model, tmp, callbacks=[clce_hf.flush_callback(model)])
     dev = {name: max(abs(a - b) / abs(b) for a, b in zip(run, local))
            for name, run in (("per-call gradient", per_call), ("accumulate", accumulated))}
     print(f"Transformers Trainer, fused linear cross-entropy: {STEPS} steps x {ACCUM} micro-batches, loss "

@@ -1,7 +1,7 @@
 """The training loop of the replica and restart tests (tests/test_linear_replicas.py, tests/test_ray.py,
 tests/test_linear_restart_replay.py): a small
 model whose LM head (2000x64) accumulates on the server over K micro-batches per optimizer step,
-flushed by `weights_of(client).attach(optimizer)`, and the same loop in torch alone."""
+flushed by `client.weights.attach(optimizer)`, and the same loop in torch alone."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from clce_client.linear import AccumulationLost, weights_of
+from clce_client.linear import AccumulationLost
 
 F = torch.nn.functional
 
@@ -84,7 +84,7 @@ def train(client, local, kill=None, replay=True):
     per step taken and the steps the flush refused (AccumulationLost)."""
     body, head = make_model()
     opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
-    weights = weights_of(client)
+    weights = client.weights
     weights.replay = replay
     weights.attach(opt)
     batches = data()

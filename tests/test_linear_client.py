@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import clce_client
-from clce_client.linear import share_weight, weights_of
+from clce_client.linear import share_weight
 from linear_reference import local, model
 from serverproc import ServerProcess, server_fixture
 
@@ -86,7 +86,7 @@ def test_weight_is_stored_once_per_version_by_default(server, transport):
     W_ref = torch.nn.Parameter(W.detach().clone())
     opt, opt_ref = torch.optim.SGD([W], lr=0.5), torch.optim.SGD([W_ref], lr=0.5)
     with clce_client.Client(server.url, **TRANSPORTS[transport]) as client:
-        weights = weights_of(client)
+        weights = client.weights
         for step in range(2):
             for _ in range(3):
                 h, y = torch.randn(64, 32), torch.randint(0, 200, (64,))
@@ -110,7 +110,7 @@ def test_stateless_sends_the_weight_every_call(server):
     with clce_client.Client(server.url) as client:
         for _ in range(2):
             loss = client.linear_cross_entropy(h.detach(), W.detach(), y, b.detach(), stateless=True)
-        assert weights_of(client).uploads == 0
+        assert client.weights.uploads == 0
     torch.testing.assert_close(loss, local(h, W, y, b)[0].detach())
 
 
@@ -127,7 +127,7 @@ def test_shared_weight_is_read_where_it_lies(server):
         assert arena.locate(head.weight.data_ptr(), head.weight.numel() * 4) is not None
         opt = torch.optim.SGD(head.parameters(), lr=0.3)
         opt_ref = torch.optim.SGD(ref_head.parameters(), lr=0.3)
-        weights = weights_of(client)
+        weights = client.weights
         for _ in range(3):
             h, y = torch.randn(50, 32), torch.randint(0, 180, (50,))
             loss = client.linear_cross_entropy(h, head.weight, y, head.bias)
@@ -155,7 +155,7 @@ def test_async_client_accumulates_and_flushes(server, transport):
 
     async def run():
         async with clce_client.AsyncClient(server.url, **TRANSPORTS[transport]) as client:
-            weights = weights_of(client)
+            weights = client.weights
             with pytest.raises(TypeError, match="await weights.flush"):
                 weights.attach(torch.optim.SGD([W], lr=0.1))
             for h, y in batches:
@@ -188,7 +188,7 @@ def test_restart_mid_loop_over_shared_memory():
                 h, y = torch.randn(30, 32), torch.randint(0, 120, (30,))
                 loss = client.linear_cross_entropy(h, head.weight, y)
                 torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, W_ref), y))
-            assert weights_of(client).uploads == 2    # before and after the restart
+            assert client.weights.uploads == 2    # before and after the restart
     finally:
         for srv in servers:
             srv.cleanup()
@@ -230,4 +230,4 @@ def test_fused_optimizer_step_is_a_new_version(server):
             torch.testing.assert_close(loss, ref)
             opt.step(), opt_ref.step()
             opt.zero_grad(), opt_ref.zero_grad()
-        assert weights_of(client).uploads == 3
+        assert client.weights.uploads == 3

@@ -7,7 +7,7 @@ the serve_multiplexed_model_id header, consistently. For each:
 
 * stored mode: a tiny LM head (2000x64), 12 calls of one version: every loss and gradient equals
   torch's, the weight crosses the wire once, to one replica, and no call fails;
-* accumulate=True: 4 optimizer steps of 4 micro-batches with `weights_of(client).attach(optimizer)`:
+* accumulate=True: 4 optimizer steps of 4 micro-batches with `client.weights.attach(optimizer)`:
   every step's parameters equal torch's, one upload per version, and no micro-batch is replayed
   (all of a step's micro-batches and its flush reached the one replica holding its accumulator);
 * the replica holding the weight killed (SIGKILL, not restarted) between micro-batches 2 and 3 of
@@ -34,7 +34,6 @@ from linear_training import H, N, STEPS, V, local_steps, per_version, train  # n
 from serverproc import REPO, ServerProcess, free_port  # noqa: E402
 
 import clce_client  # noqa: E402
-from clce_client.linear import weights_of  # noqa: E402
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -146,7 +145,7 @@ def test_stored_weight_is_uploaded_once_and_every_call_equals_torch(front, pair)
             ref.backward()
             torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
-        weights = weights_of(client)
+        weights = client.weights
         assert failed == 0
         torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-4, atol=1e-6)
         assert weights.uploads == 1, list(weights.upload_log)
@@ -168,7 +167,7 @@ def test_weights_spread_over_the_replicas_and_each_stays_on_one(front, pair):
                 with torch.no_grad():
                     loss = client.linear_cross_entropy(h, W, y, weight_name=n)
                 torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, W), y), rtol=1e-5, atol=1e-6)
-        weights = weights_of(client)
+        weights = client.weights
         uploads = per_version(weights)
         assert weights.uploads == len(names), uploads
         assert all(len(where) == 1 for where in uploads.values()), uploads
@@ -181,7 +180,7 @@ def test_weights_spread_over_the_replicas_and_each_stays_on_one(front, pair):
 def test_accumulated_steps_equal_torch_on_one_replica(front, local):
     with clce_client.Client(front.url, transport="tcp", retry_budget_s=60) as client:
         worst, refused = train(client, local)
-        weights = weights_of(client)
+        weights = client.weights
         assert refused == [] and len(worst) == STEPS
         # no micro-batch missing at any flush: each step's micro-batches and flush met one accumulator
         assert weights.replayed == 0
@@ -203,7 +202,7 @@ def test_the_weights_replica_killed_mid_step(how, local, tmp_path):
     killed: list[str] = []
     try:
         with clce_client.Client(f.url, transport="tcp", retry_budget_s=60) as client:
-            weights = weights_of(client)
+            weights = client.weights
             by_instance = instances(replicas)
 
             def kill() -> None:
@@ -235,7 +234,7 @@ def test_killed_with_replay_off_the_step_raises_and_a_rerun_equals_torch(local, 
     replicas = [ServerProcess().start(), ServerProcess().start()]
     try:
         with clce_client.Client(",".join(r.url for r in replicas), transport="tcp", retry_budget_s=60) as client:
-            weights = weights_of(client)
+            weights = client.weights
             by_instance = instances(replicas)
 
             def kill() -> None:
@@ -284,14 +283,14 @@ def test_only_stored_weights_carry_the_affinity_header():
         stored = LinearCall(client, h, W, y, weight_name="head")
         stored.version = "v1"
         stateless = LinearCall(client, h, W, y, stateless=True)
-        key = weights_of(client).affinity("head")
+        key = client.weights.affinity("head")
         assert stored._request(None).affinity == stored._upload(None).affinity == key
         assert key.endswith(".head") and client._api_key is None
         assert stateless._request(None).affinity is None      # spread by load, as the loss routes
     with clce_client.Client("http://127.0.0.1:9", api_key="k1") as c1, \
             clce_client.Client("http://127.0.0.1:9", api_key="k2") as c2:
         # a tenant's weight of a name is not another tenant's: other keys, the API key not in them
-        k1, k2 = weights_of(c1).affinity("head"), weights_of(c2).affinity("head")
+        k1, k2 = c1.weights.affinity("head"), c2.weights.affinity("head")
         assert k1 != k2 and "k1" not in k1 and "k2" not in k2
 
 
@@ -309,7 +308,7 @@ def test_async_client_keeps_a_weight_on_one_replica(pair):
                 loss = await client.linear_cross_entropy(h, W, y, weight_name="async-head", accumulate=True)
                 loss.backward()
                 F.cross_entropy(F.linear(h, W_ref), y).backward()
-            weights = weights_of(client)
+            weights = client.weights
             await weights.flush()
             torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-4, atol=1e-6)
             assert weights.uploads == 1 and weights.replayed == 0

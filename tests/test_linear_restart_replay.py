@@ -1,7 +1,7 @@
 """accumulate=True across server restarts: no step is ever taken on a partial gradient.
 
 A small model's LM head accumulates on the server over 4 micro-batches per optimizer step
-(`weights_of(client).attach(optimizer)` flushes before each step). In the middle of step 1, between
+(`client.weights.attach(optimizer)` flushes before each step). In the middle of step 1, between
 micro-batches 2 and 3, the server process is killed (SIGKILL) or drained (SIGTERM) and a new one is
 started on the same port: the first two micro-batches' accumulated gradient is gone with it.
 The client's flush sees that the server's accumulation (its instance, its count) holds 2 of the 4
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from serverproc import ServerProcess  # noqa: E402
 
 import clce_client  # noqa: E402
-from clce_client.linear import AccumulationLost, weights_of  # noqa: E402
+from clce_client.linear import AccumulationLost  # noqa: E402
 
 torch = pytest.importorskip("torch")
 from linear_training import Loop, compare, data, local_steps, make_model, params  # noqa: E402
@@ -51,7 +51,7 @@ def run(client, srv, sig, replay: bool, local):
     server still running, the worst difference per step, and the flush errors (step, message)."""
     body, head = make_model(LOOP)
     opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
-    weights = weights_of(client)
+    weights = client.weights
     weights.replay = replay
     weights.attach(opt)
     batches = data(loop=LOOP)
@@ -91,7 +91,7 @@ def test_a_restart_between_micro_batches_is_replayed_and_every_step_equals_torch
     try:
         with clce_client.Client(srv.url, retry_budget_s=60, **TRANSPORTS[transport]) as client:
             srv, worst, refused = run(client, srv, sig, replay=True, local=local)
-            weights = weights_of(client)
+            weights = client.weights
             assert refused == []
             assert weights.replayed == 2            # micro-batches 0 and 1 of step 1, and nothing else
             # one upload per version, plus the one the restart cost
@@ -111,7 +111,7 @@ def test_with_replay_off_the_flush_refuses_the_step_and_a_rerun_equals_torch(loc
             assert [s for s, _ in refused] == [1]
             msg = refused[0][1]
             assert "missing 2 of the 4 micro-batches" in msg and "replay is off" in msg, msg
-            assert weights_of(client).replayed == 0
+            assert client.weights.replayed == 0
             assert len(worst) == STEPS
     finally:
         srv.cleanup()
@@ -127,7 +127,7 @@ def test_an_async_client_replays_across_a_restart_too(local):
     try:
         body, head = make_model(LOOP)
         opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
-        weights = weights_of(client)
+        weights = client.weights
         batches = data(loop=LOOP)
         for step in range(STEPS):
             for mb in range(K):

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import clce_client
 from clce_client import errors
-from clce_client.linear import weights_of
 from linear_reference import local, model
 from serverproc import server_fixture
 
@@ -63,7 +62,7 @@ def test_stored_weight_accumulates_over_micro_batches(client, server):
     W_ref, b_ref = torch.nn.Parameter(W.detach().clone()), torch.nn.Parameter(b.detach().clone())
     opt = torch.optim.SGD([W, b], lr=0.5)
     opt_ref = torch.optim.SGD([W_ref, b_ref], lr=0.5)
-    weights = weights_of(client)
+    weights = client.weights
     weights.attach(opt)
     before = weights.uploads
     k = 4
@@ -124,7 +123,7 @@ def test_numpy_inputs_give_loss_and_gradients(client):
 
 
 def test_custom_op_under_torch_compile(client):
-    from clce_client.linear_ops import linear_cross_entropy
+    from clce_client.ops import linear_cross_entropy
 
     h, W, b, y = model(8)
 

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 import clce_client
-from clce_client.linear import weights_of
 from serverproc import ServerProcess
 
 OCLGRIND = shutil.which("oclgrind")
@@ -139,7 +138,7 @@ def test_linear_accumulates_on_the_device_under_oclgrind(client):
     W = torch.nn.Parameter(torch.randn(60, 16) / 4)
     b = torch.nn.Parameter(torch.zeros(60))
     W_ref, b_ref = torch.nn.Parameter(W.detach().clone()), torch.nn.Parameter(b.detach().clone())
-    weights = weights_of(client)
+    weights = client.weights
     k = 3
     for _ in range(k):
         h = torch.randn(50, 16)

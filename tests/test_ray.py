@@ -169,7 +169,6 @@ def local():
 
 def test_stored_weight_goes_to_one_replica_through_serve(serve_url):
     """12 calls of one version of a 2000x64 head: one upload, every call exact, none failed."""
-    from clce_client.linear import weights_of
     from linear_training import H, N, V
 
     g = torch.Generator().manual_seed(1)
@@ -191,7 +190,7 @@ def test_stored_weight_goes_to_one_replica_through_serve(serve_url):
             ref.backward()
             torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
-        weights = weights_of(client)
+        weights = client.weights
         assert failed == 0
         torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-4, atol=1e-6)
         assert weights.uploads == 1, list(weights.upload_log)
@@ -199,8 +198,6 @@ def test_stored_weight_goes_to_one_replica_through_serve(serve_url):
 
 
 def test_weights_spread_over_serve_replicas_and_each_stays_on_one(serve_url):
-    from clce_client.linear import weights_of
-
     g = torch.Generator().manual_seed(2)
     names = [f"ray-layer{i}" for i in range(8)]
     Ws = {n: torch.randn(64, 16, generator=g) for n in names}
@@ -212,7 +209,7 @@ def test_weights_spread_over_serve_replicas_and_each_stays_on_one(serve_url):
                 with torch.no_grad():
                     loss = client.linear_cross_entropy(h, W, y, weight_name=n)
                 torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, W), y), rtol=1e-5, atol=1e-6)
-        weights = weights_of(client)
+        weights = client.weights
         where = [instance for _, _, instance in weights.upload_log]
         assert weights.uploads == len(names), list(weights.upload_log)
         # Serve loads a model nobody holds on the replica with the fewest: both take weights
@@ -220,12 +217,11 @@ def test_weights_spread_over_serve_replicas_and_each_stays_on_one(serve_url):
 
 
 def test_accumulated_steps_equal_torch_through_serve(serve_url, local):
-    from clce_client.linear import weights_of
     from linear_training import STEPS, per_version, train
 
     with Client(serve_url, transport="tcp", retry_budget_s=60) as client:
         worst, refused = train(client, local)
-        weights = weights_of(client)
+        weights = client.weights
         assert refused == [] and len(worst) == STEPS
         assert weights.replayed == 0     # every step's micro-batches and flush met one accumulator
         uploads = per_version(weights)
@@ -259,8 +255,6 @@ def _evict(model_id: str):
 def test_a_weight_serve_evicts_is_dropped_from_the_replicas_store(serve_url):
     """Serve evicting a weight from a replica's multiplexed cache deletes it from that replica's
     store (the store holds what Serve routes there); its next call uploads it again, exact."""
-    from clce_client.linear import weights_of
-
     g = torch.Generator().manual_seed(3)
     W = torch.randn(64, 16, generator=g)
 
@@ -271,7 +265,7 @@ def test_a_weight_serve_evicts_is_dropped_from_the_replicas_store(serve_url):
         torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, W), y), rtol=1e-5, atol=1e-6)
 
     with Client(serve_url, transport="tcp") as client:
-        weights = weights_of(client)
+        weights = client.weights
         call()
         call()
         assert weights.uploads == 1
@@ -287,12 +281,11 @@ def test_the_weights_replica_killed_mid_step_through_serve(serve_url, local):
     """The replica holding the head is killed (ray.kill) between micro-batches 2 and 3 of step 1:
     Serve routes the weight to the other replica, which answers "not stored"; the client uploads it
     there, the flush replays the 2 lost micro-batches, and every step equals torch's."""
-    from clce_client.linear import weights_of
     from linear_training import STEPS, train
 
     killed = []
     with Client(serve_url, transport="tcp", retry_budget_s=120) as client:
-        weights = weights_of(client)
+        weights = client.weights
 
         def kill() -> None:
             holder = weights.upload_log[-1][2]

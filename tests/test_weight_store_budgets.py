@@ -383,7 +383,6 @@ def test_stored_weights_and_requests_share_the_tenant_budget_and_the_server_cap(
 
 def test_an_unflushed_accumulation_expires_and_its_returning_client_replays_it():
     import clce_client
-    from clce_client.linear import weights_of
 
     with ServerProcess(args=["--weight-idle-s", "1"]) as srv:
         torch.manual_seed(5)
@@ -394,7 +393,7 @@ def test_an_unflushed_accumulation_expires_and_its_returning_client_replays_it()
                 h, y = torch.randn(64, 32), torch.randint(0, 300, (64,))
                 (client.linear_cross_entropy(h, W, y, weight_name="head", accumulate=True) / 2).backward()
                 (F.cross_entropy(F.linear(h, W_ref), y) / 2).backward()
-            weights = weights_of(client)
+            weights = client.weights
             version = weights._pending["head"].version
             # the client goes quiet: its version and accumulation are dropped, with their bytes
             wait_for(lambda: status(srv.url)["stored_bytes"] == 0, "the idle version to expire", timeout=30)
