@@ -377,8 +377,11 @@ def _matches(sel: str, idx: int, dev: cl.Device, plat_idx: int, dev_idx: int) ->
 
 def native_defines(dev: cl.Device) -> dict[str, int]:
     """Defines read off the device itself: ce_rows_item's vector width is the device's preferred
-    float width (16 with AVX-512: one register; 8 otherwise)."""
-    return {"CE_VW": 16 if dev.preferred_vector_width_float >= 16 else 8}
+    float width (16 with AVX-512: one register; 8 otherwise); CE_FMA where single precision has a
+    fused multiply-add that is not emulated (PoCL compiles mad() as a multiply and an add)."""
+    fp = dev.single_fp_config
+    fma = bool(fp & cl.device_fp_config.FMA) and not fp & cl.device_fp_config.SOFT_FLOAT
+    return {"CE_VW": 16 if dev.preferred_vector_width_float >= 16 else 8, "CE_FMA": int(fma)}
 
 
 #: --device-memory's choices: read off the device, or forced
