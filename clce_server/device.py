@@ -97,14 +97,15 @@ def group_size(target: int, multiple: int, kernel_max: int, local_mem_limit: int
 # Tuning table, CLBlast style: (vendor substring or "*", device kind) -> build defines, launch
 # shape and the provenance of its figures. First match wins.
 _CPU = Tuning(
-    defines={"CE_FAST_EXP": 1, "CE_WIDE_STORE": 1, "CE_SP_NT_STORE": 1, "CE_NT_STORE": 1},
+    defines={"CE_FAST_EXP": 1, "CE_WIDE_STORE": 1, "CE_SP_NT_STORE": 1, "CE_NT_STORE": 1, "CE_SP_PREFETCH": 8},
     launch=LaunchShape("item", 1, 16),
     source="measured: PoCL 3.1 CPU device, 2-core Xeon with AVX-512 (this project's CI machine): "
            "a work-item per row ~6x faster than a work-group striding a row; CE_FAST_EXP 1.4x cheaper "
            "than PoCL's exp2; CE_VW read off the device (native_defines); reduce_local_size 16 a guess "
            "(the reduction is < 1% of a launch); CE_WIDE_STORE (one store per AVX-512 register, not "
            "PoCL's three), CE_SP_NT_STORE and CE_NT_STORE (non-temporal gradient lines in ce_spatial's "
-           "tiles and in scratch-row bf16 rows) measured A/B, interleaved, in one process each")
+           "tiles and in scratch-row bf16 rows), CE_SP_PREFETCH (ce_spatial's loads asked for 8 "
+           "work-items ahead) measured A/B, interleaved, in one process each")
 TUNING: list[tuple[str, str, Tuning]] = [
     ("*", "cpu", _CPU),
     ("NVIDIA", "gpu", Tuning(
