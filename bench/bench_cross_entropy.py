@@ -1,6 +1,8 @@
 """Speed of the fused cross-entropy kernel against PyTorch, a naive OpenCL chain, and memcpy.
 
-One run, the same data per shape, every method interleaved round-robin (best of --repeat):
+One run, the same data per shape, every method interleaved round-robin (best of --repeat), or
+with --calls K in blocks of K calls per method (the first of each block dropped: it pays for the
+method before it, e.g. a copy's dirty lines), --repeat blocks per method:
 
   fused      LossEngine.cross_entropy(x, t, return_grad=True).kernel_seconds: forward + backward,
              the gradient buffer recycled after each call as the server does
@@ -27,11 +29,13 @@ against fp32) are of medians of the interleaved runs; the table's times are the 
     python bench/bench_cross_entropy.py                  # the three default shapes, fp32 + bf16
     python bench/bench_cross_entropy.py --quick          # small shapes, 2 repetitions
     python bench/bench_cross_entropy.py --shapes 4096x1000,8x21x256x256 --repeat 9 --device pocl
+    python bench/bench_cross_entropy.py --shapes 2048x32000,8x21x256x256 --repeat 5 --calls 3
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -339,7 +343,7 @@ def make_data(shape, dt: str, seed: int = 0):
     return x_np, t, x_t, torch.from_numpy(t)
 
 
-def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
+def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True, calls: int = 0) -> dict:
     import torch.nn.functional as F
 
     from clce_server.rails.device import as_storage
@@ -454,7 +458,13 @@ def bench_shape(dev, engine, shape, dt, repeat, progress, verify=True) -> dict:
             del ng
         del g, g_ref, xv
 
-    samples = common.round_robin(methods, repeat, progress=progress)
+    # calls > 1: `repeat` blocks of `calls` calls per method, the first of each block dropped (it
+    # pays for the method before it: a copy leaves the next method its dirty lines and a cold
+    # cache); else round-robin, one call per method per round
+    rec["load_before"] = os.getloadavg()[0]
+    samples = (common.blocks(methods, repeat, calls, progress=progress) if calls > 1
+               else common.round_robin(methods, repeat, progress=progress))
+    rec["load_after"] = os.getloadavg()[0]
     rec["seconds"] = {k: common.stats(v) for k, v in samples.items()}
     rec["samples"] = samples
     best = {k: v["min"] for k, v in rec["seconds"].items()}
@@ -519,7 +529,12 @@ def evaluate_targets(records: list[dict]) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", help=f"comma-separated NxC[xd1..] [:bf16] (default {DEFAULT_SHAPES})")
-    ap.add_argument("--repeat", type=int, help="timed repetitions per method, round-robin (default 7; --quick 2)")
+    ap.add_argument("--repeat", type=int, help="timed repetitions per method, round-robin (default 7; --quick 2); "
+                                               "with --calls, the number of blocks")
+    ap.add_argument("--calls", type=int, default=0,
+                    help="time in blocks of this many calls in a row per method (>= 2), the first of each "
+                         "block dropped, the methods' order rotating between blocks (common.blocks); "
+                         "default: round-robin")
     ap.add_argument("--device", help="OpenCL device selector, as CLCE_DEVICE (default: the best that builds)")
     ap.add_argument("--out", type=Path, default=common.RESULTS,
                     help="output directory for cross_entropy.json / .png (default bench/results)")
@@ -543,12 +558,15 @@ def main(argv=None) -> int:
           f"tuning={dev.tuning.describe()}; torch {torch.__version__} threads={torch.get_num_threads()}", flush=True)
 
     methods_per_shape = 8   # fp32 shapes: naive; other dtypes: fused on the same values in fp32
-    total = sum((repeat + 1) * methods_per_shape for _, dt in shapes)
+    if args.calls == 1 or args.calls < 0:
+        ap.error("--calls needs at least 2 (the first call of a block is dropped)")
+    per_method = repeat * args.calls if args.calls > 1 else repeat + 1
+    total = sum(per_method * methods_per_shape for _, dt in shapes)
     records = []
     with tqdm(total=total, desc="cross_entropy", unit="call", dynamic_ncols=True) as bar:
         for shape, dt in shapes:
             bar.set_postfix_str(shape_label(shape, dt))
-            rec = bench_shape(dev, engine, shape, dt, repeat, bar, verify=not args.no_verify)
+            rec = bench_shape(dev, engine, shape, dt, repeat, bar, verify=not args.no_verify, calls=args.calls)
             rec["label"] = "x".join(map(str, shape))
             records.append(rec)
 
@@ -570,7 +588,12 @@ def main(argv=None) -> int:
             f"{r['fused_pct_of_memcpy']:.0f}%", f"{r['fused_prefaulted_pct_of_memcpy']:.0f}%",
             " ".join(f"{n}:{'ok' if c['ok'] else 'BAD'}" for n, c in chk if c) or "-",
         ])
-    common.print_table(f"cross-entropy fwd+bwd, best of {repeat} (interleaved); device {dev.name}", headers, rows)
+    policy = (f"{repeat} blocks of {args.calls} calls, the first of each dropped" if args.calls > 1
+              else f"best of {repeat} (interleaved)")
+    loads = ", ".join(f"{r['label']}{'' if r['dtype'] == 'float32' else ':' + r['dtype']} "
+                      f"{r['load_before']:.1f}-{r['load_after']:.1f}" for r in records)
+    common.print_table(f"cross-entropy fwd+bwd, {policy}; device {dev.name}", headers, rows)
+    print(f"load average (1 min) before-after each shape: {loads}")
     print("fused: LossResult.kernel_seconds; fused*: the same with the gradient's pages touched beforehand; "
           "torch: wall clock; naive: sum of its 3 kernels' events (its buffers are allocated and touched once, "
           "so naive/fused* compares kernels alike).\nBandwidth (medians) counts 2 x logits bytes "
@@ -588,7 +611,8 @@ def main(argv=None) -> int:
         print(f"  {tg['result']:4}  {tg['description']}: {val}{at}")
 
     out_dir = args.out
-    doc = {"benchmark": "cross_entropy", "repeat": repeat, "quick": args.quick, "device": dev.describe(),
+    doc = {"benchmark": "cross_entropy", "repeat": repeat, "calls": args.calls, "quick": args.quick,
+           "device": dev.describe(),
            "machine": common.machine_info(), "results": records, "targets": targets,
            "elapsed_s": time.perf_counter() - t0}
     jp = common.write_json(out_dir / "cross_entropy.json", doc)

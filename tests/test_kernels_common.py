@@ -28,9 +28,10 @@ __kernel void exp1(__global const float *x, __global float *out) {
 """
 
 
-def build(cpu_device, grad_dtype_code):
+def build(cpu_device, grad_dtype_code, fma=0):
     src = kernel_source("common.cl") + PROBE
-    return cl.Program(cpu_device.context, src).build(options=["-DIN_DTYPE=0", f"-DGRAD_DTYPE={grad_dtype_code}"])
+    return cl.Program(cpu_device.context, src).build(options=["-DIN_DTYPE=0", f"-DGRAD_DTYPE={grad_dtype_code}",
+                                                              f"-DCE_FMA={fma}"])
 
 
 def run(cpu_device, prg, name, x, out_dtype, width):
@@ -84,13 +85,14 @@ def test_bf16_stores_round_like_ml_dtypes(cpu_device, name, width):
     assert bad.size == 0, [(float(x[i]), hex(out[i]), hex(ref[i])) for i in bad[:8]]
 
 
-def test_fast_exp_accuracy_and_specials(cpu_device):
+@pytest.mark.parametrize("fma", [0, 1], ids=["mad", "fma"])
+def test_fast_exp_accuracy_and_specials(cpu_device, fma):
     rng = np.random.default_rng(1)
     x = np.concatenate([np.array([0.0, -0.0, -np.inf, np.nan, -87.0, -88.0, -100.0, -1e30, 1e-8, -1e-8, 10.0],
                                  np.float32), rng.uniform(-87, 0, 1 << 16).astype(np.float32),
                         rng.uniform(-1, 1, 1 << 12).astype(np.float32)])
     x = np.concatenate([x, np.zeros((-x.size) % 16, np.float32)])
-    prg = build(cpu_device, 0)
+    prg = build(cpu_device, 0, fma)
     for name, width in (("exp16", 16), ("exp1", 1)):
         out = run(cpu_device, prg, name, x, np.float32, width)
         ref = np.exp(x.astype(np.float64))

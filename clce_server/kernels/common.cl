@@ -26,6 +26,10 @@
 #define CE_FAST_EXP 0       // 1: float exp inline, Cody-Waite + degree-6 polynomial (see fast_exp)
 #endif
 
+#ifndef CE_FMA
+#define CE_FMA 0            // 1: fast_exp's polynomial in fma (the device has it in hardware: CL_FP_FMA)
+#endif
+
 #if IN_DTYPE == 3 || GRAD_DTYPE == 3
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 #endif
@@ -47,20 +51,28 @@ typedef float16 acc16_t;
 /* fast_exp: exp(x) = 2^n 2^f with y = x log2 e, n = y rounded to nearest, f = y - n in [-1/2, 1/2].
  * Adding 1.5 * 2^23 + 127 rounds y and leaves n + 127 in the float's low mantissa bits, so a
  * shift builds 2^n; 2^f is a degree-5 polynomial fitted for relative error (1.8e-7, ~1.5 ulp,
- * measured in fp32 Horner). Only mad, compares and integer ops, so it stays in registers and
- * vectorises at any width; PoCL's exp2 cost 1.4x as much, measured alone on PoCL 3.1. Domain: the
+ * measured in fp32 Horner). Only multiply-adds, compares and integer ops, so it stays in
+ * registers and vectorises at any width. The Horner steps are mad(), which PoCL compiles as a
+ * multiply and an add, or with CE_FMA fma(), one instruction each (device.py sets it where the
+ * device's fp32 has a fused multiply-add: ~4-7% off ce_rows_item at 2048x32000 on PoCL; the tests
+ * check both); PoCL's exp2 cost 1.4x as much, measured alone on PoCL 3.1. Domain: the
  * kernels only exponentiate differences <= 0 (y <= 127 suffices): NaN -> NaN, y < -127 -> 0
  * (-inf included; no subnormals). Rounding y costs up to |x| 1.3e-7 relative, as exp2(x log2 e)
  * did; near 0, where the kernels need it, ~2 ulp (tests/test_kernels_common.py). */
+#if CE_FMA
+#define EXP_MAD fma
+#else
+#define EXP_MAD mad
+#endif
 #define FAST_EXP(F, AS_I, AS_F, x)                                                              \
     const F y = (x) * (F)M_LOG2E_F;                                                             \
     const F t = y + (F)12583039.0f;                 /* 1.5 * 2^23 + 127 */                      \
     const F f = y - (t - (F)12583039.0f);                                                       \
-    F p = mad((F)1.3218673411756754e-3f, f, (F)9.671699255704880e-3f);                          \
-    p = mad(p, f, (F)5.550893023610115e-2f);                                                    \
-    p = mad(p, f, (F)2.402223795652390e-1f);                                                    \
-    p = mad(p, f, (F)6.931468844413757e-1f);                                                    \
-    p = mad(p, f, (F)1.0f);                                                                     \
+    F p = EXP_MAD((F)1.3218673411756754e-3f, f, (F)9.671699255704880e-3f);                      \
+    p = EXP_MAD(p, f, (F)5.550893023610115e-2f);                                                \
+    p = EXP_MAD(p, f, (F)2.402223795652390e-1f);                                                \
+    p = EXP_MAD(p, f, (F)6.931468844413757e-1f);                                                \
+    p = EXP_MAD(p, f, (F)1.0f);                                                                 \
     const F r = p * AS_F(AS_I(t) << 23);
 inline float __attribute__((overloadable)) fast_exp(float x) {
     FAST_EXP(float, as_int, as_float, x)

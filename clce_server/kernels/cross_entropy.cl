@@ -196,6 +196,11 @@ typedef acc8_t accv_t;
 #define CAN_STASH ((GRAD_DTYPE == 0 && IN_DTYPE != 3) || (GRAD_DTYPE == 3 && IN_DTYPE == 3))
 
 
+/* the running max of a block: v where v > a, else a. fmax's NaN rule (the other operand) cost
+ * three more instructions per vector on x86 (PoCL); here a NaN v is no max either (the compare is
+ * false), and a never holds one, so the result is fmax's; +-0 ties do not matter (exps of them
+ * are equal). One vmaxps on x86. */
+#define VMAX(a, v) select((a), (v), isgreater((v), (a)))
 /* pass 1, exps of one block: e_j = exp(z_j - bm), summed, optionally stashed / soft-target A */
 #define P1_LOOP(STASH, SOFT)                                                                    \
     for (uint j = b0; j < b1; j += CE_VW) {                                                         \
@@ -209,7 +214,7 @@ typedef acc8_t accv_t;
 #define P1_SPEC_LOOP(STASH)                                                                     \
     for (uint j = b0; j < b1; j += CE_VW) {                                                     \
         const accv_t v = capv(LOADV(xr, j), cap);                                               \
-        mx = fmax(mx, v);                                                                       \
+        mx = VMAX(mx, v);                                                                       \
         const accv_t e = EXP(v - (accv_t)bm);                                                   \
         es += e;                                                                                \
         if (STASH) VSTOREA(e, 0, stash + j);                                                    \
@@ -232,8 +237,32 @@ typedef acc8_t accv_t;
  * sfence orders them before the row's true-class store. */
 #if CE_NT_STORE && defined(__x86_64__) && CE_VW == 16 && GRAD_DTYPE == 2
 #define ROW_NT 1
-#define STOREV_NT(p, i, v) __builtin_nontemporal_store(f32_to_bf16_16(convert_float16(v)), (__global ushort16 *)((p) + (i)))
-#define STOREV_NT_NONAN(p, i, v) __builtin_nontemporal_store(f32_to_bf16_16_nonan(convert_float16(v)), (__global ushort16 *)((p) + (i)))
+/* Pass 2 of a ROW_NT row: 32 classes per step, so each non-temporal store is a whole 64-byte
+ * line (two rounded 16-vectors joined; one 32-byte store per step measured ~6% slower); a
+ * block that starts or ends on a half line takes one 16-wide store there. */
+typedef ushort ushort32_nt __attribute__((ext_vector_type(32)));
+#define NT32_STORE(CONV, g0, g1, p)                                                             \
+    __builtin_nontemporal_store(__builtin_shufflevector(CONV(g0), CONV(g1), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \
+        10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31), \
+        (__global ushort32_nt *)(p))
+#define P2_ONE(SMOOTH, WEIGHTED, j, out)                                                        \
+    {   const accv_t w = WEIGHTED ? VLOADA(weight + (j)) : (accv_t)1;                           \
+        if (SMOOTH) sum8 += w * (((accv_t)m - LOADV(xr, (j))) + (accv_t)lsum);                  \
+        out = VLOADA(stash + (j)) * (accv_t)fK - (accv_t)b_smooth * w; }
+#define P2_HARD_STASH_NT(SMOOTH, WEIGHTED, CONV)                                                \
+    {   uint j = b0;                                                                            \
+        if (j & 31) { accv_t g; P2_ONE(SMOOTH, WEIGHTED, j, g)                                  \
+            __builtin_nontemporal_store(CONV(g), (__global ushort16 *)(gr + j)); j += 16; }     \
+        for (; j + 32 <= b1; j += 32) {                                                         \
+            accv_t g0, g1; P2_ONE(SMOOTH, WEIGHTED, j, g0) P2_ONE(SMOOTH, WEIGHTED, j + 16, g1) \
+            NT32_STORE(CONV, g0, g1, gr + j); }                                                 \
+        if (j < b1) { accv_t g; P2_ONE(SMOOTH, WEIGHTED, j, g)                                  \
+            __builtin_nontemporal_store(CONV(g), (__global ushort16 *)(gr + j)); } }
+#define P2_NT_VERSIONS(CONV)                                                                    \
+    if (smooth && weight) { P2_HARD_STASH_NT(1, 1, CONV) }                                      \
+    else if (smooth) { P2_HARD_STASH_NT(1, 0, CONV) }                                           \
+    else if (weight) { P2_HARD_STASH_NT(0, 1, CONV) }                                           \
+    else { P2_HARD_STASH_NT(0, 0, CONV) }
 #else
 #define ROW_NT 0
 #endif
@@ -318,7 +347,7 @@ inline void ce_row_item(const ulong r, __global acc_t *stash, const bool strided
             es = (accv_t)0;
         }
         accv_t mx = (accv_t)(-ACC_INF);
-        for (uint j = b0; j < b1; j += CE_VW) mx = fmax(mx, capv(LOADV(xr, j), cap));
+        for (uint j = b0; j < b1; j += CE_VW) mx = VMAX(mx, capv(LOADV(xr, j), cap));
         const acc_t bm = hmaxv(mx);
         bmax[nb] = bm;
         /* Loop versions with constant flags: a run-time test inside the loop let the compiler
@@ -385,8 +414,8 @@ inline void ce_row_item(const ulong r, __global acc_t *stash, const bool strided
             const acc_t fK = stash ? EXP((bmax[b] - m) - lsum) * K : (acc_t)0;
             if (hot) {                 /* class targets, stashed exps: no exp per element */
 #if ROW_NT
-                if (nt && row_finite) { P2_HARD_STASH_VERSIONS(STOREV_NT_NONAN) }
-                else if (nt) { P2_HARD_STASH_VERSIONS(STOREV_NT) }
+                if (nt && row_finite) { P2_NT_VERSIONS(f32_to_bf16_16_nonan) }
+                else if (nt) { P2_NT_VERSIONS(f32_to_bf16_16) }
                 else
 #endif
 #if GRAD_DTYPE == 2 && CE_VW == 16
