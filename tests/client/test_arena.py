@@ -13,7 +13,7 @@ import pytest
 
 import clce_client
 from clce_client.buffers import TAKE_RATIO, BufferPool, FreeList, size_class
-from serverproc import server_fixture
+from tests.support.serverproc import server_fixture
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -7,13 +7,9 @@ grad_output, and the server's gradient buffer made the input's gradient without 
 from __future__ import annotations
 
 import gc
-import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import server_fixture  # noqa: E402
+from tests.support.serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client import pipeline as pipeline_mod  # noqa: E402

@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from serverproc import free_port, server_fixture  # noqa: E402
+from tests.support.serverproc import free_port, server_fixture  # noqa: E402
 
 server = server_fixture()
 
@@ -30,7 +28,7 @@ def clce(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess,
 
 
 def test_the_console_script_is_declared():
-    text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert 'clce = "clce_client.cli:main"' in text
 
 
@@ -124,7 +122,7 @@ def test_check_a_server_that_never_answers_gives_up_within_10_s():
 
 
 def test_check_with_tenants_says_what_the_key_lacks(tmp_path):
-    from serverproc import ServerProcess
+    from tests.support.serverproc import ServerProcess
 
     tenants = tmp_path / "tenants.toml"
     tenants.write_text('[tenants.t]\napi_key = "sk-tenant-Check123"\n')

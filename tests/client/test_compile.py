@@ -6,13 +6,9 @@ gradients of eager mode. Before, dynamo traced into the HTTP client and failed w
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import server_fixture  # noqa: E402
+from tests.support.serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 

@@ -18,7 +18,7 @@ from clce_client import client as client_mod
 from clce_client import pipeline as pipeline_mod
 from clce_client import shm as shm_mod
 from clce_client.client import AsyncClient, Client, _BaseClient
-from serverproc import server_fixture
+from tests.support.serverproc import server_fixture
 
 torch = pytest.importorskip("torch")
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import ServerProcess  # noqa: E402
-from test_training_loop import STEPS, assert_same_training, train_lm  # noqa: E402
+from tests.support.serverproc import ServerProcess  # noqa: E402
+from tests.support.tiny_lm import STEPS, assert_same_training, train_lm  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client import client as client_module  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 from clce_client import AsyncClient, Client
 from clce_client import pipeline as pipeline_mod
 from clce_wire.reduction import mean_normaliser
-from serverproc import server_fixture
+from tests.support.serverproc import server_fixture
 
 torch = pytest.importorskip("torch")
 

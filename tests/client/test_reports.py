@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from serverproc import ServerProcess, server_fixture  # noqa: E402
+from tests.support.serverproc import ServerProcess, server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client import errors  # noqa: E402
@@ -102,7 +100,7 @@ def test_a_server_that_died_says_why_within_a_second(records):
 
 
 def test_a_url_never_served_fails_fast_with_its_cause(records):
-    from serverproc import free_port
+    from tests.support.serverproc import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
@@ -175,7 +173,7 @@ def no_device_app():
 
     from clce_server.app import build_app
     from clce_server.config import Settings
-    from serverproc import free_port
+    from tests.support.serverproc import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(Settings(device="no-such-device-anywhere", port=port)),

@@ -1,21 +1,17 @@
 """The client's bounded retries: 429 and 503 wait for Retry-After (with jitter) within
 retry_budget_s, then raise; connection failures move to the next replica. Against the in-process
-stand-in server of test_client_local (it computes with torch)."""
+stand-in server of tests/support/stub_server.py (it computes with torch)."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import os
-import sys
 import time
 
 import msgpack
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_client_local import Stub, closed_url, logits, server  # noqa: E402,F401  (fixtures)
+from tests.support.stub_server import Stub, closed_url, logits, server  # noqa: F401  (fixtures)
 
 from clce_client import errors  # noqa: E402
 from clce_client.client import AsyncClient, Client, _retry_budget  # noqa: E402

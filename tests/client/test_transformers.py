@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import server_fixture  # noqa: E402
+from tests.support.serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 

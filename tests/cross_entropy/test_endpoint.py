@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,9 +18,7 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import server_fixture  # noqa: E402
+from tests.support.serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_wire import options, protocol  # noqa: E402

@@ -5,25 +5,21 @@ request right afterwards is still answered correctly.
 Bodies: random bytes; valid msgpack requests with flipped, inserted and deleted bytes; changed
 length headers (including huge claimed sizes); changed dtype strings and shapes; random JSON values
 and JSON objects with the request's field names. And the grammar-aware strategies of
-tests/fuzzing.py (msgpack built structurally with every header width, JSON nested around the
+tests/support/fuzzing.py (msgpack built structurally with every header width, JSON nested around the
 limit, raw HTTP framing), which scripts/fuzz_service.py runs for longer.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
-import sys
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-import fuzzing  # noqa: E402
-from serverproc import server_fixture  # noqa: E402
+from tests.support import fuzzing  # noqa: E402
+from tests.support.serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_wire import options, protocol  # noqa: E402
@@ -265,7 +261,7 @@ def test_valid_json_requests_match_torch(http, data):
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=2e-5, atol=2e-6)
 
 
-# --- grammar-aware (tests/fuzzing.py) ---------------------------------------------------------
+# --- grammar-aware (tests/support/fuzzing.py) ---------------------------------------------------------
 
 @FUZZ
 @given(body=fuzzing.msgpack_requests())
@@ -290,7 +286,7 @@ def test_grammar_aware_json(http, body):
     check_still_correct(http)
 
 
-# --- every finding of the fuzzers, end to end (tests/test_hardening_decode.py has them unit-level) --
+# --- every finding of the fuzzers, end to end (tests/wire/test_decode_hostile.py has them unit-level) --
 
 def _torch_error(fn):
     with pytest.raises(Exception) as info:

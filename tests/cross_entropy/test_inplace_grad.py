@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clce_server.hostmem import HostPool, PoolError
-from test_cross_entropy import DTYPES, assert_close, make, np_dtype, reference
+from tests.support.loss_reference import DTYPES, assert_close, make, np_dtype, reference
 
 
 def _in_place(engine, x, t, chunk_rows=None, **kw):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import clce_client
 from clce_client import errors
-from serverproc import ServerProcess, server_fixture
+from tests.support.serverproc import ServerProcess, server_fixture
 
 MiB = 1 << 20
 server = server_fixture()          # the default server: no flag changed

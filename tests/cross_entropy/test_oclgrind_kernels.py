@@ -3,7 +3,7 @@ data races in local and global memory, barrier divergence, out-of-bounds accesse
 uninitialised memory. It runs the GPU kernel shape at any work-group size, so the NVIDIA and
 generic-GPU tuning rows, and the extremes 32 and 1024, run here without a GPU.
 
-Each configuration of tests/oclgrind_cases.py runs in its own `oclgrind` process (they start
+Each configuration of tests/support/oclgrind_cases.py runs in its own `oclgrind` process (they start
 together, so two cores share the work); every Oclgrind diagnostic goes to the process's log, and
 any line there fails the test, as does any case whose loss or gradient differs from torch.
 
@@ -30,10 +30,9 @@ OCLGRIND = shutil.which("oclgrind")
 pytestmark = pytest.mark.skipif(OCLGRIND is None, reason="oclgrind is not installed (apt-get install oclgrind; "
                                                           "scripts/setup.sh dev installs it)")
 
-ROOT = Path(__file__).resolve().parent.parent
-CASES = Path(__file__).resolve().parent / "oclgrind_cases.py"
-sys.path.insert(0, str(CASES.parent))
-from oclgrind_cases import CONFIGS, cases  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+CASES = ROOT / "tests" / "support" / "oclgrind_cases.py"
+from tests.support.oclgrind_cases import CONFIGS, cases  # noqa: E402
 
 #: NVIDIA's static local memory per work-group: what ce_rows_group at 1024 work-items needs in
 #: fp64 (40 KB); Oclgrind's default is 32 KB

@@ -5,14 +5,10 @@ manual reference a user writes today: ``logits[..., :-1, :].contiguous().view(-1
 
 from __future__ import annotations
 
-import os
-import sys
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import server_fixture  # noqa: E402
+from tests.support.serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 

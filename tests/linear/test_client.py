@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import clce_client
 from clce_client.linear import share_weight, weights_of
-from linear_reference import local, model
-from serverproc import ServerProcess, server_fixture
+from tests.support.linear_reference import local, model
+from tests.support.serverproc import ServerProcess, server_fixture
 
 server = server_fixture()
 

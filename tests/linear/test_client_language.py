@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import clce_client
 from clce_client.client import CrossEntropyResult
-from linear_reference import model
-from serverproc import server_fixture
+from tests.support.linear_reference import model
+from tests.support.serverproc import server_fixture
 
 server = server_fixture()
 

@@ -1,4 +1,4 @@
-"""DDP with 2 ranks (gloo) over the fused linear cross-entropy: tests/linear_ddp_worker.py, as a
+"""DDP with 2 ranks (gloo) over the fused linear cross-entropy: tests/support/linear_ddp_worker.py, as a
 subprocess against a real server, against local DDP in the same processes."""
 
 import json
@@ -6,14 +6,14 @@ import os
 import subprocess
 import sys
 
-from serverproc import REPO, server_fixture
+from tests.support.serverproc import REPO, server_fixture
 
 server = server_fixture()
 
 
 def test_two_ranks_match_local_ddp(server, tmp_path):
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "linear_ddp_worker.py"), server.url, str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "linear_ddp_worker.py"), server.url, str(out)],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""The fused linear cross-entropy end to end: a real server (tests/serverproc.py), the client's
+"""The fused linear cross-entropy end to end: a real server (tests/support/serverproc.py), the client's
 autograd against torch's F.cross_entropy(F.linear(h, W, b), y) backward, the Liger-order module,
 the weight stored once per version, server-side accumulation over k micro-batches against local
 accumulation, re-upload after eviction, and clear errors for bad arguments."""
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import clce_client
 from clce_client import errors
 from clce_client.linear import weights_of
-from linear_reference import local, model
-from serverproc import server_fixture
+from tests.support.linear_reference import local, model
+from tests.support.serverproc import server_fixture
 
 server = server_fixture()
 
@@ -201,8 +201,7 @@ def test_an_accumulating_micro_batch_failing_part_way_drops_the_version_and_give
     import pyopencl as cl
 
     from clce_wire import protocol
-    from test_faults import FailingEngine, InProcessServer
-    from test_lease import _assert_all_given_back
+    from tests.support.inprocess import FailingEngine, InProcessServer, assert_all_given_back
 
     class FailsOnSecondChunk(FailingEngine):
         def __init__(self, engine):
@@ -255,4 +254,4 @@ def test_an_accumulating_micro_batch_failing_part_way_drops_the_version_and_give
         # the stored weight holds its share of the budget until it is deleted
         assert srv.state.scheduler.tenant_bytes("default") == srv.state.weight_store.tenant_bytes("default") > W.nbytes
         assert httpx.delete(srv.url + "/v1/weights/w", timeout=30).status_code == 204
-        _assert_all_given_back(srv.state)
+        assert_all_given_back(srv.state)

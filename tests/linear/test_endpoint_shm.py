@@ -5,7 +5,7 @@ against the same request with inline tensors. Then the refusals (a region gone, 
 out of bounds, no shared memory), and the request lease: after answered, refused and abandoned
 requests the server holds no pooled buffer, pin or reserved byte.
 
-A real server (tests/serverproc.py), real PoCL, real memfds registered through
+A real server (tests/support/serverproc.py), real PoCL, real memfds registered through
 clce_client.shm.Arena; requests are raw msgpack messages (clce_wire.protocol) sent with httpx."""
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clce_client.shm import connect
-from clce_wire import protocol
 from clce_wire.shm import recv_frame, ref_map, send_frame
-from serverproc import ServerProcess, server_fixture
+from tests.support.msgpack_http import Shared, body as _body, error as _error, ok as _ok, send as _send
+from tests.support.serverproc import ServerProcess, server_fixture
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -39,51 +38,6 @@ BF16_TOL = dict(atol=1e-2, rtol=1.6e-2)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-def _body(msg: dict) -> bytes:
-    return b"".join(bytes(s) for s in protocol.encode_message(msg))
-
-
-def _send(url: str, method: str, path: str, msg: dict | None = None, **kw) -> httpx.Response:
-    return httpx.request(method, url + path, content=None if msg is None else _body(msg), timeout=120,
-                         headers={"Content-Type": protocol.MSGPACK}, **kw)
-
-
-def _ok(resp: httpx.Response) -> dict:
-    assert resp.status_code == 200, resp.content[:500]
-    msg = protocol.decode_message(bytearray(resp.content))
-    return {k: protocol.decode_tensor(v, name=k) if isinstance(v, protocol.WireTensor) else v for k, v in msg.items()}
-
-
-def _error(resp: httpx.Response, status: int, match: str) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.content[:500])
-    err = protocol.decode_message(bytearray(resp.content))["error"]
-    assert match in err["message"], err
-    return err
-
-
-class Shared:
-    """A client's shared memory with the server: arrays placed in registered regions (kept alive
-    here) and the references that name them."""
-
-    def __init__(self, url: str):
-        self.arena = connect(httpx.get(url + "/v1/info").json(), None)
-        self.kept: list[np.ndarray] = []
-
-    def empty(self, shape, dtype) -> tuple[np.ndarray, dict]:
-        arr = self.arena.empty(shape, np.dtype(dtype))
-        self.kept.append(arr)
-        region, offset = self.arena.locate(arr.ctypes.data, max(arr.nbytes, 1))
-        return arr, ref_map(protocol.dtype_name(arr.dtype), arr.shape, region, offset)
-
-    def put(self, x: np.ndarray) -> dict:
-        arr, ref = self.empty(x.shape, x.dtype)
-        arr[...] = x
-        return ref
-
-    def close(self) -> None:
-        self.kept.clear()
-        self.arena.close()
 
 
 @pytest.fixture()

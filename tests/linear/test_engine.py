@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from clce_server import linear
-from linear_reference import to_numpy, to_torch
+from tests.support.linear_reference import to_numpy, to_torch
 
 
 @pytest.fixture(scope="module")

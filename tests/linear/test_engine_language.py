@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from clce_server import linear
-from linear_reference import to_numpy, to_torch
+from tests.support.linear_reference import to_numpy, to_torch
 
 _np, _torch = to_numpy, to_torch
 

@@ -332,12 +332,12 @@ def test_local_kernel_is_clean_under_oclgrind_at_gpu_work_group_sizes(tmp_path):
     from clce_server.gemm import clblast_available
 
     clblast = clblast_available()   # and CLBlast's kernels, where pyclblast is installed
-    tests = Path(__file__).resolve().parent
+    repo = Path(__file__).resolve().parents[2]
     script, log = tmp_path / "grind_gemm.py", tmp_path / "oclgrind.log"
     script.write_text(OCLGRIND_GEMM)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     r = subprocess.run([shutil.which("oclgrind"), "--data-races", "--uninitialized", "--log", str(log),
-                        sys.executable, str(script), str(tests.parent), "clblast" if clblast else "-"],
+                        sys.executable, str(script), str(repo), "clblast" if clblast else "-"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["ok", "nvidia-256", "ok", "gpu-128"] + (["ok", "clblast"] if clblast else []), r.stdout

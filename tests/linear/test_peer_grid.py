@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import clce_client
-from serverproc import server_fixture
+from tests.support.serverproc import server_fixture
 
 server = server_fixture()
 

@@ -18,20 +18,16 @@ the serve_multiplexed_model_id header, consistently. For each:
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from linear_training import H, N, STEPS, V, local_steps, per_version, train  # noqa: E402
-from serverproc import REPO, ServerProcess, free_port  # noqa: E402
+from tests.support.linear_training import H, N, STEPS, V, local_steps, per_version, train  # noqa: E402
+from tests.support.serverproc import REPO, ServerProcess, free_port  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client.linear import weights_of  # noqa: E402

@@ -12,20 +12,16 @@ flush raises AccumulationLost before the optimizer step, and the parameters stay
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import ServerProcess  # noqa: E402
+from tests.support.serverproc import ServerProcess  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client.linear import AccumulationLost, weights_of  # noqa: E402
 
 torch = pytest.importorskip("torch")
-from linear_training import Loop, compare, data, local_steps, make_model, params  # noqa: E402
+from tests.support.linear_training import Loop, compare, data, local_steps, make_model, params  # noqa: E402
 
 LOOP = Loop(3, 4, 256, 24, 48, 1024, 9)   # steps, micro-batches per step, rows, features, hidden, vocabulary
 STEPS, K = LOOP.steps, LOOP.k

@@ -19,7 +19,6 @@ a returning raw request is told so, and the client library replays what expired.
 
 from __future__ import annotations
 
-import os
 import socket
 import statistics
 import sys
@@ -30,10 +29,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import ServerProcess  # noqa: E402
-from test_linear_shm import Shared, _body, _error, _ok, _send  # noqa: E402
+from tests.support.serverproc import ServerProcess  # noqa: E402
+from tests.support.msgpack_http import Shared, body as _body, error as _error, ok as _ok, send as _send  # noqa: E402
 
 from clce_wire import protocol  # noqa: E402
 

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 BLOCK = re.compile(r"```python\n# (\S+\.py)\n(.*?)```", re.S)
 
 

@@ -11,10 +11,8 @@ import subprocess
 import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from processes import run_tree  # noqa: E402
-from serverproc import REPO, server_fixture  # noqa: E402
+from tests.support.processes import run_tree  # noqa: E402
+from tests.support.serverproc import REPO, server_fixture  # noqa: E402
 
 server = server_fixture()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "scripts" / "gpu_runner.py"
 sys.path.insert(0, str(RUNNER.parent))
 import gpu_runner  # noqa: E402
@@ -76,7 +76,7 @@ def _run(tmp_path: Path, selector: str, wrapper: list[str], shapes: str, linear_
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [*wrapper, sys.executable, str(RUNNER), "--device", selector, "--out", str(out),
            "--wheels", str(wheels), "--site", str(tmp_path / "site"), "--icd-dir", str(tmp_path / "vendors"),
-           "--driver-dirs", str(drivers), "--tests", "tests/test_kernels_common.py",
+           "--driver-dirs", str(drivers), "--tests", "tests/cross_entropy/test_kernels_common.py",
            "--shapes", shapes, "--repeat", "2", "--linear-shape", linear_shape, "--compare-repeat", "2"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

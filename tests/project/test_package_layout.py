@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_server_imports_the_wire_format_without_the_client_or_httpx():
@@ -85,7 +85,7 @@ def _hash_seeded(path: Path) -> list[int]:
 
 
 def test_test_data_is_seeded_deterministically(tmp_path):
-    found = {p.name: _hash_seeded(p) for p in sorted((ROOT / "tests").glob("*.py"))}
+    found = {str(p.relative_to(ROOT)): _hash_seeded(p) for p in sorted((ROOT / "tests").rglob("*.py"))}
     assert not {k: v for k, v in found.items() if v}
     bad = tmp_path / "bad.py"
     bad.write_text("import numpy as np\nrng = np.random.default_rng(hash(('a', 1)) % 2**32)\n")

@@ -1,6 +1,5 @@
-"""The README's examples run as written against a real server (tests/serverproc.py)."""
+"""The README's examples run as written against a real server (tests/support/serverproc.py)."""
 
-import json
 import os
 import re
 import shutil
@@ -8,15 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from tests.support.app_routes import app_routes
+from tests.support.readme_checks import check_curl_example
+from tests.support.serverproc import server_fixture
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serverproc import server_fixture  # noqa: E402
-
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 README = (ROOT / "README.md").read_text()
 server = server_fixture()
 
@@ -34,7 +30,7 @@ def blocks(text: str, lang: str) -> list[str]:
 def test_setup_commands_are_the_ones_ci_runs():
     cmds = blocks(section("Set-up: two commands (fresh Debian or Ubuntu)"), "sh")
     assert len(cmds) == 2
-    ci = (Path(__file__).parent.parent / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert cmds[1].strip() in ci
     # the run command, in its two parts (CI starts the server in the background and checks it)
     assert cmds[0].strip().startswith("scripts/setup.sh server")
@@ -57,36 +53,11 @@ def test_curl_example_prints_what_the_readme_shows(server):
     check_curl_example(server.url)
 
 
-def check_curl_example(url: str) -> None:
-    """The README's curl example, run against `url` as written (only the address changed), prints
-    exactly the answer shown under it (scripts/check-served.py compares the same way), and that
-    answer is torch's loss and gradient. tests/test_wheel.py runs it against the installed wheel."""
-    command, shown = check_served().readme_curl_example()
-    out = subprocess.run(["bash", "-c", command.replace("localhost:8000", url.removeprefix("http://"))],
-                         capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == shown
-    body = json.loads(shown)
-    x = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], requires_grad=True)
-    loss = F.cross_entropy(x, torch.tensor([0, 2]))
-    loss.backward()
-    assert body["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    np.testing.assert_allclose(body["grad"], x.grad.numpy(), rtol=1e-5, atol=1e-7)
-
-
 def test_check_served_runs_as_ci_runs_it(server):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "check-served.py"), "--url", server.url,
                           "--wait", "30"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "the README's curl example answers as printed" in out.stdout
-
-
-def check_served():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("check_served", ROOT / "scripts" / "check-served.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_check_it_is_the_clce_command(server):
@@ -116,8 +87,6 @@ def test_headers_are_as_the_readme_says(server):
 
 
 def test_every_endpoint_in_the_table_is_served():
-    from test_auth_table import app_routes   # every (method, path) the app serves, as docs/protocol.md's test sees them
-
     rows = re.findall(r"^\| `(GET|POST) (\S+)` \|", section("Running the server"), flags=re.M)
     assert rows and set(rows) <= app_routes(), set(rows) - app_routes()
 

@@ -22,10 +22,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).parent))
-from serverproc import REPO, ServerProcess  # noqa: E402
-from test_readme import check_curl_example  # noqa: E402
+from tests.support.serverproc import REPO, ServerProcess  # noqa: E402
+from tests.support.readme_checks import check_curl_example  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serverproc import ServerProcess
+from tests.support.app_routes import app_routes
+from tests.support.serverproc import ServerProcess
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 TENANT_KEY, ADMIN_KEY, WRONG_KEY = "sk-tenant-Auth1Tb7Lq", "sk-admin-Auth2Xc5Mz", "sk-wrong-Auth3Vn8Pr"
 
 # per rule: whether each caller (no key, wrong key, tenant's key, admin key) gets past auth
@@ -39,23 +40,6 @@ def documented() -> dict[tuple[str, str], str]:
         for method, path in re.findall(r"`([A-Z]+) (/[^`]*)`", cells[0]):
             rows[(method, path)] = cells[3]
     return rows
-
-
-def app_routes() -> set[tuple[str, str]]:
-    from clce_server.app import build_app
-
-    found = set()
-
-    def walk(routes):
-        for r in routes:
-            inner = getattr(r, "original_router", None)
-            if inner is not None:                 # FastAPI's included router
-                walk(inner.routes)
-            elif hasattr(r, "path"):
-                found.update((m, r.path) for m in (getattr(r, "methods", None) or ()) if m != "HEAD")
-
-    walk(build_app().routes)
-    return found
 
 
 def test_the_table_names_every_route_and_only_routes():

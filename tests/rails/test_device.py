@@ -219,7 +219,7 @@ def test_server_reports_each_devices_memory():
     operations answer (their values are checked against torch in the linear, service and
     Oclgrind tests)."""
     import httpx
-    from serverproc import ServerProcess
+    from tests.support.serverproc import ServerProcess
 
     from clce_wire import protocol
 

@@ -10,84 +10,23 @@ so a test can put a failing engine behind a worker):
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 
-pytest.importorskip("uvicorn")
-import uvicorn  # noqa: E402
-
-import clce_client  # noqa: E402
-from clce_client import errors  # noqa: E402
-from clce_server.app import build_app  # noqa: E402
-from clce_server.config import Settings  # noqa: E402
+import clce_client
+from clce_client import errors
+from tests.support.inprocess import InProcessServer, inject
 
 torch = pytest.importorskip("torch")
-
-
-class InProcessServer:
-    def __init__(self, **settings):
-        self.app = build_app(Settings(port=0, warmup=False, **settings))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not (self.server.started and self.app.state.clce.ready.is_set()):
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    @property
-    def state(self):
-        return self.app.state.clce
-
-
-class FailingEngine:
-    """The device's engine, except that its method `where` raises `error` on the next `times` calls."""
-
-    def __init__(self, engine, where: str, error: BaseException, times: int = 1):
-        self.engine, self.where, self.error, self.left = engine, where, error, times
-
-    def __getattr__(self, name):
-        real = getattr(self.engine, name)
-        if name != self.where:
-            return real
-
-        def failing(*args, **kwargs):
-            if self.left:
-                self.left -= 1
-                # a fresh copy each time: one instance, raised again and again, would keep the
-                # frames (and arrays) of the last call in its traceback
-                raise copy.copy(self.error)
-            return real(*args, **kwargs)
-        return failing
 
 
 @pytest.fixture(scope="module")
 def server():
     with InProcessServer(max_batch=1) as srv:
         yield srv
-
-
-def _inject(server, error, where="run_chunk", times=1):
-    index = server.state.devices[0].index
-    real = server.state.engines[index]
-    server.state.engines[index] = FailingEngine(real, where, error, times)
-    return lambda: server.state.engines.__setitem__(index, real)
 
 
 def _batch(rows=4, classes=7, seed=0):
@@ -101,7 +40,7 @@ def _expected(x, t):
 
 def test_a_server_bug_is_500_with_a_request_id_never_a_runtime_error(server, caplog):
     x, t = _batch()
-    restore = _inject(server, RuntimeError("the engine's own bug"), where="prepare")
+    restore = inject(server, RuntimeError("the engine's own bug"), where="prepare")
     try:
         with caplog.at_level(logging.ERROR, logger="clce.server"):
             resp = httpx.post(server.url + "/v1/cross_entropy", json={"input": x.tolist(), "target": t.tolist()})
@@ -113,7 +52,7 @@ def test_a_server_bug_is_500_with_a_request_id_never_a_runtime_error(server, cap
     assert err["request_id"] == resp.headers["x-request-id"] and len(err["request_id"]) >= 12
     assert any(err["request_id"] in r.getMessage() for r in caplog.records)
     # the client raises a server error, not the RuntimeError PyTorch raises for bad arguments
-    restore = _inject(server, RuntimeError("again"))
+    restore = inject(server, RuntimeError("again"))
     try:
         with clce_client.Client(server.url, retries=0) as c, pytest.raises(errors.ServerError) as info:
             c.cross_entropy(x, t)
@@ -132,7 +71,7 @@ def test_a_device_failure_is_503_with_retry_after_and_the_server_goes_on(server,
 
     exc = cl.MemoryError(error) if "MEM" in error else cl.RuntimeError(error)
     x, t = _batch(seed=1)
-    restore = _inject(server, exc, where)
+    restore = inject(server, exc, where)
     try:
         resp = httpx.post(server.url + "/v1/cross_entropy", json={"input": x.tolist(), "target": t.tolist()})
         assert resp.status_code == 503, resp.text

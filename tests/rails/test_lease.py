@@ -1,7 +1,7 @@
 """The request lease: one owner for what a loss request holds (its byte reservation, pooled body
 and gradient, shared-memory pins), given back once on every path.
 
-On the real app over real HTTP (uvicorn in this process, as in test_faults.py, so that a test can
+On the real app over real HTTP (uvicorn in this process, tests/support/inprocess.py, so that a test can
 put a failing or a held engine behind the worker), each failure path (decode, schedule, a client
 that leaves (499), encode, a device fault) must leave 0 bytes pooled, pinned or reserved. A job
 still computing into a request's buffers keeps them until it ends, even after its client left.
@@ -24,7 +24,7 @@ from clce_server.hostmem import HostPool
 from clce_server.lease import LeaseClosed, RequestLease
 from clce_server.recording import RequestRecord
 
-from test_faults import FailingEngine, InProcessServer, _inject
+from tests.support.inprocess import FailingEngine, InProcessServer, assert_all_given_back, inject, wait_for
 
 torch = pytest.importorskip("torch")
 
@@ -49,28 +49,6 @@ def _post(url, body: bytes) -> httpx.Response:
 def _code(resp: httpx.Response) -> str:
     """The error code of an answer (in the request's format: msgpack)."""
     return protocol.decode_message(bytearray(resp.content))["error"]["code"]
-
-
-def _wait_for(condition, what: str, timeout_s: float = 20.0) -> None:
-    """Wait for a condition the server reaches on its own after answering (its endpoint closes
-    the lease once the response has gone); fail naming it."""
-    end = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def _held(state) -> dict:
-    return {"pooled": state.pool.held_bytes(), "reserved": state.scheduler.stats()["inflight_bytes"],
-            "requests": state.inflight_http}
-
-
-def _assert_all_given_back(state) -> None:
-    _wait_for(lambda: state.inflight_http == 0, "the endpoint to finish")
-    _wait_for(lambda: _held(state) == {"pooled": 0, "reserved": 0, "requests": 0},
-              f"the request's memory to be given back: {_held(state)}")
-    if state.shm_registry is not None:
-        assert state.shm_registry.stats()["pinned"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +85,7 @@ def test_an_answered_request_gives_everything_back(server):
     ref.backward()
     assert float(protocol.decode_tensor(msg["loss"])) == pytest.approx(ref.item(), rel=1e-5)
     np.testing.assert_allclose(protocol.decode_tensor(msg["grad"]), xr.grad.numpy(), rtol=1e-4, atol=1e-8)
-    _assert_all_given_back(server.state)
+    assert_all_given_back(server.state)
     # the buffers went back to the pool, not to the OS: the next request reuses their pages
     assert server.state.pool.cached_bytes() >= x.nbytes
 
@@ -117,7 +95,7 @@ def test_a_body_that_does_not_decode_gives_everything_back(server):
     body[:1] = b"\xc1"                   # msgpack's never-used byte: not a message
     resp = _post(server.url, bytes(body))
     assert resp.status_code == 400 and _code(resp) == "bad_request", resp.text
-    _assert_all_given_back(server.state)
+    assert_all_given_back(server.state)
 
 
 @pytest.mark.parametrize("case", ["argument", "deadline"])
@@ -139,19 +117,19 @@ def test_a_request_failing_in_the_scheduler_gives_everything_back(server, case):
             restore()
         blocker.join(60)
         assert resp.status_code == 504 and _code(resp) == "deadline_exceeded", resp.text
-    _assert_all_given_back(server.state)
+    assert_all_given_back(server.state)
 
 
 def test_a_device_fault_gives_everything_back(server):
     import pyopencl as cl
 
-    restore = _inject(server, cl.MemoryError("MEM_OBJECT_ALLOCATION_FAILURE"), where="run_chunk")
+    restore = inject(server, cl.MemoryError("MEM_OBJECT_ALLOCATION_FAILURE"), where="run_chunk")
     try:
         resp = _post(server.url, _body(*_batch(4)))
     finally:
         restore()
     assert resp.status_code == 503 and _code(resp) == "device_unavailable", resp.text
-    _assert_all_given_back(server.state)
+    assert_all_given_back(server.state)
 
 
 def test_an_answer_that_fails_to_encode_gives_everything_back(server):
@@ -161,7 +139,7 @@ def test_an_answer_that_fails_to_encode_gives_everything_back(server):
     finally:
         restore()
     assert resp.status_code == 500 and _code(resp) == "internal", resp.text
-    _assert_all_given_back(server.state)
+    assert_all_given_back(server.state)
 
 
 def test_a_client_that_leaves_mid_job_gets_its_buffers_back_only_when_the_job_ends(server):
@@ -179,13 +157,13 @@ def test_a_client_that_leaves_mid_job_gets_its_buffers_back_only_when_the_job_en
                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             # on the device, not just queued: a job the client leaves before it starts gives its
             # buffers back at once (nothing writes into them), which is not what this test is about
-            _wait_for(started.is_set, "the job to start on the device")
+            wait_for(started.is_set, "the job to start on the device")
         # the client is gone: the endpoint answers nobody and closes the lease ...
-        _wait_for(lambda: state.inflight_http == 0, "the endpoint to give up on the request")
+        wait_for(lambda: state.inflight_http == 0, "the endpoint to give up on the request")
         # ... while the job still holds the body and the gradient
         assert state.pool.held_bytes() >= 2 * ROWS * CLASSES * 4
         release.set()
-        _assert_all_given_back(state)
+        assert_all_given_back(state)
     finally:
         release.set()
         restore()
@@ -225,7 +203,7 @@ def _wrap_finish(server, alter):
 def test_build_app_brings_the_pool_size_the_metrics_listener_and_the_body_timeout():
     """Served by a bare uvicorn (no clce_server.__main__): what build_app returns sizes its pool
     from the settings, opens the private metrics listener and cuts off a stalled body."""
-    from serverproc import free_port
+    from tests.support.serverproc import free_port
 
     metrics_port = free_port()
     with InProcessServer(host_pool_bytes=8 << 20, metrics_bind=f"127.0.0.1:{metrics_port}",
@@ -239,7 +217,7 @@ def test_build_app_brings_the_pool_size_the_metrics_listener_and_the_body_timeou
                          b"Content-Length: 1000\r\n\r\n" + b"\x80" * 10)   # and then nothing
             answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
-        _assert_all_given_back(srv.state)
+        assert_all_given_back(srv.state)
     # the lifespan closed the listener with the app
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
@@ -278,14 +256,14 @@ def test_a_request_s_buffers_are_freed_without_the_garbage_collector(server, cas
         t[0] = CLASSES
         body = _body(x, t)
     elif case == "device_fault":
-        restore = _inject(server, cl.MemoryError("MEM_OBJECT_ALLOCATION_FAILURE"), where="run_chunk")
+        restore = inject(server, cl.MemoryError("MEM_OBJECT_ALLOCATION_FAILURE"), where="run_chunk")
     elif case == "bad_body":
         body = b"\xc1" + body[1:]
     gc.collect()
     gc.disable()
     try:
         resp = _post(server.url, body)
-        _assert_all_given_back(state)
+        assert_all_given_back(state)
         # the endpoint's last frames unwind a moment after the lease is closed; a cycle never would
         deadline = time.monotonic() + 10
         while (alive := [r for r in state.pool.handed_out if r() is not None]) and time.monotonic() < deadline:

@@ -3,18 +3,14 @@ connection limit, and clients killed mid-upload or mid-download (no memory kept 
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import server_fixture  # noqa: E402
+from tests.support.serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_wire import protocol  # noqa: E402

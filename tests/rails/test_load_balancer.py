@@ -13,18 +13,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).parent))
-from serverproc import REPO, ServerProcess, free_port  # noqa: E402
+from tests.support.serverproc import REPO, ServerProcess, free_port  # noqa: E402
 
 import clce_client  # noqa: E402
 

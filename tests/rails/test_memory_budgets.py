@@ -4,30 +4,26 @@ is read until its response has gone out (scheduler reservations), so a burst is 
 against max_inflight_bytes + the pool's cap + a fixed overhead, and RSS after it against the warm
 baseline (bench/bench_memory.py measures the same at larger sizes). The RSS measures are marked
 slow: they judge memory behaviour, not correctness; what a request holds is checked exactly, path
-by path, in test_lease.py."""
+by path, in tests/rails/test_lease.py."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import ServerProcess  # noqa: E402
-from test_scheduler import GATE_TIMEOUT, holding, make, queued, run, steps_job, tenant, wait_until  # noqa: E402,F401
+from tests.support.serverproc import ServerProcess  # noqa: E402
+from tests.support.scheduler_jobs import GATE_TIMEOUT, holding, queued, run, steps_job, tenant, wait_until  # noqa: E402
 
 from clce_server.scheduler import QueueFull  # noqa: E402
 
 MiB = 1 << 20
 
 
-def test_a_reservation_counts_before_the_job_and_until_it_is_released(make):  # noqa: F811
+def test_a_reservation_counts_before_the_job_and_until_it_is_released(make):
     a = tenant("a", max_request_bytes=100, max_inflight_bytes=100)
     sched = make(tenants=[a], max_inflight_bytes=150)
 
@@ -47,7 +43,7 @@ def test_a_reservation_counts_before_the_job_and_until_it_is_released(make):  # 
     run(main())
 
 
-def test_a_job_that_outlives_its_request_gives_its_bytes_back_itself(make):  # noqa: F811
+def test_a_job_that_outlives_its_request_gives_its_bytes_back_itself(make):
     a = tenant("a", max_request_bytes=100, max_inflight_bytes=100)
     sched = make(tenants=[a], max_inflight_bytes=100)
     gate, started = threading.Event(), threading.Event()
@@ -66,7 +62,7 @@ def test_a_job_that_outlives_its_request_gives_its_bytes_back_itself(make):  # n
     run(main())
 
 
-def test_a_reservation_not_handed_to_a_job_is_all_given_back(make):  # noqa: F811
+def test_a_reservation_not_handed_to_a_job_is_all_given_back(make):
     a = tenant("a", max_request_bytes=100, max_inflight_bytes=100)
     b = tenant("b", max_request_bytes=100, max_inflight_bytes=100)
     sched = make(tenants=[a, b], max_inflight_bytes=100)
@@ -119,7 +115,7 @@ def test_peak_rss_of_a_burst_stays_within_its_bound_and_returns():
         def burst(n):
             def one():
                 # bodies over TCP: what the in-flight budget bounds (shared-memory tensors are the
-                # clients' memory, bounded by the shared-memory budget: test_lm_scale.py)
+                # clients' memory, bounded by the shared-memory budget: tests/cross_entropy/test_lm_scale.py)
                 with clce_client.Client(srv.url, retry_budget_s=120, transport="tcp") as c:
                     for _ in range(n):
                         losses.append(float(c.cross_entropy(x, t, return_grad=True).loss))

@@ -13,7 +13,7 @@ simulator runs every work-item's every instruction, checked.
 Oclgrind's memory checks (out-of-bounds reads and writes, of global and local memory) are always
 on; --data-races adds races and barrier divergence. --uninitialized is left out: under it this
 Oclgrind (Debian 12's 21.10) dies with the server process on its first request (no diagnostic,
-a crash; tests/test_oclgrind.py runs the kernels one by one with it where it can).
+a crash; tests/cross_entropy/test_oclgrind_kernels.py runs the kernels one by one with it where it can).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import clce_client
 from clce_client.linear import weights_of
-from serverproc import ServerProcess
+from tests.support.serverproc import ServerProcess
 
 OCLGRIND = shutil.which("oclgrind")
 pytestmark = pytest.mark.skipif(OCLGRIND is None, reason="oclgrind is not installed (apt-get install oclgrind; "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,8 +32,6 @@ except Exception as exc:  # not installed, or broken for this Python
     pytest.skip(f"ray[serve] is not importable ({exc!r}); pip install 'ray[serve]'", allow_module_level=True)
 
 from clce_client import Client  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -162,7 +159,7 @@ def _replica_actors() -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def local():
-    from linear_training import local_steps
+    from tests.support.linear_training import local_steps
 
     return local_steps()
 
@@ -170,7 +167,7 @@ def local():
 def test_stored_weight_goes_to_one_replica_through_serve(serve_url):
     """12 calls of one version of a 2000x64 head: one upload, every call exact, none failed."""
     from clce_client.linear import weights_of
-    from linear_training import H, N, V
+    from tests.support.linear_training import H, N, V
 
     g = torch.Generator().manual_seed(1)
     W = torch.randn(V, H, generator=g).mul_(0.05).requires_grad_(True)
@@ -221,7 +218,7 @@ def test_weights_spread_over_serve_replicas_and_each_stays_on_one(serve_url):
 
 def test_accumulated_steps_equal_torch_through_serve(serve_url, local):
     from clce_client.linear import weights_of
-    from linear_training import STEPS, per_version, train
+    from tests.support.linear_training import STEPS, per_version, train
 
     with Client(serve_url, transport="tcp", retry_budget_s=60) as client:
         worst, refused = train(client, local)
@@ -288,7 +285,7 @@ def test_the_weights_replica_killed_mid_step_through_serve(serve_url, local):
     Serve routes the weight to the other replica, which answers "not stored"; the client uploads it
     there, the flush replays the 2 lost micro-batches, and every step equals torch's."""
     from clce_client.linear import weights_of
-    from linear_training import STEPS, train
+    from tests.support.linear_training import STEPS, train
 
     killed = []
     with Client(serve_url, transport="tcp", retry_budget_s=120) as client:

@@ -13,16 +13,12 @@ steps. A rolling restart of two replicas behind one client loses nothing either.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import threading
 
 import httpx
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import ServerProcess  # noqa: E402
+from tests.support.serverproc import ServerProcess  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client import pipeline as pipeline_mod  # noqa: E402

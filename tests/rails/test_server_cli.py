@@ -38,9 +38,7 @@ def test_device_threads_bound_the_cpu_device(tmp_path):
     from pathlib import Path
 
     import httpx
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from serverproc import ServerProcess
+    from tests.support.serverproc import ServerProcess
 
     with ServerProcess(args=["--device-threads", "1"]) as srv:
         devices = httpx.get(srv.url + "/v1/info", timeout=10).json()["devices"]
@@ -74,9 +72,7 @@ def test_a_device_that_never_opens_exits_1_saying_why():
     import sys
     import time
     from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from serverproc import free_port
+    from tests.support.serverproc import free_port
 
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "clce_server", "--port", str(free_port()), "--device",

@@ -1,7 +1,7 @@
 """Several training jobs on one host, end to end: real client processes against a real server.
 
-Each test starts ``python -m clce_server`` (tests/serverproc.py) with a tenants file and drives it
-from client *processes* (this file run as a script: ``python tests/test_shared_host.py --worker
+Each test starts ``python -m clce_server`` (tests/support/serverproc.py) with a tenants file and drives it
+from client *processes* (this file run as a script: ``python tests/rails/test_shared_host.py --worker
 SPEC``), so that uploads, the server's event loop and the device worker really overlap. Every loss
 that comes back is checked against a numpy float64 log-sum-exp reference, and a sample of gradient
 rows too. Timing assertions are ratios measured side by side in one test (fair vs fifo), never
@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-# the workers run this file as a script: they must import this checkout's packages (HERE.parent),
-# not whichever checkout the virtual environment's editable install points at
-for _path in (HERE.parent, HERE):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+# the workers run this file as a script: they must import this checkout's packages (the repository
+# root), not whichever checkout the virtual environment's editable install points at
+if str(HERE.parents[1]) not in sys.path:
+    sys.path.insert(0, str(HERE.parents[1]))
 
 MiB = 1 << 20
 KEYS = {
@@ -289,7 +288,7 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402
+from tests.support.serverproc import ServerProcess  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client import errors  # noqa: E402

@@ -22,7 +22,7 @@ from clce_client import Client
 from clce_client.errors import NotFound, PayloadTooLarge
 from clce_client.shm import SharedMemoryUnavailable
 from clce_wire.shm import recv_frame, send_frame
-from serverproc import REPO, ServerProcess, server_fixture
+from tests.support.serverproc import REPO, ServerProcess, server_fixture
 
 torch = pytest.importorskip("torch")
 
@@ -306,7 +306,7 @@ def test_registration_refuses_what_could_hurt(tenants_server):
     bad.close()
     s.sock.close()
     with Client(srv.url, api_key=KEY_A, transport="shm", shm_min_bytes=0) as c:
-        # a batch over the cap goes as row chunks that fit it (tests/test_lm_scale.py)...
+        # a batch over the cap goes as row chunks that fit it (tests/cross_entropy/test_lm_scale.py)...
         n = CAP // 4 // 1000 + 1
         res = c.cross_entropy(np.zeros((n, 1000), np.float32), np.zeros(n, np.int64))
         assert abs(float(res) - np.log(1000)) < 1e-5

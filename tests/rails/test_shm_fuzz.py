@@ -1,7 +1,7 @@
 """Fuzzing the shared-memory registration socket of a real server, briefly (scripts/fuzz_service.py
 --shm runs the same sessions for as long as you like, with tenants training beside them).
 
-Sessions from tests/fuzzing.py: frames x descriptors x seals x sizes x timing (pieces, stalls past
+Sessions from tests/support/fuzzing.py: frames x descriptors x seals x sizes x timing (pieces, stalls past
 the frame deadline, peers that die mid-frame, answers left unread). Every whole frame is answered
 with {"ok": true} or a known error code, nobody is dropped without an error frame, and afterwards
 nothing of the fuzzing tenant is held, no descriptor is left open, the neighbour's session still
@@ -10,15 +10,11 @@ computes exactly, and registration works.
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-import fuzzing  # noqa: E402
-from test_shm_hostile import (ADMIN_KEY, KEYS, Bystander, info, registration_alive, server_fds,  # noqa: E402
-                              shm_server, socket_path, steady_fds, wait_for)
+from tests.support import fuzzing  # noqa: E402
+from tests.support.shm_peers import (ADMIN_KEY, KEYS, Bystander, info, registration_alive, server_fds,  # noqa: E402
+                                     shm_server, socket_path, steady_fds, wait_for)
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -1,5 +1,5 @@
 """A hostile neighbour on the server's host, against the shared-memory registration socket and what
-tenants can learn (issue 18). Every attack runs for real: a real server (tests/serverproc.py), real
+tenants can learn (issue 18). Every attack runs for real: a real server (tests/support/serverproc.py), real
 Unix sockets and memfds, attacker processes of their own (some under another uid, `nobody`, via
 the system Python, which that uid can run), killed with SIGKILL, and RLIMIT_NOFILE lowered in the
 running server (prlimit) to reach EMFILE.
@@ -27,44 +27,21 @@ from pathlib import Path
 
 import httpx
 import msgpack
-import numpy as np
 import pytest
 
 from clce_wire import protocol
 from clce_wire.shm import recv_frame, send_frame
-from serverproc import REPO, ServerProcess, ServerStartError
+from tests.support.serverproc import REPO, ServerProcess, ServerStartError
+from tests.support.shm_peers import (ADMIN_KEY, CAP, KEYS, MiB, T, X, Bystander, Peer, assert_exact, bearer, error_of,
+                                     info, loss_over, memfd, registration_alive, server_fds, server_threads,
+                                     shm_server, socket_path, steady_fds, tenants_file, wait_for)
 
 pytestmark = pytest.mark.timeout(300)
 
-MiB = 1 << 20
-KEYS = {"a": "sk-a-Hst1Qw8Er5Ty", "b": "sk-b-Hst2Ui7Op4As"}
-ADMIN_KEY = "sk-admin-Hst3Df6Gh9Jk"
-CAP = 64 * MiB
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"     # runnable by `nobody` (the venv lives under /root)
 can_switch_uid = pytest.mark.skipif(os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
                                     reason="needs root (to run an attacker as another uid) and /usr/bin/python3")
-
-X = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
-T = np.array([1, 0, 7, 3])
-EXPECTED = float(-(X[np.arange(4), T] - np.log(np.exp(X.astype(np.float64)).sum(1))).mean())
-
-
-def tenants_file(tmp: Path) -> Path:
-    path = tmp / "tenants.toml"
-    path.write_text(f'[admin]\napi_key = "{ADMIN_KEY}"\n\n'
-                    + "".join(f'[tenants.{n}]\napi_key = "{k}"\n\n' for n, k in KEYS.items()))
-    return path
-
-
-def bearer(key):
-    return {"Authorization": f"Bearer {key}"}
-
-
-def shm_server(tmp: Path, *extra: str) -> ServerProcess:
-    return ServerProcess(tenants=tenants_file(tmp), args=[
-        "--allow-shm", "--shm-max-bytes", str(CAP), "--shm-hello-timeout", "1", "--shm-frame-timeout", "1",
-        "--shm-max-connections", "48", "--shm-max-connections-per-uid", "16", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -72,132 +49,6 @@ def server(tmp_path_factory):
     # nobody (65534) may connect: the socket is then 0666 and SO_PEERCRED the gate
     with shm_server(tmp_path_factory.mktemp("hostile"), "--shm-allowed-uids", f"0,{NOBODY}") as srv:
         yield srv
-
-
-def info(srv, key=None) -> dict:
-    r = httpx.get(srv.url + "/v1/info", headers=bearer(key) if key else {}, timeout=10)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-_PATHS: dict[int, str] = {}
-
-
-def socket_path(srv) -> str:
-    if srv.proc.pid not in _PATHS:
-        _PATHS[srv.proc.pid] = info(srv)["shm"]["socket"]
-    return _PATHS[srv.proc.pid]
-
-
-def server_fds(srv) -> int:
-    return len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
-
-
-def server_threads(srv) -> int:
-    status = Path(f"/proc/{srv.proc.pid}/status").read_text()
-    return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
-
-
-def memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW, data: bytes = b"") -> int:
-    fd = os.memfd_create("t", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    if data:
-        os.pwrite(fd, data, 0)
-    if seals:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    return fd
-
-
-class Peer:
-    """A raw connection to the registration socket."""
-
-    def __init__(self, srv, key=None, hello=True, timeout=10.0):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(timeout)
-        self.sock.connect(socket_path(srv))
-        self.hello = self.call({"op": "hello", "api_key": key}) if hello else None
-
-    def call(self, msg, fd=None):
-        send_frame(self.sock, msg, fd)
-        reply, fds = recv_frame(self.sock)
-        for f in fds:
-            os.close(f)
-        return reply
-
-    def register(self, name, fd, size=None):
-        try:
-            return self.call({"op": "register", "name": name, "size": os.fstat(fd).st_size if size is None else size}, fd)
-        finally:
-            os.close(fd)
-
-    def closed_by_server(self) -> bool:
-        """Whether the server closed this connection (EOF after any answers)."""
-        try:
-            while True:
-                if not self.sock.recv(65536):
-                    return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except socket.timeout:
-            return False
-
-    def close(self):
-        self.sock.close()
-
-
-def loss_over(srv, key, region, shape=(4, 8), **extra) -> httpx.Response:
-    ref = {"dtype": "float32", "shape": list(shape), "region": region, "offset": 0}
-    body = b"".join(bytes(s) for s in protocol.encode_message({"input": ref, "target": T, **extra}))
-    return httpx.post(srv.url + "/v1/cross_entropy", content=body, timeout=30,
-                      headers={"Content-Type": protocol.MSGPACK, **bearer(key)})
-
-
-def error_of(resp: httpx.Response) -> dict:
-    return protocol.decode_message(bytearray(resp.content))["error"]
-
-
-def assert_exact(resp: httpx.Response) -> None:
-    assert resp.status_code == 200, resp.text
-    loss = float(protocol.decode_tensor(protocol.decode_message(bytearray(resp.content))["loss"]))
-    assert abs(loss - EXPECTED) <= 1e-5 * abs(EXPECTED), (loss, EXPECTED)
-
-
-class Bystander:
-    """Tenant b, minding its own business: one session, one region with X in it."""
-
-    def __init__(self, srv, name="b-own"):
-        self.srv, self.name = srv, name
-        self.peer = Peer(srv, KEYS["b"])
-        assert self.peer.hello["ok"], self.peer.hello
-        reply = self.peer.register(name, memfd(X.nbytes, data=X.tobytes()))
-        assert reply["ok"], reply
-
-    def check(self) -> None:
-        assert self.peer.call({"op": "ping"}) == {"ok": True}
-        assert_exact(loss_over(self.srv, KEYS["b"], self.name))
-        assert info(self.srv, KEYS["b"])["shm"]["regions"] == 1
-
-    def close(self):
-        self.peer.close()
-
-
-def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def registration_alive(srv, key=KEYS["a"]) -> None:
-    p = Peer(srv, key)
-    try:
-        assert p.hello["ok"], p.hello
-        reply = p.register("alive-check", memfd(X.nbytes, data=X.tobytes()))
-        assert reply["ok"], reply
-        assert_exact(loss_over(srv, key, "alive-check"))
-    finally:
-        p.close()
 
 
 def quiet(srv, key) -> None:
@@ -395,15 +246,6 @@ def test_the_real_size_is_charged_and_a_declared_size_that_differs_is_refused(se
     assert (shm["scope"], shm["regions"], shm["bytes"]) == ("tenant", 1, 8192)
     p.close()
     quiet(server, KEYS["a"])
-
-
-def steady_fds(srv) -> int:
-    """The server's descriptor count once HTTP connections of earlier calls have closed."""
-    last = -1
-    while (now := server_fds(srv)) != last:
-        last = now
-        time.sleep(0.3)
-    return now
 
 
 def test_each_region_costs_one_descriptor_and_all_come_back(server):

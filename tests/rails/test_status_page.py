@@ -22,25 +22,9 @@ import numpy as np
 import pytest
 
 from clce_client import Client
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, sync_api
 
-
-def _chromium() -> str | None:
-    """Debian's Chromium (apt-get install chromium), or CLCE_CHROMIUM."""
-    for cand in (os.environ.get("CLCE_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
-CHROMIUM = _chromium()
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-REPO = Path(__file__).resolve().parents[1]
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-if CHROMIUM is None:
-    pytest.skip("no Chromium at /usr/bin/chromium (apt-get install -y chromium; or set CLCE_CHROMIUM)",
-                allow_module_level=True)
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(180)
 

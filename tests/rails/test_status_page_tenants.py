@@ -3,22 +3,17 @@ shows its own row only, and the key leaves the address bar."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_status_page import CHROMIUM, CHROMIUM_ARGS, sync_api  # noqa: E402  (skips like it)
-from test_hardening_isolation import ADMIN_KEY, KEYS, server  # noqa: E402,F401  (fixture)
-
-import clce_client  # noqa: E402
+import clce_client
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, sync_api  # (skips without a browser)
+from tests.support.tenant_server import ADMIN_KEY, KEYS, server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_a_tenants_page_shows_its_own_row(server):  # noqa: F811
+def test_a_tenants_page_shows_its_own_row(server):
     x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
     for key in KEYS.values():   # both tenants have had traffic
         with clce_client.Client(server.url, api_key=key) as c:

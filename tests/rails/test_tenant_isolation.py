@@ -5,36 +5,18 @@ is found in the log, the metrics, the status, the error bodies or any header."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import httpx
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import free_port, run_server  # noqa: E402
-
-import clce_client  # noqa: E402
-from clce_client import errors  # noqa: E402
-
-KEYS = {"alpha": "sk-alpha-Iso1Tq8Wn3Ke", "beta": "sk-beta-Iso2Xy5Rb7Lm"}
-ADMIN_KEY = "sk-admin-Iso3Fd9Hs4Pz"
-WRONG_KEY = "sk-wrong-Iso4Ja6Vc2Qo"
-SECRETS = (*KEYS.values(), ADMIN_KEY, WRONG_KEY)
-METRICS_PORT = free_port()
+import clce_client
+from clce_client import errors
+from tests.support.tenant_server import ADMIN_KEY, KEYS, METRICS_PORT, SECRETS, WRONG_KEY, server  # noqa: F401  (fixture)
 
 
 def bearer(key):
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("iso") / "tenants.toml"
-    path.write_text(f'[admin]\napi_key = "{ADMIN_KEY}"\n\n'
-                    + "".join(f'[tenants.{n}]\napi_key = "{k}"\n\n' for n, k in KEYS.items()))
-    yield from run_server(tenants=path, args=["--metrics-bind", f"127.0.0.1:{METRICS_PORT}"])
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from serverproc import ServerProcess, ServerStartError  # noqa: E402
+from tests.support.serverproc import ServerProcess, ServerStartError  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_client import errors  # noqa: E402

@@ -1,8 +1,8 @@
 """Grammar-aware fuzzing of the service: hypothesis strategies that build near-valid requests at
 three layers (the msgpack and JSON grammars of docs/protocol.md, and HTTP/1.1 framing), and the
-checks every answer must pass. Used by tests/test_service_fuzz.py (bounded) and by
+checks every answer must pass. Used by tests/cross_entropy/test_endpoint_fuzz.py (bounded) and by
 scripts/fuzz_service.py (for as long as you like); the shared-memory registration socket's
-sessions (`shm_sessions`, `run_shm_session`, at the end) by tests/test_shm_fuzz.py and
+sessions (`shm_sessions`, `run_shm_session`, at the end) by tests/rails/test_shm_fuzz.py and
 scripts/fuzz_service.py --shm.
 
 The invariant: whatever arrives, the server answers it (never a dropped connection unless the

@@ -1,5 +1,5 @@
 """Two DDP ranks (gloo, CPU), each sending its shard's hidden states to the clce server's fused
-linear cross-entropy; run by tests/test_linear_ddp.py as `python tests/linear_ddp_worker.py URL OUT`.
+linear cross-entropy; run by tests/linear/test_ddp.py as `python tests/support/linear_ddp_worker.py URL OUT`.
 
 The same model with the local F.cross_entropy(F.linear(...)) in the same processes, from the same
 weights, is the reference: losses and all-reduced gradients (head weight and bias included) must

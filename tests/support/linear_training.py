@@ -1,5 +1,5 @@
-"""The training loop of the replica and restart tests (tests/test_linear_replicas.py, tests/test_ray.py,
-tests/test_linear_restart_replay.py): a small
+"""The training loop of the replica and restart tests (tests/linear/test_replicas.py, tests/rails/test_ray.py,
+tests/linear/test_restart_replay.py): a small
 model whose LM head (2000x64) accumulates on the server over K micro-batches per optimizer step,
 flushed by `weights_of(client).attach(optimizer)`, and the same loop in torch alone."""
 

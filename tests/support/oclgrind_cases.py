@@ -1,4 +1,4 @@
-"""The kernels' core cases, run by tests/test_oclgrind.py inside `oclgrind --data-races --uninitialized`.
+"""The kernels' core cases, run by tests/cross_entropy/test_oclgrind_kernels.py inside `oclgrind --data-races --uninitialized`.
 
 Under that wrapper Oclgrind is the only OpenCL platform this process sees, so the engine runs on
 the simulator unchanged; `tuning_row` and the launch overrides give it each tuning row's kernel
@@ -7,7 +7,7 @@ the Oclgrind diagnostics go to its log, which the test reads. Prints one JSON li
 
     {"config": ..., "case": ..., "ok": bool, "detail": ...}
 
-    oclgrind --data-races --uninitialized python tests/oclgrind_cases.py CONFIG [CONFIG ...]
+    oclgrind --data-races --uninitialized python tests/support/oclgrind_cases.py CONFIG [CONFIG ...]
 
 CONFIG names one of CONFIGS below. Shapes are small: the simulator runs every work-item's every
 instruction, checked.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from clce_server.device import open_devices  # noqa: E402
 from clce_server.engine import LossEngine, _RowBlock, _RowOutputs  # noqa: E402

@@ -1,6 +1,6 @@
 """Run the real clce server (``python -m clce_server``) as a subprocess for end-to-end tests.
 
-    from serverproc import ServerProcess, server_fixture
+    from tests.support.serverproc import ServerProcess, server_fixture
 
     server = server_fixture()                                  # module-scoped fixture "server"
     small = server_fixture("small", args=["--max-request-bytes", "65536"])
@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 

@@ -1,5 +1,5 @@
 """The decoders against hostile bodies, without a server: every finding of the fuzzers is a
-regression test here (and end to end in test_service_fuzz.py). Values PyTorch refuses are refused
+regression test here (and end to end in tests/cross_entropy/test_endpoint_fuzz.py). Values PyTorch refuses are refused
 with PyTorch's exception type and message, checked against the installed torch."""
 
 from __future__ import annotations
