@@ -162,8 +162,36 @@ def _pipelined_failure(monkeypatch):
     return x, t, writes
 
 
-def _assert_stopped(writes, raised_at, started):
-    time.sleep(1.0)                                 # anything still running would write by now
+def _requests_in_flight(monkeypatch, cls):
+    """A count of `cls._request` calls (a chunk being sent or received) that have not returned."""
+    active, lock, real = [0], threading.Lock(), cls._request
+
+    def enter(delta):
+        with lock:
+            active[0] += delta
+
+    if inspect.iscoroutinefunction(real):
+        async def request(self, *args, **kwargs):
+            enter(1)
+            try:
+                return await real(self, *args, **kwargs)
+            finally:
+                enter(-1)
+    else:
+        def request(self, *args, **kwargs):
+            enter(1)
+            try:
+                return real(self, *args, **kwargs)
+            finally:
+                enter(-1)
+    monkeypatch.setattr(cls, "_request", request)
+    return active
+
+
+def _assert_stopped(writes, raised_at, started, in_flight_at_raise):
+    # no chunk was still being sent or received when the error was raised: nothing can write into
+    # the gradient afterwards (the state itself, not a wait for late writes that might come)
+    assert in_flight_at_raise == 0, f"{in_flight_at_raise} chunk(s) still running when the error was raised"
     assert all(w <= raised_at for w in writes), "a chunk wrote into the gradient after the error"
     # and the others were cancelled, not run to the end: far fewer than the 15 good chunks answered
     assert started[0] < CHUNKS
@@ -180,13 +208,14 @@ def test_a_failed_chunk_cancels_the_others_before_raising(server, monkeypatch):
         return job
 
     monkeypatch.setattr(client_mod._ChunkRun, "take", take)
+    in_flight = _requests_in_flight(monkeypatch, Client)
     with Client(server.url, transport="tcp", pipeline_bytes=64 * 4000 * 4, connections=4) as c:
         with pytest.raises(IndexError, match="out of bounds"):
             try:
                 c.cross_entropy(x, t, return_grad=True)
             finally:
-                raised_at = time.monotonic()
-        _assert_stopped(writes, raised_at, started)
+                raised_at, in_flight_at_raise = time.monotonic(), in_flight[0]
+        _assert_stopped(writes, raised_at, started, in_flight_at_raise)
         # the client is still good: the same batch with valid targets
         t[3] = 0
         r = c.cross_entropy(x, t, return_grad=True)
@@ -206,6 +235,7 @@ def test_a_failed_chunk_cancels_the_others_before_raising_async(server, monkeypa
         return job
 
     monkeypatch.setattr(client_mod._ChunkRun, "take", take)
+    in_flight = _requests_in_flight(monkeypatch, AsyncClient)
 
     async def main():
         async with AsyncClient(server.url, transport="tcp", pipeline_bytes=64 * 4000 * 4, connections=4) as ac:
@@ -213,11 +243,11 @@ def test_a_failed_chunk_cancels_the_others_before_raising_async(server, monkeypa
                 try:
                     await ac.cross_entropy(x, t, return_grad=True)
                 finally:
-                    raised_at = time.monotonic()
-            return raised_at
+                    raised_at, in_flight_at_raise = time.monotonic(), in_flight[0]
+            return raised_at, in_flight_at_raise
 
-    raised_at = asyncio.run(main())
-    _assert_stopped(writes, raised_at, started)
+    raised_at, in_flight_at_raise = asyncio.run(main())
+    _assert_stopped(writes, raised_at, started, in_flight_at_raise)
 
 
 def test_the_error_is_clce_s_and_names_the_chunk_s_problem(server, monkeypatch):

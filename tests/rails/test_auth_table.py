@@ -1,17 +1,17 @@
 """docs/protocol.md's one table of who may call what, checked against the app: every route of the
-app is in the table and every row is a route, and a real server with a tenants file answers each
-row as its key rule says, for no key, a wrong key, a tenant's key and the admin key."""
+app is in the table and every row is a route, and the app with a tenants file (called in this
+process) answers each row as its key rule says, for no key, a wrong key, a tenant's key and the
+admin key."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.support.app_routes import app_routes
-from tests.support.serverproc import ServerProcess
+from tests.support.inprocess import app_client
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 TENANT_KEY, ADMIN_KEY, WRONG_KEY = "sk-tenant-Auth1Tb7Lq", "sk-admin-Auth2Xc5Mz", "sk-wrong-Auth3Vn8Pr"
@@ -49,24 +49,24 @@ def test_the_table_names_every_route_and_only_routes():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def app(tmp_path_factory):
+    """The app with a tenants file, called in this process (routes and auth need no server process)."""
     path = tmp_path_factory.mktemp("auth") / "tenants.toml"
     path.write_text(f'[admin]\napi_key = "{ADMIN_KEY}"\n\n[tenants.t]\napi_key = "{TENANT_KEY}"\n')
-    with ServerProcess(tenants=path) as srv:
-        yield srv
+    with app_client(tenants=path) as client:
+        yield client
 
 
-def test_a_server_answers_every_row_as_documented(server):
+def test_a_server_answers_every_row_as_documented(app):
     headers = ({}, {"Authorization": f"Bearer {WRONG_KEY}"}, {"Authorization": f"Bearer {TENANT_KEY}"},
                {"Authorization": f"Bearer {ADMIN_KEY}"})
     seen = []
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        for (method, path), rule in sorted(documented().items()):
-            for caller, h, allowed in zip(CALLERS, headers, RULES[rule]):
-                # a JSON body that fails later than auth: past auth it is a 400, never a 401
-                r = http.request(method, path, headers={**h, "Content-Type": "application/json"},
-                                 content=b"{}" if method == "POST" else None)
-                assert (r.status_code != 401) == allowed, (method, path, rule, caller, r.status_code, r.text[:200])
-                assert r.status_code < 500, (method, path, caller, r.status_code)
-                seen.append((path, caller, r.status_code))
+    for (method, path), rule in sorted(documented().items()):
+        for caller, h, allowed in zip(CALLERS, headers, RULES[rule]):
+            # a JSON body that fails later than auth: past auth it is a 400, never a 401
+            r = app.request(method, path, headers={**h, "Content-Type": "application/json"},
+                            content=b"{}" if method == "POST" else None)
+            assert (r.status_code != 401) == allowed, (method, path, rule, caller, r.status_code, r.text[:200])
+            assert r.status_code < 500, (method, path, caller, r.status_code)
+            seen.append((path, caller, r.status_code))
     assert len(seen) == 4 * len(documented())

@@ -99,7 +99,9 @@ def test_a_thousand_idle_connections_from_another_uid_cost_no_threads_and_block_
         assert server_fds(server) <= fds + 16 + 2
         registration_alive(server)           # another uid's tenant registers and computes meanwhile
         bystander.check()
-        time.sleep(1.5)                      # past the hello deadline (1 s)
+        # past the hello deadline (1 s): the 16 admitted have been told they never said hello
+        wait_for(lambda: info(server, ADMIN_KEY)["shm"]["refusals"] >= refusals + 1000,
+                 what="the admitted peers told they never said hello")
         flood.stdin.write("go\n")
         flood.stdin.flush()
         codes = json.loads(flood.stdout.readline())
@@ -404,6 +406,7 @@ def test_rule_breakers_are_answered_logged_closed_and_reclaimed(server):
         time.sleep(0.4)
     answered_then_closed(p, "bad_request", "did not arrive whole")
     p = breaker()                                    # pings, never reading the answers
+    refusals = info(server, ADMIN_KEY)["shm"]["refusals"]
     p.sock.setblocking(False)
     ping = struct.pack(">I", 9) + b"\x81\xa2op\xa4ping"
     sent = 0
@@ -413,7 +416,8 @@ def test_rule_breakers_are_answered_logged_closed_and_reclaimed(server):
             sent += p.sock.send(ping * 64)
         except BlockingIOError:
             break
-    time.sleep(2.0)                                  # past the frame deadline for its answers
+    # past the write deadline for its answers: refused (and closed) before this test reads a byte
+    wait_for(lambda: info(server, ADMIN_KEY)["shm"]["refusals"] > refusals, what="the unread answers refused")
     p.sock.settimeout(10)
     assert p.closed_by_server()
     p.close()

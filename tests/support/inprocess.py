@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -23,13 +24,48 @@ from clce_server.app import build_app  # noqa: E402
 from clce_server.config import Settings  # noqa: E402
 
 
+@contextmanager
+def app_client(**settings):
+    """starlette's TestClient on build_app(Settings(**settings)): the app's routes called in this
+    process through ASGI (no socket, no uvicorn), its lifespan run, once its devices are ready."""
+    from starlette.testclient import TestClient
+
+    app = build_app(Settings(port=0, warmup=False, **settings))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert app.state.clce.ready.wait(60), "the app did not become ready"
+        client.app_state = app.state.clce
+        yield client
+
+
+def inprocess_fixture(name: str = "server", scope: str = "module", **settings):
+    """A pytest fixture named `name`: the server in this process (InProcessServer, configured as
+    the console script configures uvicorn), one per scope. For tests of routes and of what the
+    server answers, which need no process of their own; assign it to a module-level variable of
+    the same name: ``server = inprocess_fixture()``."""
+
+    @pytest.fixture(scope=scope, name=name)
+    def _fixture():
+        with InProcessServer(as_main=True, **settings) as srv:
+            yield srv
+
+    return _fixture
+
+
 class InProcessServer:
     """build_app(Settings(**settings)) under uvicorn on a thread, on a free loopback port; ready
-    once uvicorn has started and the app's state says ready."""
+    once uvicorn has started and the app's state says ready. `as_main`: uvicorn configured as the
+    console script configures it (clce_server.__main__.uvicorn_config), else a bare uvicorn.
+    Settings are the server's fields (max_request_bytes=..., not --max-request-bytes)."""
 
-    def __init__(self, **settings):
-        self.app = build_app(Settings(port=0, warmup=False, **settings))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    def __init__(self, *, as_main: bool = False, **settings):
+        self.settings = Settings(port=0, warmup=False, **settings)
+        self.app = build_app(self.settings)
+        if as_main:   # uvicorn as `python -m clce_server` configures it: header timeout, connection limit
+            from clce_server.__main__ import uvicorn_config
+
+            config = uvicorn_config(self.app, self.settings)
+        else:         # a bare uvicorn: what build_app brings by itself
+            config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -183,10 +183,33 @@ def registration_alive(srv, key=KEYS["a"]) -> None:
         p.close()
 
 
+def http_connections(srv) -> int:
+    """The HTTP connections the server holds open (its descriptors for TCP sockets on its port that
+    are not the listening one), read from /proc."""
+    port = int(srv.url.rsplit(":", 1)[1])
+    inodes = set()
+    for fd in os.listdir(f"/proc/{srv.proc.pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{srv.proc.pid}/fd/{fd}")
+        except OSError:                   # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{srv.proc.pid}/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+            if local_port == port and state != "0A" and inode in inodes:     # 0A: LISTEN
+                count += 1
+    return count
+
+
 def steady_fds(srv) -> int:
-    """The server's descriptor count once HTTP connections of earlier calls have closed."""
-    last = -1
-    while (now := server_fds(srv)) != last:
-        last = now
-        time.sleep(0.3)
-    return now
+    """The server's descriptor count once HTTP connections of earlier calls have closed (their
+    sockets gone from the server's descriptors: the state, not a pause)."""
+    wait_for(lambda: http_connections(srv) == 0, what="the server to close earlier HTTP connections")
+    return server_fds(srv)
