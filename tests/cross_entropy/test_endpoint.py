@@ -1,4 +1,5 @@
-"""End to end: the real server (`python -m clce_server`, a subprocess) against PyTorch.
+"""End to end: the real app over real HTTP (build_app under uvicorn as `python -m clce_server`
+configures it, in this process: tests/support/inprocess.py) against PyTorch.
 
 Every loss and gradient is compared with torch.nn.functional.cross_entropy (computed in float64
 from the exact same input values, with tolerances suited to the dtype that travels), every
@@ -18,11 +19,11 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from tests.support.serverproc import server_fixture  # noqa: E402
 
 import clce_client  # noqa: E402
 from clce_wire import options, protocol  # noqa: E402
 from clce_wire.protocol import encode_message, encode_tensor  # noqa: E402
+from tests.support.inprocess import inprocess_fixture  # noqa: E402
 
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -31,8 +32,8 @@ F = torch.nn.functional
 MiB = 1 << 20
 SMALL_LIMIT = 64 * 1024
 
-server = server_fixture()
-small_server = server_fixture("small_server", args=["--max-request-bytes", str(SMALL_LIMIT)])
+server = inprocess_fixture()
+small_server = inprocess_fixture("small_server", max_request_bytes=SMALL_LIMIT)
 
 
 @pytest.fixture(scope="module")

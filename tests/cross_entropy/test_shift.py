@@ -1,22 +1,21 @@
-"""Causal-LM layout on a real server: (B, T, V) logits and (B, T) labels sent as they are, with the
-shift done by the server (`shift=`) or none (`classes_last=True`). Everything is compared with the
+"""Causal-LM layout on the real app over real HTTP (in this process, tests/support/inprocess.py):
+(B, T, V) logits and (B, T) labels sent as they are, with the shift done by the server (`shift=`) or none (`classes_last=True`). Everything is compared with the
 manual reference a user writes today: ``logits[..., :-1, :].contiguous().view(-1, V)`` against
 ``labels[..., 1:].reshape(-1)`` through torch.nn.functional.cross_entropy, loss and gradient."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from tests.support.serverproc import server_fixture  # noqa: E402
 
-import clce_client  # noqa: E402
+import clce_client
+from tests.support.inprocess import inprocess_fixture
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 B, T, V = 3, 9, 37
-server = server_fixture()
+server = inprocess_fixture()
 
 
 @pytest.fixture(scope="module")

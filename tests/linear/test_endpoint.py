@@ -1,4 +1,5 @@
-"""The fused linear cross-entropy end to end: a real server (tests/support/serverproc.py), the client's
+"""The fused linear cross-entropy end to end: the real app over real HTTP, in this process
+(tests/support/inprocess.py), the client's
 autograd against torch's F.cross_entropy(F.linear(h, W, b), y) backward, the Liger-order module,
 the weight stored once per version, server-side accumulation over k micro-batches against local
 accumulation, re-upload after eviction, and clear errors for bad arguments."""
@@ -12,9 +13,9 @@ import clce_client
 from clce_client import errors
 from clce_client.linear import weights_of
 from tests.support.linear_reference import local, model
-from tests.support.serverproc import server_fixture
+from tests.support.inprocess import inprocess_fixture
 
-server = server_fixture()
+server = inprocess_fixture()
 
 
 @pytest.fixture()
