@@ -520,13 +520,13 @@ def test_deadline_too_short_gives_504(server):
     after = scrape(server.url)
     assert metric(after, "clce_requests_total", tenant="beta", outcome="deadline") - \
         metric(before, "clce_requests_total", tenant="beta", outcome="deadline") == 1
-    wait_for(lambda: get_status(server.url)["scheduler"]["tenants"]["beta"]["queue_depth"] == 0, 10,
+    wait_for(lambda: get_status(server.url)["scheduler"]["tenants"]["beta"]["queue_depth"] == 0, 60,
              what="the expired job to be dropped")
 
 
 def test_metric_values_after_a_known_sequence(server):
     url = server.url
-    wait_for(lambda: metric(scrape(url), "clce_queue_depth") == 0, 10, what="an idle server")
+    wait_for(lambda: metric(scrape(url), "clce_queue_depth") == 0, 60, what="an idle server")
     before = scrape(url)
     shapes = [(64, 1000), (128, 500), (32, 2000)]
     with client_for(server, "beta") as c:
@@ -586,6 +586,7 @@ def test_fair_scheduling_protects_a_small_tenant(tmp_path):
                                                   "beta": {"api_key": KEYS["beta"], "weight": 1}})
     p50: dict[str, float] = {}
     queue: dict[str, float] = {}
+    chunk: dict[str, float] = {}
     for policy in ("fair", "fifo"):
         with ServerProcess(args=["--scheduling", policy], tenants=tenants) as srv:
             # Two flood processes with two requests each in flight. On a CPU "device" the HTTP path
@@ -600,23 +601,35 @@ def test_fair_scheduling_protects_a_small_tenant(tmp_path):
                 w.go([0, 1])
                 wait_for(lambda: get_status(srv.url)["scheduler"]["tenants"]["alpha"]["queue_depth"] >= 3,
                          30, what="the flood to start")
+                # a chunk's time on the device under this flood (the server's own figures over 20
+                # steps): --chunk-ms (20 ms) on an idle CPU, longer when other processes share it
+                before = get_status(srv.url)["scheduler"]["devices"][0]
+                wait_for(lambda: get_status(srv.url)["scheduler"]["devices"][0]["steps"] >= before["steps"] + 20,
+                         120, interval=0.05, what="20 steps of the flood")
+                after = get_status(srv.url)["scheduler"]["devices"][0]
+                chunk[policy] = max(20.0, 1e3 * (after["busy_s"] - before["busy_s"])
+                                    / (after["steps"] - before["steps"]))
                 w.go(2)
                 small = w.result(2, timeout=60)
                 w.stop([0, 1])
                 flood = w.results([0, 1])
             assert outcomes([small]) == {"ok": len(small["records"])}, small["messages"]
             assert outcomes(flood) == {"ok": sum(len(r["records"]) for r in flood)}
-            lat = [dt for t0, dt, _, _ in small["records"] if t0 >= 0.3]
-            assert len(lat) >= 5, small["records"]
-            p50[policy] = float(np.median(lat))
-            queue[policy] = float(np.median([q for t0, _, _, q in small["records"] if t0 >= 0.3]))
+            # fair: beta's requests after its first 0.3 s, at least 5 (the bound is on their median);
+            # fifo: every one, its first included (on a shared CPU the backlog ahead of it can
+            # outlast the 5 s it sends for: one request that waited for all of it is the finding)
+            records = [r for r in small["records"] if r[0] >= 0.3] if policy == "fair" else small["records"]
+            assert len(records) >= (5 if policy == "fair" else 1), small["records"]
+            p50[policy] = float(np.median([dt for _, dt, _, _ in records]))
+            queue[policy] = float(np.median([q for _, _, _, q in records]))
     print(f"beta p50 under a flood: fair {p50['fair'] * 1e3:.1f} ms, fifo {p50['fifo'] * 1e3:.1f} ms, "
           f"ratio {p50['fair'] / p50['fifo']:.2f}; server queue p50 fair {queue['fair']:.1f} ms, "
-          f"fifo {queue['fifo']:.1f} ms")
+          f"fifo {queue['fifo']:.1f} ms; a chunk fair {chunk['fair']:.1f} ms, fifo {chunk['fifo']:.1f} ms")
     # Fair queueing bounds the small tenant's wait for the device by about one chunk (--chunk-ms,
-    # 20 ms), whatever the flood; FIFO makes it wait for every flood request queued ahead of it.
-    assert queue["fair"] <= 40.0, queue
-    if queue["fifo"] > 40.0:   # the flood kept the device backlogged: the policies differ end to end
+    # 20 ms, or what a chunk took when the CPU is shared), whatever the flood; FIFO makes it wait
+    # for every flood request queued ahead of it.
+    assert queue["fair"] <= 2 * chunk["fair"], (queue, chunk)
+    if queue["fifo"] > 2 * chunk["fifo"]:   # the flood kept the device backlogged: the policies differ end to end
         assert p50["fair"] < 0.7 * p50["fifo"], p50
 
 
@@ -676,14 +689,15 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path):
                           60, what="three requests in flight")
             srv.proc.send_signal(signal.SIGTERM)
             in_flight = st["queued_jobs"]
-            # /readyz turns 503 at once (allow the signal a moment to land)
+            # /readyz turns 503 at once, while the drain has work left (the deadline only allows
+            # the signal to land on a busy CPU; the first answer that is not 200 must be 503)
             def readyz():
                 try:
                     return httpx.get(srv.url + "/readyz", timeout=5).status_code
                 except httpx.HTTPError:
                     return "refused"
 
-            first = wait_for(lambda: (c := readyz()) != 200 and c, 2.0, interval=0.002,
+            first = wait_for(lambda: (c := readyz()) != 200 and c, 20.0, interval=0.002,
                              what="/readyz to stop answering 200")
             assert first == 503, f"/readyz during the drain: {first}\n{srv.log()[-3000:]}"
             # new work is refused with 503 while the old work finishes
