@@ -22,6 +22,7 @@ import uvicorn  # noqa: E402
 
 from clce_server.app import build_app  # noqa: E402
 from clce_server.config import Settings  # noqa: E402
+from tests.support.serverproc import READY_TIMEOUT_S  # noqa: E402
 
 
 @contextmanager
@@ -32,7 +33,7 @@ def app_client(**settings):
 
     app = build_app(Settings(port=0, warmup=False, **settings))
     with TestClient(app, base_url="http://127.0.0.1") as client:
-        assert app.state.clce.ready.wait(60), "the app did not become ready"
+        assert app.state.clce.ready.wait(READY_TIMEOUT_S), "the app did not become ready"
         client.app_state = app.state.clce
         yield client
 
@@ -71,7 +72,7 @@ class InProcessServer:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while not (self.server.started and self.app.state.clce.ready.is_set()):
             assert time.monotonic() < deadline, "server did not become ready"
             time.sleep(0.02)

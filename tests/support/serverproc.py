@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 180.0   # building and warming the kernels; minutes when the CPU is shared (CI: check-served --wait 180)
 STOP_TIMEOUT_S = 20.0
 
 
