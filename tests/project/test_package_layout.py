@@ -90,3 +90,29 @@ def test_test_data_is_seeded_deterministically(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import numpy as np\nrng = np.random.default_rng(hash(('a', 1)) % 2**32)\n")
     assert _hash_seeded(bad) == [2]
+
+
+def _imported_modules(path: Path) -> list[str]:
+    """Every module an `import` or `from ... import` in `path` names (lazy imports included)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+            names += [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+def test_the_test_tree_mirrors_the_packages_and_no_test_module_imports_another():
+    """Test files live in a folder per package or operation, helpers in tests/support (not
+    collected); a test module imports helpers from there, never from another test module."""
+    folders = {"wire", "cross_entropy", "linear", "rails", "client", "project"}
+    tests = sorted((ROOT / "tests").rglob("test_*.py"))
+    assert tests and {p.parent.name for p in tests} <= folders, sorted({str(p.parent) for p in tests})
+    assert not list((ROOT / "tests" / "support").glob("test_*.py"))
+    for folder in (ROOT / "tests", *(ROOT / "tests" / f for f in folders), ROOT / "tests" / "support"):
+        assert (folder / "__init__.py").exists(), folder     # packages: equal basenames in two folders
+    offenders = {str(p.relative_to(ROOT)): bad for p in sorted((ROOT / "tests").rglob("*.py"))
+                 if (bad := [m for m in _imported_modules(p) if m.split(".")[-1].startswith("test_")])}
+    assert not offenders, offenders
