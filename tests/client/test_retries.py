@@ -67,12 +67,27 @@ def test_retry_after_as_an_http_date(server):
 
 def test_no_retry_after_backs_off_until_the_budget_is_spent(server):
     refuse_first(server, 10**6, 503, retry_after=None)
-    with Client(server.url, retry_budget_s=0.5) as client:
+    answered: list[float] = []               # when the stand-in sent each refusal
+    refuse = server.respond
+
+    def respond(req):
+        out = refuse(req)
+        answered.append(time.monotonic())
+        return out
+
+    server.respond = respond
+    budget = 2.0                             # room for several round trips on a busy CPU
+    with Client(server.url, retry_budget_s=budget) as client:
         t0 = time.monotonic()
         with pytest.raises(errors.ServiceUnavailable, match="warming up"):
             client.cross_entropy(*logits())
-        spent = time.monotonic() - t0
-    assert spent <= 0.5 + 0.3 and len(server.requests) >= 3
+        raised = time.monotonic()
+    tries = len(server.requests)
+    assert tries >= 3 and len(answered) == tries
+    # every retry was sent within the budget, and once the next backoff would end past it the
+    # client raised at once, without starting that wait
+    assert answered[-2] - t0 <= budget
+    assert raised - answered[-1] < client._backoff(tries)
 
 
 def test_a_wait_beyond_the_budget_raises_at_once(server):
