@@ -13,7 +13,7 @@
 
 `http_protocol` builds on uvicorn's private protocol attributes (`connections`, `cycle`,
 `cycle.response_complete`, `transport`, `loop`); pyproject.toml bounds uvicorn to the versions
-tests/test_hardening_limits.py checks them on.
+tests/rails/test_limits.py checks them on.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ request, and a copy costs nothing. So small bodies are decoded by msgpack's C un
 checked against the message rules (str keys, no duplicates, lists of scalars, binary only as a
 tensor's data, the depth and size limits). Anything unusual (an error, a rule broken, a limit
 reached) falls back to `protocol.decode_message`, which then gives the precise error. Valid
-messages decode to equal values either way (tests/test_wire_fastpath.py checks this).
+messages decode to equal values either way (tests/wire/test_fastpath.py checks this).
 
 Encoding likewise: `encode_small` is `b"".join(protocol.encode_message(msg))` for small messages.
 """

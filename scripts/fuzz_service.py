@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Fuzz a real clce server for as long as you like (tests/test_service_fuzz.py runs the same
-grammar-aware strategies, tests/fuzzing.py, for a bounded number of inputs).
+"""Fuzz a real clce server for as long as you like (tests/cross_entropy/test_endpoint_fuzz.py runs the same
+grammar-aware strategies, tests/support/fuzzing.py, for a bounded number of inputs).
 
     .venv/bin/python scripts/fuzz_service.py --seconds 600             # starts its own server
     .venv/bin/python scripts/fuzz_service.py --url http://host:8000 --seconds 60
     .venv/bin/python scripts/fuzz_service.py --shm --seconds 300     # the registration socket
 
---shm fuzzes the shared-memory registration socket instead (tests/fuzzing.py: frames x
+--shm fuzzes the shared-memory registration socket instead (tests/support/fuzzing.py: frames x
 descriptors x seals x sizes x timing), on a server of its own with a tenants file, while two
 well-behaved tenants train beside it over shared memory (each step's loss and gradient checked
 against torch). It ends by checking that the trainers failed no step, that nothing is held and
@@ -33,15 +33,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
-import fuzzing  # noqa: E402
+from tests.support import fuzzing  # noqa: E402
 from clce_wire import protocol  # noqa: E402
 
 X = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
@@ -195,7 +194,7 @@ def shm_main(args) -> int:
 
     from hypothesis import HealthCheck, given, seed, settings
 
-    from serverproc import ServerProcess
+    from tests.support.serverproc import ServerProcess
 
     from clce_client import Client
 
@@ -298,7 +297,7 @@ def main() -> int:
     server = None
     url = args.url
     if url is None:
-        from serverproc import ServerProcess
+        from tests.support.serverproc import ServerProcess
 
         # short read timeouts: a body shorter than its Content-Length is answered in 0.5 s
         server = ServerProcess(args=["--body-timeout", "0.5", "--header-timeout", "2"],

@@ -29,7 +29,7 @@ Steps, each recorded in runner.json (what ran, how long, what it gave, or why it
 Outputs in --out: runner.json, runner.png (times per shape and method), cross_entropy.json,
 cross_entropy.png, tests.log, tests.xml.
 
-The runner is tested end to end on PoCL and under Oclgrind (tests/test_gpu_runner.py); only the
+The runner is tested end to end on PoCL and under Oclgrind (tests/project/test_gpu_runner.py); only the
 device selector differs from the GPU run. How a session runs it on the lent GPU (the device
 tool's `run`, from the repository root, with the wheels fetched first by
 `scripts/gpu_runner.sh fetch`): see bench/README.md, "The GPU runner".
@@ -54,8 +54,8 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_cross_entropy.py", "tests/test_inplace_grad.py", "tests/test_kernels_common.py",
-                "tests/test_gemm.py", "tests/test_linear.py"]
+KERNEL_TESTS = ["tests/cross_entropy/test_kernel_parity.py", "tests/cross_entropy/test_inplace_grad.py",
+                "tests/cross_entropy/test_kernels_common.py", "tests/linear/test_gemm.py", "tests/linear/test_engine.py"]
 #: the fused linear cross-entropy's comparison shape: N x H x V (Llama 3's head at 8192 tokens)
 LINEAR_SHAPE = "8192x4096x128256"
 ICD_LIBRARY = "libnvidia-opencl.so.1"

@@ -21,6 +21,6 @@ venv=${CLCE_VENV310:-.venv310}
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet ".[server]" pytest pytest-timeout hypothesis psutil cryptography pyyaml
 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/test_scheduler.py tests/test_lease.py tests/test_tenants.py tests/test_hardening_limits.py \
-    tests/test_hardening_tenants.py tests/test_protocol.py tests/test_wire_fastpath.py \
-    tests/test_hardening_decode.py tests/test_auth_table.py
+    tests/rails/test_scheduler.py tests/rails/test_lease.py tests/rails/test_tenants.py tests/rails/test_limits.py \
+    tests/rails/test_tenants_admin_key.py tests/wire/test_protocol.py tests/wire/test_fastpath.py \
+    tests/wire/test_decode_hostile.py tests/rails/test_auth_table.py

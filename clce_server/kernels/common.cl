@@ -58,7 +58,7 @@ typedef float16 acc16_t;
  * check both); PoCL's exp2 cost 1.4x as much, measured alone on PoCL 3.1. Domain: the
  * kernels only exponentiate differences <= 0 (y <= 127 suffices): NaN -> NaN, y < -127 -> 0
  * (-inf included; no subnormals). Rounding y costs up to |x| 1.3e-7 relative, as exp2(x log2 e)
- * did; near 0, where the kernels need it, ~2 ulp (tests/test_kernels_common.py). */
+ * did; near 0, where the kernels need it, ~2 ulp (tests/cross_entropy/test_kernels_common.py). */
 #if CE_FMA
 #define EXP_MAD fma
 #else
@@ -181,7 +181,7 @@ typedef half grad_t;
  * costs a call per element, so vectors are rounded to half bits by hand, to nearest even:
  * normals rebias the exponent (127 -> 15) and round the 13 dropped bits; subnormals add 0.5,
  * whose ulp (2^-24) is the half subnormal quantum, so the float adder rounds them; past 65504
- * is inf; NaN stays a quiet NaN. Bit-exact against numpy (tests/test_kernels_common.py). */
+ * is inf; NaN stays a quiet NaN. Bit-exact against numpy (tests/cross_entropy/test_kernels_common.py). */
 #define F32_TO_HALF(N)                                                                          \
     inline ushort##N f32_to_half##N(float##N f) {                                               \
         const uint##N b = as_uint##N(f), a = b & (uint##N)0x7fffffffu;                          \

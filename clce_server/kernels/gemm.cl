@@ -283,7 +283,7 @@ __kernel void column_sums(const uint n, const uint V, __global const float *G, c
  * coalesced (B's rows are contiguous; A is read along whichever of its strides is 1), and the
  * outputs past M, N and K are zero. Every output is one fp32 sum over k in order: the same bits
  * run to run. Chosen by gemm.py's GEMM_TUNING (GEMM_LOCAL 1) on GPU rows; checked under Oclgrind
- * at GPU work-group sizes (tests/test_gemm.py). */
+ * at GPU work-group sizes (tests/linear/test_gemm.py). */
 #ifndef GEMM_LOCAL
 #define GEMM_LOCAL 0        // 1: gemm.py launches gemm_local (a host-side choice; named here for the table)
 #endif

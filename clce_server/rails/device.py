@@ -113,7 +113,7 @@ TUNING: list[tuple[str, str, Tuning]] = [
         defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 256, 256), group_target=256,
         source="guess: never run on an NVIDIA device; 8 warps per row is the usual shape of a row "
                "reduction; the size is read off the device (group_size); checked for races and "
-               "values under Oclgrind at 256 (tests/test_oclgrind.py)")),
+               "values under Oclgrind at 256 (tests/cross_entropy/test_oclgrind_kernels.py)")),
     ("*", "gpu", Tuning(
         defines={"CE_NATIVE_EXP": 0}, launch=LaunchShape("group", 128, 128), group_target=128,
         source="guess: never run on a GPU; 2 wavefronts (AMD) or 4-8 sub-groups (Intel); the size is "
