@@ -97,6 +97,29 @@ def local_losses(steps: int) -> list[float]:
     return out
 
 
+def wait_for_steps(loop: TrainingLoop, more: int, timeout: float = 120.0) -> None:
+    """Until the training loop has taken `more` steps after now (or failed)."""
+    target, deadline = len(loop.losses) + more, time.monotonic() + timeout
+    while len(loop.losses) < target and not loop.errors:
+        assert loop.is_alive() and time.monotonic() < deadline, f"the loop stopped at {len(loop.losses)} steps"
+        time.sleep(0.01)
+
+
+def wait_for_all_up(monitor: int, replicas: int, timeout: float = 60.0) -> None:
+    """Until HAProxy's own health checks see every replica UP (its metrics on the monitor port)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stats = httpx.get(f"http://127.0.0.1:{monitor}/metrics", timeout=2).text
+            up = re.findall(r'^haproxy_server_status\{proxy="clce",server="[^"]+",state="UP"\} 1', stats, re.M)
+            if len(up) == replicas:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "HAProxy never saw every replica up"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_rolling_restart_behind_the_load_balancer_loses_no_step(tmp_path, how):
     ports = [free_port(), free_port()]
@@ -121,18 +144,20 @@ def test_rolling_restart_behind_the_load_balancer_loses_no_step(tmp_path, how):
             assert time.monotonic() < deadline and lb.poll() is None, lb_log.seek(0) or lb_log.read()
             time.sleep(0.2)
 
+        wait_for_all_up(monitor, len(replicas))
         loop = TrainingLoop(url)
         loop.start()
         for r in replicas:                       # one at a time, each back before the next goes
-            time.sleep(1.0)
+            wait_for_steps(loop, 3)              # the loop is training through the balancer
             if how == "sigterm":
                 r.stop()
             else:
                 r.proc.send_signal(signal.SIGKILL)
                 r.proc.wait(20)
             r.start()
+            wait_for_all_up(monitor, len(replicas))   # back for the balancer too, not only /readyz
             assert not loop.errors, loop.errors
-        time.sleep(1.0)
+        wait_for_steps(loop, 3)                  # and it trains on after the last restart
         loop.stop.set()
         loop.join(120)
         assert not loop.is_alive(), "the training loop hung"

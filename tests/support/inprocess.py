@@ -118,12 +118,13 @@ def inject(server, error, where="run_chunk", times=1):
     return lambda: server.state.engines.__setitem__(index, real)
 
 
-def wait_for(condition, what: str, timeout_s: float = 20.0) -> None:
+def wait_for(condition, what, timeout_s: float = 20.0) -> None:
     """Wait for a condition the server reaches on its own after answering (its endpoint closes
-    the lease once the response has gone); fail naming it."""
+    the lease once the response has gone); fail naming it (`what`: a text, or a function that
+    says it as things stand when the wait fails)."""
     end = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
+        assert time.monotonic() < end, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.01)
 
 
@@ -135,7 +136,7 @@ def held(state) -> dict:
 def assert_all_given_back(state) -> None:
     wait_for(lambda: state.inflight_http == 0, "the endpoint to finish")
     wait_for(lambda: held(state) == {"pooled": 0, "reserved": 0, "requests": 0},
-              f"the request's memory to be given back: {held(state)}")
+              lambda: f"the request's memory to be given back: {held(state)}")
     if state.shm_registry is not None:
         assert state.shm_registry.stats()["pinned"] == 0
 
