@@ -18,10 +18,9 @@ import pytest
 from tests.support.serverproc import ServerProcess  # noqa: E402
 
 import clce_client  # noqa: E402
-from clce_client.linear import AccumulationLost  # noqa: E402
 
 torch = pytest.importorskip("torch")
-from tests.support.linear_training import Loop, compare, data, local_steps, make_model, params  # noqa: E402
+from tests.support.linear_training import Loop, compare, data, local_steps, make_model, params, train  # noqa: E402
 
 LOOP = Loop(3, 4, 256, 24, 48, 1024, 9)   # steps, micro-batches per step, rows, features, hidden, vocabulary
 STEPS, K = LOOP.steps, LOOP.k
@@ -45,36 +44,13 @@ def restart(srv: ServerProcess, sig: signal.Signals) -> ServerProcess:
 def run(client, srv, sig, replay: bool, local):
     """Train with the head accumulating on the server, replacing it at RESTART; returns the
     server still running, the worst difference per step, and the flush errors (step, message)."""
-    body, head = make_model(LOOP)
-    opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
-    weights = client.weights
-    weights.replay = replay
-    weights.attach(opt)
-    batches = data(loop=LOOP)
-    worst, refused = [], []
-    step = 0
-    while step < STEPS:
-        for mb in range(K):
-            if (step, mb) == RESTART and srv.port is not None and not refused:
-                srv = restart(srv, sig)
-            x, y = batches[step * K + mb]
-            loss = client.linear_cross_entropy(body(x), head.weight, y, head.bias, weight_name="head",
-                                               accumulate=True)
-            (loss / K).backward()
-        before = params(body, head)
-        try:
-            opt.step()
-        except AccumulationLost as exc:
-            refused.append((step, str(exc)))
-            # no step was taken on a partial sum: the parameters are untouched
-            for name, value in params(body, head).items():
-                assert torch.equal(value, before[name]), name
-            opt.zero_grad()
-            continue             # the step's micro-batches again (the server has none of them now)
-        opt.zero_grad()
-        worst.append(compare(step, params(body, head), local[step]))
-        step += 1
-    return srv, worst, refused
+    running = [srv]
+
+    def replace():
+        running[0] = restart(running[0], sig)
+
+    worst, refused = train(client, local, replace, replay=replay, loop=LOOP, at=RESTART)
+    return running[0], worst, refused
 
 
 TRANSPORTS = {"shm": dict(transport="shm"), "tcp": dict(transport="tcp")}

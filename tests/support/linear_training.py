@@ -78,27 +78,28 @@ def compare(step: int, got: dict, want: dict) -> float:
     return worst
 
 
-def train(client, local, kill=None, replay=True):
-    """The head accumulating on the server over K micro-batches per step, flushed by the
-    optimizer's pre-step hook. `kill(step)` runs at KILL. Returns the worst difference from torch
-    per step taken and the steps the flush refused (AccumulationLost)."""
-    body, head = make_model()
+def train(client, local, kill=None, replay=True, loop: Loop = DEFAULT, at: tuple[int, int] = KILL):
+    """The head accumulating on the server over `loop.k` micro-batches per step, flushed by the
+    optimizer's pre-step hook. `kill()` runs once, before micro-batch `at` (step, micro-batch).
+    Returns the worst difference from torch per step taken and the steps the flush refused
+    (AccumulationLost); a refused step is taken again."""
+    body, head = make_model(loop)
     opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.5, momentum=0.9)
     weights = client.weights
     weights.replay = replay
     weights.attach(opt)
-    batches = data()
+    batches = data(loop=loop)
     worst, refused = [], []
     step = 0
-    while step < STEPS:
-        for mb in range(K):
-            if (step, mb) == KILL and kill is not None:
+    while step < loop.steps:
+        for mb in range(loop.k):
+            if (step, mb) == at and kill is not None:
                 kill()
                 kill = None
-            x, y = batches[step * K + mb]
+            x, y = batches[step * loop.k + mb]
             loss = client.linear_cross_entropy(body(x), head.weight, y, head.bias, weight_name="head",
                                                accumulate=True)
-            (loss / K).backward()
+            (loss / loop.k).backward()
         before = params(body, head)
         try:
             opt.step()
@@ -107,7 +108,7 @@ def train(client, local, kill=None, replay=True):
             for name, value in params(body, head).items():   # no step on a partial sum
                 assert torch.equal(value, before[name]), name
             opt.zero_grad()
-            continue
+            continue             # the step's micro-batches again (the server has none of them now)
         opt.zero_grad()
         worst.append(compare(step, params(body, head), local[step]))
         step += 1
